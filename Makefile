@@ -1,0 +1,32 @@
+# sdserve — `make serve` and `make test` work on a fresh clone: they create .venv and install first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+# Which torch build to install (any recent torch works; pyproject.toml accepts them all).
+# Default: the newest CUDA build when an NVIDIA driver is present, else the 190 MB CPU build 2.13.0.
+# Override, e.g.:  make serve TORCH='torch==2.5.1'
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+# Extra flags for `make serve`, e.g.:  make serve ARGS='--model models/my.safetensors --port 8000'
+ARGS ?=
+
+.PHONY: install serve test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+serve: install
+	$(BIN)/sdserve serve $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,3 @@
+"""sdserve: a self-hosted Stable Diffusion server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""The `sdserve` command: serve | generate | models."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sdserve.config import Settings
+
+app = typer.Typer(help="sdserve: a self-hosted Stable Diffusion server.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+ModelsDir = Annotated[Optional[Path], typer.Option("--models-dir", help="Folder scanned for models. [env: SDSERVE_MODELS_DIR]")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Jobs, images, the demo model. [env: SDSERVE_DATA_DIR]")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda|mps. [env: SDSERVE_DEVICE]")]
+AllowPickle = Annotated[
+    Optional[bool],
+    typer.Option("--allow-pickle/--no-allow-pickle", help="Load .ckpt/.bin/.pt checkpoints (they can run code). [env: SDSERVE_ALLOW_PICKLE]"),
+]
+
+
+def _settings(**overrides: object) -> Settings:
+    """Environment first, then explicit flags on top (a flag left out keeps the environment's value)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _registry(settings: Settings):
+    from sdserve.engine.models import ModelRegistry
+
+    return ModelRegistry(
+        settings.models_dir,
+        settings.data_dir,
+        extra=settings.models,
+        device=settings.device,
+        allow_pickle=settings.allow_pickle,
+        max_loaded=settings.max_loaded_models,
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")] = Path("out.png"),
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt", "-n")] = "",
+    steps: Annotated[int, typer.Option(min=1, max=150)] = 20,
+    seed: Annotated[int, typer.Option(help="-1 for random.")] = -1,
+    width: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
+    sampler: Annotated[str, typer.Option(help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")] = "DPM++ 2M",
+    scheduler: Annotated[str, typer.Option(help="Schedule type: automatic, karras, exponential, uniform, sgm_uniform.")] = "automatic",
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale")] = 7.0,
+    model: Annotated[Optional[str], typer.Option(help="Model name, folder, .safetensors file or hub id.")] = None,
+    init_image: Annotated[Optional[Path], typer.Option("--init-image", help="img2img source image.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Inpaint mask (white = repaint); needs --init-image.")] = None,
+    strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="img2img denoising strength.")] = 0.75,
+    models_dir: ModelsDir = None,
+    data_dir: DataDir = None,
+    device: DeviceOpt = None,
+    allow_pickle: AllowPickle = None,
+) -> None:
+    """Generate one image (or one per --init-image) and write it as a PNG with A1111 infotext."""
+    import base64
+
+    from pydantic import ValidationError
+
+    from sdserve.engine.models import ModelError
+    from sdserve.engine.pipeline import Engine, InvalidRequestError
+    from sdserve.images import encode_png
+    from sdserve.schema import GenerationRequest
+
+    settings = _settings(models_dir=models_dir, data_dir=data_dir, device=device, allow_pickle=allow_pickle)
+    if model:
+        settings.models = [model, *settings.models]
+
+    def read_b64(path: Optional[Path]) -> Optional[str]:
+        if path is None:
+            return None
+        try:
+            return base64.b64encode(path.read_bytes()).decode()
+        except OSError as exc:
+            _fail(f"cannot read {path}: {exc.strerror}")
+            return None
+
+    try:
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, width=width, height=height,
+            sampler=sampler, scheduler=scheduler, cfg_scale=cfg_scale, model=model,
+            init_image=read_b64(init_image), mask=read_b64(mask), strength=strength,
+        ).with_seed()
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()))
+
+    engine = Engine(_registry(settings))
+    try:
+        with console.status(f"loading model {request.model or settings.models[0]}…"):
+            engine.registry.load(request.model)
+        with Progress(
+            TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        ) as progress:
+            task = progress.add_task("steps", total=None)
+            result = engine.run([request], on_step=lambda step, total: progress.update(task, completed=step, total=total))
+    except (ModelError, InvalidRequestError) as exc:
+        _fail(str(exc))
+    image = result[0][0]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(encode_png(image.image, image.infotext))
+    console.print(f"seed [bold]{image.seed}[/bold]")
+    print(output)
+
+
+@app.command("models")
+def list_models(models_dir: ModelsDir = None, data_dir: DataDir = None) -> None:
+    """List the models the registry finds, with kind, size and A1111 hash."""
+    from sdserve.engine.models import ModelError
+
+    registry = _registry(_settings(models_dir=models_dir, data_dir=data_dir, device="cpu"))
+    try:
+        models = registry.refresh()
+    except ModelError as exc:
+        _fail(str(exc))
+    table = Table(title=f"models (models dir: {registry.models_dir})")
+    for column in ("name", "kind", "arch", "size", "hash", "source"):
+        table.add_column(column)
+    for info in models:
+        kind = info.kind
+        if info.is_demo:
+            kind = "demo: random weights, pictures are noise"
+        elif info.kind == "pickle" and not registry.allow_pickle:
+            kind = "pickle (refused; --allow-pickle to load)"
+        size = f"{info.size_bytes / 2**20:.1f} MiB" if info.size_bytes is not None else "-"
+        table.add_row(info.name, kind, info.arch or "-", size, registry.short_hash(info) or "-", info.source)
+    Console().print(table)
+
+
+@app.command()
+def serve() -> None:
+    """Serve the web UI and every API (arrives with the server core)."""
+    console.print("The HTTP server arrives in the next issue; for now try: sdserve generate \"a red circle\" -o x.png")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    # transformers warns at import time about optional backends (torchvision) sdserve never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""A1111's `parameters` infotext: the text every A1111-aware tool reads back from a PNG.
+
+Format (modules/processing.py `create_infotext`):
+    <prompt>
+    Negative prompt: <negative prompt>          (line omitted when empty)
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, ...
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# A1111's parse_generation_parameters regex: `Key: value` pairs, values quoted when they hold , : or newlines.
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+def _quote(value: str) -> str:
+    if "," not in value and "\n" not in value and ":" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def build(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
+    """Build infotext; `params` is an ordered mapping of A1111 keys, None values are dropped."""
+    pairs = ", ".join(
+        f"{key}: {_quote(_format_number(value))}" for key, value in params.items() if value is not None
+    )
+    negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{pairs}".strip()
+
+
+def parse(text: str) -> dict[str, Any]:
+    """Parse infotext the way A1111 does: `Prompt`, `Negative prompt`, then each key as a string.
+
+    `Size: 64x64` also yields `Size-1` and `Size-2`, as A1111's parser does.
+    """
+    lines = text.strip().split("\n")
+    result: dict[str, Any] = {}
+    last = lines[-1] if lines else ""
+    if len(_PARAM_RE.findall(last)) >= 3:
+        lines = lines[:-1]
+    else:
+        last = ""
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith(_NEGATIVE):
+            in_negative = True
+            stripped = stripped[len(_NEGATIVE):].strip()
+        (negative_lines if in_negative else prompt_lines).append(stripped)
+    result["Prompt"] = "\n".join(prompt_lines)
+    result["Negative prompt"] = "\n".join(negative_lines)
+    for key, value in _PARAM_RE.findall(last):
+        value = _unquote(value.strip())
+        result[key] = value
+        size = re.fullmatch(r"(\d+)x(\d+)", value) if key == "Size" else None
+        if size:
+            result["Size-1"], result["Size-2"] = size.group(1), size.group(2)
+    return result

@@ -1,0 +1,388 @@
+"""Model registry: finds models, reports name/kind/size/hash, loads pipelines with an LRU bound.
+
+Sources, in the order a name is resolved:
+- `demo`: the embedded model, built into the data dir on first use;
+- a diffusers folder (has `model_index.json`), in `--models-dir` or given as a path;
+- a single-file `.safetensors` checkpoint (SD 1.x, 2.x, SDXL), in `--models-dir` or given as a path;
+- a Hugging Face repo id (`owner/name`), downloaded when online.
+
+Pickle checkpoints (`.ckpt`, `.bin`, `.pt`) can run code when loaded, so they are refused unless
+the operator passes `--allow-pickle`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sdserve.engine import demo, quiet_libraries
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["demo", "diffusers", "single-file", "hub", "pickle"]
+Arch = Literal["sd1", "sd2", "sdxl"]
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+class ModelError(Exception):
+    """A model cannot be found or loaded; the message says why in one line."""
+
+
+class UnknownModelError(ModelError, LookupError):
+    pass
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    kind: Kind
+    source: str  # a path, or a hub repo id
+    arch: Arch | None = None
+    size_bytes: int | None = None
+    inpainting: bool = False  # a 9-channel inpainting UNet
+
+    @property
+    def path(self) -> Path:
+        return Path(self.source)
+
+    @property
+    def filename(self) -> str:
+        return self.source if self.kind == "hub" else self.path.name
+
+    @property
+    def is_demo(self) -> bool:
+        return self.kind == "demo"
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    short_hash: str | None
+    pipelines: dict[str, Any]  # "txt2img" | "img2img" | "inpaint" -> pipeline, sharing one set of weights
+    default_width: int
+    default_height: int
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """Tensor names and shapes from the file header, without reading the weights."""
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        if length > 100_000_000:
+            raise ModelError(f"{path.name}: not a safetensors file (header of {length} bytes)")
+        return json.loads(fh.read(length))
+
+
+def detect_arch(header: dict[str, Any]) -> tuple[Arch | None, bool]:
+    """(architecture, is 9-channel inpainting) from checkpoint key names, as A1111 and diffusers do."""
+    keys = header.keys()
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        arch: Arch | None = "sdxl"
+    elif any(k.startswith("cond_stage_model.model.") for k in keys):
+        arch = "sd2"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        arch = "sd1"
+    else:
+        arch = None
+    conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight", {})
+    return arch, len(conv_in.get("shape", [])) > 1 and conv_in["shape"][1] == 9
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        models_dir: Path,
+        data_dir: Path,
+        extra: list[str] | None = None,
+        device: str = "auto",
+        allow_pickle: bool = False,
+        max_loaded: int = 1,
+    ) -> None:
+        self.models_dir = Path(models_dir)
+        self.data_dir = Path(data_dir)
+        self.extra = list(extra or ["demo"])
+        self.device = resolve_device(device)
+        self.allow_pickle = allow_pickle
+        self.max_loaded = max(1, max_loaded)
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
+        self._hash_cache_path = self.data_dir / "hashes.json"
+        self._models: dict[str, ModelInfo] | None = None
+
+    # ----- discovery -------------------------------------------------------------------------
+    @property
+    def default_model(self) -> str:
+        return self.info(self.extra[0]).name if self.extra else self.list()[0].name
+
+    def refresh(self) -> list[ModelInfo]:
+        with self._lock:
+            found: dict[str, ModelInfo] = {}
+            for spec in self.extra:
+                info = self._describe(spec)
+                found.setdefault(info.name, info)
+            if self.models_dir.is_dir():
+                for entry in sorted(self.models_dir.iterdir()):
+                    if entry.name.startswith(".") or entry.name == "configs":
+                        continue
+                    if (entry / "model_index.json").is_file() or entry.suffix.lower() in WEIGHT_SUFFIXES:
+                        info = self._describe(str(entry))
+                        found.setdefault(info.name, info)
+            self._models = found
+            return list(found.values())
+
+    def list(self) -> list[ModelInfo]:
+        with self._lock:
+            return list(self._models.values()) if self._models is not None else self.refresh()
+
+    def info(self, name: str | None) -> ModelInfo:
+        """Find a model by name, filename, A1111 title (`name [hash]`), hash, path or hub id."""
+        if not name:
+            name = self.extra[0] if self.extra else None
+            if not name:
+                raise UnknownModelError("no model given and no default model configured")
+        with self._lock:
+            models = {m.name: m for m in self.list()}
+            if name in models:
+                return models[name]
+            key = name.split(" [")[0].strip()
+            for m in models.values():
+                if key in (m.name, m.filename, m.source):
+                    return m
+            for m in models.values():
+                if m.kind != "hub" and (self.short_hash(m) == name or self.sha256(m) == name):
+                    return m
+            path = Path(name).expanduser()
+            if path.exists() or (name.count("/") == 1 and not name.startswith((".", "/"))):
+                info = self._describe(name)
+                if self._models is not None:
+                    self._models.setdefault(info.name, info)
+                return info
+        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(models) or 'none'}")
+
+    def _describe(self, spec: str) -> ModelInfo:
+        if spec == demo.DEMO_NAME:
+            path = demo.ensure_demo(self.data_dir)
+            return ModelInfo(demo.DEMO_NAME, "demo", str(path), "sd1", _dir_size(path))
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelError(f"{path} is a folder without model_index.json: not a diffusers model")
+            kind: Kind = "demo" if demo.is_demo(path) else "diffusers"
+            index = json.loads((path / "model_index.json").read_text())
+            arch: Arch = "sdxl" if "XL" in index.get("_class_name", "") else "sd1"
+            return ModelInfo(path.name, kind, str(path.resolve()), arch, _dir_size(path))
+        if path.is_file():
+            suffix = path.suffix.lower()
+            if suffix in PICKLE_SUFFIXES:
+                return ModelInfo(path.stem, "pickle", str(path.resolve()), None, path.stat().st_size)
+            if suffix != ".safetensors":
+                raise ModelError(f"{path.name}: not a model file (expected .safetensors or a diffusers folder)")
+            arch_found, inpainting = detect_arch(_safetensors_header(path))
+            return ModelInfo(path.stem, "single-file", str(path.resolve()), arch_found, path.stat().st_size, inpainting)
+        if spec.count("/") == 1 and not spec.startswith((".", "/")):
+            return ModelInfo(spec, "hub", spec)
+        raise UnknownModelError(f"model {spec!r} not found: not 'demo', a folder, a .safetensors file or a hub id")
+
+    # ----- hashes (A1111 "Model hash" = first 10 hex digits of the file's sha256) -------------
+    def sha256(self, info: ModelInfo) -> str | None:
+        if info.kind == "hub":
+            return None
+        files = [info.path] if info.path.is_file() else sorted(p for p in info.path.rglob("*") if p.is_file())
+        stat_key = [(str(p.relative_to(info.path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        cache_key = str(info.path)
+        with self._lock:
+            cache = self._read_hash_cache()
+            entry = cache.get(cache_key)
+            if entry and entry.get("stat") == json.loads(json.dumps(stat_key)):
+                return entry["sha256"]
+            digest = hashlib.sha256()
+            for p in files:
+                if info.path.is_dir():
+                    # A folder has no one file: hash every file with its relative path, in order.
+                    digest.update(str(p.relative_to(info.path)).encode() + b"\0")
+                with p.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+            cache[cache_key] = {"stat": stat_key, "sha256": digest.hexdigest()}
+            self._write_hash_cache(cache)
+            return digest.hexdigest()
+
+    def short_hash(self, info: ModelInfo) -> str | None:
+        full = self.sha256(info)
+        return full[:10] if full else None
+
+    def _read_hash_cache(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._hash_cache_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_hash_cache(self, cache: dict[str, Any]) -> None:
+        self._hash_cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._hash_cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, self._hash_cache_path)
+
+    # ----- loading ---------------------------------------------------------------------------
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def load(self, name: str | None = None) -> LoadedModel:
+        """The loaded model, loading it (and evicting the least recently used) when needed."""
+        info = self.info(name)
+        with self._lock:
+            if info.name in self._loaded:
+                self._loaded.move_to_end(info.name)
+                return self._loaded[info.name]
+            while len(self._loaded) >= self.max_loaded:
+                evicted_name, evicted = self._loaded.popitem(last=False)
+                log.info("evicting model %s", evicted_name)
+                del evicted
+                self._free_memory()
+            model = self._load(info)
+            self._loaded[info.name] = model
+            return model
+
+    def unload_all(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+            self._free_memory()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _load(self, info: ModelInfo) -> LoadedModel:
+        import torch
+
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        if info.kind == "pickle" and not self.allow_pickle:
+            raise ModelError(
+                f"{info.filename} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to .safetensors, or start the server with --allow-pickle if you trust it"
+            )
+        log.info("loading model %s (%s) on %s", info.name, info.kind, self.device)
+        quiet_libraries()
+        if info.kind in ("demo", "diffusers", "hub"):
+            txt2img = self._from_pretrained(info, dtype)
+        else:
+            txt2img = self._from_single_file(info, dtype)
+        txt2img.to(self.device)
+        txt2img.set_progress_bar_config(disable=True)
+        pipelines = _derive_pipelines(txt2img)
+        vae_scale = getattr(txt2img, "vae_scale_factor", 8)
+        sample_size = txt2img.unet.config.sample_size
+        size = sample_size if isinstance(sample_size, int) else sample_size[0]
+        return LoadedModel(
+            info=info,
+            short_hash=self.short_hash(info),
+            pipelines=pipelines,
+            default_width=size * vae_scale,
+            default_height=size * vae_scale,
+            scheduler_config=dict(txt2img.scheduler.config),
+            device=self.device,
+        )
+
+    def _from_pretrained(self, info: ModelInfo, dtype: Any) -> Any:
+        from diffusers import AutoPipelineForText2Image
+
+        kwargs: dict[str, Any] = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+        if not self.allow_pickle:
+            kwargs["use_safetensors"] = True
+        try:
+            return AutoPipelineForText2Image.from_pretrained(info.source, **kwargs)
+        except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError subclasses
+            raise ModelError(self._explain_load_error(info, exc)) from exc
+
+    def _from_single_file(self, info: ModelInfo, dtype: Any) -> Any:
+        from diffusers import (
+            StableDiffusionInpaintPipeline,
+            StableDiffusionPipeline,
+            StableDiffusionXLInpaintPipeline,
+            StableDiffusionXLPipeline,
+        )
+
+        if info.arch == "sdxl":
+            cls = StableDiffusionXLInpaintPipeline if info.inpainting else StableDiffusionXLPipeline
+        else:
+            cls = StableDiffusionInpaintPipeline if info.inpainting else StableDiffusionPipeline
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if info.arch != "sdxl":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        # A single file holds weights but no configs or tokenizer. Offline, diffusers needs a local
+        # diffusers folder of the same architecture for those: `<models-dir>/configs/<arch>/`.
+        config_dir = self.models_dir / "configs" / (info.arch or "sd1")
+        if config_dir.is_dir():
+            kwargs.update(config=str(config_dir), local_files_only=True)
+        try:
+            pipe = cls.from_single_file(info.source, **kwargs)
+        except Exception as exc:
+            raise ModelError(self._explain_load_error(info, exc, config_dir)) from exc
+        if info.inpainting:
+            # Serve txt2img from the same weights; the inpainting UNet handles all three modes.
+            from diffusers import AutoPipelineForText2Image
+
+            pipe = AutoPipelineForText2Image.from_pipe(pipe)
+        return pipe
+
+    @staticmethod
+    def _explain_load_error(info: ModelInfo, exc: Exception, config_dir: Path | None = None) -> str:
+        text = " ".join(str(exc).split())
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or any(
+            word in text.lower() for word in ("connect", "offline", "resolve", "network", "cannot find the requested files")
+        )
+        if info.kind == "hub" and offline:
+            return (
+                f"cannot download {info.source!r} from the Hugging Face hub: offline or unreachable. "
+                "Download it once with network access, or pass a local diffusers folder or .safetensors file"
+            )
+        if info.kind == "single-file" and offline and config_dir is not None:
+            return (
+                f"{info.filename}: a single-file checkpoint needs its {info.arch or 'sd1'} configs and tokenizer, "
+                f"which are fetched from the Hugging Face hub, and it is unreachable; put a diffusers folder "
+                f"of the same architecture at {config_dir}"
+            )
+        return f"cannot load model {info.name!r} ({info.kind}): {text[:500]}"
+
+
+def _derive_pipelines(txt2img: Any) -> dict[str, Any]:
+    """img2img and inpaint pipelines over the same modules (from_pipe shares weights, no copies)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    pipelines = {"txt2img": txt2img}
+    for mode, auto in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+        pipe = auto.from_pipe(txt2img)
+        pipe.set_progress_bar_config(disable=True)
+        pipelines[mode] = pipe
+    return pipelines

@@ -1,0 +1,226 @@
+"""Run one batch of compatible requests through a diffusers pipeline and return PIL images.
+
+One batch = one pipeline call: every image of every request is a row of the same UNet pass,
+each with its own prompt, negative prompt and seeded generator (image i of a request uses
+seed + i, as A1111 does). Requests in a batch must share a `batch_key`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageFilter
+
+from sdserve import __version__
+from sdserve.engine import infotext, samplers
+from sdserve.engine.models import LoadedModel, ModelRegistry
+from sdserve.images import decode_image
+from sdserve.schema import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    """Raised from a step callback to stop a run between denoising steps."""
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot run as given (bad sampler, unreadable image, ...): the client's fault."""
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    infotext: str
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests with equal keys can share one UNet pass."""
+
+    model: str
+    mode: str
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    schedule: str
+    cfg_scale: float
+    strength: float
+
+
+@dataclass
+class _Prepared:
+    request: GenerationRequest
+    width: int
+    height: int
+    seed: int
+    init_image: Image.Image | None
+    mask: Image.Image | None
+
+
+class Engine:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    @property
+    def device(self) -> str:
+        return self.registry.device
+
+    def resolve_size(self, request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
+        """Width and height: as given, else the init image's size (multiple of 8), else the model's native size."""
+        if request.width and request.height:
+            return request.width, request.height
+        if request.init_image is not None:
+            w, h = decode_image(request.init_image).size
+            w, h = max(64, min(2048, w - w % 8)), max(64, min(2048, h - h % 8))
+            return request.width or w, request.height or h
+        return request.width or model.default_width, request.height or model.default_height
+
+    def batch_key(self, request: GenerationRequest) -> BatchKey:
+        model = self.registry.load(request.model)
+        width, height = self.resolve_size(request, model)
+        resolved = self._resolve_sampler(request)
+        return BatchKey(
+            model=model.info.name,
+            mode=request.mode,
+            width=width,
+            height=height,
+            steps=request.steps,
+            sampler=resolved.sampler.name,
+            schedule=resolved.schedule.name,
+            cfg_scale=request.cfg_scale,
+            strength=request.strength if request.mode != "txt2img" else 0.0,
+        )
+
+    @staticmethod
+    def _resolve_sampler(request: GenerationRequest) -> samplers.ResolvedSampler:
+        try:
+            return samplers.resolve(request.sampler, request.scheduler)
+        except samplers.UnknownSamplerError as exc:
+            raise InvalidRequestError(str(exc)) from None
+
+    def run(
+        self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None
+    ) -> list[list[GeneratedImage]]:
+        """Generate every image of every request in one pipeline call; one result list per request."""
+        import torch
+
+        if not requests:
+            return []
+        keys = {self.batch_key(r) for r in requests}
+        if len(keys) != 1:
+            raise ValueError(f"requests in one batch must share model, mode, size, steps and sampler: {keys}")
+        key = keys.pop()
+        model = self.registry.load(requests[0].model)
+        resolved = self._resolve_sampler(requests[0])
+        pipe = model.pipelines[key.mode]
+        pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
+
+        prepared = [self._prepare(r, key) for r in requests]
+        prompts: list[str] = []
+        negatives: list[str] = []
+        generators: list[Any] = []
+        images: list[Image.Image] = []
+        masks: list[Image.Image] = []
+        gen_device = "cpu" if model.device == "mps" else model.device
+        for p in prepared:
+            for i in range(p.request.n):
+                prompts.append(p.request.prompt)
+                negatives.append(p.request.negative_prompt)
+                generators.append(torch.Generator(device=gen_device).manual_seed(p.seed + i))
+                if p.init_image is not None:
+                    images.append(p.init_image)
+                if p.mask is not None:
+                    masks.append(p.mask)
+
+        kwargs: dict[str, Any] = {
+            "prompt": prompts,
+            "negative_prompt": negatives,
+            "num_inference_steps": key.steps,
+            "guidance_scale": key.cfg_scale,
+            "generator": generators,
+            "num_images_per_prompt": 1,
+            "output_type": "pil",
+        }
+        if key.mode == "txt2img":
+            kwargs.update(width=key.width, height=key.height)
+        else:
+            # At least one denoising step, or diffusers refuses the run.
+            kwargs.update(image=images, strength=max(key.strength, 1.0 / key.steps))
+        if key.mode == "inpaint":
+            kwargs.update(mask_image=masks, width=key.width, height=key.height)
+        if on_step is not None:
+
+            def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(step + 1, pipeline.num_timesteps)
+                return tensors
+
+            kwargs["callback_on_step_end"] = callback
+
+        with torch.inference_mode():
+            output = pipe(**kwargs).images
+
+        results: list[list[GeneratedImage]] = []
+        row = 0
+        for p in prepared:
+            own: list[GeneratedImage] = []
+            for i in range(p.request.n):
+                image = output[row]
+                row += 1
+                if p.mask is not None and p.init_image is not None:
+                    # A1111's overlay: outside the (blurred) mask, the original pixels are pasted back unchanged.
+                    image = Image.composite(image, p.init_image, p.mask)
+                own.append(GeneratedImage(image, p.seed + i, self._infotext(p, i, key, resolved, model)))
+            results.append(own)
+        return results
+
+    def _prepare(self, request: GenerationRequest, key: BatchKey) -> _Prepared:
+        seed = request.with_seed().seed
+        init = mask = None
+        try:
+            if request.init_image is not None:
+                init = decode_image(request.init_image).convert("RGB").resize((key.width, key.height), Image.LANCZOS)
+            if request.mask is not None:
+                mask = _binary_mask(decode_image(request.mask), (key.width, key.height), request.mask_blur)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return _Prepared(request, key.width, key.height, seed, init, mask)
+
+    @staticmethod
+    def _infotext(
+        p: _Prepared, index: int, key: BatchKey, resolved: samplers.ResolvedSampler, model: LoadedModel
+    ) -> str:
+        r = p.request
+        params: dict[str, Any] = {
+            "Steps": r.steps,
+            "Sampler": resolved.sampler.name,
+            "Schedule type": resolved.schedule.label,
+            "CFG scale": r.cfg_scale,
+            "Seed": p.seed + index,
+            "Size": f"{key.width}x{key.height}",
+            "Model hash": model.short_hash,
+            "Model": model.info.name,
+            "Denoising strength": r.strength if key.mode != "txt2img" else None,
+            "Mask blur": r.mask_blur if key.mode == "inpaint" else None,
+            "Version": f"sdserve {__version__}",
+        }
+        return infotext.build(r.prompt, r.negative_prompt, params)
+
+
+def _binary_mask(mask: Image.Image, size: tuple[int, int], blur: int) -> Image.Image:
+    """A1111's mask convention: white (or opaque alpha on a transparent image) = repaint."""
+    if mask.mode in ("RGBA", "LA") and mask.getextrema()[-1][0] < 255:
+        gray = mask.getchannel("A")
+    else:
+        gray = mask.convert("L")
+    gray = gray.resize(size, Image.NEAREST).point(lambda v: 255 if v >= 128 else 0)
+    if blur > 0:
+        gray = gray.filter(ImageFilter.GaussianBlur(blur))
+    return gray

@@ -1,0 +1,159 @@
+"""A1111 sampler and schedule-type names mapped onto diffusers schedulers.
+
+A1111 (v1.9+) separates the sampler ("DPM++ 2M") from the schedule type ("Karras"); older
+clients send the two combined ("DPM++ 2M Karras"). "Automatic" resolves to the schedule
+A1111 itself uses for that sampler, so the same settings mean the same thing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import diffusers
+
+
+class UnknownSamplerError(ValueError):
+    """A sampler or schedule name that is not known, or a combination that does not exist."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    scheduler_class: str
+    aliases: tuple[str, ...]
+    # The schedule A1111 picks when the client asks for "Automatic".
+    default_schedule: str = "automatic"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    label: str
+    aliases: tuple[str, ...]
+    # Scheduler config overrides, and the config keys a scheduler must have to support them.
+    overrides: dict[str, Any]
+
+
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",), "karras",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    Sampler("DPM++ SDE", "DPMSolverSinglestepScheduler", ("k_dpmpp_sde",), "karras"),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",), "exponential",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral")),
+    Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
+    Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
+    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",), "karras"),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), "karras"),
+    Sampler("DDIM", "DDIMScheduler", ("ddim",)),
+    Sampler("PLMS", "PNDMScheduler", ("plms",), options={"skip_prk_steps": True}),
+    Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
+    Sampler("LCM", "LCMScheduler", ("lcm",)),
+)
+
+SCHEDULES: tuple[Schedule, ...] = (
+    Schedule("automatic", "Automatic", (), {}),
+    Schedule("uniform", "Uniform", (), {"timestep_spacing": "linspace"}),
+    Schedule("karras", "Karras", (), {"use_karras_sigmas": True}),
+    Schedule("exponential", "Exponential", (), {"use_exponential_sigmas": True, "timestep_spacing": "linspace"}),
+    Schedule("sgm_uniform", "SGM Uniform", ("sgmuniform",), {"timestep_spacing": "trailing"}),
+)
+
+
+def _key(name: str) -> str:
+    return " ".join(name.strip().lower().replace("_", " ").split())
+
+
+_SAMPLER_BY_KEY = {_key(alias): s for s in SAMPLERS for alias in (s.name, *s.aliases)}
+_SCHEDULE_BY_KEY = {_key(alias): s for s in SCHEDULES for alias in (s.name, s.label, *s.aliases)}
+
+
+def sampler_names() -> list[str]:
+    return [s.name for s in SAMPLERS]
+
+
+def schedule_names() -> list[str]:
+    return [s.name for s in SCHEDULES]
+
+
+def find_schedule(name: str | None) -> Schedule:
+    if name is None or not name.strip():
+        return SCHEDULES[0]
+    found = _SCHEDULE_BY_KEY.get(_key(name))
+    if found is None:
+        valid = ", ".join(f"{s.name} ({s.label})" for s in SCHEDULES)
+        raise UnknownSamplerError(f"unknown schedule type {name!r}; valid: {valid}")
+    return found
+
+
+def find_sampler(name: str) -> tuple[Sampler, Schedule | None]:
+    """The sampler, plus the schedule when the name is a legacy combined one ("DPM++ 2M Karras")."""
+    key = _key(name)
+    if key in _SAMPLER_BY_KEY:
+        return _SAMPLER_BY_KEY[key], None
+    for schedule in SCHEDULES[1:]:
+        for suffix in {_key(schedule.label), _key(schedule.name)}:
+            if key.endswith(" " + suffix) and key[: -len(suffix) - 1] in _SAMPLER_BY_KEY:
+                return _SAMPLER_BY_KEY[key[: -len(suffix) - 1]], schedule
+    raise UnknownSamplerError(f"unknown sampler {name!r}; valid: {', '.join(sampler_names())}")
+
+
+@dataclass(frozen=True)
+class ResolvedSampler:
+    sampler: Sampler
+    schedule: Schedule  # never "automatic" unless the sampler has no special default
+
+    @property
+    def label(self) -> str:
+        return self.sampler.name
+
+    @property
+    def schedule_label(self) -> str:
+        return self.schedule.label
+
+
+def resolve(sampler: str, schedule: str | None = None) -> ResolvedSampler:
+    """Validate a sampler/schedule pair and resolve "Automatic" to A1111's default for the sampler."""
+    found, legacy_schedule = find_sampler(sampler)
+    chosen = find_schedule(schedule)
+    if chosen.name == "automatic" and legacy_schedule is not None:
+        chosen = legacy_schedule
+    if chosen.name == "automatic":
+        chosen = find_schedule(found.default_schedule)
+    missing = [k for k in chosen.overrides if k not in _config_keys(found.scheduler_class)]
+    if missing:
+        supported = [
+            s.name for s in SCHEDULES
+            if all(k in _config_keys(found.scheduler_class) for k in s.overrides)
+        ]
+        raise UnknownSamplerError(
+            f"schedule type {chosen.name!r} is not available for sampler {found.name!r}; "
+            f"valid: {', '.join(supported)}"
+        )
+    return ResolvedSampler(found, chosen)
+
+
+@cache
+def _config_keys(class_name: str) -> frozenset[str]:
+    return frozenset(getattr(diffusers, class_name)().config.keys())
+
+
+def supported_schedules(sampler: str) -> list[str]:
+    found, _ = find_sampler(sampler)
+    keys = _config_keys(found.scheduler_class)
+    return [s.name for s in SCHEDULES if all(k in keys for k in s.overrides)]
+
+
+def make_scheduler(resolved: ResolvedSampler, base_config: dict[str, Any]):
+    """A fresh scheduler (they carry per-run state) built on the model's own noise schedule."""
+    cls = getattr(diffusers, resolved.sampler.scheduler_class)
+    keys = _config_keys(resolved.sampler.scheduler_class)
+    # Keep the model's training noise schedule (betas, prediction type); drop knobs of other samplers.
+    base = {k: v for k, v in base_config.items() if not k.startswith("_") and k in keys}
+    for knob in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        base.pop(knob, None)
+    return cls.from_config({**base, **resolved.sampler.options, **resolved.schedule.overrides})

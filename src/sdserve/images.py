@@ -1,0 +1,76 @@
+"""Image encoding and decoding at the edges: base64 / data URLs in, PNG with infotext out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from PIL import Image, PngImagePlugin
+
+MAX_DECODED_PIXELS = 4096 * 4096
+
+
+class ImageDecodeError(ValueError):
+    """The client sent something that is not a usable image."""
+
+
+def decode_image(data: str | bytes, max_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
+    """Decode raw base64, a `data:image/...;base64,` URL or raw bytes into a loaded PIL image."""
+    if isinstance(data, str):
+        text = data.strip()
+        if text.startswith("data:"):
+            header, _, text = text.partition(",")
+            if ";base64" not in header:
+                raise ImageDecodeError("data URL must be base64-encoded")
+        if text.startswith(("http://", "https://")):
+            raise ImageDecodeError("image URLs are not fetched; send the image as base64 or a data URL")
+        try:
+            raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageDecodeError(f"image is not valid base64: {exc}") from None
+    else:
+        raw = data
+    if not raw:
+        raise ImageDecodeError("image is empty")
+    try:
+        with Image.open(io.BytesIO(raw)) as probe:
+            width, height = probe.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height}; at most {max_pixels} pixels are accepted"
+                )
+            probe.load()
+            return probe.copy()
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot read image: {exc}") from None
+
+
+def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:
+    """PNG bytes with the A1111 `parameters` tEXt chunk, so any A1111-aware tool reads the settings back."""
+    meta = None
+    if infotext:
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    return buf.getvalue()
+
+
+def read_infotext(image: Image.Image) -> str | None:
+    """The `parameters` text of a PNG (or the EXIF UserComment A1111 writes for JPEG/WebP)."""
+    text = image.info.get("parameters")
+    if text:
+        return str(text)
+    exif = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD, UserComment
+    if isinstance(exif, bytes):
+        # UserComment starts with an 8-byte character-code prefix.
+        code, body = exif[:8], exif[8:]
+        return body.decode("utf-16-be" if code.startswith(b"UNICODE") else "utf-8", "replace").strip("\x00")
+    return exif or None
+
+
+def b64_png(image: Image.Image, infotext: str | None = None) -> str:
+    return base64.b64encode(encode_png(image, infotext)).decode("ascii")

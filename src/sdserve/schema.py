@@ -1,0 +1,56 @@
+"""The canonical types every dialect translates into."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**32 - 1
+DEFAULT_SAMPLER = "DPM++ 2M"
+
+
+def random_seed() -> int:
+    # A1111 draws from randrange(4294967294); keep the same range so seeds look familiar.
+    return random.randrange(4294967294)
+
+
+class GenerationRequest(BaseModel):
+    """One client request: `n` images sharing prompt and settings (image i uses seed + i)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    model: str | None = Field(None, description="Model name; the server's default when omitted.")
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's native size.")
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's native size.")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    sampler: str = Field(DEFAULT_SAMPLER, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")
+    scheduler: str = Field("automatic", description="A1111 schedule type: automatic, karras, exponential, ...")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 draws a random seed.")
+    n: int = Field(1, ge=1, le=8, description="Images in this request.")
+    init_image: str | None = Field(None, description="img2img / inpaint source: base64 or data URL.")
+    mask: str | None = Field(None, description="Inpaint mask, white = repaint: base64 or data URL.")
+    mask_blur: int = Field(4, ge=0, le=64)
+    strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
+    priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
+    timeout_s: float | None = Field(None, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _mask_needs_image(self) -> GenerationRequest:
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("mask needs an init_image to paint into")
+        return self
+
+    @property
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+        if self.init_image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def with_seed(self) -> GenerationRequest:
+        """The same request with a concrete seed, so a re-run after a restart gives the same images."""
+        return self if self.seed >= 0 else self.model_copy(update={"seed": random_seed()})
