@@ -191,6 +191,12 @@ class ModelRegistry:
             path = demo.ensure_demo(self.data_dir)
             return ModelInfo(demo.DEMO_NAME, "demo", str(path), "sd1", _dir_size(path))
         path = Path(spec).expanduser()
+        if not path.exists():
+            # A bare name refers to the models folder: `tiny` -> models/tiny or models/tiny.safetensors.
+            for candidate in (self.models_dir / spec, self.models_dir / f"{spec}.safetensors"):
+                if candidate.exists():
+                    path = candidate
+                    break
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ModelError(f"{path} is a folder without model_index.json: not a diffusers model")

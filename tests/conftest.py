@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+
+# No test may touch the network: the hub client must fail fast instead of trying to download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tinymodels import save_diffusers, save_single_file  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """models/ with a tiny diffusers folder, the same weights as one .safetensors file, and its configs."""
+    root = tmp_path_factory.mktemp("models")
+    pipe = save_diffusers(root / "tiny")
+    save_single_file(pipe, root / "tinyfile.safetensors")
+    # Offline, single-file loading takes configs and tokenizer from a local folder of the same architecture.
+    shutil.copytree(root / "tiny", root / "configs" / "sd1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def registry(models_dir, data_dir):
+    from sdserve.engine.models import ModelRegistry
+
+    return ModelRegistry(models_dir, data_dir, extra=[str(models_dir / "tiny")], device="cpu", max_loaded=2)
+
+
+@pytest.fixture(scope="session")
+def engine(registry):
+    from sdserve.engine.pipeline import Engine
+
+    return Engine(registry)

@@ -1,0 +1,52 @@
+import io
+
+from PIL import Image
+
+from sdserve.engine import infotext
+from sdserve.images import decode_image, encode_png, read_infotext
+
+PARAMS = {
+    "Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 7.0, "Seed": 1,
+    "Size": "64x64", "Model hash": "0123456789", "Model": "demo", "Lora hashes": "name: abc123",
+    "Denoising strength": None,
+}
+
+
+def test_build_matches_a1111_format():
+    text = infotext.build("a red circle", "blurry, low quality", PARAMS)
+    assert text == (
+        "a red circle\n"
+        "Negative prompt: blurry, low quality\n"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64, "
+        'Model hash: 0123456789, Model: demo, Lora hashes: "name: abc123"'
+    )
+
+
+def test_no_negative_prompt_line_when_empty():
+    assert "Negative prompt" not in infotext.build("x", "", PARAMS)
+
+
+def test_round_trip():
+    text = infotext.build("line one\nline two, with comma", "neg", PARAMS)
+    parsed = infotext.parse(text)
+    assert parsed["Prompt"] == "line one\nline two, with comma"
+    assert parsed["Negative prompt"] == "neg"
+    assert parsed["Steps"] == "20"
+    assert parsed["CFG scale"] == "7"
+    assert parsed["Lora hashes"] == "name: abc123"
+    assert (parsed["Size-1"], parsed["Size-2"]) == ("64", "64")
+    assert "Denoising strength" not in parsed
+
+
+def test_prompt_only_text_has_no_params():
+    assert infotext.parse("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
+
+
+def test_infotext_read_back_from_png():
+    text = infotext.build("a red circle", "", PARAMS)
+    png = encode_png(Image.new("RGB", (8, 8), "red"), text)
+    assert read_infotext(Image.open(io.BytesIO(png))) == text
+    # ...and through the base64 path clients use.
+    import base64
+
+    assert read_infotext(decode_image(base64.b64encode(png).decode())) == text

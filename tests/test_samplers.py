@@ -1,0 +1,61 @@
+import pytest
+
+from sdserve.engine import samplers
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule", "sampler", "label"),
+    [
+        ("DPM++ 2M", None, "DPM++ 2M", "Karras"),  # A1111's "Automatic" for DPM++ 2M is Karras
+        ("DPM++ 2M SDE", "automatic", "DPM++ 2M SDE", "Exponential"),
+        ("Euler a", None, "Euler a", "Automatic"),
+        ("DPM++ 2M Karras", None, "DPM++ 2M", "Karras"),  # legacy combined name
+        ("DPM++ 2M", "Exponential", "DPM++ 2M", "Exponential"),  # label as well as name
+        ("k_euler_a", "sgm_uniform", "Euler a", "SGM Uniform"),  # alias
+        ("euler", "karras", "Euler", "Karras"),  # case-insensitive
+        ("LMS Karras", None, "LMS", "Karras"),
+    ],
+)
+def test_resolve(name, schedule, sampler, label):
+    resolved = samplers.resolve(name, schedule)
+    assert resolved.sampler.name == sampler
+    assert resolved.schedule.label == label
+
+
+def test_unknown_sampler_lists_valid_names():
+    with pytest.raises(samplers.UnknownSamplerError) as err:
+        samplers.resolve("Euler b")
+    message = str(err.value)
+    assert "Euler b" in message
+    for name in ("Euler a", "DPM++ 2M", "UniPC", "LCM"):
+        assert name in message
+
+
+def test_unknown_schedule_lists_valid_names():
+    with pytest.raises(samplers.UnknownSamplerError, match="karras"):
+        samplers.resolve("Euler", "polyexponential")
+
+
+def test_schedule_a_sampler_cannot_take_is_refused():
+    with pytest.raises(samplers.UnknownSamplerError, match="not available for sampler 'DDIM'"):
+        samplers.resolve("DDIM", "karras")
+
+
+def test_scheduler_keeps_model_noise_schedule_and_applies_schedule():
+    base = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "skip_prk_steps": True,
+            "_class_name": "PNDMScheduler", "steps_offset": 1}
+    sched = samplers.make_scheduler(samplers.resolve("DPM++ 2M Karras"), base)
+    assert type(sched).__name__ == "DPMSolverMultistepScheduler"
+    assert sched.config.use_karras_sigmas is True
+    assert sched.config.beta_end == 0.012
+    assert sched.config.algorithm_type == "dpmsolver++"
+    sde = samplers.make_scheduler(samplers.resolve("DPM++ 2M SDE"), base)
+    assert sde.config.algorithm_type == "sde-dpmsolver++"
+    assert sde.config.use_exponential_sigmas is True
+
+
+def test_every_issue_sampler_is_known():
+    expected = {"Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE",
+                "DPM++ SDE", "DDIM", "PLMS", "UniPC", "LCM"}
+    assert expected <= set(samplers.sampler_names())
+    assert {"automatic", "karras", "exponential", "sgm_uniform", "uniform"} <= set(samplers.schedule_names())

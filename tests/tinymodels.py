@@ -1,0 +1,111 @@
+"""Tiny models saved the ways users have them: a diffusers folder, and a single-file LDM checkpoint.
+
+The single-file writer is the inverse of diffusers' own single-file conversion (the original
+Stable Diffusion key layout, `model.diffusion_model.*`, `first_stage_model.*`,
+`cond_stage_model.transformer.*`), derived from the UNet and VAE configs so it works for any
+block count, including the two-level tiny models used here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+from safetensors.torch import save_file
+
+from sdserve.engine.demo import build_tiny_pipeline
+
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+
+
+def save_diffusers(path: Path, seed: int = 7):
+    pipe = build_tiny_pipeline(seed=seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe
+
+
+def _resnet(rest: str, renames=_RESNET) -> str:
+    for new, old in renames:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    per = config["layers_per_block"] + 1
+    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    with_attn = {i for i, t in enumerate(config["up_block_types"]) if "CrossAttn" in t}
+    out = {}
+    for key, value in state.items():
+        if key in fixed:
+            new = fixed[key]
+        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"input_blocks.{b * per + j + 1}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d)\.(.*)", key):
+            new = f"middle_block.{0 if m[1] == '0' else 2}.{_resnet(m[2])}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+            new = f"middle_block.1.{m[1]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"output_blocks.{b * per + j}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+            b = int(m[1])
+            new = f"output_blocks.{b * per + per - 1}.{2 if b in with_attn else 1}.conv.{m[2]}"
+        else:
+            raise KeyError(f"no LDM name for UNet key {key}")
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    n = len(config["up_block_types"])
+    fixed = {v: k for k, v in DIFFUSERS_TO_LDM_MAPPING["vae"].items()}  # ldm -> diffusers, invert below
+    fixed = {d: l for l, d in fixed.items()}
+    vae_resnet = [("conv_shortcut", "nin_shortcut")]
+    attn = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+    out = {}
+    for key, value in state.items():
+        if key in fixed:
+            new = fixed[key]
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3], vae_resnet)}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+            new = f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{_resnet(m[3], vae_resnet)}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+            new = f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", key):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3], vae_resnet)}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
+            new = f"{m[1]}.mid.attn_1.{_resnet(m[2], attn)}"
+            if value.ndim == 2:  # LDM stores attention projections as 1x1 convolutions
+                value = value[:, :, None, None]
+        else:
+            raise KeyError(f"no LDM name for VAE key {key}")
+        out["first_stage_model." + new] = value
+    return out
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in state.items()
+    }
+
+
+def save_single_file(pipe, path: Path) -> Path:
+    """Write `pipe` as one original-layout SD 1.x `.safetensors` checkpoint."""
+    state = {
+        **unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
+        **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
+        **clip_to_ldm(pipe.text_encoder.state_dict()),
+    }
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
