@@ -141,9 +141,49 @@ def list_models(models_dir: ModelsDir = None, data_dir: DataDir = None) -> None:
 
 
 @app.command()
-def serve() -> None:
-    """Serve the web UI and every API (arrives with the server core)."""
-    console.print("The HTTP server arrives in the next issue; for now try: sdserve generate \"a red circle\" -o x.png")
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind. [env: SDSERVE_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port. [env: SDSERVE_PORT]")] = None,
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option("--model", help="demo, a diffusers folder, a .safetensors file or a hub id; repeat for more, "
+                     "the first is the default. [env: SDSERVE_MODELS, comma-separated]"),
+    ] = None,
+    models_dir: ModelsDir = None,
+    data_dir: DataDir = None,
+    device: DeviceOpt = None,
+    api_key: Annotated[
+        Optional[list[str]],
+        typer.Option("--api-key", help="Require this key (repeatable). [env: SDSERVE_API_KEYS, comma-separated]"),
+    ] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")] = None,
+    allow_pickle: AllowPickle = None,
+) -> None:
+    """Serve the web UI and every API, with the runner, in one process."""
+    import uvicorn
+
+    from sdserve.api.app import create_app
+
+    settings = _settings(
+        host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
+        api_keys=api_key or None, max_queue=max_queue, allow_pickle=allow_pickle,
+    )
+    fastapi_app = create_app(settings)
+    service = fastapi_app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
+            # SIGTERM/SIGINT: refuse new jobs at once (503); the running batch finishes in the lifespan exit.
+            service.stop_intake()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        fastapi_app, host=settings.host, port=settings.port, log_level="info",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s), access_log=False,
+    )
+    console.print(f"sdserve on http://{settings.host}:{settings.port}  (models: {', '.join(settings.models)}; "
+                  f"data: {settings.data_dir}; auth: {'on' if settings.api_keys else 'off'})")
+    Server(config).run()
 
 
 def _fail(message: str) -> None:

@@ -25,6 +25,17 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(1, ge=1)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Queue and runner
+    max_queue: int = Field(256, ge=1, description="Queued jobs before submissions get 429.")
+    job_timeout_s: float | None = Field(600.0, gt=0, description="Default per-job limit, waiting plus running.")
+    shutdown_grace_s: float = Field(25.0, ge=0, description="On SIGTERM, time to finish the running batch.")
+
+    # Bounds on requests (they can tighten the built-in ones, not loosen them)
+    max_size: int = Field(2048, ge=64, le=2048)
+    max_steps: int = Field(150, ge=1, le=150)
+    max_images: int = Field(8, ge=1, le=8)
+    max_body_mb: int = Field(20, ge=1)
+
     @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from datetime import datetime
+from enum import Enum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -54,3 +56,42 @@ class GenerationRequest(BaseModel):
     def with_seed(self) -> GenerationRequest:
         """The same request with a concrete seed, so a re-run after a restart gives the same images."""
         return self if self.seed >= 0 else self.model_copy(update={"seed": random_seed()})
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+class ImageRef(BaseModel):
+    id: str
+    url: str
+    seed: int
+
+
+class Job(BaseModel):
+    """A request's life in the queue, as every API reports it."""
+
+    id: str
+    status: JobStatus
+    request: GenerationRequest
+    source: str = Field("native", description="The API dialect that submitted it.")
+    queue_position: int | None = Field(None, description="Jobs ahead of this one; 0 = next.")
+    progress: float = Field(0.0, ge=0.0, le=1.0)
+    step: int = 0
+    steps: int = 0
+    eta_s: float | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    error: str | None = None
+    error_kind: str | None = Field(None, description="invalid | timeout | canceled | internal")
+    images: list[ImageRef] = Field(default_factory=list)

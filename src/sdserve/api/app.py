@@ -1,0 +1,51 @@
+"""create_app(settings): the one FastAPI app serving every dialect, the UI and operations routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from sdserve import __version__
+from sdserve.api import errors, native, ops, simple
+from sdserve.api.metrics import Metrics
+from sdserve.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from sdserve.api.security import APIKeyMiddleware
+from sdserve.config import Settings
+from sdserve.service import Service
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service = service or Service(settings)
+    metrics = Metrics(queue_depth=service.queue.depth)
+    service.queue.events.add_listener(metrics.on_event)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.shutdown)
+
+    app = FastAPI(
+        title="sdserve",
+        version=__version__,
+        summary="Stable Diffusion server: one queue for the native, A1111, OpenAI, SageMaker and simple APIs.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(ops.router)
+    app.include_router(native.router)
+    app.include_router(simple.router)
+
+    # Outermost first when reading bottom-up: metrics see every response, 401s and 413s included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

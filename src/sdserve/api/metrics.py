@@ -1,0 +1,68 @@
+"""Prometheus metrics (names prefixed `sdserve_`, seconds as units), one registry per app."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `*_created` series double the output and no dashboard reads them.
+disable_created_metrics()
+
+job_log = logging.getLogger("sdserve.jobs")
+
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sdserve_requests", "HTTP requests by route and status code", ["route", "code"],
+                                registry=self.registry)
+        self.queue_depth = Gauge("sdserve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
+        self.queue_depth.set_function(queue_depth)
+        self.jobs = Counter("sdserve_jobs", "Jobs that ended, by status", ["status"], registry=self.registry)
+        self.queue_seconds = Histogram("sdserve_job_queue_seconds", "Time from submission to start",
+                                       buckets=_SECONDS, registry=self.registry)
+        self.run_seconds = Histogram("sdserve_job_run_seconds", "Time from start to end",
+                                     buckets=_SECONDS, registry=self.registry)
+        self.images = Counter("sdserve_images", "Images generated", registry=self.registry)
+        self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect", ["source"],
+                                 registry=self.registry)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """EventBus listener: count ends, observe durations, and write the one log line per job."""
+        kind = event.get("type")
+        if kind == "queued":
+            self.submitted.labels(event["source"]).inc()
+            return
+        if kind == "started":
+            self.queue_seconds.observe(_seconds(event["created_at"], event["started_at"]))
+            return
+        if kind not in ("succeeded", "failed", "canceled"):
+            return
+        self.jobs.labels(kind).inc()
+        run_s = _seconds(event["started_at"], event["finished_at"]) if event.get("started_at") else None
+        if run_s is not None:
+            self.run_seconds.observe(run_s)
+        if kind == "succeeded":
+            self.images.inc(len(event["images"]))
+        request = event["request"]
+        job_log.info(json.dumps({
+            "event": "job", "id": event["id"], "status": kind, "source": event["source"],
+            "model": request.get("model"), "mode": "txt2img" if request.get("init_image") is None else "img2img",
+            "size": f"{request['width']}x{request['height']}" if request.get("width") else "native",
+            "steps": request["steps"], "n": request["n"],
+            "queue_wait_s": round(_seconds(event["created_at"], event["started_at"]), 3) if event.get("started_at") else None,
+            "run_s": round(run_s, 3) if run_s is not None else None,
+            "error": event.get("error"),
+        }))
+
+
+def _seconds(start: str, end: str) -> float:
+    from datetime import datetime
+
+    return max(0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())

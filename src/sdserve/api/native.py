@@ -1,0 +1,119 @@
+"""The native API under /api/v1: jobs (submit, get, events, cancel), images, synchronous generate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from sdserve.api.deps import ServiceDep
+from sdserve.api.errors import job_failure_status
+from sdserve.engine import samplers
+from sdserve.jobs.local import public_job
+from sdserve.schema import GenerationRequest, Job, JobStatus
+
+router = APIRouter(prefix="/api/v1", tags=["native"])
+
+PNG = {200: {"content": {"image/png": {}}, "description": "The PNG, with A1111 infotext"}}
+
+
+@router.post("/jobs", status_code=202, summary="Submit a job", response_model=Job)
+async def submit_job(
+    body: GenerationRequest, service: ServiceDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    job, created = service.submit(body, source="native", idempotency_key=idempotency_key)
+    return JSONResponse(public_job(job), status_code=202 if created else 200,
+                        headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
+@router.get("/jobs", summary="Recent jobs, newest first", response_model=list[Job])
+async def list_jobs(
+    service: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    status: JobStatus | None = None,
+) -> list[dict[str, Any]]:
+    jobs = await asyncio.to_thread(service.queue.list, limit=limit, offset=offset,
+                                   status=status.value if status else None)
+    return [public_job(j) for j in jobs]
+
+
+@router.get("/jobs/{job_id}", summary="A job's status, progress, queue position, ETA and images", response_model=Job)
+async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
+    return public_job(await asyncio.to_thread(service.queue.get, job_id))
+
+
+@router.delete("/jobs/{job_id}", summary="Cancel a job (a running one stops at its next step)", response_model=Job)
+async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
+    return public_job(service.queue.cancel(job_id))
+
+
+@router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress…, then the end")
+async def job_events(job_id: str, service: ServiceDep) -> EventSourceResponse:
+    service.queue.get(job_id)  # 404 before the stream starts
+
+    async def stream():
+        with service.queue.events.subscribe(job_id) as events:
+            job = service.queue.get(job_id)
+            first = {JobStatus.queued: "queued", JobStatus.running: "started"}.get(job.status, job.status.value)
+            yield {"event": first, "data": json.dumps({"type": first, **public_job(job)})}
+            if job.status.terminal:
+                return
+            while True:
+                event = await events.get()
+                yield {"event": event["type"], "data": json.dumps(event)}
+                if event["type"] in ("succeeded", "failed", "canceled"):
+                    return
+
+    return EventSourceResponse(stream())
+
+
+@router.get("/images/{image_id}", summary="An image by its opaque id", responses=PNG)
+async def get_image(image_id: str, service: ServiceDep) -> Response:
+    data = await asyncio.to_thread(service.images.get, image_id)
+    if data is None:
+        raise HTTPException(404, f"no image {image_id!r}")
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=31536000, immutable"})
+
+
+@router.post("/generate", summary="Submit, wait, and return the first image as PNG", responses=PNG)
+async def generate(body: GenerationRequest, service: ServiceDep) -> Response:
+    job, pngs = await service.generate(body, source="native")
+    return png_response(job, pngs)
+
+
+def png_response(job: Job, pngs: list[bytes]) -> Response:
+    if job.status is not JobStatus.succeeded:
+        return JSONResponse({"detail": job.error or job.status.value, "job_id": job.id},
+                            status_code=job_failure_status(job.error_kind))
+    return Response(pngs[0], media_type="image/png", headers={
+        "X-Job-Id": job.id, "X-Seed": str(job.images[0].seed),
+        "X-Image-Ids": ",".join(ref.id for ref in job.images),
+    })
+
+
+@router.get("/models", summary="Models the server can load")
+async def models(service: ServiceDep) -> list[dict[str, Any]]:
+    infos = await asyncio.to_thread(service.registry.list)
+    default = service.settings.models[0] if service.settings.models else None
+    loaded = service.registry.loaded()
+    return [
+        {"name": m.name, "kind": m.kind, "arch": m.arch, "size_bytes": m.size_bytes, "demo": m.is_demo,
+         "default": m.name == default, "loaded": m.name in loaded}
+        for m in infos
+    ]
+
+
+@router.get("/samplers", summary="Samplers (A1111 names) and the schedule types each accepts")
+async def sampler_list() -> dict[str, Any]:
+    return {
+        "samplers": [{"name": s.name, "aliases": list(s.aliases), "default_schedule": s.default_schedule,
+                      "schedules": samplers.supported_schedules(s.name)} for s in samplers.SAMPLERS],
+        "schedules": [{"name": s.name, "label": s.label} for s in samplers.SCHEDULES],
+        "default": GenerationRequest.model_fields["sampler"].default,
+    }

@@ -1,0 +1,1 @@
+"""Queueing and scheduling: the job queue/store interfaces, their implementations, and the runner."""

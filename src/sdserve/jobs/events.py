@@ -1,0 +1,55 @@
+"""In-process pub/sub of job events, from the runner thread to async HTTP handlers (SSE, sync waits)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+Event = dict[str, Any]
+log = logging.getLogger(__name__)
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]]] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Called synchronously, in the publishing thread, for every event of every job (metrics, logs)."""
+        self._listeners.append(listener)
+
+    def publish(self, job_id: str, event: Event) -> None:
+        """Thread-safe: called from the runner thread or the event loop."""
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break the job
+                log.exception("event listener failed")
+        with self._lock:
+            targets = list(self._subscribers.get(job_id, ()))
+        for loop, queue in targets:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the subscriber's loop is closed: it went away
+                pass
+
+    @contextmanager
+    def subscribe(self, job_id: str) -> Iterator[asyncio.Queue[Event]]:
+        """Subscribe before reading the job's current state, so no event slips between the two."""
+        entry = (asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._subscribers.setdefault(job_id, set()).add(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                subs = self._subscribers.get(job_id)
+                if subs is not None:
+                    subs.discard(entry)
+                    if not subs:
+                        del self._subscribers[job_id]

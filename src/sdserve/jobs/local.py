@@ -1,0 +1,342 @@
+"""Embedded job queue and store: one SQLite table in WAL mode, in the data dir.
+
+Every accepted job is committed before `submit` returns, so a crash or restart loses none.
+Progress (step/steps) lives in memory: it is only meaningful while this process runs the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sdserve.jobs.events import EventBus
+from sdserve.jobs.queue import (
+    MAX_ATTEMPTS,
+    IdempotencyConflict,
+    JobFinished,
+    JobNotFound,
+    NotAccepting,
+    QueueFull,
+    Selector,
+)
+from sdserve.schema import GenerationRequest, ImageRef, Job, JobStatus
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    work INTEGER NOT NULL,  -- denoising steps x images: what the queue estimates time from
+    request TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    deadline REAL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    error_kind TEXT,
+    images TEXT NOT NULL DEFAULT '[]',
+    idem_key TEXT UNIQUE,
+    idem_hash TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
+"""
+
+# How many queued jobs the selector sees at once (enough to fill a batch).
+CLAIM_WINDOW = 64
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+def request_fingerprint(request: GenerationRequest) -> str:
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+class SQLiteJobQueue:
+    def __init__(
+        self, path: Path, *, max_queue: int = 256, default_timeout_s: float | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.events = events or EventBus()
+        self.max_queue = max_queue
+        self.default_timeout_s = default_timeout_s
+        self.accepting = True
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed job survives a process crash or kill; only a power cut
+        # could lose the last moments. FULL would fsync every submission.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._progress: dict[str, tuple[int, int]] = {}
+        self._cancel: set[str] = set()
+        self._seconds_per_step: float | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ----- reading ---------------------------------------------------------------------------
+    def _row(self, job_id: str) -> sqlite3.Row:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return row
+
+    def _to_job(self, row: sqlite3.Row, with_position: bool = True) -> Job:
+        status = JobStatus(row["status"])
+        request = GenerationRequest.model_validate_json(row["request"])
+        step, steps = self._progress.get(row["id"], (0, request.steps))
+        if status is JobStatus.succeeded:
+            step = steps
+        position = eta = None
+        if status is JobStatus.queued and with_position:
+            position, ahead_steps = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued' "
+                "AND (priority > ? OR (priority = ? AND seq < ?))",
+                (row["priority"], row["priority"], row["seq"]),
+            ).fetchone()
+            running_left = sum(max(0, n - s) for s, n in self._progress.values())
+            if self._seconds_per_step is not None:
+                eta = (ahead_steps + running_left + row["work"]) * self._seconds_per_step
+        elif status is JobStatus.running and self._seconds_per_step is not None:
+            eta = max(0, steps - step) * self._seconds_per_step
+        return Job(
+            id=row["id"],
+            status=status,
+            request=request,
+            source=row["source"],
+            queue_position=position,
+            progress=(step / steps) if steps else (1.0 if status is JobStatus.succeeded else 0.0),
+            step=step,
+            steps=steps,
+            eta_s=round(eta, 2) if eta is not None else None,
+            created_at=_ts(row["created_at"]),
+            started_at=_ts(row["started_at"]),
+            finished_at=_ts(row["finished_at"]),
+            attempts=row["attempts"],
+            error=row["error"],
+            error_kind=row["error_kind"],
+            images=[ImageRef(**i) for i in json.loads(row["images"])],
+        )
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            return self._to_job(self._row(job_id))
+
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
+        with self._lock:
+            if status:
+                rows = self._db.execute(
+                    "SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ? OFFSET ?", (status, limit, offset)
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)
+                ).fetchall()
+            return [self._to_job(r) for r in rows]
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetchall()
+            return [self._to_job(r) for r in rows]
+
+    # ----- client side -----------------------------------------------------------------------
+    def retry_after_s(self) -> int:
+        """A guess at when a slot frees up: the queue's work at the measured speed, within 1..300 s."""
+        with self._lock:
+            queued_steps = self._db.execute("SELECT COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued'").fetchone()[0]
+        if self._seconds_per_step is None:
+            return 5
+        return int(min(300, max(1, queued_steps * self._seconds_per_step / max(1, self.max_queue))))
+
+    def submit(
+        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[Job, bool]:
+        request = request.with_seed()  # fixed now, so a re-run after a crash gives the same images
+        fingerprint = None
+        with self._lock:
+            if idempotency_key is not None:
+                # The fingerprint ignores the drawn seed: a retry of "seed -1" is the same request.
+                fingerprint = request_fingerprint(request.model_copy(update={"seed": -1}))
+                row = self._db.execute("SELECT * FROM jobs WHERE idem_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    if row["idem_hash"] != fingerprint:
+                        raise IdempotencyConflict(
+                            "Idempotency-Key was already used with a different request body"
+                        )
+                    return self._to_job(row), False
+            if not self.accepting:
+                raise NotAccepting("the server is shutting down or not ready; retry shortly")
+            if self.depth() >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s())
+            now = time.time()
+            timeout = timeout_s or request.timeout_s or self.default_timeout_s
+            job_id = uuid.uuid4().hex
+            self._db.execute(
+                "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, idem_hash) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request.priority, request.steps * request.n, request.model_dump_json(), source, now,
+                 now + timeout if timeout else None, idempotency_key, fingerprint),
+            )
+            job = self._to_job(self._row(job_id))
+            self._wakeup.notify_all()
+        self._publish("queued", job)
+        return job, True
+
+    def cancel(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._row(job_id)
+            status = JobStatus(row["status"])
+            if status.terminal:
+                raise JobFinished(f"job {job_id} already {status.value}")
+            if status is JobStatus.running:
+                self._cancel.add(job_id)
+                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                return self._to_job(self._row(job_id))
+        return self.mark_canceled(job_id)
+
+    # ----- runner side -----------------------------------------------------------------------
+    def claim(self, select: Selector | None = None, wait_s: float = 0.5) -> list[Job]:
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            while True:
+                rows = self._db.execute(
+                    "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (CLAIM_WINDOW,)
+                ).fetchall()
+                if rows:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._wakeup.wait(remaining)
+            candidates = [self._to_job(r, with_position=False) for r in rows]
+            chosen = list(select(candidates)) if select else candidates[:1]
+            now = time.time()
+            claimed = []
+            for job in chosen:
+                self._db.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 WHERE id = ?",
+                    (now, job.id),
+                )
+                self._progress[job.id] = (0, job.request.steps)
+                claimed.append(self._to_job(self._row(job.id)))
+        for job in claimed:
+            self._publish("started", job)
+        return claimed
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancel
+
+    def deadline(self, job_id: str) -> float | None:
+        with self._lock:
+            return self._row(job_id)["deadline"]
+
+    def progress(self, job_id: str, step: int, steps: int) -> None:
+        with self._lock:
+            self._progress[job_id] = (step, steps)
+            eta = max(0, steps - step) * self._seconds_per_step if self._seconds_per_step else None
+        self.events.publish(job_id, {
+            "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+            "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
+        })
+
+    def record_speed(self, seconds_per_step: float) -> None:
+        with self._lock:
+            old = self._seconds_per_step
+            self._seconds_per_step = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
+
+    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+        with self._lock:
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            self._db.execute(
+                f"UPDATE jobs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE id = ?",
+                (status.value, time.time(), *fields.values(), job_id),
+            )
+            job = self._to_job(self._row(job_id))
+            self._progress.pop(job_id, None)
+            self._cancel.discard(job_id)
+        self._publish(status.value, job)
+        return job
+
+    def succeed(self, job_id: str, images: list[ImageRef]) -> Job:
+        return self._finish(job_id, JobStatus.succeeded, images=json.dumps([i.model_dump() for i in images]))
+
+    def fail(self, job_id: str, error: str, kind: str = "internal") -> Job:
+        return self._finish(job_id, JobStatus.failed, error=error, error_kind=kind)
+
+    def mark_canceled(self, job_id: str) -> Job:
+        return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
+
+    def requeue(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1) WHERE id = ?",
+                (job_id,),
+            )
+            self._progress.pop(job_id, None)
+            self._wakeup.notify_all()
+
+    def recover(self) -> int:
+        """After a restart: jobs that were running go back to the queue, or fail after MAX_ATTEMPTS."""
+        with self._lock:
+            given_up = self._db.execute(
+                "SELECT id, attempts FROM jobs WHERE status = 'running' AND attempts >= ?", (MAX_ATTEMPTS,)
+            ).fetchall()
+            requeued = self._db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running' AND attempts < ?",
+                (MAX_ATTEMPTS,),
+            ).rowcount
+        for row in given_up:
+            self.fail(
+                row["id"],
+                f"the server stopped while running this job {row['attempts']} times; giving up "
+                "(it may crash the worker, e.g. out of memory)",
+                kind="internal",
+            )
+        return requeued
+
+    def expire(self) -> list[Job]:
+        """Fail queued jobs whose timeout passed while they waited."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, created_at, deadline FROM jobs WHERE status = 'queued' AND deadline IS NOT NULL "
+                "AND deadline < ?", (time.time(),),
+            ).fetchall()
+        return [
+            self.fail(r["id"], f"timed out after {r['deadline'] - r['created_at']:.0f} s waiting in the queue", "timeout")
+            for r in rows
+        ]
+
+    def _publish(self, kind: str, job: Job) -> None:
+        self.events.publish(job.id, {"type": kind, **public_job(job)})
+
+
+def public_job(job: Job) -> dict[str, Any]:
+    """A job as clients see it: the request without its (possibly megabytes of) input images."""
+    data = job.model_dump(mode="json")
+    for field in ("init_image", "mask"):
+        if data["request"].get(field) is not None:
+            data["request"][field] = "(image)"
+    return data

@@ -1,0 +1,95 @@
+"""The job queue and job store interface. Embedded: `jobs.local` (SQLite). Scale-out: Redis Streams.
+
+Order is priority first (higher first), then first-in-first-out. A claimed job is `running`;
+if the process dies, `recover()` on the next start puts it back in the queue, up to
+`MAX_ATTEMPTS` tries, after which it fails with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from sdserve.jobs.events import EventBus
+from sdserve.schema import GenerationRequest, ImageRef, Job
+
+MAX_ATTEMPTS = 3
+
+# Given the queued jobs in order (head first), the runner picks which to claim together.
+Selector = Callable[[Sequence[Job]], Sequence[Job]]
+
+
+class QueueError(Exception):
+    pass
+
+
+class QueueFull(QueueError):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotAccepting(QueueError):
+    """The server is shutting down or not ready: try again later, maybe on another replica."""
+
+
+class JobNotFound(QueueError, LookupError):
+    pass
+
+
+class IdempotencyConflict(QueueError):
+    pass
+
+
+class JobFinished(QueueError):
+    """The job already ended; it cannot be canceled."""
+
+
+class JobQueue(Protocol):
+    events: EventBus
+    accepting: bool
+
+    def submit(
+        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[Job, bool]:
+        """Persist and enqueue; returns (job, created). Raises QueueFull, NotAccepting, IdempotencyConflict."""
+
+    def get(self, job_id: str) -> Job: ...
+
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]: ...
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued: canceled now. Running: flagged, and the runner stops it at its next step."""
+
+    def depth(self) -> int: ...
+
+    def running(self) -> list[Job]: ...
+
+    def retry_after_s(self) -> int: ...
+
+    # --- runner side ---
+    def claim(self, select: Selector | None = None, wait_s: float = 0.5) -> list[Job]:
+        """Atomically move the selected queued jobs (default: the head) to running."""
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    def deadline(self, job_id: str) -> float | None:
+        """Unix time after which the job fails with a timeout, or None."""
+
+    def progress(self, job_id: str, step: int, steps: int) -> None: ...
+
+    def succeed(self, job_id: str, images: list[ImageRef]) -> Job: ...
+
+    def fail(self, job_id: str, error: str, kind: str = "internal") -> Job: ...
+
+    def mark_canceled(self, job_id: str) -> Job: ...
+
+    def requeue(self, job_id: str) -> None:
+        """Back to the queue without counting an attempt (graceful shutdown)."""
+
+    def recover(self) -> int: ...
+
+    def expire(self) -> list[Job]: ...
+
+    def record_speed(self, seconds_per_step: float) -> None: ...

@@ -1,0 +1,115 @@
+"""Servers with their own settings: a small queue, API keys, restarts and crashes."""
+
+from __future__ import annotations
+
+import httpx
+
+from server import ServerProcess, wait_for
+
+BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1}
+
+
+def test_full_queue_is_429_with_retry_after(models_dir, tmp_path):
+    server = ServerProcess(models_dir, tmp_path, "--max-queue", "2").start()
+    try:
+        with server.client() as c:
+            blocker = c.post("/api/v1/jobs", json=BLOCKER).json()["id"]
+            wait_for(c, blocker, ("running",))
+            assert c.post("/api/v1/jobs", json={"prompt": "a", "steps": 1}).status_code == 202
+            assert c.post("/api/v1/jobs", json={"prompt": "b", "steps": 1}).status_code == 202
+            full = c.post("/api/v1/jobs", json={"prompt": "c", "steps": 1})
+            assert full.status_code == 429
+            assert int(full.headers["retry-after"]) >= 1
+            assert "queue is full" in full.json()["detail"]
+            # The synchronous routes share the same bound.
+            assert c.get("/", params={"prompt": "d"}).status_code == 429
+            c.delete(f"/api/v1/jobs/{blocker}")
+    finally:
+        server.terminate()
+
+
+def test_api_keys(models_dir, tmp_path):
+    server = ServerProcess(models_dir, tmp_path, "--api-key", "alpha", env={"SDSERVE_API_KEYS": "beta"}).start()
+    try:
+        url = server.url
+        assert httpx.get(url + "/healthz").status_code == 200
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert httpx.get(url + "/").status_code == 200  # the UI page loads, then asks for a key
+        for path in ("/api/v1/jobs", "/metrics", "/?prompt=x", "/openapi.json", "/download/" + "0" * 32):
+            r = httpx.get(url + path)
+            assert r.status_code == 401, path
+            assert "API key" in r.json()["detail"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        assert httpx.get(url + "/api/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url + "/api/v1/jobs", headers={"Authorization": "Bearer alpha"}).status_code == 200
+        assert httpx.get(url + "/api/v1/jobs", headers={"X-API-Key": "alpha"}).status_code == 200
+        # The flag wins over the environment (the same rule as every other setting).
+        assert httpx.get(url + "/api/v1/jobs", headers={"X-API-Key": "beta"}).status_code == 401
+        assert "alpha" not in server.log()
+    finally:
+        server.terminate()
+
+
+def test_api_keys_from_environment(models_dir, tmp_path):
+    server = ServerProcess(models_dir, tmp_path, env={"SDSERVE_API_KEYS": "k1,k2"}).start()
+    try:
+        assert httpx.get(server.url + "/api/v1/jobs").status_code == 401
+        assert httpx.get(server.url + "/api/v1/jobs", headers={"X-API-Key": "k2"}).status_code == 200
+    finally:
+        server.terminate()
+
+
+def test_sigterm_finishes_running_job_and_queued_jobs_resume_after_restart(models_dir, tmp_path):
+    server = ServerProcess(models_dir, tmp_path).start()
+    with server.client() as c:
+        running = c.post("/api/v1/jobs", json={"prompt": "r", "steps": 40}).json()["id"]
+        wait_for(c, running, ("running",))
+        queued = [c.post("/api/v1/jobs", json={"prompt": f"q{i}", "steps": 2}).json()["id"] for i in range(5)]
+    # uvicorn re-raises SIGTERM after its clean shutdown, so the exit status is -15 either way.
+    server.terminate()
+    assert "Application shutdown complete" in server.log()
+    restarted = ServerProcess(models_dir, tmp_path).start()
+    try:
+        with restarted.client() as c:
+            finished = wait_for(c, running)
+            assert finished["status"] == "succeeded" and finished["attempts"] == 1  # finished before the exit
+            jobs = [wait_for(c, job_id) for job_id in queued]
+            assert [j["status"] for j in jobs] == ["succeeded"] * 5
+    finally:
+        restarted.terminate()
+
+
+def test_crash_while_running_reruns_the_job(models_dir, tmp_path):
+    server = ServerProcess(models_dir, tmp_path).start()
+    with server.client() as c:
+        job_id = c.post("/api/v1/jobs", json={"prompt": "crash", "steps": 150}).json()["id"]
+        wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
+    server.kill()  # SIGKILL: no chance to clean up
+    restarted = ServerProcess(models_dir, tmp_path).start()
+    try:
+        with restarted.client() as c:
+            assert c.get(f"/api/v1/jobs/{job_id}").json()["status"] in ("queued", "running")
+            c.delete(f"/api/v1/jobs/{job_id}")  # it was re-run; no need to wait out 150 steps
+            job = wait_for(c, job_id)
+            assert job["attempts"] == 2 and job["status"] == "canceled"
+    finally:
+        restarted.terminate()
+
+
+def test_job_that_keeps_crashing_fails_after_three_attempts(models_dir, tmp_path):
+    job_id = None
+    for attempt in range(3):
+        server = ServerProcess(models_dir, tmp_path).start()
+        with server.client() as c:
+            if job_id is None:
+                job_id = c.post("/api/v1/jobs", json={"prompt": "poison", "steps": 150}).json()["id"]
+            wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
+        server.kill()
+    server = ServerProcess(models_dir, tmp_path).start()
+    try:
+        with server.client() as c:
+            job = c.get(f"/api/v1/jobs/{job_id}").json()
+            assert job["status"] == "failed" and job["attempts"] == 3
+            assert "3 times" in job["error"]
+    finally:
+        server.terminate()
