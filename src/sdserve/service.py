@@ -129,8 +129,14 @@ class Service:
                     job = await asyncio.to_thread(self.queue.get, job_id)
             return job
 
+    async def submit_async(
+        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """`submit` off the event loop: it decodes images and writes to disk."""
+        return await asyncio.to_thread(self.submit, request, source=source, idempotency_key=idempotency_key)
+
     async def generate(self, request: GenerationRequest, *, source: str) -> tuple[Job, list[bytes]]:
         """Submit, await, and return the PNGs: the synchronous endpoints' whole path."""
-        job, _ = self.submit(request, source=source)
+        job, _ = await self.submit_async(request, source=source)
         job = await self.wait(job.id)
         return job, [self.images.get(ref.id) or b"" for ref in job.images]

@@ -26,7 +26,7 @@ async def submit_job(
     body: GenerationRequest, service: ServiceDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
-    job, created = service.submit(body, source="native", idempotency_key=idempotency_key)
+    job, created = await service.submit_async(body, source="native", idempotency_key=idempotency_key)
     return JSONResponse(public_job(job), status_code=202 if created else 200,
                         headers={"Location": f"/api/v1/jobs/{job.id}"})
 
@@ -50,7 +50,7 @@ async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
 
 @router.delete("/jobs/{job_id}", summary="Cancel a job (a running one stops at its next step)", response_model=Job)
 async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
-    return public_job(service.queue.cancel(job_id))
+    return public_job(await asyncio.to_thread(service.queue.cancel, job_id))
 
 
 @router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress…, then the end")
