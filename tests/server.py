@@ -20,16 +20,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, models_dir: Path, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, models_dir: Path | None, data_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        """With models_dir None, only `args` choose the model (e.g. --sagemaker); port can come from the env."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir / f"server-{self.port}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.cmd = [
-            sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--models-dir", str(models_dir), "--data-dir", str(data_dir), "--model", "tiny", "--device", "cpu", *args,
-        ]
+        self.cmd = [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--data-dir", str(data_dir),
+                    "--device", "cpu"]
+        if port is None:
+            self.cmd += ["--port", str(self.port)]
+        if models_dir is not None:
+            self.cmd += ["--models-dir", str(models_dir), "--model", "tiny"]
+        self.cmd += list(args)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 

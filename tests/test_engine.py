@@ -126,3 +126,36 @@ def test_inpainting_leaves_unmasked_pixels_exactly_unchanged(engine):
 def test_bad_image_is_a_client_error(engine):
     with pytest.raises(InvalidRequestError, match="cannot read image"):
         engine.run([req(init_image=base64.b64encode(b"not an image").decode())])
+
+
+def test_mask_invert_repaints_the_other_side(engine):
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = engine.run([req(init_image=b64(init), mask=b64(mask), mask_invert=True, mask_blur=0, strength=1.0)])[0][0]
+    out, src = arr(result.image), arr(init)
+    assert np.array_equal(out[16:48, 16:48], src[16:48, 16:48])  # white area now kept
+    assert np.abs(out[:8] - src[:8]).mean() > 10  # black area repainted
+
+
+@pytest.mark.parametrize("fill", ["fill", "noise", "nothing"])
+def test_inpaint_fill_modes_keep_outside_and_change_inside(engine, fill):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = engine.run([req(init_image=b64(init), mask=b64(mask), inpaint_fill=fill, mask_blur=0, strength=0.5)])[0][0]
+    out, src = arr(result.image), arr(init)
+    assert np.array_equal(out[:16], src[:16])
+    assert np.abs(out[20:44, 20:44] - src[20:44, 20:44]).mean() > 5
+
+
+def test_crop_resize_keeps_aspect(engine):
+    # Left half red, right half blue, 128x64: cropping to 64x64 keeps the centre, half of each colour.
+    wide = Image.new("RGB", (128, 64), (255, 0, 0))
+    wide.paste((0, 0, 255), (64, 0, 128, 64))
+    prepared = engine._prepare(req(init_image=b64(wide), resize_mode="crop"), engine.batch_key(req(init_image=b64(wide))))
+    centre = arr(prepared.init_image)
+    assert centre[:, :20, 0].mean() > 200 and centre[:, -20:, 2].mean() > 200
+    squashed = engine._prepare(req(init_image=b64(wide)), engine.batch_key(req(init_image=b64(wide)))).init_image
+    assert squashed.size == (64, 64)

@@ -156,8 +156,17 @@ def serve(
         Optional[list[str]],
         typer.Option("--api-key", help="Require this key (repeatable). [env: SDSERVE_API_KEYS, comma-separated]"),
     ] = None,
+    api_auth: Annotated[
+        Optional[str],
+        typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
+    ] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")] = None,
     allow_pickle: AllowPickle = None,
+    sagemaker: Annotated[
+        Optional[bool],
+        typer.Option("--sagemaker/--no-sagemaker", help="SageMaker container mode: bind 0.0.0.0:$SAGEMAKER_BIND_TO_PORT "
+                     "(else 8080), model from /opt/ml/model. [env: SDSERVE_SAGEMAKER]"),
+    ] = None,
 ) -> None:
     """Serve the web UI and every API, with the runner, in one process."""
     import uvicorn
@@ -166,8 +175,11 @@ def serve(
 
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
-        api_keys=api_key or None, max_queue=max_queue, allow_pickle=allow_pickle,
+        api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
+        sagemaker=sagemaker,
     )
+    if settings.sagemaker:
+        _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
     fastapi_app = create_app(settings)
     service = fastapi_app.state.service
 
@@ -184,6 +196,23 @@ def serve(
     console.print(f"sdserve on http://{settings.host}:{settings.port}  (models: {', '.join(settings.models)}; "
                   f"data: {settings.data_dir}; auth: {'on' if settings.api_keys else 'off'})")
     Server(config).run()
+
+
+def _sagemaker_defaults(settings: Settings, *, host_given: bool, port_given: bool, model_given: bool) -> None:
+    """SageMaker runs `docker run IMAGE serve`: listen where it looks, load what it extracted."""
+    if not host_given:
+        settings.host = "0.0.0.0"
+    if not port_given:
+        settings.port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    model_root = Path(os.environ.get("SDSERVE_SAGEMAKER_MODEL_DIR", "/opt/ml/model"))
+    if not model_given and model_root.is_dir():
+        if (model_root / "model_index.json").is_file():
+            settings.models = [str(model_root)]
+        else:
+            found = sorted(model_root.glob("*.safetensors")) + sorted(p.parent for p in model_root.glob("*/model_index.json"))
+            if found:
+                settings.models = [str(found[0])]
+        settings.models_dir = model_root
 
 
 def _fail(message: str) -> None:

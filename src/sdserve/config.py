@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     allow_pickle: bool = False
     max_loaded_models: int = Field(1, ge=1)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A1111's --api-auth: HTTP Basic users, "user:pass" entries.
+    api_auth: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # SageMaker mode: bind $SAGEMAKER_BIND_TO_PORT (else 8080) on all interfaces, model from /opt/ml/model.
+    sagemaker: bool = False
 
     # Queue and runner
     max_queue: int = Field(256, ge=1, description="Queued jobs before submissions get 429.")
@@ -36,7 +40,7 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, le=8)
     max_body_mb: int = Field(20, ge=1)
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "api_auth", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # SDSERVE_API_KEYS="k1,k2" is friendlier than a JSON list in a shell or a Helm value.

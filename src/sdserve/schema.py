@@ -37,6 +37,12 @@ class GenerationRequest(BaseModel):
     init_image: str | None = Field(None, description="img2img / inpaint source: base64 or data URL.")
     mask: str | None = Field(None, description="Inpaint mask, white = repaint: base64 or data URL.")
     mask_blur: int = Field(4, ge=0, le=64)
+    mask_invert: bool = Field(False, description="Repaint the black part of the mask instead of the white.")
+    inpaint_fill: Literal["original", "fill", "noise", "nothing"] = Field(
+        "original", description="What the masked area starts from: the original pixels, colours filled in from "
+        "around it, pure noise, or nothing (grey). A1111's inpainting_fill 1, 0, 2, 3.")
+    resize_mode: Literal["resize", "crop"] = Field(
+        "resize", description="Fit the init image to width x height by stretching, or by cropping to the aspect.")
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     timeout_s: float | None = Field(None, gt=0, le=86400)

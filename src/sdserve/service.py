@@ -55,6 +55,9 @@ class Service:
             settings.data_dir / "jobs.db", max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
         )
         self.images = LocalImageStore(settings.data_dir / "images")
+        # The model a request without one gets. A1111's options POST changes it for later jobs only:
+        # each job pins its model when it is accepted, so a switch never races a running job.
+        self.default_model: str | None = settings.models[0] if settings.models else None
         self.runner = Runner(self.engine, self.queue, self.images, default_model=settings.models[0] if settings.models else None)
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -116,7 +119,7 @@ class Service:
         self.validate(request)
         if request.model is None:
             # Pin the model now: a later change of the default does not change what this job draws.
-            request = request.model_copy(update={"model": self.registry.info(None).name})
+            request = request.model_copy(update={"model": self.registry.info(self.default_model).name})
         return self.queue.submit(request, source=source, idempotency_key=idempotency_key)
 
     async def wait(self, job_id: str) -> Job:
@@ -137,6 +140,15 @@ class Service:
 
     async def generate(self, request: GenerationRequest, *, source: str) -> tuple[Job, list[bytes]]:
         """Submit, await, and return the PNGs: the synchronous endpoints' whole path."""
-        job, _ = await self.submit_async(request, source=source)
-        job = await self.wait(job.id)
-        return job, [self.images.get(ref.id) or b"" for ref in job.images]
+        [(job, pngs)] = await self.generate_many([request], source=source)
+        return job, pngs
+
+    async def generate_many(
+        self, requests: list[GenerationRequest], *, source: str
+    ) -> list[tuple[Job, list[bytes]]]:
+        """Submit all (validated first, so none is queued if one is bad), then await them all."""
+        for request in requests:
+            self.validate(request)
+        jobs = [(await self.submit_async(r, source=source))[0] for r in requests]
+        done = await asyncio.gather(*(self.wait(job.id) for job in jobs))
+        return [(job, [self.images.get(ref.id) or b"" for ref in job.images]) for job in done]

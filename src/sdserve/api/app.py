@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from sdserve import __version__
-from sdserve.api import errors, native, ops, simple
+from sdserve.api import a1111, errors, native, ops, openai, sagemaker, simple
 from sdserve.api.metrics import Metrics
 from sdserve.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from sdserve.api.security import APIKeyMiddleware
+from sdserve.api.security import AuthMiddleware, parse_users
 from sdserve.config import Settings
 from sdserve.service import Service
 
@@ -39,13 +39,13 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     )
     app.state.service = service
     app.state.metrics = metrics
+    app.state.a1111 = a1111.A1111State(service)
     errors.install(app)
-    app.include_router(ops.router)
-    app.include_router(native.router)
-    app.include_router(simple.router)
+    for module in (ops, native, a1111, openai, sagemaker, simple):
+        app.include_router(module.router)
 
     # Outermost first when reading bottom-up: metrics see every response, 401s and 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(AuthMiddleware, keys=settings.api_keys, users=parse_users(settings.api_auth))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

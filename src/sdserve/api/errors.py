@@ -1,18 +1,45 @@
-"""Errors as JSON a person can act on, with the right status code. Never a 500 for client input."""
+"""Errors as JSON a person can act on, with the right status code. Never a 500 for client input.
+
+One renderer, shaped per dialect: OpenAI clients get `{"error": {message, type, param, code}}`,
+A1111 clients `{"error", "detail", "errors"}`, everyone else `{"detail", "errors": [{field, message}]}`.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdserve.jobs.queue import IdempotencyConflict, JobFinished, JobNotFound, NotAccepting, QueueFull
+from sdserve.protocols.openai import OpenAIError, error_body
 from sdserve.service import RequestRejected
 
 log = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                 503: "server_error", 500: "server_error"}
+
+
+def render(path: str, status: int, message: str, *, field: str | None = None, errors: list[dict] | None = None,
+           headers: dict[str, str] | None = None, error_type: str | None = None, code: str | None = None) -> JSONResponse:
+    if path.startswith("/v1/"):
+        # OpenAI answers invalid input with 400, never 422.
+        status = 400 if status == 422 else status
+        body: dict[str, Any] = error_body(message, error_type or _OPENAI_TYPES.get(status, "invalid_request_error"),
+                                          field, code)
+    elif path.startswith("/sdapi/"):
+        body = {"error": error_type or "HTTPException", "detail": message, "body": None, "errors": message}
+    else:
+        body = {"detail": message}
+        if errors is not None or field is not None:
+            body["errors"] = errors if errors is not None else [{"field": field, "message": message}]
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _field(loc: tuple) -> str:
@@ -21,57 +48,64 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_detail(exc: RequestValidationError) -> tuple[str, list[dict]]:
-    errors = [
-        {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid"), "type": e.get("type")}
-        for e in exc.errors()
-    ]
-    return "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors
+def _validation(request: Request, raw_errors: list[dict]) -> JSONResponse:
+    errors = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid"), "type": e.get("type")}
+              for e in raw_errors]
+    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return render(request.url.path, 422, message, field=errors[0]["field"] if errors else None, errors=errors)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, errors = validation_detail(exc)
-        return JSONResponse({"detail": message, "errors": errors}, status_code=422)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation(request, list(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _model_validation(request: Request, exc: ValidationError) -> JSONResponse:
+        # A dialect built a canonical request out of bounds: still the client's input.
+        return _validation(request, exc.errors())
 
     @app.exception_handler(RequestRejected)
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
-        errors = [{"field": exc.field, "message": str(exc)}] if exc.field else []
-        return JSONResponse({"detail": str(exc), "errors": errors}, status_code=422)
+        return render(request.url.path, 422, str(exc), field=exc.field,
+                      errors=[{"field": exc.field, "message": str(exc)}] if exc.field else [])
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
+        return render("/v1/", exc.status, str(exc), field=exc.param, error_type=exc.type, code=exc.code)
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, exc: QueueFull) -> JSONResponse:
-        return JSONResponse({"detail": f"{exc}; retry in {exc.retry_after_s} s"}, status_code=429,
-                            headers={"Retry-After": str(exc.retry_after_s)})
+        return render(request.url.path, 429, f"{exc}; retry in {exc.retry_after_s} s",
+                      headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(NotAccepting)
     async def _not_accepting(request: Request, exc: NotAccepting) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        return render(request.url.path, 503, str(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return render(request.url.path, 404, str(exc))
 
     @app.exception_handler(IdempotencyConflict)
     async def _conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        return render(request.url.path, 409, str(exc))
 
     @app.exception_handler(JobFinished)
     async def _finished(request: Request, exc: JobFinished) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        return render(request.url.path, 409, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail
+        detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"nothing at {request.url.path}"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return render(request.url.path, exc.status_code, detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+        return render(request.url.path, 500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 def job_failure_status(kind: str | None) -> int:

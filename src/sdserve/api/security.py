@@ -1,15 +1,19 @@
-"""API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time, never logged."""
+"""Auth: API keys (`Authorization: Bearer KEY` or `X-API-Key: KEY`) and, as A1111's `--api-auth` does,
+HTTP Basic users. Compared in constant time; never logged."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
-import json
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sdserve.api.errors import render
+
 # Probes must work without a key (load balancers and kubelets do not carry one).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/ping"})
 
 
 def key_matches(candidate: str | None, keys: Iterable[str]) -> bool:
@@ -21,6 +25,17 @@ def key_matches(candidate: str | None, keys: Iterable[str]) -> bool:
     return ok
 
 
+def parse_users(entries: Iterable[str]) -> list[tuple[str, str]]:
+    """`user:pass` entries (A1111's --api-auth "u1:p1,u2:p2")."""
+    users = []
+    for entry in entries:
+        user, sep, password = entry.partition(":")
+        if not sep or not user:
+            raise ValueError(f"--api-auth entries look like user:password, not {entry!r}")
+        users.append((user, password))
+    return users
+
+
 def _is_public(scope: Scope) -> bool:
     path = scope["path"]
     if path in PUBLIC_PATHS or path.startswith("/ui/"):
@@ -29,28 +44,37 @@ def _is_public(scope: Scope) -> bool:
     return path == "/" and scope["method"] == "GET" and b"prompt=" not in scope.get("query_string", b"")
 
 
-class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str], users: list[tuple[str, str]] | None = None) -> None:
         self.app = app
         self.keys = [k for k in keys if k]
+        self.users = [f"{u}:{p}" for u, p in users or []]
+
+    def _allowed(self, headers: dict[str, str]) -> bool:
+        auth = headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "basic" and self.users:
+            try:
+                return key_matches(base64.b64decode(value.strip()).decode("utf-8"), self.users)
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        token = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
+        return key_matches(token, self.keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or _is_public(scope):
+        if scope["type"] != "http" or not (self.keys or self.users) or _is_public(scope):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        token = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            token = auth[7:].strip()
-        if key_matches(token, self.keys):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self._allowed(headers):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({
-            "detail": "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
-        }).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="sdserve"'),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        path = scope["path"]
+        if path.startswith("/sdapi/") and self.users:
+            message, challenge = "Incorrect username or password", 'Basic realm="sdserve"'
+        else:
+            message = "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            challenge = 'Bearer realm="sdserve"' if self.keys else 'Basic realm="sdserve"'
+        response = render(path, 401, message, headers={"WWW-Authenticate": challenge},
+                          error_type="invalid_api_key" if path.startswith("/v1/") else None)
+        await response(scope, receive, send)

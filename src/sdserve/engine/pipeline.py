@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from sdserve import __version__
 from sdserve.engine import infotext, samplers
@@ -63,6 +63,7 @@ class _Prepared:
     seed: int
     init_image: Image.Image | None
     mask: Image.Image | None
+    start_image: Image.Image | None  # what denoising starts from: the init image, maybe pre-filled under the mask
 
 
 class Engine:
@@ -96,8 +97,16 @@ class Engine:
             sampler=resolved.sampler.name,
             schedule=resolved.schedule.name,
             cfg_scale=request.cfg_scale,
-            strength=request.strength if request.mode != "txt2img" else 0.0,
+            strength=self.effective_strength(request),
         )
+
+    @staticmethod
+    def effective_strength(request: GenerationRequest) -> float:
+        if request.mode == "txt2img":
+            return 0.0
+        if request.mode == "inpaint" and request.inpaint_fill == "noise":
+            return 1.0  # start the masked area from pure noise
+        return request.strength
 
     @staticmethod
     def _resolve_sampler(request: GenerationRequest) -> samplers.ResolvedSampler:
@@ -135,8 +144,8 @@ class Engine:
                 prompts.append(p.request.prompt)
                 negatives.append(p.request.negative_prompt)
                 generators.append(torch.Generator(device=gen_device).manual_seed(p.seed + i))
-                if p.init_image is not None:
-                    images.append(p.init_image)
+                if p.start_image is not None:
+                    images.append(p.start_image)
                 if p.mask is not None:
                     masks.append(p.mask)
 
@@ -185,13 +194,21 @@ class Engine:
         seed = request.with_seed().seed
         init = mask = None
         try:
+            size = (key.width, key.height)
             if request.init_image is not None:
-                init = decode_image(request.init_image).convert("RGB").resize((key.width, key.height), Image.LANCZOS)
+                init = decode_image(request.init_image).convert("RGB")
+                init = ImageOps.fit(init, size, Image.LANCZOS) if request.resize_mode == "crop" else init.resize(size, Image.LANCZOS)
             if request.mask is not None:
-                mask = _binary_mask(decode_image(request.mask), (key.width, key.height), request.mask_blur)
+                source = decode_image(request.mask)
+                if request.resize_mode == "crop":
+                    source = ImageOps.fit(source, size, Image.NEAREST)
+                mask = _binary_mask(source, size, request.mask_blur, request.mask_invert)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
-        return _Prepared(request, key.width, key.height, seed, init, mask)
+        start = init
+        if init is not None and mask is not None and request.inpaint_fill in ("fill", "nothing"):
+            start = _prefill(init, mask, request.inpaint_fill)
+        return _Prepared(request, key.width, key.height, seed, init, mask, start)
 
     @staticmethod
     def _infotext(
@@ -214,13 +231,40 @@ class Engine:
         return infotext.build(r.prompt, r.negative_prompt, params)
 
 
-def _binary_mask(mask: Image.Image, size: tuple[int, int], blur: int) -> Image.Image:
+def _binary_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool = False) -> Image.Image:
     """A1111's mask convention: white (or opaque alpha on a transparent image) = repaint."""
     if mask.mode in ("RGBA", "LA") and mask.getextrema()[-1][0] < 255:
         gray = mask.getchannel("A")
     else:
         gray = mask.convert("L")
     gray = gray.resize(size, Image.NEAREST).point(lambda v: 255 if v >= 128 else 0)
+    if invert:
+        gray = ImageOps.invert(gray)
     if blur > 0:
         gray = gray.filter(ImageFilter.GaussianBlur(blur))
     return gray
+
+
+def _prefill(init: Image.Image, mask: Image.Image, how: str) -> Image.Image:
+    """A1111's "fill" (colours from around the mask, heavily blurred) and "latent nothing" (flat grey)."""
+    if how == "nothing":
+        filler = Image.new("RGB", init.size, (127, 127, 127))
+    else:
+        # Blur the picture with the masked area left out, so only its surroundings bleed in.
+        hard = mask.point(lambda v: 255 if v > 0 else 0)
+        keep = ImageOps.invert(hard)
+        radius = max(init.size) // 8 or 1
+        colours = Image.composite(init, Image.new("RGB", init.size), keep).filter(ImageFilter.GaussianBlur(radius))
+        weight = keep.filter(ImageFilter.GaussianBlur(radius))
+        filler = Image.fromarray(_normalise(colours, weight))
+    return Image.composite(filler, init, mask)
+
+
+def _normalise(colours: Image.Image, weight: Image.Image):
+    import numpy as np
+
+    c = np.asarray(colours, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32)[..., None] / 255.0
+    mean = c.reshape(-1, 3).mean(axis=0)
+    out = np.where(w > 1e-3, c / np.maximum(w, 1e-3), mean)
+    return np.clip(out, 0, 255).astype(np.uint8)

@@ -1,0 +1,353 @@
+"""AUTOMATIC1111 `/sdapi/v1`: translate to canonical requests, submit to the one queue, answer in A1111's shapes.
+
+Unlike A1111, requests are queued fairly and batched with every other client's, and `/interrupt`
+stops only the A1111 request that is running, not whatever else the GPU is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import threading
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel
+
+from sdserve.api.deps import ServiceDep
+from sdserve.engine import infotext as infotext_mod
+from sdserve.engine import samplers
+from sdserve.engine.models import ModelInfo, UnknownModelError
+from sdserve.images import ImageDecodeError, decode_image, read_infotext
+from sdserve.protocols import a1111 as proto
+from sdserve.schema import JobStatus
+from sdserve.service import RequestRejected, Service
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+SOURCE = "a1111"
+
+
+class A1111State:
+    """A1111's global options (persisted like its config.json) and the A1111 requests in flight."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.path = service.settings.data_dir / "a1111-options.json"
+        self.lock = threading.Lock()
+        self.options: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+                                        "enable_pnginfo": True, "return_grid": False}
+        try:
+            self.options.update(json.loads(self.path.read_text()))
+        except (OSError, ValueError):
+            pass
+        saved = self.options.get("sd_model_checkpoint")
+        if saved:
+            try:
+                service.default_model = service.registry.info(saved).name
+            except UnknownModelError:
+                pass
+        self.groups: list[list[str]] = []  # job ids of each A1111 call in flight, oldest first
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.options, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _state(request: Request) -> A1111State:
+    return request.app.state.a1111
+
+
+def title(service: Service, info: ModelInfo) -> str:
+    short = service.registry.short_hash(info)
+    return f"{info.filename} [{short}]" if short else info.filename
+
+
+async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service) -> dict[str, Any]:
+    try:
+        canonical = proto.to_requests(body)
+    except proto.TranslationError as exc:
+        return JSONResponse({"error": "HTTPException", "detail": str(exc), "errors": str(exc)}, status_code=exc.status)
+    ignored = proto.ignored_fields(body)
+    state = _state(request)
+    await asyncio.to_thread(service.validate, canonical[0])  # the others differ only in seed: none is queued if it is bad
+    jobs = [(await service.submit_async(r, source=SOURCE))[0] for r in canonical]
+    group = [job.id for job in jobs]
+    with state.lock:
+        state.groups.append(group)
+    try:
+        done = await asyncio.gather(*(service.wait(job_id) for job_id in group))
+    finally:
+        with state.lock:
+            state.groups.remove(group)
+    failed = [j for j in done if j.status is JobStatus.failed]
+    if failed:
+        status = 422 if failed[0].error_kind == "invalid" else 500
+        return JSONResponse({"error": "GenerationError", "detail": failed[0].error, "errors": failed[0].error},
+                            status_code=status)
+    images, seeds, texts = [], [], []
+    width = height = 0
+    for job in done:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
+        for ref in job.images:
+            png = service.images.get(ref.id) or b""
+            with Image.open(io.BytesIO(png)) as im:
+                width, height = im.size
+                texts.append(read_infotext(im) or "")
+            images.append(base64.b64encode(png).decode())
+            seeds.append(ref.seed)
+    model = service.registry.info(done[0].request.model)
+    info = proto.info_json(
+        body, seeds=seeds, infotexts=texts, width=width or (body.width or 0), height=height or (body.height or 0),
+        model_name=model.name, model_hash=service.registry.short_hash(model),
+        sampler=samplers.resolve(canonical[0].sampler, canonical[0].scheduler).sampler.name, ignored=ignored,
+    )
+    headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else None
+    payload = {"images": images if body.send_images else [], "parameters": proto.echo_parameters(body), "info": info}
+    return JSONResponse(payload, headers=headers)
+
+
+@router.post("/txt2img", summary="A1111 txt2img: {images, parameters, info}")
+async def txt2img(body: proto.Txt2ImgRequest, request: Request, service: ServiceDep) -> Any:
+    return await generate(body, request, service)
+
+
+@router.post("/img2img", summary="A1111 img2img and inpainting (mask: white = repaint)")
+async def img2img(body: proto.Img2ImgRequest, request: Request, service: ServiceDep) -> Any:
+    return await generate(body, request, service)
+
+
+@router.get("/progress", summary="A1111 progress of the A1111 request running now")
+async def progress(request: Request, service: ServiceDep, skip_current_image: bool = False) -> dict[str, Any]:
+    state = _state(request)
+    with state.lock:
+        groups = [list(g) for g in state.groups]
+    running = {job.id: job for job in await asyncio.to_thread(service.queue.running) if job.source == SOURCE}
+    current = next((g for g in groups if any(j in running for j in g)), None)
+    if current is None and running:
+        current = [next(iter(running))]
+    idle_state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+                  "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if current is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": idle_state, "current_image": None, "textinfo": None}
+    jobs = [await asyncio.to_thread(service.queue.get, job_id) for job_id in current]
+    job_no = next((i for i, j in enumerate(jobs) if j.status is JobStatus.running), 0)
+    active = jobs[job_no]
+    value = proto.progress_value(job_no, len(jobs), active.step, active.steps)
+    eta = sum((j.eta_s or 0) for j in jobs[job_no:] if not j.status.terminal)
+    return {
+        "progress": value,
+        "eta_relative": eta,
+        "state": {**idle_state, "job": f"task({active.id})", "job_count": len(jobs), "job_no": job_no,
+                  "job_timestamp": active.created_at.strftime("%Y%m%d%H%M%S"),
+                  "sampling_step": active.step, "sampling_steps": active.steps},
+        "current_image": None,
+        "textinfo": f"Step {active.step}/{active.steps}",
+    }
+
+
+async def _cancel_a1111(request: Request, service: Service, whole_call: bool) -> None:
+    state = _state(request)
+    with state.lock:
+        groups = [list(g) for g in state.groups]
+    running = [job for job in await asyncio.to_thread(service.queue.running) if job.source == SOURCE]
+    targets: set[str] = {job.id for job in running}
+    if whole_call:  # interrupt: the rest of that call's iterations too
+        for group in groups:
+            if targets & set(group):
+                targets.update(group)
+    for job_id in targets:
+        try:
+            await asyncio.to_thread(service.queue.cancel, job_id)
+        except Exception:  # already ended: nothing to stop
+            pass
+
+
+@router.post("/interrupt", summary="Stop the A1111 request running now (all its iterations)")
+async def interrupt(request: Request, service: ServiceDep) -> dict:
+    await _cancel_a1111(request, service, whole_call=True)
+    return {}
+
+
+@router.post("/skip", summary="Skip the image batch running now; the call's next iteration goes on")
+async def skip(request: Request, service: ServiceDep) -> dict:
+    await _cancel_a1111(request, service, whole_call=False)
+    return {}
+
+
+@router.get("/options", summary="A1111 options")
+async def get_options(request: Request, service: ServiceDep) -> dict[str, Any]:
+    state = _state(request)
+    info = await asyncio.to_thread(service.registry.info, service.default_model)
+    with state.lock:
+        options = dict(state.options)
+    options["sd_model_checkpoint"] = title(service, info)
+    options["sd_checkpoint_hash"] = service.registry.sha256(info)
+    return options
+
+
+@router.post("/options", summary="Set A1111 options; sd_model_checkpoint switches the model for later jobs")
+async def set_options(body: dict[str, Any], request: Request, service: ServiceDep) -> Any:
+    state = _state(request)
+    if "sd_model_checkpoint" in body:
+        try:
+            info = await asyncio.to_thread(service.registry.info, str(body["sd_model_checkpoint"]))
+        except UnknownModelError as exc:
+            return JSONResponse({"error": "RuntimeError", "detail": str(exc), "errors": str(exc)}, status_code=422)
+        service.default_model = info.name
+    with state.lock:
+        state.options.update(body)
+        if "sd_model_checkpoint" in body:
+            state.options["sd_model_checkpoint"] = info.name
+        state.save()
+    return None
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(service: ServiceDep) -> dict[str, Any]:
+    s = service.settings
+    return {"api": True, "nowebui": False, "listen": s.host != "127.0.0.1", "port": s.port,
+            "ckpt_dir": str(s.models_dir), "data_dir": str(s.data_dir), "device": s.device}
+
+
+@router.get("/sd-models", summary="Checkpoints: title `file [hash]`, model_name, hash, sha256, filename")
+async def sd_models(service: ServiceDep) -> list[dict[str, Any]]:
+    def describe() -> list[dict[str, Any]]:
+        out = []
+        for info in service.registry.list():
+            if info.kind == "pickle" and not service.registry.allow_pickle:
+                continue
+            sha = service.registry.sha256(info)
+            out.append({"title": title(service, info), "model_name": info.name, "hash": sha[:10] if sha else None,
+                        "sha256": sha, "filename": info.source, "config": None})
+        return out
+
+    return await asyncio.to_thread(describe)
+
+
+@router.post("/refresh-checkpoints", summary="Rescan the models folder")
+async def refresh_checkpoints(service: ServiceDep) -> None:
+    await asyncio.to_thread(service.registry.refresh)
+
+
+@router.get("/samplers")
+async def sampler_list() -> list[dict[str, Any]]:
+    return [{"name": s.name, "aliases": list(s.aliases),
+             "options": {"scheduler": s.default_schedule} if s.default_schedule != "automatic" else {}}
+            for s in samplers.SAMPLERS]
+
+
+@router.get("/schedulers")
+async def scheduler_list() -> list[dict[str, Any]]:
+    rho = {"karras": 7.0}
+    return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None,
+             "default_rho": rho.get(s.name, -1), "need_inner_model": False} for s in samplers.SCHEDULES]
+
+
+@router.get("/upscalers")
+async def upscalers() -> list[dict[str, Any]]:
+    # Only the plain resamplers: no upscaler models are loaded (hires fix is not supported yet).
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for n in ("None", "Lanczos", "Nearest")]
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes() -> list[dict[str, str]]:
+    return []
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+@router.post("/png-info", summary="Read the infotext of an image: {info, items, parameters}")
+async def png_info(body: PngInfoRequest) -> Any:
+    try:
+        image = decode_image(body.image)
+    except ImageDecodeError as exc:
+        raise RequestRejected(str(exc), "image") from None
+    text = read_infotext(image) or ""
+    items = {k: str(v) for k, v in image.info.items() if isinstance(v, (str, int, float)) and k != "parameters"}
+    return {"info": text, "items": items, "parameters": infotext_mod.parse(text) if text else {}}
+
+
+@router.get("/memory")
+async def memory() -> dict[str, Any]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    result: dict[str, Any] = {"ram": {"free": free, "used": total - free, "total": total}}
+    import torch
+
+    if torch.cuda.is_available():
+        free_c, total_c = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        result["cuda"] = {
+            "system": {"free": free_c, "used": total_c - free_c, "total": total_c},
+            "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
+            "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
+                          "peak": stats.get("allocated_bytes.all.peak", 0)},
+            "reserved": {"current": stats.get("reserved_bytes.all.current", 0),
+                         "peak": stats.get("reserved_bytes.all.peak", 0)},
+            "inactive": {"current": stats.get("inactive_split_bytes.all.current", 0),
+                         "peak": stats.get("inactive_split_bytes.all.peak", 0)},
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+        }
+    else:
+        result["cuda"] = {"error": "CUDA is not available on this server"}
+    return result
+
+
+# Lists of features this server does not have: real, empty answers so clients that probe them work.
+@router.get("/loras")
+async def loras() -> list:
+    return []
+
+
+@router.post("/refresh-loras")
+async def refresh_loras() -> None:
+    return None
+
+
+@router.get("/sd-vae")
+async def sd_vae() -> list:
+    return []
+
+
+@router.get("/scripts")
+async def scripts() -> dict[str, list]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/embeddings")
+async def embeddings() -> dict[str, dict]:
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.get("/hypernetworks")
+async def hypernetworks() -> list:
+    return []
+
+
+@router.get("/face-restorers")
+async def face_restorers() -> list:
+    return []
+
+
+@router.get("/realesrgan-models")
+async def realesrgan_models() -> list:
+    return []
+
+
+@router.get("/prompt-styles")
+async def prompt_styles() -> list:
+    return []
+
+
+@router.get("/extensions")
+async def extensions() -> list:
+    return []

@@ -1,0 +1,247 @@
+"""AUTOMATIC1111 `/sdapi/v1` wire format (field names and defaults of A1111 v1.9/1.10)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdserve import __version__
+from sdserve.schema import GenerationRequest, random_seed
+
+DEFAULT_SAMPLER = "Euler"  # `sampler_name or sampler_index`, and sampler_index defaults to "Euler"
+MAX_IMAGES_PER_CALL = 64  # batch_size x n_iter
+
+
+class TranslationError(ValueError):
+    """The A1111 request cannot be expressed here (e.g. an image URL); the message says what to send."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+
+class Txt2ImgRequest(BaseModel):
+    """StableDiffusionTxt2ImgProcessingAPI. Unknown keys are accepted (A1111 clients send many) and reported."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = DEFAULT_SAMPLER
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = 50
+    cfg_scale: float = 7.0
+    # A1111's API says 512; here a width/height left out takes the model's native size (512 for SD 1.x).
+    width: int | None = None
+    height: int | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    save_images: bool = False
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "noise", 3: "nothing"}
+
+
+def ignored_fields(body: Txt2ImgRequest) -> list[str]:
+    """Fields set to something that would change A1111's output, which this server does not do."""
+    ignored = []
+
+    def note(name: str, active: bool) -> None:
+        if active:
+            ignored.append(name)
+
+    note("enable_hr", body.enable_hr)
+    note("restore_faces", bool(body.restore_faces))
+    note("tiling", bool(body.tiling))
+    note("styles", bool(body.styles))
+    note("subseed_strength", body.subseed_strength > 0)
+    note("seed_resize_from_w", body.seed_resize_from_w > 0)
+    note("seed_resize_from_h", body.seed_resize_from_h > 0)
+    note("script_name", bool(body.script_name))
+    note("alwayson_scripts", any(v for v in body.alwayson_scripts.values()))
+    note("refiner_checkpoint", bool(body.refiner_checkpoint))
+    note("s_churn", bool(body.s_churn))
+    note("s_noise", body.s_noise not in (None, 1, 1.0))
+    note("eta", body.eta not in (None, 0, 1))
+    note("infotext", bool(body.infotext))
+    for key, value in (body.override_settings or {}).items():
+        note(f"override_settings.{key}", key != "sd_model_checkpoint" and value is not None)
+    if isinstance(body, Img2ImgRequest):
+        note("init_images[1:]", len(body.init_images or []) > 1)
+        note("resize_mode", body.resize_mode not in (0, 1))
+        note("inpaint_full_res", body.mask is not None and body.inpaint_full_res)
+        note("image_cfg_scale", body.image_cfg_scale not in (None, 1.5))
+        note("latent_mask", bool(body.latent_mask))
+    for key, value in (body.model_extra or {}).items():
+        note(key, value not in (None, False, 0, "", [], {}))
+    return ignored
+
+
+def _snap(value: int | None) -> int | None:
+    # A1111 floors sizes to the latent grid rather than refusing them.
+    return None if value is None else max(64, value - value % 8)
+
+
+def to_requests(body: Txt2ImgRequest) -> list[GenerationRequest]:
+    """One canonical request per n_iter; each of batch_size images. Image i overall uses seed + i, as A1111."""
+    if body.batch_size * body.n_iter > MAX_IMAGES_PER_CALL:
+        raise TranslationError(f"batch_size x n_iter is {body.batch_size * body.n_iter}; at most "
+                               f"{MAX_IMAGES_PER_CALL} images per call", "batch_size", 422)
+    seed = body.seed if body.seed >= 0 else random_seed()
+    common: dict[str, Any] = dict(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=(body.override_settings or {}).get("sd_model_checkpoint"),
+        width=_snap(body.width),
+        height=_snap(body.height),
+        steps=body.steps,
+        cfg_scale=body.cfg_scale,
+        sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
+        scheduler=body.scheduler or "automatic",
+        n=body.batch_size,
+    )
+    if isinstance(body, Img2ImgRequest):
+        if not body.init_images:
+            raise TranslationError("init_images is required: a list with one base64 image", "init_images", 422)
+        for field, value in (("init_images", body.init_images[0]), ("mask", body.mask)):
+            if isinstance(value, str) and value.strip().startswith(("http://", "https://")):
+                raise TranslationError(
+                    f"{field}: image URLs are not fetched by this server; send the image as base64 or a data URL",
+                    field,
+                )
+        common.update(
+            init_image=body.init_images[0],
+            mask=body.mask,
+            strength=body.denoising_strength if body.denoising_strength is not None else 0.75,
+            mask_blur=body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y),
+            mask_invert=bool(body.inpainting_mask_invert),
+            inpaint_fill=INPAINTING_FILL.get(body.inpainting_fill, "original"),
+            resize_mode="crop" if body.resize_mode == 1 else "resize",
+        )
+    return [GenerationRequest(**common, seed=seed + k * body.batch_size) for k in range(body.n_iter)]
+
+
+def echo_parameters(body: Txt2ImgRequest) -> dict[str, Any]:
+    """The request as A1111 echoes it in `parameters` (without input images unless asked)."""
+    data = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        data["init_images"] = None
+        data["mask"] = None
+    return data
+
+
+def info_json(
+    body: Txt2ImgRequest, *, seeds: list[int], infotexts: list[str], width: int, height: int, model_name: str,
+    model_hash: str | None, sampler: str, ignored: list[str],
+) -> str:
+    """`info`: a JSON *string*, as A1111 returns it (clients json.loads it)."""
+    n = len(seeds)
+    info = {
+        "prompt": body.prompt,
+        "all_prompts": [body.prompt] * n,
+        "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [body.negative_prompt] * n,
+        "seed": seeds[0] if seeds else body.seed,
+        "all_seeds": seeds,
+        "subseed": body.subseed,
+        "all_subseeds": [body.subseed] * n,
+        "subseed_strength": body.subseed_strength,
+        "width": width,
+        "height": height,
+        "sampler_name": sampler,
+        "cfg_scale": body.cfg_scale,
+        "steps": body.steps,
+        "batch_size": body.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model_name,
+        "sd_model_hash": model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": body.denoising_strength,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"sdserve {__version__}",
+        "ignored_fields": ignored,
+    }
+    return json.dumps(info)
+
+
+def progress_value(job_no: int, job_count: int, step: int, steps: int) -> float:
+    """A1111's formula: 0.01 + job_no/job_count + (1/job_count) * (step/steps), capped at 1."""
+    if job_count == 0:
+        return 0.0
+    return min(1.0, 0.01 + job_no / job_count + (1 / job_count) * (step / steps if steps else 0))
