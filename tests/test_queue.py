@@ -106,7 +106,8 @@ def test_succeed_records_images_and_progress(queue):
 
 
 def test_eta_uses_measured_speed(queue):
-    first, second = submit(queue, "a", steps=10), submit(queue, "b", steps=10)
+    submit(queue, "a", steps=10)
+    second = submit(queue, "b", steps=10)
     assert queue.get(second.id).eta_s is None  # nothing measured yet
     queue.record_speed(0.1)
     assert queue.get(second.id).eta_s == pytest.approx(2.0)  # 10 steps ahead + its own 10

@@ -12,7 +12,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
