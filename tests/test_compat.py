@@ -112,7 +112,7 @@ def test_webuiapi_lists(a1111):
 
 def test_webuiapi_progress_while_running_then_interrupt(a1111):
     out: dict = {}
-    worker = threading.Thread(target=lambda: out.update(r=a1111.txt2img(prompt="long", width=64, height=64, steps=150,
+    worker = threading.Thread(target=lambda: out.update(r=a1111.txt2img(prompt="long", width=256, height=256, steps=150,
                                                                          seed=5)))
     worker.start()
     deadline = time.monotonic() + 60

@@ -16,7 +16,7 @@ from PIL import Image
 from sdserve.engine import infotext
 from server import ServerProcess, wait_for
 
-BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1}  # ~7 s on this CPU: keeps the runner busy
+BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1, "width": 256, "height": 256}  # seconds of work: keeps the runner busy
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,8 @@ def test_cancel_queued_and_running(client):
 
 def test_queue_position_and_priority(client):
     blocker = start_blocker(client)
-    low = client.post("/api/v1/jobs", json={"prompt": "low", "steps": 2}).json()
+    # Different shapes, so they cannot share a batch and the order shows.
+    low = client.post("/api/v1/jobs", json={"prompt": "low", "steps": 3}).json()
     high = client.post("/api/v1/jobs", json={"prompt": "high", "steps": 2, "priority": 10}).json()
     assert client.get(f"/api/v1/jobs/{low['id']}").json()["queue_position"] == 1
     assert client.get(f"/api/v1/jobs/{high['id']}").json()["queue_position"] == 0

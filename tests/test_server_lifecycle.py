@@ -6,7 +6,7 @@ import httpx
 
 from server import ServerProcess, wait_for
 
-BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1}
+BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1, "width": 256, "height": 256}
 
 
 def test_full_queue_is_429_with_retry_after(models_dir, tmp_path):
@@ -62,7 +62,7 @@ def test_api_keys_from_environment(models_dir, tmp_path):
 def test_sigterm_finishes_running_job_and_queued_jobs_resume_after_restart(models_dir, tmp_path):
     server = ServerProcess(models_dir, tmp_path).start()
     with server.client() as c:
-        running = c.post("/api/v1/jobs", json={"prompt": "r", "steps": 40}).json()["id"]
+        running = c.post("/api/v1/jobs", json={"prompt": "r", "steps": 40, "width": 256, "height": 256}).json()["id"]
         wait_for(c, running, ("running",))
         queued = [c.post("/api/v1/jobs", json={"prompt": f"q{i}", "steps": 2}).json()["id"] for i in range(5)]
     # uvicorn re-raises SIGTERM after its clean shutdown, so the exit status is -15 either way.
@@ -82,7 +82,7 @@ def test_sigterm_finishes_running_job_and_queued_jobs_resume_after_restart(model
 def test_crash_while_running_reruns_the_job(models_dir, tmp_path):
     server = ServerProcess(models_dir, tmp_path).start()
     with server.client() as c:
-        job_id = c.post("/api/v1/jobs", json={"prompt": "crash", "steps": 150}).json()["id"]
+        job_id = c.post("/api/v1/jobs", json={**BLOCKER, "prompt": "crash"}).json()["id"]
         wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
     server.kill()  # SIGKILL: no chance to clean up
     restarted = ServerProcess(models_dir, tmp_path).start()
@@ -102,7 +102,7 @@ def test_job_that_keeps_crashing_fails_after_three_attempts(models_dir, tmp_path
         server = ServerProcess(models_dir, tmp_path).start()
         with server.client() as c:
             if job_id is None:
-                job_id = c.post("/api/v1/jobs", json={"prompt": "poison", "steps": 150}).json()["id"]
+                job_id = c.post("/api/v1/jobs", json={**BLOCKER, "prompt": "poison"}).json()["id"]
             wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
         server.kill()
     server = ServerProcess(models_dir, tmp_path).start()

@@ -161,6 +161,13 @@ def serve(
         typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
     ] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Images per UNet pass (1 = serial). Default: 16 on CPU, 8 on GPU. "
+                                    "[env: SDSERVE_MAX_BATCH]"),
+    ] = None,
+    batch_wait_ms: Annotated[
+        Optional[float], typer.Option(help="How long a batch waits for companions. [env: SDSERVE_BATCH_WAIT_MS]"),
+    ] = None,
     allow_pickle: AllowPickle = None,
     sagemaker: Annotated[
         Optional[bool],
@@ -176,7 +183,7 @@ def serve(
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
-        sagemaker=sagemaker,
+        sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="Queued jobs before submissions get 429.")
     job_timeout_s: float | None = Field(600.0, gt=0, description="Default per-job limit, waiting plus running.")
     shutdown_grace_s: float = Field(25.0, ge=0, description="On SIGTERM, time to finish the running batch.")
+    max_batch: int | None = Field(None, ge=1, le=64, description="Images per UNet pass; default by device.")
+    batch_wait_ms: float = Field(20.0, ge=0, le=5000, description="How long a batch waits for companions.")
+    engine: Literal["diffusers", "noop"] = Field("diffusers", description="noop: no generation, for benchmarks.")
 
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
     max_size: int = Field(2048, ge=64, le=2048)

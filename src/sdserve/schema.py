@@ -101,3 +101,5 @@ class Job(BaseModel):
     error: str | None = None
     error_kind: str | None = Field(None, description="invalid | timeout | canceled | internal")
     images: list[ImageRef] = Field(default_factory=list)
+    batch_id: str | None = Field(None, description="Jobs run in the same UNet pass share this id.")
+    batch_images: int | None = Field(None, description="Images in that pass, this job's and its companions'.")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from sdserve.config import Settings
 from sdserve.engine import samplers
 from sdserve.engine.models import ModelRegistry, UnknownModelError
+from sdserve.engine.noop import NoopEngine
 from sdserve.engine.pipeline import Engine
+from sdserve.jobs.batcher import default_max_batch
 from sdserve.images import ImageDecodeError, decode_image
 from sdserve.jobs.local import SQLiteJobQueue
 from sdserve.jobs.queue import JobQueue
@@ -50,7 +52,7 @@ class Service:
             settings.models_dir, settings.data_dir, extra=settings.models, device=settings.device,
             allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models,
         )
-        self.engine = Engine(self.registry)
+        self.engine = NoopEngine(self.registry) if settings.engine == "noop" else Engine(self.registry)
         self.queue: JobQueue = SQLiteJobQueue(
             settings.data_dir / "jobs.db", max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
         )
@@ -58,7 +60,11 @@ class Service:
         # The model a request without one gets. A1111's options POST changes it for later jobs only:
         # each job pins its model when it is accepted, so a switch never races a running job.
         self.default_model: str | None = settings.models[0] if settings.models else None
-        self.runner = Runner(self.engine, self.queue, self.images, default_model=settings.models[0] if settings.models else None)
+        self.runner = Runner(
+            self.engine, self.queue, self.images, default_model=settings.models[0] if settings.models else None,
+            max_batch=settings.max_batch or default_max_batch(self.registry.device),
+            batch_wait_s=settings.batch_wait_ms / 1000,
+        )
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

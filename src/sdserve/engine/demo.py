@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 MARKER = "sdserve-demo.json"
 
 
@@ -34,10 +34,12 @@ def _byte_vocab() -> tuple[dict[str, int], list[str]]:
 
 
 def build_tiny_pipeline(seed: int = 0):
-    """A tiny SD pipeline (UNet 32/64, VAE 32/64, CLIP hidden 32 x 5 layers) with seeded random weights.
+    """A tiny SD pipeline (UNet 32/64, VAE 32/32/64/64, CLIP hidden 32 x 5 layers) with seeded random weights.
 
-    Attention sits only on the lower-resolution UNet level: at full latent resolution it would
-    grow with the square of the pixel count.
+    The VAE has SD's four levels, so the latent is 1/8 of the image side as in every SD model
+    (64x64 pixels -> 8x8 latent, like 512x512 -> 64x64). Attention sits only on the
+    lower-resolution UNet level: at full latent resolution it would grow with the square of
+    the pixel count.
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -53,7 +55,7 @@ def build_tiny_pipeline(seed: int = 0):
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=32,
+        sample_size=8,  # latent side: 64 px / 8
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -63,11 +65,11 @@ def build_tiny_pipeline(seed: int = 0):
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 32, 64, 64),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         sample_size=64,
     )

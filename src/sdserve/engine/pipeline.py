@@ -38,6 +38,7 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     infotext: str
+    pixels: Any = None  # float32 HxWx3 in 0..1, before 8-bit rounding (and before the inpaint overlay)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class Engine:
     @property
     def device(self) -> str:
         return self.registry.device
+
+    def warm_up(self, model: str | None) -> None:
+        """Load the model before the first job, so readiness means "can generate now"."""
+        self.registry.load(model)
 
     def resolve_size(self, request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
         """Width and height: as given, else the init image's size (multiple of 8), else the model's native size."""
@@ -156,7 +161,7 @@ class Engine:
             "guidance_scale": key.cfg_scale,
             "generator": generators,
             "num_images_per_prompt": 1,
-            "output_type": "pil",
+            "output_type": "np",  # floats: converted to PIL here, so the exact values stay inspectable
         }
         if key.mode == "txt2img":
             kwargs.update(width=key.width, height=key.height)
@@ -181,12 +186,13 @@ class Engine:
         for p in prepared:
             own: list[GeneratedImage] = []
             for i in range(p.request.n):
-                image = output[row]
+                pixels = output[row]
+                image = Image.fromarray((pixels * 255).round().clip(0, 255).astype("uint8"))
                 row += 1
                 if p.mask is not None and p.init_image is not None:
                     # A1111's overlay: outside the (blurred) mask, the original pixels are pasted back unchanged.
                     image = Image.composite(image, p.init_image, p.mask)
-                own.append(GeneratedImage(image, p.seed + i, self._infotext(p, i, key, resolved, model)))
+                own.append(GeneratedImage(image, p.seed + i, self._infotext(p, i, key, resolved, model), pixels))
             results.append(own)
         return results
 

@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     images TEXT NOT NULL DEFAULT '[]',
     idem_key TEXT UNIQUE,
     idem_hash TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    batch_id TEXT,
+    batch_images INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 """
@@ -81,11 +83,19 @@ class SQLiteJobQueue:
         # could lose the last moments. FULL would fsync every submission.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancel: set[str] = set()
         self._seconds_per_step: float | None = None
+
+    def _migrate(self) -> None:
+        """Columns added after the first release of the table: add them to an older jobs.db in place."""
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -115,7 +125,7 @@ class SQLiteJobQueue:
             if self._seconds_per_step is not None:
                 eta = (ahead_steps + running_left + row["work"]) * self._seconds_per_step
         elif status is JobStatus.running and self._seconds_per_step is not None:
-            eta = max(0, steps - step) * self._seconds_per_step
+            eta = max(0, steps - step) * self._seconds_per_step * (row["batch_images"] or request.n)
         return Job(
             id=row["id"],
             status=status,
@@ -133,6 +143,8 @@ class SQLiteJobQueue:
             error=row["error"],
             error_kind=row["error_kind"],
             images=[ImageRef(**i) for i in json.loads(row["images"])],
+            batch_id=row["batch_id"],
+            batch_images=row["batch_images"],
         )
 
     def get(self, job_id: str) -> Job:
@@ -217,27 +229,41 @@ class SQLiteJobQueue:
         return self.mark_canceled(job_id)
 
     # ----- runner side -----------------------------------------------------------------------
-    def claim(self, select: Selector | None = None, wait_s: float = 0.5) -> list[Job]:
+    def claim(
+        self, select: Selector | None = None, wait_s: float = 0.5, linger_s: float = 0.0,
+        full: Callable[[Sequence[Job]], bool] | None = None,
+    ) -> list[Job]:
+        """Wait up to `wait_s` for work; then, while the selection is not `full`, up to `linger_s` more
+        for companions to arrive (a batch that waits a few ms can double its size)."""
         deadline = time.monotonic() + wait_s
         with self._lock:
+            chosen: list[Job] = []
+            linger_until: float | None = None
             while True:
                 rows = self._db.execute(
                     "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (CLAIM_WINDOW,)
                 ).fetchall()
                 if rows:
-                    break
+                    candidates = [self._to_job(r, with_position=False) for r in rows]
+                    chosen = list(select(candidates)) if select else candidates[:1]
+                    if linger_until is None:
+                        linger_until = time.monotonic() + linger_s
+                    if full is None or full(chosen) or time.monotonic() >= linger_until:
+                        break
+                    self._wakeup.wait(linger_until - time.monotonic())
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
                 self._wakeup.wait(remaining)
-            candidates = [self._to_job(r, with_position=False) for r in rows]
-            chosen = list(select(candidates)) if select else candidates[:1]
             now = time.time()
+            batch_id = uuid.uuid4().hex[:12]
             claimed = []
             for job in chosen:
                 self._db.execute(
-                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 WHERE id = ?",
-                    (now, job.id),
+                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
+                    "batch_images = ? WHERE id = ?",
+                    (now, batch_id, sum(j.request.n for j in chosen), job.id),
                 )
                 self._progress[job.id] = (0, job.request.steps)
                 claimed.append(self._to_job(self._row(job.id)))
@@ -255,7 +281,9 @@ class SQLiteJobQueue:
     def progress(self, job_id: str, step: int, steps: int) -> None:
         with self._lock:
             self._progress[job_id] = (step, steps)
-            eta = max(0, steps - step) * self._seconds_per_step if self._seconds_per_step else None
+            row = self._db.execute("SELECT batch_images FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            per_step = self._seconds_per_step * (row["batch_images"] or 1) if self._seconds_per_step and row else None
+            eta = max(0, steps - step) * per_step if per_step else None
         self.events.publish(job_id, {
             "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
             "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,

@@ -69,8 +69,11 @@ class JobQueue(Protocol):
     def retry_after_s(self) -> int: ...
 
     # --- runner side ---
-    def claim(self, select: Selector | None = None, wait_s: float = 0.5) -> list[Job]:
-        """Atomically move the selected queued jobs (default: the head) to running."""
+    def claim(
+        self, select: Selector | None = None, wait_s: float = 0.5, linger_s: float = 0.0,
+        full: Callable[[Sequence[Job]], bool] | None = None,
+    ) -> list[Job]:
+        """Atomically move the selected queued jobs (default: the head) to running, as one batch."""
 
     def cancel_requested(self, job_id: str) -> bool: ...
 

@@ -1,7 +1,9 @@
-"""The runner: one thread per device owns the pipeline, takes jobs from the queue and runs them.
+"""The runner: one thread per device owns the pipeline, takes batches from the queue and runs them.
 
 Generation happens here, never on the HTTP event loop. Each denoising step reports progress
-and is where cancellation, timeouts and shutdown are checked.
+and is where cancellation, timeouts and shutdown are checked. A job canceled or timed out in
+the middle of a batch is dropped at that step (it ends at once, and its images are never
+stored); its companions run on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from sdserve.engine.models import ModelError
 from sdserve.engine.pipeline import Cancelled, Engine, InvalidRequestError
 from sdserve.images import encode_png
+from sdserve.jobs import batcher
 from sdserve.jobs.queue import JobQueue
 from sdserve.schema import ImageRef, Job
 from sdserve.storage.local import LocalImageStore
@@ -22,27 +25,26 @@ log = logging.getLogger(__name__)
 
 
 class _Stop(Cancelled):
-    """Shutdown ran out of grace time: put the job back for the next start."""
-
-
-class _TimedOut(Cancelled):
-    pass
+    """Shutdown ran out of grace time: put the batch back for the next start."""
 
 
 class Runner:
     def __init__(
         self, engine: Engine, queue: JobQueue, images: LocalImageStore, *, default_model: str | None = None,
+        max_batch: int = 1, batch_wait_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.queue = queue
         self.images = images
         self.default_model = default_model
+        self.max_batch = max(1, max_batch)
+        self.batch_wait_s = max(0.0, batch_wait_s)
         self.ready = False
         self.load_error: str | None = None
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
-        self.current: list[Job] = []
+        self.on_batch = None  # optional callback(images_in_batch) for metrics
 
     def start(self) -> None:
         self._thread.start()
@@ -57,7 +59,7 @@ class Runner:
 
     def _loop(self) -> None:
         try:
-            self.engine.registry.load(self.default_model)
+            self.engine.warm_up(self.default_model)
             self.ready = True
         except ModelError as exc:
             self.load_error = str(exc)
@@ -67,7 +69,12 @@ class Runner:
             try:
                 for job in self.queue.expire():
                     log.info("job %s timed out in the queue", job.id)
-                jobs = self.queue.claim(wait_s=0.25)
+                jobs = self.queue.claim(
+                    select=lambda candidates: batcher.select(candidates, self.max_batch),
+                    wait_s=0.25,
+                    linger_s=self.batch_wait_s if self.max_batch > 1 else 0.0,
+                    full=lambda chosen: batcher.images_in(chosen) >= self.max_batch,
+                )
                 if jobs:
                     self._run(jobs)
             except Exception:  # keep the runner alive whatever one batch does
@@ -75,10 +82,12 @@ class Runner:
                 time.sleep(0.5)
 
     def _run(self, jobs: Sequence[Job]) -> None:
-        self.current = list(jobs)
         deadlines = {job.id: self.queue.deadline(job.id) for job in jobs}
+        dropped: set[str] = set()
         started = time.monotonic()
         steps_done = 0
+        if self.on_batch is not None:
+            self.on_batch(batcher.images_in(jobs))
 
         def on_step(step: int, steps: int) -> None:
             nonlocal steps_done
@@ -87,42 +96,57 @@ class Runner:
                 raise _Stop()
             now = time.time()
             for job in jobs:
+                if job.id in dropped:
+                    continue
                 if self.queue.cancel_requested(job.id):
-                    raise Cancelled(job.id)
-                if deadlines[job.id] is not None and now > deadlines[job.id]:
-                    raise _TimedOut(job.id)
-                self.queue.progress(job.id, step, steps)
+                    dropped.add(job.id)
+                    self.queue.mark_canceled(job.id)
+                elif deadlines[job.id] is not None and now > deadlines[job.id]:
+                    dropped.add(job.id)
+                    limit = deadlines[job.id] - job.created_at.timestamp()
+                    self.queue.fail(job.id, f"timed out: its {limit:.0f} s limit (waiting and running) passed",
+                                    "timeout")
+                else:
+                    self.queue.progress(job.id, step, steps)
+            if len(dropped) == len(jobs):
+                raise Cancelled()  # nobody is left to generate for
+
+        def live() -> list[Job]:
+            return [job for job in jobs if job.id not in dropped]
 
         try:
             results = self.engine.run([job.request for job in jobs], on_step=on_step)
         except _Stop:
-            for job in jobs:
+            for job in live():
                 self.queue.requeue(job.id)
             return
-        except _TimedOut:
-            for job in jobs:
-                limit = deadlines[job.id] - job.created_at.timestamp() if deadlines[job.id] else 0
-                self.queue.fail(job.id, f"timed out: its {limit:.0f} s limit (waiting and running) passed", "timeout")
-            return
         except Cancelled:
-            for job in jobs:
+            for job in live():
                 self.queue.mark_canceled(job.id)
             return
         except (InvalidRequestError, ModelError) as exc:
-            for job in jobs:
+            if len(jobs) > 1:
+                # One bad request must not fail its companions: run each alone to find it.
+                for job in live():
+                    self._run([job])
+                return
+            for job in live():
                 self.queue.fail(job.id, str(exc), "invalid")
             return
         except Exception as exc:
             log.exception("generation failed for jobs %s", [j.id for j in jobs])
-            for job in jobs:
+            for job in live():
                 self.queue.fail(job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
-        finally:
-            self.current = []
         elapsed = time.monotonic() - started
         if steps_done:
-            self.queue.record_speed(elapsed / steps_done)
+            # Seconds per denoising step of one image, so ETAs scale with queued work.
+            self.queue.record_speed(elapsed / steps_done / max(1, batcher.images_in(jobs)))
         for job, generated in zip(jobs, results):
+            if job.id in dropped or self.queue.cancel_requested(job.id):
+                if job.id not in dropped:
+                    self.queue.mark_canceled(job.id)
+                continue
             refs = [
                 ImageRef(id=(image_id := self.images.put(encode_png(g.image, g.infotext))),
                          url=f"/api/v1/images/{image_id}", seed=g.seed)
