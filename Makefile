@@ -11,7 +11,10 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 # Extra flags for `make serve`, e.g.:  make serve ARGS='--model models/my.safetensors --port 8000'
 ARGS ?=
 
-.PHONY: install serve test clean
+# Extra flags for `make bench`, e.g.:  make bench BENCH_ARGS='throughput --size 512 --model models/sd15'
+BENCH_ARGS ?=
+
+.PHONY: install serve test bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +30,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -112,3 +112,21 @@ def test_eta_uses_measured_speed(queue):
     queue.record_speed(0.1)
     assert queue.get(second.id).eta_s == pytest.approx(2.0)  # 10 steps ahead + its own 10
     assert queue.get(second.id).queue_position == 1
+
+
+def test_in_memory_counts_match_the_table(queue, tmp_path):
+    """Depth and positions are kept in memory; every transition must keep them equal to the table."""
+    jobs = [submit(queue, str(i), priority=i % 2, steps=5) for i in range(4)]
+    assert [j.queue_position for j in jobs] == [0, 0, 2, 1]  # returned at submit: priority 1 jumps ahead
+    queue.claim(wait_s=0)                      # queued -> running
+    queue.cancel(jobs[2].id)                   # queued -> canceled
+    running = queue.running()[0]
+    queue.requeue(running.id)                  # running -> queued
+    assert queue.depth() == 3
+    table = queue._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+    assert table == 3
+    for job in queue.list(status="queued"):
+        fresh = queue.get(job.id).queue_position
+        assert fresh is not None
+    reopened = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
+    assert reopened.depth() == 3

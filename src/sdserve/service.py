@@ -17,6 +17,7 @@ from sdserve.engine.noop import NoopEngine
 from sdserve.engine.pipeline import Engine
 from sdserve.jobs.batcher import default_max_batch
 from sdserve.images import ImageDecodeError, decode_image
+from sdserve.jobs.events import END_EVENTS
 from sdserve.jobs.local import SQLiteJobQueue
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import Runner
@@ -130,12 +131,11 @@ class Service:
 
     async def wait(self, job_id: str) -> Job:
         """Until the job ends. Subscribes before reading, so the end cannot slip past unseen."""
-        with self.queue.events.subscribe(job_id) as events:
+        with self.queue.events.subscribe(job_id, END_EVENTS) as events:
             job = await asyncio.to_thread(self.queue.get, job_id)
-            while not job.status.terminal:
-                event = await events.get()
-                if event["type"] in ("succeeded", "failed", "canceled"):
-                    job = await asyncio.to_thread(self.queue.get, job_id)
+            if not job.status.terminal:
+                await events.get()
+                job = await asyncio.to_thread(self.queue.get, job_id)
             return job
 
     async def submit_async(

@@ -67,9 +67,16 @@ class _Prepared:
     start_image: Image.Image | None  # what denoising starts from: the init image, maybe pre-filled under the mask
 
 
+# Below this much work per denoising step (latent pixels x images), one CPU thread beats all of
+# them: OpenMP's fork/join per op costs more than it saves. Measured on a 2-core x86 machine:
+# 64x64 x1 image 201 ms with 1 thread vs 256 ms with 2; 64x64 x8 images 338 vs 249 ms.
+CPU_PARALLEL_MIN_WORK = 512
+
+
 class Engine:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
+        self._cpu_threads: int | None = None
 
     @property
     def device(self) -> str:
@@ -178,6 +185,8 @@ class Engine:
 
             kwargs["callback_on_step_end"] = callback
 
+        if model.device == "cpu":
+            self._set_cpu_threads(key, len(prompts), getattr(pipe, "vae_scale_factor", 8))
         with torch.inference_mode():
             output = pipe(**kwargs).images
 
@@ -195,6 +204,16 @@ class Engine:
                 own.append(GeneratedImage(image, p.seed + i, self._infotext(p, i, key, resolved, model), pixels))
             results.append(own)
         return results
+
+    def _set_cpu_threads(self, key: BatchKey, images: int, vae_scale: int) -> None:
+        import torch
+
+        if self._cpu_threads is None:
+            self._cpu_threads = torch.get_num_threads()  # what the process was given (OMP_NUM_THREADS or cores)
+        work = (key.width // vae_scale) * (key.height // vae_scale) * images
+        wanted = 1 if work < CPU_PARALLEL_MIN_WORK else self._cpu_threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _prepare(self, request: GenerationRequest, key: BatchKey) -> _Prepared:
         seed = request.with_seed().seed

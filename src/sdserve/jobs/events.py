@@ -7,15 +7,25 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 Event = dict[str, Any]
 log = logging.getLogger(__name__)
 
+END_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+
+
+@dataclass(eq=False)
+class _Subscription:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    types: frozenset[str] | None
+
 
 class EventBus:
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]]] = {}
+        self._subscribers: dict[str, set[_Subscription]] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._lock = threading.Lock()
 
@@ -31,21 +41,26 @@ class EventBus:
             except Exception:  # a broken listener must not break the job
                 log.exception("event listener failed")
         with self._lock:
-            targets = list(self._subscribers.get(job_id, ()))
-        for loop, queue in targets:
+            targets = [s for s in self._subscribers.get(job_id, ()) if s.types is None or event["type"] in s.types]
+        for sub in targets:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                # Each wake-up of the event loop from the runner thread costs a GIL hand-off, so only
+                # subscribers that asked for this type of event are woken.
+                sub.loop.call_soon_threadsafe(sub.queue.put_nowait, event)
             except RuntimeError:  # the subscriber's loop is closed: it went away
                 pass
 
     @contextmanager
-    def subscribe(self, job_id: str) -> Iterator[asyncio.Queue[Event]]:
-        """Subscribe before reading the job's current state, so no event slips between the two."""
-        entry = (asyncio.get_running_loop(), asyncio.Queue())
+    def subscribe(self, job_id: str, types: frozenset[str] | None = None) -> Iterator[asyncio.Queue[Event]]:
+        """Subscribe before reading the job's current state, so no event slips between the two.
+
+        `types` limits the events delivered (e.g. only the end); None delivers all.
+        """
+        entry = _Subscription(asyncio.get_running_loop(), asyncio.Queue(), types)
         with self._lock:
             self._subscribers.setdefault(job_id, set()).add(entry)
         try:
-            yield entry[1]
+            yield entry.queue
         finally:
             with self._lock:
                 subs = self._subscribers.get(job_id)

@@ -89,6 +89,10 @@ class SQLiteJobQueue:
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancel: set[str] = set()
         self._seconds_per_step: float | None = None
+        # Queued jobs per priority: (count, work). Kept in step with the table so that a submission's
+        # position and the queue-full check cost O(priorities), not a scan of the queue.
+        self._queued: dict[int, list[int]] = {}
+        self._recount()
 
     def _migrate(self) -> None:
         """Columns added after the first release of the table: add them to an older jobs.db in place."""
@@ -96,6 +100,17 @@ class SQLiteJobQueue:
         for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER")):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+
+    def _recount(self) -> None:
+        self._queued = {
+            prio: [count, work] for prio, count, work in self._db.execute(
+                "SELECT priority, COUNT(*), SUM(work) FROM jobs WHERE status = 'queued' GROUP BY priority")
+        }
+
+    def _count(self, priority: int, work: int, sign: int) -> None:
+        entry = self._queued.setdefault(priority, [0, 0])
+        entry[0] += sign
+        entry[1] += sign * work
 
     def close(self) -> None:
         with self._lock:
@@ -165,7 +180,7 @@ class SQLiteJobQueue:
 
     def depth(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+            return sum(count for count, _ in self._queued.values())
 
     def running(self) -> list[Job]:
         with self._lock:
@@ -205,13 +220,23 @@ class SQLiteJobQueue:
             now = time.time()
             timeout = timeout_s or request.timeout_s or self.default_timeout_s
             job_id = uuid.uuid4().hex
+            work = request.steps * request.n
             self._db.execute(
                 "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, idem_hash) "
                 "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request.priority, request.steps * request.n, request.model_dump_json(), source, now,
+                (job_id, request.priority, work, request.model_dump_json(), source, now,
                  now + timeout if timeout else None, idempotency_key, fingerprint),
             )
-            job = self._to_job(self._row(job_id))
+            # Ahead of a new job: every queued job of its priority or higher.
+            ahead = [entry for prio, entry in self._queued.items() if prio >= request.priority]
+            position, ahead_work = sum(e[0] for e in ahead), sum(e[1] for e in ahead)
+            self._count(request.priority, work, +1)
+            eta = None
+            if self._seconds_per_step is not None:
+                running_left = sum(max(0, n - s) for s, n in self._progress.values())
+                eta = round((ahead_work + running_left + work) * self._seconds_per_step, 2)
+            job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=position,
+                      steps=request.steps, eta_s=eta, created_at=_ts(now))
             self._wakeup.notify_all()
         self._publish("queued", job)
         return job, True
@@ -260,6 +285,7 @@ class SQLiteJobQueue:
             batch_id = uuid.uuid4().hex[:12]
             claimed = []
             for job in chosen:
+                self._count(job.request.priority, job.request.steps * job.request.n, -1)
                 self._db.execute(
                     "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
                     "batch_images = ? WHERE id = ?",
@@ -296,6 +322,9 @@ class SQLiteJobQueue:
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
         with self._lock:
+            before = self._db.execute("SELECT status, priority, work FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if before is not None and before["status"] == "queued":
+                self._count(before["priority"], before["work"], -1)
             sets = ", ".join(f"{k} = ?" for k in fields)
             self._db.execute(
                 f"UPDATE jobs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE id = ?",
@@ -318,6 +347,9 @@ class SQLiteJobQueue:
 
     def requeue(self, job_id: str) -> None:
         with self._lock:
+            row = self._row(job_id)
+            if row["status"] != "queued":
+                self._count(row["priority"], row["work"], +1)
             self._db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1) WHERE id = ?",
                 (job_id,),
@@ -335,6 +367,7 @@ class SQLiteJobQueue:
                 "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running' AND attempts < ?",
                 (MAX_ATTEMPTS,),
             ).rowcount
+            self._recount()
         for row in given_up:
             self.fail(
                 row["id"],
