@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from sdserve import __version__
 from sdserve.api import a1111, errors, native, ops, openai, sagemaker, simple
@@ -15,6 +17,8 @@ from sdserve.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from sdserve.api.security import AuthMiddleware, parse_users
 from sdserve.config import Settings
 from sdserve.service import Service
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
@@ -43,6 +47,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     errors.install(app)
     for module in (ops, native, a1111, openai, sagemaker, simple):
         app.include_router(module.router)
+    # The web UI: static files from the package, no build step, no CDN.
+    app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
 
     # Outermost first when reading bottom-up: metrics see every response, 401s and 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)

@@ -1,0 +1,311 @@
+"""The web UI in a real browser: Playwright driving Debian's Chromium against a real server with the demo model.
+
+Set SDSERVE_SCREENSHOTS=docs to save screenshots of the main screens there.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from server import ServerProcess, wait_for
+
+CHROMIUM = os.environ.get("SDSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium: apt-get install chromium (CI installs it)")
+SHOTS = os.environ.get("SDSERVE_SCREENSHOTS")
+# Chromium on a closed network: no background services that would try to phone home.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+LONG = {"steps": 150, "width": 256, "height": 256}
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc = ServerProcess(None, tmp_path_factory.mktemp("web"), "--model", "demo").start()
+    yield proc
+    proc.terminate()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def latest_card(page):
+    return page.locator("#jobs .card").first
+
+
+def submit_and_wait(page, status="succeeded", timeout=60_000):
+    before = page.locator("#jobs .card").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#jobs .card').length > {before}")
+    card = latest_card(page)
+    card.locator(f"xpath=self::*[@data-status='{status}']").wait_for(timeout=timeout)
+    return card
+
+
+def api_job(server, card) -> dict:
+    return httpx.get(f"{server.url}/api/v1/jobs/{card.get_attribute('data-job-id')}").json()
+
+
+def png_bytes(color=(200, 40, 40), size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    image = Image.new("RGB", size, color)
+    image.paste((40, 40, 200), (0, 0, size[0] // 2, size[1]))
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_input_has_a_label(page):
+    unlabeled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(el => el.type !== 'radio' || !el.closest('label'))
+        .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+        .map(el => el.id || el.name)""")
+    assert unlabeled == []
+
+
+def test_generate_shows_progress_and_the_image(page, server):
+    # Record every progress value the card shows, as pushed by Server-Sent Events.
+    page.evaluate("""() => { window.seen = [];
+        new MutationObserver(ms => ms.forEach(m => m.target.dataset && m.target.dataset.progress !== undefined
+            && window.seen.push(Number(m.target.dataset.progress))))
+          .observe(document.getElementById('jobs'), {subtree: true, attributes: true, attributeFilter: ['data-progress']}); }""")
+    page.fill("#prompt", "a red circle")
+    page.fill("#negative_prompt", "blue")
+    page.fill("#steps", "40")
+    page.select_option("#size-preset", "256x256")
+    page.fill("#seed", "1234")
+    card = submit_and_wait(page)
+    img = card.locator(".thumbs img").first
+    img.wait_for()
+    page.wait_for_function("() => document.querySelector('#jobs .card .thumbs img').naturalWidth > 0")
+    assert card.locator("progress").evaluate("p => p.value") == 1
+    assert card.locator(".progress-text").inner_text() == "40/40"
+    seen = page.evaluate("window.seen")
+    assert any(0 < v < 1 for v in seen) and seen[-1] == 1, seen
+    job = api_job(server, card)
+    assert job["request"]["negative_prompt"] == "blue" and job["images"][0]["seed"] == 1234
+    shot(page, "generate")
+
+
+def test_ctrl_enter_and_seed_buttons(page, server):
+    page.fill("#prompt", "keyboard")
+    page.fill("#steps", "4")
+    page.click("#seed-random")
+    assert page.input_value("#seed") == "-1"
+    before = page.locator("#jobs .card").count()
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function(f"document.querySelectorAll('#jobs .card').length > {before}")
+    latest_card(page).locator("xpath=self::*[@data-status='succeeded']").wait_for(timeout=60_000)
+    seed = api_job(server, latest_card(page))["images"][0]["seed"]
+    page.click("#seed-last")
+    assert page.input_value("#seed") == str(seed)
+
+
+def test_cancel_a_running_job(page):
+    page.fill("#prompt", "long")
+    page.fill("#steps", "150")
+    page.select_option("#size-preset", "256x256")
+    before = page.locator("#jobs .card").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#jobs .card').length > {before}")
+    card = latest_card(page)
+    card.locator("xpath=self::*[@data-status='running']").wait_for(timeout=30_000)
+    card.locator(".cancel").click()
+    card.locator("xpath=self::*[@data-status='canceled']").wait_for(timeout=30_000)
+    assert card.locator(".thumbs img").count() == 0
+
+
+def upload(page):
+    page.click("label.tab:has(input[value=img2img])")
+    page.set_input_files("#init-file", files=[{"name": "src.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+
+
+def test_upload_and_img2img(page, server):
+    upload(page)
+    page.fill("#prompt", "a painting")
+    page.fill("#steps", "10")
+    page.locator("#strength").evaluate("el => { el.value = 0.5; el.dispatchEvent(new Event('input')); }")
+    card = submit_and_wait(page)
+    request = api_job(server, card)["request"]
+    assert request["init_image"] == "(image)" and request["mask"] is None and request["strength"] == 0.5
+    shot(page, "img2img")
+
+
+def test_paint_a_mask_and_inpaint(page, server):
+    upload(page)
+    page.fill("#prompt", "a hat")
+    page.fill("#steps", "10")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=8)
+    page.mouse.up()
+    shot(page, "inpaint-mask")
+    card = submit_and_wait(page)
+    job = api_job(server, card)
+    assert job["request"]["mask"] == "(image)"
+    # Outside the painted stroke the source pixels come back unchanged.
+    png = httpx.get(server.url + job["images"][0]["url"]).content
+    out = Image.open(io.BytesIO(png)).convert("RGB")
+    src = Image.open(io.BytesIO(png_bytes())).convert("RGB")
+    assert out.getpixel((1, 62)) == src.getpixel((1, 62)) and out.getpixel((62, 1)) == src.getpixel((62, 1))
+    # Clear empties the mask: the next run is plain img2img.
+    page.click("#clear-mask")
+    assert api_job(server, submit_and_wait(page))["request"]["mask"] is None
+
+
+def test_history_survives_reload_and_reuse_parameters(page, server):
+    page.fill("#prompt", "remember me")
+    page.fill("#steps", "6")
+    page.fill("#seed", "77")
+    submit_and_wait(page)
+    ids = page.locator("#jobs .card").evaluate_all("cards => cards.map(c => c.dataset.jobId)")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    after = page.locator("#jobs .card").evaluate_all("cards => cards.map(c => c.dataset.jobId)")
+    assert after[: len(ids)] == ids
+    page.fill("#prompt", "something else")
+    page.fill("#seed", "-1")
+    card = latest_card(page)
+    card.locator(".thumbs img").first.click()
+    page.wait_for_selector("#viewer[open]")
+    page.wait_for_function("() => document.getElementById('viewer-info').textContent.includes('Seed: 77')")
+    assert page.get_attribute("#viewer-download", "download") == "sdserve-77.png"
+    shot(page, "viewer")
+    page.click("#viewer-reuse")
+    page.wait_for_selector("#viewer:not([open])", state="attached")
+    assert page.input_value("#prompt") == "remember me"
+    assert page.input_value("#seed") == "77" and page.input_value("#steps") == "6"
+    assert page.input_value("#scheduler") == "karras"  # "Schedule type: Karras" mapped back to its name
+
+
+def test_send_result_to_img2img(page):
+    page.fill("#prompt", "source")
+    page.fill("#steps", "4")
+    card = submit_and_wait(page)
+    card.locator(".thumbs img").first.click()
+    page.click("#viewer-img2img")
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+    assert page.is_checked("input[name=mode][value=img2img]")
+
+
+def test_bad_input_names_the_field(page):
+    page.fill("#prompt", "x")
+    page.fill("#width", "100")  # not a multiple of 8
+    page.fill("#height", "64")
+    page.click("#generate")
+    page.wait_for_selector("#form-error:not([hidden])")
+    assert "width" in page.inner_text("#form-error")
+    assert page.get_attribute("#width", "aria-invalid") == "true"
+
+
+def test_queue_full_shows_retry_time(browser, tmp_path):
+    server = ServerProcess(None, tmp_path, "--model", "demo", "--max-queue", "1").start()
+    try:
+        with server.client() as c:
+            blocker = c.post("/api/v1/jobs", json={"prompt": "b", **LONG}).json()["id"]
+            wait_for(c, blocker, ("running",))
+            c.post("/api/v1/jobs", json={"prompt": "fills the queue", **LONG})
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("body[data-ready='1']")
+            page.fill("#prompt", "one too many")
+            page.click("#generate")
+            page.wait_for_selector("#form-error:not([hidden])")
+            message = page.inner_text("#form-error")
+            assert "queue is full" in message and "Try again in" in message
+            shot(page, "queue-full")
+            page.close()
+            for job in c.get("/api/v1/jobs").json():
+                if job["status"] in ("queued", "running"):
+                    c.delete(f"/api/v1/jobs/{job['id']}")
+    finally:
+        server.terminate()
+
+
+def test_api_key_prompt(browser, tmp_path):
+    server = ServerProcess(None, tmp_path, "--model", "demo", "--api-key", "let-me-in").start()
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#key-dialog[open]")
+        shot(page, "api-key")
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#key-dialog[open] #key-error:not([hidden])")
+        page.fill("#api-key", "let-me-in")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.locator("#model option").count() >= 1
+        assert page.evaluate("localStorage.getItem('sdserve.apiKey')") == "let-me-in"
+        page.fill("#prompt", "with a key")
+        page.fill("#steps", "4")
+        card = submit_and_wait(page)
+        page.wait_for_function("() => document.querySelector('#jobs .card .thumbs img')?.naturalWidth > 0")
+        assert card.locator(".thumbs img").count() == 1
+        page.close()
+    finally:
+        server.terminate()
+
+
+@pytest.mark.parametrize("width", [360, 390])
+def test_phone_width_has_no_horizontal_scroll(browser, server, width):
+    context = browser.new_context(viewport={"width": width, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("label.tab:has(input[value=img2img])")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.click("label.tab:has(input[value=txt2img])")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    if width == 390:
+        shot(page, "phone")
+    context.close()
+
+
+def test_dark_and_light_follow_the_system(browser, server):
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(viewport={"width": 1280, "height": 860}, color_scheme=scheme)
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        rgb = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        backgrounds[scheme] = sum(int(v) for v in rgb[rgb.index("(") + 1:-1].split(",")[:3]) / 3
+        if scheme == "dark":
+            shot(page, "dark")
+        context.close()
+    assert backgrounds["light"] > 200 > 60 > backgrounds["dark"]
