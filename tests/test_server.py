@@ -220,7 +220,8 @@ def test_metrics(client):
     client.post("/api/v1/generate", json={"prompt": "m", "steps": 1})
     text = client.get("/metrics").text
     for name in ("sdserve_requests_total{", "sdserve_queue_depth", "sdserve_jobs_total{status=\"succeeded\"}",
-                 "sdserve_job_queue_seconds_bucket", "sdserve_job_run_seconds_bucket", "sdserve_images_total"):
+                 "sdserve_job_queue_seconds_bucket", "sdserve_job_run_seconds_bucket", "sdserve_images_total",
+                 "sdserve_batch_images_bucket"):
         assert name in text, name
     assert 'route="/api/v1/generate"' in text
     line = next(l for l in text.splitlines() if l.startswith("sdserve_images_total"))

@@ -152,9 +152,15 @@ class Service:
     async def generate_many(
         self, requests: list[GenerationRequest], *, source: str
     ) -> list[tuple[Job, list[bytes]]]:
-        """Submit all (validated first, so none is queued if one is bad), then await them all."""
+        return await self.results([job.id for job in await self.submit_all(requests, source=source)])
+
+    async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
+        """Validate all first, so that none is queued if one is bad; then submit them in order."""
         for request in requests:
-            self.validate(request)
-        jobs = [(await self.submit_async(r, source=source))[0] for r in requests]
-        done = await asyncio.gather(*(self.wait(job.id) for job in jobs))
+            await asyncio.to_thread(self.validate, request)
+        return [(await self.submit_async(r, source=source))[0] for r in requests]
+
+    async def results(self, job_ids: list[str]) -> list[tuple[Job, list[bytes]]]:
+        """Await every job's end; each with its PNGs (none unless it succeeded)."""
+        done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
         return [(job, [self.images.get(ref.id) or b"" for ref in job.images]) for job in done]

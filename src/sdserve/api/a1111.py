@@ -76,16 +76,15 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         return JSONResponse({"error": "HTTPException", "detail": str(exc), "errors": str(exc)}, status_code=exc.status)
     ignored = proto.ignored_fields(body)
     state = _state(request)
-    await asyncio.to_thread(service.validate, canonical[0])  # the others differ only in seed: none is queued if it is bad
-    jobs = [(await service.submit_async(r, source=SOURCE))[0] for r in canonical]
-    group = [job.id for job in jobs]
-    with state.lock:
+    group = [job.id for job in await service.submit_all(canonical, source=SOURCE)]
+    with state.lock:  # so /interrupt and /progress know which jobs make up this call
         state.groups.append(group)
     try:
-        done = await asyncio.gather(*(service.wait(job_id) for job_id in group))
+        outcomes = await service.results(group)
     finally:
         with state.lock:
             state.groups.remove(group)
+    done = [job for job, _ in outcomes]
     failed = [j for j in done if j.status is JobStatus.failed]
     if failed:
         status = 422 if failed[0].error_kind == "invalid" else 500
@@ -93,9 +92,8 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
                             status_code=status)
     images, seeds, texts = [], [], []
     width = height = 0
-    for job in done:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
-        for ref in job.images:
-            png = service.images.get(ref.id) or b""
+    for job, pngs in outcomes:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
+        for ref, png in zip(job.images, pngs):
             with Image.open(io.BytesIO(png)) as im:
                 width, height = im.size
                 texts.append(read_infotext(im) or "")

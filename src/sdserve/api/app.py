@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     service = service or Service(settings)
     metrics = Metrics(queue_depth=service.queue.depth)
     service.queue.events.add_listener(metrics.on_event)
+    service.runner.on_batch = metrics.batch_images.observe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

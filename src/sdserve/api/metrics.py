@@ -30,6 +30,8 @@ class Metrics:
         self.run_seconds = Histogram("sdserve_job_run_seconds", "Time from start to end",
                                      buckets=_SECONDS, registry=self.registry)
         self.images = Counter("sdserve_images", "Images generated", registry=self.registry)
+        self.batch_images = Histogram("sdserve_batch_images", "Images per UNet pass (dynamic batching)",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect", ["source"],
                                  registry=self.registry)
 

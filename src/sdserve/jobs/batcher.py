@@ -12,14 +12,12 @@ that arrive later): jobs of a popular shape cannot starve a rare one.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from PIL import Image
-
 from sdserve.engine import samplers
+from sdserve.engine.pipeline import Engine
 from sdserve.schema import GenerationRequest, Job
 
 
@@ -57,9 +55,7 @@ def batch_key(request: GenerationRequest) -> ShapeKey:
     if request.init_image is not None and (width is None or height is None):
         size = _image_size(request.init_image)
         width, height = width or (size and size[0]), height or (size and size[1])
-    strength = 0.0
-    if request.mode != "txt2img":
-        strength = 1.0 if request.mode == "inpaint" and request.inpaint_fill == "noise" else request.strength
+    strength = Engine.effective_strength(request)
     return ShapeKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
                     request.cfg_scale, strength)
 

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sdserve.engine.models import ModelError
 from sdserve.engine.pipeline import Cancelled, Engine, InvalidRequestError
@@ -44,7 +44,7 @@ class Runner:
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
-        self.on_batch = None  # optional callback(images_in_batch) for metrics
+        self.on_batch: Callable[[int], None] | None = None  # told the images of each batch (metrics)
 
     def start(self) -> None:
         self._thread.start()
