@@ -71,6 +71,3 @@ def read_infotext(image: Image.Image) -> str | None:
         return body.decode("utf-16-be" if code.startswith(b"UNICODE") else "utf-8", "replace").strip("\x00")
     return exif or None
 
-
-def b64_png(image: Image.Image, infotext: str | None = None) -> str:
-    return base64.b64encode(encode_png(image, infotext)).decode("ascii")

@@ -146,13 +146,9 @@ class Service:
 
     async def generate(self, request: GenerationRequest, *, source: str) -> tuple[Job, list[bytes]]:
         """Submit, await, and return the PNGs: the synchronous endpoints' whole path."""
-        [(job, pngs)] = await self.generate_many([request], source=source)
+        job, _ = await self.submit_async(request, source=source)
+        [(job, pngs)] = await self.results([job.id])
         return job, pngs
-
-    async def generate_many(
-        self, requests: list[GenerationRequest], *, source: str
-    ) -> list[tuple[Job, list[bytes]]]:
-        return await self.results([job.id for job in await self.submit_all(requests, source=source)])
 
     async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""

@@ -277,11 +277,6 @@ class ModelRegistry:
             self._loaded[info.name] = model
             return model
 
-    def unload_all(self) -> None:
-        with self._lock:
-            self._loaded.clear()
-            self._free_memory()
-
     def _free_memory(self) -> None:
         gc.collect()
         if self.device == "cuda":

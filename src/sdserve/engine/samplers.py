@@ -107,14 +107,6 @@ class ResolvedSampler:
     sampler: Sampler
     schedule: Schedule  # never "automatic" unless the sampler has no special default
 
-    @property
-    def label(self) -> str:
-        return self.sampler.name
-
-    @property
-    def schedule_label(self) -> str:
-        return self.schedule.label
-
 
 def resolve(sampler: str, schedule: str | None = None) -> ResolvedSampler:
     """Validate a sampler/schedule pair and resolve "Automatic" to A1111's default for the sampler."""
