@@ -112,3 +112,19 @@ def test_demo_model_is_built_deterministically_and_marked(tmp_path):
     assert info.is_demo and info.kind == "demo"
     model = registry.load("demo")
     assert (model.default_width, model.default_height) == (64, 64)
+
+
+@pytest.mark.parametrize("option", ["channels_last", "compile"])
+def test_optimizations_keep_the_pixels(models_dir, data_dir, engine, option):
+    request = GenerationRequest(prompt="a red circle", seed=3, steps=3, width=64, height=64)
+    reference = engine.run([request])[0][0].pixels
+    registry = ModelRegistry(models_dir, data_dir, extra=[str(models_dir / "tiny")], device="cpu", optimize=[option])
+    optimized = Engine(registry).run([request])[0][0].pixels
+    assert np.abs(optimized - reference).max() < 1e-4
+    pipelines = registry.load("tiny").pipelines
+    assert len({id(p.unet) for p in pipelines.values()}) == 1  # every mode runs the optimized UNet
+
+
+def test_unknown_optimization_is_refused(models_dir, data_dir):
+    with pytest.raises(ModelError, match="valid: channels_last, compile, cuda_graphs"):
+        ModelRegistry(models_dir, data_dir, optimize=["turbo"])

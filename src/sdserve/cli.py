@@ -168,6 +168,11 @@ def serve(
     batch_wait_ms: Annotated[
         Optional[float], typer.Option(help="How long a batch waits for companions. [env: SDSERVE_BATCH_WAIT_MS]"),
     ] = None,
+    optimize: Annotated[
+        Optional[str],
+        typer.Option(help="Opt-in speed-ups, comma-separated: channels_last, compile, cuda_graphs. "
+                     "[env: SDSERVE_OPTIMIZE]"),
+    ] = None,
     allow_pickle: AllowPickle = None,
     sagemaker: Annotated[
         Optional[bool],
@@ -183,7 +188,7 @@ def serve(
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
-        sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+        sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(25.0, ge=0, description="On SIGTERM, time to finish the running batch.")
     max_batch: int | None = Field(None, ge=1, le=64, description="Images per UNet pass; default by device.")
     batch_wait_ms: float = Field(20.0, ge=0, le=5000, description="How long a batch waits for companions.")
+    # Opt-in speed-ups: channels_last, compile, cuda_graphs (see engine/models.py OPTIMIZATIONS).
+    optimize: Annotated[list[str], NoDecode] = Field(default_factory=list)
     engine: Literal["diffusers", "noop"] = Field("diffusers", description="noop: no generation, for benchmarks.")
 
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
@@ -43,7 +45,7 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, le=8)
     max_body_mb: int = Field(20, ge=1)
 
-    @field_validator("models", "api_keys", "api_auth", mode="before")
+    @field_validator("models", "api_keys", "api_auth", "optimize", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # SDSERVE_API_KEYS="k1,k2" is friendlier than a JSON list in a shell or a Helm value.

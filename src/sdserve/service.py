@@ -51,7 +51,7 @@ class Service:
         self.limits = Limits(settings.max_size, settings.max_steps, settings.max_images)
         self.registry = ModelRegistry(
             settings.models_dir, settings.data_dir, extra=settings.models, device=settings.device,
-            allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models,
+            allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models, optimize=settings.optimize,
         )
         self.engine = NoopEngine(self.registry) if settings.engine == "noop" else Engine(self.registry)
         self.queue: JobQueue = SQLiteJobQueue(

@@ -124,6 +124,7 @@ class ModelRegistry:
         device: str = "auto",
         allow_pickle: bool = False,
         max_loaded: int = 1,
+        optimize: list[str] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.data_dir = Path(data_dir)
@@ -131,6 +132,10 @@ class ModelRegistry:
         self.device = resolve_device(device)
         self.allow_pickle = allow_pickle
         self.max_loaded = max(1, max_loaded)
+        unknown = set(optimize or []) - set(OPTIMIZATIONS)
+        if unknown:
+            raise ModelError(f"unknown optimization(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIMIZATIONS)}")
+        self.optimize = list(optimize or [])
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self._hash_cache_path = self.data_dir / "hashes.json"
@@ -301,6 +306,7 @@ class ModelRegistry:
             txt2img = self._from_single_file(info, dtype)
         txt2img.to(self.device)
         txt2img.set_progress_bar_config(disable=True)
+        apply_optimizations(txt2img, self.optimize)  # before deriving: all modes share the optimized UNet
         pipelines = _derive_pipelines(txt2img)
         vae_scale = getattr(txt2img, "vae_scale_factor", 8)
         sample_size = txt2img.unet.config.sample_size
@@ -375,6 +381,25 @@ class ModelRegistry:
                 f"of the same architecture at {config_dir}"
             )
         return f"cannot load model {info.name!r} ({info.kind}): {text[:500]}"
+
+
+OPTIMIZATIONS = {
+    "channels_last": "UNet and VAE in channels-last memory format",
+    "compile": "torch.compile the UNet (inductor, no CUDA graphs)",
+    "cuda_graphs": "torch.compile the UNet with CUDA graphs (mode reduce-overhead); one graph per batch shape",
+}
+
+
+def apply_optimizations(pipe: Any, options: list[str]) -> None:
+    """Opt-in speed-ups (`--optimize`); each one's measured gain belongs in the benchmark results."""
+    import torch
+
+    if "channels_last" in options:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if "compile" in options or "cuda_graphs" in options:
+        mode = "reduce-overhead" if "cuda_graphs" in options else "max-autotune-no-cudagraphs"
+        pipe.unet = torch.compile(pipe.unet, mode=mode)
 
 
 def _derive_pipelines(txt2img: Any) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Full-size SD architectures with random weights: the real compute cost, with nothing to download.
+
+    python bench/fullsize.py sd15 models/sd15-random      # ~1.7 GB (fp16)
+    python bench/fullsize.py sdxl models/sdxl-random      # ~6.9 GB (fp16)
+    make bench BENCH_ARGS='throughput --model models/sd15-random --size 512 --device cuda'
+
+The configs are SD 1.5's and SDXL base's; the tokenizer is sdserve's byte-level demo vocabulary
+(the text encoders keep CLIP's 49408-row embedding, so their cost is unchanged). Pictures are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdserve.engine.demo import _byte_vocab
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+             steps_offset=1)
+
+
+def tokenizer() -> CLIPTokenizer:
+    vocab, merges = _byte_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+
+
+def text_config(spec: dict, tok: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(**spec, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+
+
+def vae(scaling: float = 0.18215, force_upcast: bool = False) -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         sample_size=512, scaling_factor=scaling, force_upcast=force_upcast)
+
+
+def sd15():
+    tok = tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae(), text_encoder=CLIPTextModel(text_config(CLIP_L, tok)), tokenizer=tok,
+        scheduler=PNDMScheduler(**BETAS, skip_prk_steps=True, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def sdxl():
+    tok = tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae(0.13025, force_upcast=True),
+        text_encoder=CLIPTextModel(text_config(CLIP_L, tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(text_config(CLIP_BIGG, tok)), tokenizer_2=tok,
+        scheduler=EulerDiscreteScheduler(**BETAS, timestep_spacing="leading"),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arch", choices=["sd15", "sdxl"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as released models)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    pipe = {"sd15": sd15, "sdxl": sdxl}[args.arch]()
+    if not args.fp32:
+        pipe.to(torch.float16)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    print(f"wrote {args.out}: {args.arch}, UNet {params / 1e6:.0f}M parameters")
+
+
+if __name__ == "__main__":
+    main()
