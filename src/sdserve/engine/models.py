@@ -324,7 +324,9 @@ class ModelRegistry:
     def _from_pretrained(self, info: ModelInfo, dtype: Any) -> Any:
         from diffusers import AutoPipelineForText2Image
 
-        kwargs: dict[str, Any] = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if info.arch != "sdxl":  # SD 1.x/2.x ship a safety checker; A1111 does not run one, nor do we
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
         if not self.allow_pickle:
             kwargs["use_safetensors"] = True
         try:
