@@ -9,32 +9,32 @@ import numpy as np
 import pytest
 
 from sdserve.jobs import batcher
-from sdserve.schema import GenerationRequest, Job, JobStatus
+from sdserve.schema import JobRequest, Job, JobStatus
 from server import ServerProcess, wait_for
 
 NOW = datetime.now(timezone.utc)
 
 
 def job(i: int, n: int = 1, **kw) -> Job:
-    return Job(id=f"j{i}", status=JobStatus.queued, request=GenerationRequest(prompt=f"p{i}", n=n, **kw), created_at=NOW)
+    return Job(id=f"j{i}", status=JobStatus.queued, request=JobRequest(prompt=f"p{i}", n=n, **kw), created_at=NOW)
 
 
 # ---------------------------------------------------------------- the pure selection
 def test_same_shape_groups_and_each_keeps_its_prompt_and_seed():
-    a, b = GenerationRequest(prompt="a", seed=1), GenerationRequest(prompt="b", seed=2, negative_prompt="x")
+    a, b = JobRequest(prompt="a", seed=1), JobRequest(prompt="b", seed=2, negative_prompt="x")
     assert batcher.batch_key(a) == batcher.batch_key(b)
 
 
 @pytest.mark.parametrize("change", [{"steps": 21}, {"width": 512}, {"sampler": "Euler"}, {"scheduler": "exponential"},
                                     {"cfg_scale": 5.0}, {"model": "other"}])
 def test_shape_changes_split(change):
-    assert batcher.batch_key(GenerationRequest(prompt="a")) != batcher.batch_key(GenerationRequest(prompt="a", **change))
+    assert batcher.batch_key(JobRequest(prompt="a")) != batcher.batch_key(JobRequest(prompt="a", **change))
 
 
 def test_aliases_and_legacy_names_batch_together():
-    plain = GenerationRequest(prompt="a", sampler="DPM++ 2M", scheduler="karras")
-    legacy = GenerationRequest(prompt="b", sampler="DPM++ 2M Karras")
-    alias = GenerationRequest(prompt="c", sampler="k_dpmpp_2m")  # automatic = karras for this sampler
+    plain = JobRequest(prompt="a", sampler="DPM++ 2M", scheduler="karras")
+    legacy = JobRequest(prompt="b", sampler="DPM++ 2M Karras")
+    alias = JobRequest(prompt="c", sampler="k_dpmpp_2m")  # automatic = karras for this sampler
     assert batcher.batch_key(plain) == batcher.batch_key(legacy) == batcher.batch_key(alias)
 
 
@@ -82,9 +82,9 @@ def test_default_max_batch():
 # ---------------------------------------------------------------- correctness on the real engine
 @pytest.mark.parametrize("sampler", ["DPM++ 2M", "Euler a", "DPM++ 2M SDE"])
 def test_batched_images_equal_the_job_run_alone(engine, sampler):
-    jobs = [GenerationRequest(prompt="a red circle", seed=10, n=2, steps=6, sampler=sampler),
-            GenerationRequest(prompt="blue square", negative_prompt="red", seed=99, steps=6, sampler=sampler),
-            GenerationRequest(prompt="green", seed=5, n=3, steps=6, sampler=sampler)]
+    jobs = [JobRequest(prompt="a red circle", seed=10, n=2, steps=6, sampler=sampler),
+            JobRequest(prompt="blue square", negative_prompt="red", seed=99, steps=6, sampler=sampler),
+            JobRequest(prompt="green", seed=5, n=3, steps=6, sampler=sampler)]
     together = engine.run(jobs)
     for request, batched in zip(jobs, together):
         alone = engine.run([request])[0]

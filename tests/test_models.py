@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from sdserve.engine.models import ModelError, ModelRegistry, UnknownModelError
 from sdserve.engine.pipeline import Engine
-from sdserve.schema import GenerationRequest
+from sdserve.schema import JobRequest
 
 
 def pixels(image):
@@ -37,8 +37,8 @@ def test_hash_is_a1111_short_sha256(registry, models_dir):
 
 def test_single_file_loads_same_weights_as_folder(engine):
     request = dict(prompt="a red circle", seed=3, steps=3, width=64, height=64)
-    folder = engine.run([GenerationRequest(model="tiny", **request)])[0][0].image
-    single = engine.run([GenerationRequest(model="tinyfile", **request)])[0][0].image
+    folder = engine.run([JobRequest(model="tiny", **request)])[0][0].image
+    single = engine.run([JobRequest(model="tinyfile", **request)])[0][0].image
     assert torch.equal(pixels(folder), pixels(single))
 
 
@@ -75,8 +75,8 @@ def test_pickle_checkpoint_is_refused(pickle_dir, data_dir):
 
 def test_pickle_checkpoint_loads_when_allowed(pickle_dir, data_dir, engine):
     registry = ModelRegistry(pickle_dir, data_dir, extra=[], device="cpu", allow_pickle=True)
-    image = Engine(registry).run([GenerationRequest(model="old", prompt="a red circle", seed=3, steps=3)])[0][0].image
-    reference = engine.run([GenerationRequest(model="tiny", prompt="a red circle", seed=3, steps=3)])[0][0].image
+    image = Engine(registry).run([JobRequest(model="old", prompt="a red circle", seed=3, steps=3)])[0][0].image
+    reference = engine.run([JobRequest(model="tiny", prompt="a red circle", seed=3, steps=3)])[0][0].image
     assert torch.equal(pixels(image), pixels(reference))
 
 
@@ -89,7 +89,7 @@ def test_hub_id_offline_fails_in_one_line(models_dir, data_dir, tmp_path):
     # A fresh process: huggingface_hub reads HF_HUB_OFFLINE at import (conftest sets it for the suite).
     code = (
         "from sdserve.engine.models import ModelRegistry, ModelError\n"
-        f"r = ModelRegistry({str(tmp_path)!r}, {str(data_dir)!r}, extra=[], device='cpu')\n"
+        f"r = ModelRegistry({str(tmp_path)!r}, {str(data_dir)!r}, extra=['someone/some-model'], device='cpu')\n"
         "try:\n    r.load('someone/some-model')\nexcept ModelError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -116,7 +116,7 @@ def test_demo_model_is_built_deterministically_and_marked(tmp_path):
 
 @pytest.mark.parametrize("option", ["channels_last", "compile"])
 def test_optimizations_keep_the_pixels(models_dir, data_dir, engine, option):
-    request = GenerationRequest(prompt="a red circle", seed=3, steps=3, width=64, height=64)
+    request = JobRequest(prompt="a red circle", seed=3, steps=3, width=64, height=64)
     reference = engine.run([request])[0][0].pixels
     registry = ModelRegistry(models_dir, data_dir, extra=[str(models_dir / "tiny")], device="cpu", optimize=[option])
     optimized = Engine(registry).run([request])[0][0].pixels

@@ -6,7 +6,8 @@ import pytest
 
 from sdserve.jobs.local import SQLiteJobQueue
 from sdserve.jobs.queue import MAX_ATTEMPTS, IdempotencyConflict, JobFinished, NotAccepting, QueueFull
-from sdserve.schema import GenerationRequest, ImageRef, JobStatus
+from sdserve.core import fingerprint
+from sdserve.schema import ImageRef, JobRequest, JobStatus
 
 
 @pytest.fixture()
@@ -17,7 +18,7 @@ def queue(tmp_path):
 
 
 def submit(q, prompt, **kw):
-    return q.submit(GenerationRequest(prompt=prompt, **kw))[0]
+    return q.submit(JobRequest(prompt=prompt, **kw))[0]
 
 
 def test_priority_then_fifo(queue):
@@ -26,10 +27,12 @@ def test_priority_then_fifo(queue):
     assert queue.claim(wait_s=0) == []
 
 
-def test_seed_is_fixed_at_submit(queue):
-    job = submit(queue, "x", seed=-1)
-    assert job.request.seed >= 0
-    assert queue.get(job.id).request.seed == job.request.seed
+def test_seed_is_fixed_when_accepted():
+    from sdserve.core import job_request
+    from sdserve.schema import GenerationRequest
+
+    queued = job_request(GenerationRequest(prompt="x", seed=-1), model="m", keys={}, init_size=None)
+    assert queued.seed >= 0 and queued.model == "m"
 
 
 def test_bounded(queue):
@@ -47,12 +50,13 @@ def test_not_accepting(queue):
 
 
 def test_idempotency(queue):
-    req = GenerationRequest(prompt="x")
-    first, created = queue.submit(req, idempotency_key="k")
-    again, created_again = queue.submit(req, idempotency_key="k")
+    req = JobRequest(prompt="x")
+    first, created = queue.submit(req, idempotency_key="k", fingerprint=fingerprint(req))
+    again, created_again = queue.submit(req, idempotency_key="k", fingerprint=fingerprint(req))
     assert created and not created_again and first.id == again.id
+    other = JobRequest(prompt="y")
     with pytest.raises(IdempotencyConflict):
-        queue.submit(GenerationRequest(prompt="y"), idempotency_key="k")
+        queue.submit(other, idempotency_key="k", fingerprint=fingerprint(other))
 
 
 def test_recover_requeues_running_then_gives_up(tmp_path):

@@ -71,6 +71,7 @@ def generate(
 
     from pydantic import ValidationError
 
+    from sdserve.core import RequestRejected, inline_inputs
     from sdserve.engine.models import ModelError
     from sdserve.engine.pipeline import Engine, InvalidRequestError
     from sdserve.images import encode_png
@@ -94,9 +95,12 @@ def generate(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, width=width, height=height,
             sampler=sampler, scheduler=scheduler, cfg_scale=cfg_scale, model=model,
             init_image=read_b64(init_image), mask=read_b64(mask), strength=strength,
-        ).with_seed()
+        )
+        queued, inputs = inline_inputs(request)
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()))
+    except RequestRejected as exc:
+        _fail(str(exc))
 
     engine = Engine(_registry(settings))
     try:
@@ -106,7 +110,8 @@ def generate(
             TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
         ) as progress:
             task = progress.add_task("steps", total=None)
-            result = engine.run([request], on_step=lambda step, total: progress.update(task, completed=step, total=total))
+            result = engine.run([queued], on_step=lambda step, total: progress.update(task, completed=step, total=total),
+                                inputs=inputs)
     except (ModelError, InvalidRequestError) as exc:
         _fail(str(exc))
     image = result[0][0]

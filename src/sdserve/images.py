@@ -15,22 +15,24 @@ class ImageDecodeError(ValueError):
     """The client sent something that is not a usable image."""
 
 
+def base64_bytes(data: str) -> bytes:
+    """The bytes of raw base64 or a `data:image/...;base64,` URL (image URLs are refused, never fetched)."""
+    text = data.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise ImageDecodeError("data URL must be base64-encoded")
+    if text.startswith(("http://", "https://")):
+        raise ImageDecodeError("image URLs are not fetched; send the image as base64 or a data URL")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageDecodeError(f"image is not valid base64: {exc}") from None
+
+
 def decode_image(data: str | bytes, max_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
     """Decode raw base64, a `data:image/...;base64,` URL or raw bytes into a loaded PIL image."""
-    if isinstance(data, str):
-        text = data.strip()
-        if text.startswith("data:"):
-            header, _, text = text.partition(",")
-            if ";base64" not in header:
-                raise ImageDecodeError("data URL must be base64-encoded")
-        if text.startswith(("http://", "https://")):
-            raise ImageDecodeError("image URLs are not fetched; send the image as base64 or a data URL")
-        try:
-            raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=False)
-        except (binascii.Error, ValueError) as exc:
-            raise ImageDecodeError(f"image is not valid base64: {exc}") from None
-    else:
-        raw = data
+    raw = base64_bytes(data) if isinstance(data, str) else data
     if not raw:
         raise ImageDecodeError("image is empty")
     try:
@@ -57,6 +59,17 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
     return buf.getvalue()
+
+
+def media_type(data: bytes) -> str:
+    """The MIME type of stored image bytes, by their magic number (inputs keep the client's format)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return "image/png"
 
 
 def read_infotext(image: Image.Image) -> str | None:

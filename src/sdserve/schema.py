@@ -21,7 +21,7 @@ def random_seed() -> int:
 class GenerationRequest(BaseModel):
     """One client request: `n` images sharing prompt and settings (image i uses seed + i)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
@@ -64,6 +64,17 @@ class GenerationRequest(BaseModel):
         return self if self.seed >= 0 else self.model_copy(update={"seed": random_seed()})
 
 
+class JobRequest(GenerationRequest):
+    """A request as the queue holds it (`core.accept` makes it): seed drawn, model pinned, and the input
+    images moved out to the image store. `init_image` and `mask` are their keys there, never image data,
+    so a job record stays small however large its inputs were; `init_size` is the init image's size,
+    read once at submission, so batching never decodes an image."""
+
+    init_image: str | None = Field(None, description="Image store key of the init image.")
+    mask: str | None = Field(None, description="Image store key of the inpainting mask.")
+    init_size: tuple[int, int] | None = Field(None, description="Width and height of the init image.")
+
+
 class JobStatus(str, Enum):
     queued = "queued"
     running = "running"
@@ -87,7 +98,7 @@ class Job(BaseModel):
 
     id: str
     status: JobStatus
-    request: GenerationRequest
+    request: JobRequest
     source: str = Field("native", description="The API dialect that submitted it.")
     queue_position: int | None = Field(None, description="Jobs ahead of this one; 0 = next.")
     progress: float = Field(0.0, ge=0.0, le=1.0)

@@ -8,31 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
+from sdserve import core
 from sdserve.config import Settings
+from sdserve.core import RequestRejected
 from sdserve.engine import samplers
+from sdserve.health import WriteHealth
 from sdserve.engine.models import ModelRegistry, UnknownModelError
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.pipeline import Engine
 from sdserve.jobs.batcher import default_max_batch
-from sdserve.images import ImageDecodeError, decode_image
 from sdserve.jobs.events import END_EVENTS
 from sdserve.jobs.local import SQLiteJobQueue
-from sdserve.jobs.queue import JobQueue
+from sdserve.jobs.queue import JobQueue, NotAccepting, StorageError
 from sdserve.jobs.runner import Runner
-from sdserve.schema import GenerationRequest, Job
+from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage.local import LocalImageStore
 
 log = logging.getLogger(__name__)
 
-
-class RequestRejected(ValueError):
-    """The request is well-formed but cannot run here (unknown model or sampler, unreadable image, over a limit)."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+# How often the reaper fails jobs whose time ran out, whether or not a runner is alive to notice.
+REAP_INTERVAL_S = 0.5
+# A waiter gives up this long after a job's deadline, even if nothing could record its end.
+WAIT_GRACE_S = 15.0
 
 
 @dataclass
@@ -58,14 +59,19 @@ class Service:
             settings.data_dir / "jobs.db", max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
         )
         self.images = LocalImageStore(settings.data_dir / "images")
+        self.health = WriteHealth([settings.data_dir, self.images.root])
         # The model a request without one gets. A1111's options POST changes it for later jobs only:
         # each job pins its model when it is accepted, so a switch never races a running job.
         self.default_model: str | None = settings.models[0] if settings.models else None
         self.runner = Runner(
-            self.engine, self.queue, self.images, default_model=settings.models[0] if settings.models else None,
+            self.engine, self.queue, self.images, self.health,
+            default_model=settings.models[0] if settings.models else None,
             max_batch=settings.max_batch or default_max_batch(self.registry.device),
             batch_wait_s=settings.batch_wait_ms / 1000,
         )
+
+        self._stopped = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,6 +80,7 @@ class Service:
             log.info("resuming %d job(s) that were running when the server stopped", requeued)
         self.queue.accepting = True
         self.runner.start()
+        self._reaper.start()
 
     def stop_intake(self) -> None:
         self.queue.accepting = False
@@ -81,7 +88,19 @@ class Service:
     def shutdown(self) -> None:
         """Stop intake, finish the running batch, leave queued jobs persisted for the next start."""
         self.stop_intake()
+        self._stopped.set()
         self.runner.stop(self.settings.shutdown_grace_s)
+
+    def _reap(self) -> None:
+        """Timeouts hold whether or not a runner is alive (its model failed to load, it is stuck, ...)."""
+        while not self._stopped.wait(REAP_INTERVAL_S):
+            try:
+                for job in self.queue.expire():
+                    log.info("job %s timed out", job.id)
+            except StorageError as exc:
+                self.health.failed(str(exc))
+            except Exception:
+                log.exception("reaper error")
 
     def readiness(self) -> tuple[bool, str]:
         if self.runner.load_error:
@@ -90,6 +109,9 @@ class Service:
             return False, f"loading model {self.settings.models[0] if self.settings.models else ''}".strip()
         if not self.queue.accepting:
             return False, "shutting down: not accepting new jobs"
+        write_error = self.health.check()
+        if write_error:
+            return False, f"cannot write: {write_error}"
         return True, "ready"
 
     # ----- requests --------------------------------------------------------------------------
@@ -108,33 +130,63 @@ class Service:
             samplers.resolve(request.sampler, request.scheduler)
         except samplers.UnknownSamplerError as exc:
             raise RequestRejected(str(exc), "sampler") from None
-        try:
-            self.registry.info(request.model)
-        except UnknownModelError as exc:
-            raise RequestRejected(str(exc), "model") from None
-        for field in ("init_image", "mask"):
-            data = getattr(request, field)
-            if data is not None:
-                try:
-                    decode_image(data, max_pixels=limits.max_pixels)
-                except ImageDecodeError as exc:
-                    raise RequestRejected(f"{field}: {exc}", field) from None
+        if request.model is not None:
+            try:
+                self.registry.info(request.model)
+            except UnknownModelError as exc:
+                raise RequestRejected(str(exc), "model") from None
 
     def submit(
-        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None
+        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
+        inputs: dict[str, core.InputImage] | None = None,
     ) -> tuple[Job, bool]:
-        self.validate(request)
-        if request.model is None:
-            # Pin the model now: a later change of the default does not change what this job draws.
-            request = request.model_copy(update={"model": self.registry.info(self.default_model).name})
-        return self.queue.submit(request, source=source, idempotency_key=idempotency_key)
+        """Validate, move the input images to the image store, pin seed and model, and queue.
+        `inputs`: the request's images already read by `core.read_inputs` (so they are decoded once)."""
+        if self.runner.load_error:
+            raise NotAccepting(f"no model can run jobs here: {self.runner.load_error}")
+        write_error = self.health.check()
+        if write_error:
+            raise StorageError(f"cannot accept jobs: {write_error}", full=True)
+        if inputs is None:
+            self.validate(request)
+        fingerprint = core.fingerprint(request) if idempotency_key is not None else None
+        if idempotency_key is not None:
+            existing = self.queue.idempotent(idempotency_key, fingerprint)
+            if existing is not None:
+                return existing, False
+        if inputs is None:
+            inputs = core.read_inputs(request, self.limits.max_pixels)
+        try:
+            keys = {field: self.images.put(item.raw) for field, item in inputs.items()}
+        except OSError as exc:
+            self.health.failed(f"image store: {exc}")
+            raise StorageError(f"cannot store the input image: {exc.strerror or exc}", full=True) from None
+        init = inputs.get("init_image")
+        # Pin the model now: a later change of the default does not change what this job draws.
+        model = self.registry.info(request.model or self.default_model).name
+        queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
+        try:
+            return self.queue.submit(queued, source=source, idempotency_key=idempotency_key, fingerprint=fingerprint)
+        except StorageError as exc:
+            self.health.failed(str(exc))
+            raise
 
     async def wait(self, job_id: str) -> Job:
-        """Until the job ends. Subscribes before reading, so the end cannot slip past unseen."""
+        """Until the job ends. Subscribes before reading, so the end cannot slip past unseen. Never hangs:
+        past the job's deadline (plus a grace) a job nothing could end is reported as timed out."""
         with self.queue.events.subscribe(job_id, END_EVENTS) as events:
             job = await asyncio.to_thread(self.queue.get, job_id)
-            if not job.status.terminal:
-                await events.get()
+            deadline = await asyncio.to_thread(self.queue.deadline, job_id)
+            while not job.status.terminal:
+                timeout = None if deadline is None else max(0.1, deadline + WAIT_GRACE_S - time.time())
+                try:
+                    await asyncio.wait_for(events.get(), timeout)
+                except asyncio.TimeoutError:
+                    job = await asyncio.to_thread(self.queue.get, job_id)
+                    if not job.status.terminal:
+                        return job.model_copy(update={
+                            "status": JobStatus.failed, "error_kind": "timeout",
+                            "error": "timed out, and its end could not be recorded (see /readyz)"})
                 job = await asyncio.to_thread(self.queue.get, job_id)
             return job
 
@@ -152,9 +204,13 @@ class Service:
 
     async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
-        for request in requests:
-            await asyncio.to_thread(self.validate, request)
-        return [(await self.submit_async(r, source=source))[0] for r in requests]
+
+        def read(request: GenerationRequest) -> dict[str, core.InputImage]:
+            self.validate(request)
+            return core.read_inputs(request, self.limits.max_pixels)
+
+        inputs = [await asyncio.to_thread(read, r) for r in requests]
+        return [(await asyncio.to_thread(self.submit, r, source=source, inputs=i))[0] for r, i in zip(requests, inputs)]
 
     async def results(self, job_ids: list[str]) -> list[tuple[Job, list[bytes]]]:
         """Await every job's end; each with its PNGs (none unless it succeeded)."""

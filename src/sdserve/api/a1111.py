@@ -1,7 +1,9 @@
 """AUTOMATIC1111 `/sdapi/v1`: translate to canonical requests, submit to the one queue, answer in A1111's shapes.
 
-Unlike A1111, requests are queued fairly and batched with every other client's, and `/interrupt`
-stops only the A1111 request that is running, not whatever else the GPU is doing.
+Unlike A1111, requests are queued fairly and batched with every other client's, and `/interrupt`,
+`/skip` and `/progress` act on the caller's own call (same API key, Basic user, or with auth off,
+client address), or on the one named by `id_task` (A1111's `force_task_id`), never on another
+client's work.
 """
 
 from __future__ import annotations
@@ -12,24 +14,39 @@ import io
 import json
 import os
 import threading
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from sdserve.api.deps import ServiceDep
+from sdserve.api.security import caller_id
+from sdserve.core import failure_status
 from sdserve.engine import infotext as infotext_mod
 from sdserve.engine import samplers
 from sdserve.engine.models import ModelInfo, UnknownModelError
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.protocols import a1111 as proto
-from sdserve.schema import JobStatus
-from sdserve.service import RequestRejected, Service
+from sdserve.jobs.queue import JobFinished, JobNotFound
+from sdserve.schema import Job, JobStatus
+from sdserve.core import RequestRejected
+from sdserve.service import Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 SOURCE = "a1111"
+
+
+@dataclass
+class Call:
+    """One txt2img/img2img call in flight: its task id, who made it, and its jobs (one per n_iter)."""
+
+    task_id: str
+    caller: str
+    job_ids: list[str]
 
 
 class A1111State:
@@ -51,7 +68,7 @@ class A1111State:
                 service.default_model = service.registry.info(saved).name
             except UnknownModelError:
                 pass
-        self.groups: list[list[str]] = []  # job ids of each A1111 call in flight, oldest first
+        self.calls: list[Call] = []  # the A1111 calls in flight, oldest first
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,18 +93,19 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         return JSONResponse({"error": "HTTPException", "detail": str(exc), "errors": str(exc)}, status_code=exc.status)
     ignored = proto.ignored_fields(body)
     state = _state(request)
-    group = [job.id for job in await service.submit_all(canonical, source=SOURCE)]
+    jobs = await service.submit_all(canonical, source=SOURCE)
+    call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
     with state.lock:  # so /interrupt and /progress know which jobs make up this call
-        state.groups.append(group)
+        state.calls.append(call)
     try:
-        outcomes = await service.results(group)
+        outcomes = await service.results(call.job_ids)
     finally:
         with state.lock:
-            state.groups.remove(group)
+            state.calls.remove(call)
     done = [job for job, _ in outcomes]
     failed = [j for j in done if j.status is JobStatus.failed]
     if failed:
-        status = 422 if failed[0].error_kind == "invalid" else 500
+        status = failure_status(failed[0].error_kind)
         return JSONResponse({"error": "GenerationError", "detail": failed[0].error, "errors": failed[0].error},
                             status_code=status)
     images, seeds, texts = [], [], []
@@ -120,28 +138,38 @@ async def img2img(body: proto.Img2ImgRequest, request: Request, service: Service
     return await generate(body, request, service)
 
 
-@router.get("/progress", summary="A1111 progress of the A1111 request running now")
-async def progress(request: Request, service: ServiceDep, skip_current_image: bool = False) -> dict[str, Any]:
+async def _own_call(request: Request, service: Service, id_task: str | None) -> tuple[Call | None, list[Job]]:
+    """The caller's call this request is about, with its jobs: the one named by `id_task`, else the caller's
+    call that is running now, else the caller's oldest. Never another caller's."""
     state = _state(request)
+    caller = caller_id(request)
     with state.lock:
-        groups = [list(g) for g in state.groups]
-    running = {job.id: job for job in await asyncio.to_thread(service.queue.running) if job.source == SOURCE}
-    current = next((g for g in groups if any(j in running for j in g)), None)
-    if current is None and running:
-        current = [next(iter(running))]
+        own = [c for c in state.calls if c.caller == caller and (id_task is None or c.task_id == id_task)]
+    for call in own:
+        jobs = [await asyncio.to_thread(service.queue.get, job_id) for job_id in call.job_ids]
+        if any(j.status is JobStatus.running for j in jobs):
+            return call, jobs
+    if not own:
+        return None, []
+    return own[0], [await asyncio.to_thread(service.queue.get, job_id) for job_id in own[0].job_ids]
+
+
+@router.get("/progress", summary="A1111 progress of the caller's call (or the one named by id_task)")
+async def progress(request: Request, service: ServiceDep, skip_current_image: bool = False,
+                   id_task: str | None = None) -> dict[str, Any]:
+    call, jobs = await _own_call(request, service, id_task)
     idle_state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
                   "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-    if current is None:
+    if call is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": idle_state, "current_image": None, "textinfo": None}
-    jobs = [await asyncio.to_thread(service.queue.get, job_id) for job_id in current]
-    job_no = next((i for i, j in enumerate(jobs) if j.status is JobStatus.running), 0)
+    job_no = next((i for i, j in enumerate(jobs) if not j.status.terminal), len(jobs) - 1)
     active = jobs[job_no]
     value = proto.progress_value(job_no, len(jobs), active.step, active.steps)
     eta = sum((j.eta_s or 0) for j in jobs[job_no:] if not j.status.terminal)
     return {
         "progress": value,
         "eta_relative": eta,
-        "state": {**idle_state, "job": f"task({active.id})", "job_count": len(jobs), "job_no": job_no,
+        "state": {**idle_state, "job": call.task_id, "job_count": len(jobs), "job_no": job_no,
                   "job_timestamp": active.created_at.strftime("%Y%m%d%H%M%S"),
                   "sampling_step": active.step, "sampling_steps": active.steps},
         "current_image": None,
@@ -149,32 +177,41 @@ async def progress(request: Request, service: ServiceDep, skip_current_image: bo
     }
 
 
-async def _cancel_a1111(request: Request, service: Service, whole_call: bool) -> None:
-    state = _state(request)
-    with state.lock:
-        groups = [list(g) for g in state.groups]
-    running = [job for job in await asyncio.to_thread(service.queue.running) if job.source == SOURCE]
-    targets: set[str] = {job.id for job in running}
-    if whole_call:  # interrupt: the rest of that call's iterations too
-        for group in groups:
-            if targets & set(group):
-                targets.update(group)
-    for job_id in targets:
+class TaskRequest(BaseModel):
+    """Optional body of /interrupt and /skip (A1111 sends none): the task id a call was given by
+    `force_task_id`, to stop exactly that call."""
+
+    model_config = ConfigDict(extra="ignore")
+    id_task: str | None = None
+
+
+async def _stop_own(request: Request, service: Service, body: TaskRequest | None, id_task: str | None,
+                    whole_call: bool) -> None:
+    call, jobs = await _own_call(request, service, id_task or (body.id_task if body else None))
+    if call is None:
+        return
+    running = [j for j in jobs if j.status is JobStatus.running]
+    # interrupt: the whole call (its later iterations too); skip: the image batch running now, else the next.
+    targets = [j for j in jobs if not j.status.terminal] if whole_call else (
+        running or [j for j in jobs if not j.status.terminal][:1])
+    for job in targets:
         try:
-            await asyncio.to_thread(service.queue.cancel, job_id)
-        except Exception:  # already ended: nothing to stop
+            await asyncio.to_thread(service.queue.cancel, job.id)
+        except (JobFinished, JobNotFound):  # it ended meanwhile: nothing to stop
             pass
 
 
-@router.post("/interrupt", summary="Stop the A1111 request running now (all its iterations)")
-async def interrupt(request: Request, service: ServiceDep) -> dict:
-    await _cancel_a1111(request, service, whole_call=True)
+@router.post("/interrupt", summary="Stop the caller's call (all its iterations), or the one named by id_task")
+async def interrupt(request: Request, service: ServiceDep, body: TaskRequest | None = None,
+                    id_task: str | None = None) -> dict:
+    await _stop_own(request, service, body, id_task, whole_call=True)
     return {}
 
 
-@router.post("/skip", summary="Skip the image batch running now; the call's next iteration goes on")
-async def skip(request: Request, service: ServiceDep) -> dict:
-    await _cancel_a1111(request, service, whole_call=False)
+@router.post("/skip", summary="Skip the caller's image batch running now; the call's next iteration goes on")
+async def skip(request: Request, service: ServiceDep, body: TaskRequest | None = None,
+               id_task: str | None = None) -> dict:
+    await _stop_own(request, service, body, id_task, whole_call=False)
     return {}
 
 

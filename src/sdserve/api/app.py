@@ -13,7 +13,12 @@ from fastapi.staticfiles import StaticFiles
 from sdserve import __version__
 from sdserve.api import a1111, errors, native, ops, openai, sagemaker, simple
 from sdserve.api.metrics import Metrics
-from sdserve.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from sdserve.api.middleware import (
+    BodyLimitMiddleware,
+    JSONGuardMiddleware,
+    MetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from sdserve.api.security import AuthMiddleware, parse_users
 from sdserve.config import Settings
 from sdserve.service import Service
@@ -46,13 +51,17 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.state.metrics = metrics
     app.state.a1111 = a1111.A1111State(service)
     errors.install(app)
+    errors.document(app)
     for module in (ops, native, a1111, openai, sagemaker, simple):
         app.include_router(module.router)
     # The web UI: static files from the package, no build step, no CDN.
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
 
-    # Outermost first when reading bottom-up: metrics see every response, 401s and 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
+    # Outermost last: metrics see every response, 401s and 413s included; the body is read whole before
+    # auth answers (so a 401 leaves the connection reusable), and parsed for the JSON checks only after it.
+    app.add_middleware(JSONGuardMiddleware)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, users=parse_users(settings.api_auth))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

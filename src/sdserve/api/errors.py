@@ -15,9 +15,16 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdserve.jobs.queue import IdempotencyConflict, JobFinished, JobNotFound, NotAccepting, QueueFull
+from sdserve.core import RequestRejected
+from sdserve.jobs.queue import (
+    IdempotencyConflict,
+    JobFinished,
+    JobNotFound,
+    NotAccepting,
+    QueueFull,
+    StorageError,
+)
 from sdserve.protocols.openai import OpenAIError, error_body
-from sdserve.service import RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,12 @@ def install(app: FastAPI) -> None:
     async def _not_accepting(request: Request, exc: NotAccepting) -> JSONResponse:
         return render(request.url.path, 503, str(exc), headers={"Retry-After": "5"})
 
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
+        # 507 Insufficient Storage when the disk is full; 503 for other write failures. Either may pass.
+        return render(request.url.path, 507 if exc.full else 503, str(exc), headers={"Retry-After": "30"},
+                      error_type="server_error")
+
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return render(request.url.path, 404, str(exc))
@@ -108,6 +121,55 @@ def install(app: FastAPI) -> None:
         return render(request.url.path, 500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-def job_failure_status(kind: str | None) -> int:
-    """HTTP status for a synchronous request whose job failed."""
-    return {"invalid": 422, "timeout": 504, "canceled": 409}.get(kind or "", 500)
+# ----- the error bodies, as /openapi.json declares them ----------------------------------------------
+_FIELD_ERROR = {"type": "object", "required": ["field", "message"], "properties": {
+    "field": {"type": ["string", "null"]}, "message": {"type": "string"}, "type": {"type": ["string", "null"]}}}
+ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {"title": "Error", "type": "object", "required": ["detail"], "properties": {
+        "detail": {"type": "string", "description": "What went wrong, and what to do about it."},
+        "errors": {"type": "array", "items": _FIELD_ERROR}}},
+    "A1111Error": {"title": "A1111Error", "type": "object", "required": ["error", "detail"], "properties": {
+        "error": {"type": "string"}, "detail": {"type": "string"}, "body": {}, "errors": {"type": "string"}}},
+    "OpenAIError": {"title": "OpenAIError", "type": "object", "required": ["error"], "properties": {
+        "error": {"type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+}
+
+
+def _dialect_error(path: str) -> tuple[str, str]:
+    """(status for invalid input, schema name) as `render` answers on this path."""
+    if path.startswith("/v1/"):
+        return "400", "OpenAIError"
+    if path.startswith("/sdapi/"):
+        return "422", "A1111Error"
+    return "422", "Error"
+
+
+def document(app: FastAPI) -> None:
+    """Make /openapi.json declare the error bodies `render` really sends, in place of FastAPI's
+    HTTPValidationError (which no route here returns)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components.update(ERROR_SCHEMAS)
+        for path, operations in schema.get("paths", {}).items():
+            status, name = _dialect_error(path)
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses or operation.get("parameters") or operation.get("requestBody"):
+                    responses.pop("422", None)
+                    responses[status] = {"description": "Invalid input: the message names the field",
+                                         "content": {"application/json": {"schema": {
+                                             "$ref": f"#/components/schemas/{name}"}}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+

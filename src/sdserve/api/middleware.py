@@ -1,28 +1,64 @@
-"""Plain ASGI middleware (no per-request task overhead): body size limit and request metrics."""
+"""Plain ASGI middleware (no per-request task overhead): the request body guard, security headers and
+request metrics."""
 
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sdserve.api.errors import render
 from sdserve.api.metrics import Metrics
 
+# Deeper JSON than this is no request any dialect defines (A1111's deepest, alwayson_scripts args, is ~6).
+MAX_JSON_DEPTH = 64
 
-class _TooLarge(Exception):
-    pass
+
+class BadJSON(ValueError):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
 
 
-async def _send_json(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-    ]})
-    await send({"type": "http.response.body", "body": body})
+def check_json(body: bytes) -> None:
+    """Reject what no handler should ever see: nesting past MAX_JSON_DEPTH (400) and NaN or ±Infinity,
+    which Python's json accepts but no JSON response can carry (422, naming the field). Malformed JSON is
+    left to the route, which answers it in its own dialect."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise BadJSON(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        return
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadJSON(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, float) and not math.isfinite(item):
+            field = path or "body"
+            raise BadJSON(422, f"{field}: {item} is not a number JSON allows; send a finite number", field)
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(item))
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+            return kind == b"application/json" or kind.endswith(b"+json")
+    return True  # no content type: FastAPI and /invocations read the body as JSON
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length up front or by counting a chunked body."""
+    """Reads the whole request body before the app sees it: 413 past the size limit, by Content-Length up
+    front or by counting a chunked body. A body read to its end also keeps the connection reusable after
+    any error answer (401, 422, ...)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -32,33 +68,94 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body is larger than the {self.max_bytes // 2**20} MB limit"
+        too_large = f"request body is larger than the {self.max_bytes // 2**20} MB limit"
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_json(send, 413, message)
+                await render(scope["path"], 413, too_large, headers={"Connection": "close"})(scope, receive, send)
                 return
-        seen = 0
-        started = False
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await render(scope["path"], 413, too_large, headers={"Connection": "close"})(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
-        async def counted() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return msg
 
-        async def tracked_send(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+def _replay(body: bytes, receive: Receive) -> Receive:
+    delivered = False
 
-        try:
-            await self.app(scope, counted, tracked_send)
-        except _TooLarge:
-            if not started:
-                await _send_json(send, 413, message)
+    async def replayed() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: disconnect notices, for streaming responses
+
+    return replayed
+
+
+class JSONGuardMiddleware:
+    """`check_json` on every JSON body, inside auth (so only callers with a key cost a parse) and inside
+    BodyLimitMiddleware (so the body arrives as one message)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD") or not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        body = message.get("body", b"")
+        if body:
+            try:
+                check_json(body)
+            except BadJSON as exc:
+                await render(scope["path"], exc.status, str(exc), field=exc.field)(scope, receive, send)
+                return
+        await self.app(scope, _replay(body, receive), send)
+
+
+# The web UI has no inline script or style and loads nothing from elsewhere, so a strict policy fits;
+# it matters because the page keeps the API key in localStorage.
+WEB_UI_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+class SecurityHeadersMiddleware:
+    """nosniff and no framing on every response; the content security policy on the web UI's files."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        web_ui = scope["path"] == "/" or scope["path"].startswith("/ui/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+                if web_ui:
+                    headers += [(b"content-security-policy", WEB_UI_CSP.encode()),
+                                (b"referrer-policy", b"no-referrer")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class MetricsMiddleware:

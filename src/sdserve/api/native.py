@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from sdserve.api.deps import ServiceDep
-from sdserve.api.errors import job_failure_status
 from sdserve.engine import samplers
-from sdserve.jobs.local import public_job
+from sdserve.core import failure_status, public_job
+from sdserve.images import media_type
 from sdserve.schema import GenerationRequest, Job, JobStatus
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
@@ -78,7 +78,8 @@ async def get_image(image_id: str, service: ServiceDep) -> Response:
     data = await asyncio.to_thread(service.images.get, image_id)
     if data is None:
         raise HTTPException(404, f"no image {image_id!r}")
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=31536000, immutable"})
+    return Response(data, media_type=media_type(data),
+                    headers={"Cache-Control": "private, max-age=31536000, immutable"})
 
 
 @router.post("/generate", summary="Submit, wait, and return the first image as PNG", responses=PNG)
@@ -90,7 +91,7 @@ async def generate(body: GenerationRequest, service: ServiceDep) -> Response:
 def png_response(job: Job, pngs: list[bytes]) -> Response:
     if job.status is not JobStatus.succeeded:
         return JSONResponse({"detail": job.error or job.status.value, "job_id": job.id},
-                            status_code=job_failure_status(job.error_kind))
+                            status_code=failure_status(job.error_kind))
     return Response(pngs[0], media_type="image/png", headers={
         "X-Job-Id": job.id, "X-Seed": str(job.images[0].seed),
         "X-Image-Ids": ",".join(ref.id for ref in job.images),

@@ -11,10 +11,11 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 
 from sdserve.api.deps import ServiceDep
+from sdserve.core import RequestRejected, failure_status
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.protocols import openai as proto
 from sdserve.schema import GenerationRequest, Job, JobStatus
-from sdserve.service import RequestRejected, Service
+from sdserve.service import Service
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 SOURCE = "openai"
@@ -42,13 +43,9 @@ async def _respond(request: Request, service: Service, canonical: GenerationRequ
 
 
 def _job_error(job: Job) -> proto.OpenAIError:
-    if job.error_kind == "invalid":
-        return proto.OpenAIError(job.error or "invalid request")
-    if job.error_kind == "timeout":
-        return proto.OpenAIError(job.error or "timed out", status=504, type="timeout")
-    if job.error_kind == "canceled":
-        return proto.OpenAIError("the request was canceled", status=409, type="canceled")
-    return proto.OpenAIError(job.error or "generation failed", status=500, type="server_error")
+    status = failure_status(job.error_kind)
+    error_type = {422: "invalid_request_error", 409: "canceled", 504: "timeout"}.get(status, "server_error")
+    return proto.OpenAIError(job.error or job.status.value, status=400 if status == 422 else status, type=error_type)
 
 
 @router.post("/images/generations", summary="OpenAI images.generate")

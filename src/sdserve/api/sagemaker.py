@@ -12,8 +12,7 @@ from pydantic import ValidationError
 
 from sdserve.api import a1111
 from sdserve.api.deps import ServiceDep
-from sdserve.api.errors import job_failure_status
-from sdserve.jobs.local import public_job
+from sdserve.core import failure_status, public_job
 from sdserve.protocols import a1111 as a1111_proto
 from sdserve.schema import GenerationRequest, JobStatus
 
@@ -24,9 +23,10 @@ A1111_KEYS = frozenset(a1111_proto.Img2ImgRequest.model_fields) - frozenset(Gene
 
 
 @router.get("/ping", summary="200 once the model is loaded (SageMaker health check)")
-async def ping(service: ServiceDep) -> Response:
+async def ping(service: ServiceDep) -> JSONResponse:
     ready, reason = service.readiness()
-    return Response(status_code=200) if ready else JSONResponse({"detail": reason}, status_code=503)
+    return JSONResponse({"status": "healthy" if ready else "unhealthy", "detail": reason},
+                        status_code=200 if ready else 503)
 
 
 @router.post("/invocations", summary="JSON with A1111 txt2img or native fields; JSON with base64 images, or "
@@ -57,7 +57,7 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
         raise RequestValidationError(exc.errors()) from None
     job, pngs = await service.generate(canonical, source="sagemaker")
     if job.status is not JobStatus.succeeded:
-        return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=job_failure_status(job.error_kind))
+        return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))
     if wants_png:
         return Response(pngs[0], media_type="image/png", headers={"X-Job-Id": job.id})
     return JSONResponse({"images": [base64.b64encode(p).decode() for p in pngs], "job": public_job(job)})

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 from collections.abc import Iterable
 
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdserve.api.errors import render
@@ -40,8 +43,16 @@ def _is_public(scope: Scope) -> bool:
     path = scope["path"]
     if path in PUBLIC_PATHS or path.startswith("/ui/"):
         return True
-    # The web UI's page itself (GET / without ?prompt=) loads without a key, then asks for one.
-    return path == "/" and scope["method"] == "GET" and b"prompt=" not in scope.get("query_string", b"")
+    # The web UI's page itself (GET / without a prompt) loads without a key, then asks for one. The query is
+    # decoded by the same parser the route uses, so `?%70rompt=` is the prompt it is to the route.
+    return path == "/" and scope["method"] == "GET" and "prompt" not in QueryParams(scope.get("query_string", b""))
+
+
+def caller_id(request: Request) -> str:
+    """Who is calling, for acting on "the caller's own" work (A1111 /interrupt): the API key (hashed, never
+    kept as is) or Basic user that auth accepted, else, with auth off, the client's address."""
+    caller = request.scope.get("state", {}).get("caller")
+    return caller or "addr:" + (request.client.host if request.client else "unknown")
 
 
 class AuthMiddleware:
@@ -50,23 +61,29 @@ class AuthMiddleware:
         self.keys = [k for k in keys if k]
         self.users = [f"{u}:{p}" for u, p in users or []]
 
-    def _allowed(self, headers: dict[str, str]) -> bool:
+    def _caller(self, headers: dict[str, str]) -> str | None:
+        """The accepted caller's identity, or None when the credentials are missing or wrong."""
         auth = headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "basic" and self.users:
             try:
-                return key_matches(base64.b64decode(value.strip()).decode("utf-8"), self.users)
+                credentials = base64.b64decode(value.strip()).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
-                return False
+                return None
+            return "user:" + credentials.partition(":")[0] if key_matches(credentials, self.users) else None
         token = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
-        return key_matches(token, self.keys)
+        if not key_matches(token, self.keys):
+            return None
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not (self.keys or self.users) or _is_public(scope):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self._allowed(headers):
+        caller = self._caller(headers)
+        if caller is not None:
+            scope.setdefault("state", {})["caller"] = caller
             await self.app(scope, receive, send)
             return
         path = scope["path"]

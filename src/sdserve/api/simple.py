@@ -12,8 +12,8 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve.api.deps import ServiceDep, build_request
-from sdserve.api.errors import job_failure_status
 from sdserve.api.native import PNG, png_response
+from sdserve.core import failure_status
 from sdserve.schema import JobStatus
 from sdserve.storage.local import valid_image_id
 
@@ -46,7 +46,7 @@ async def index(
 class GenerateBody(BaseModel):
     """The body of the FastAPI-in-Docker example: {prompt, scale, steps, seed}."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str
     scale: float = Field(7.5, ge=0, le=30)
     steps: int = Field(50, ge=1, le=150)
@@ -59,7 +59,7 @@ async def generate(body: GenerateBody, service: ServiceDep) -> dict:
     request = build_request(prompt=body.prompt, cfg_scale=body.scale, steps=body.steps, seed=body.seed)
     job, _ = await service.generate(request, source="simple")
     if job.status is not JobStatus.succeeded:
-        raise HTTPException(job_failure_status(job.error_kind), job.error or job.status.value)
+        raise HTTPException(failure_status(job.error_kind), job.error or job.status.value)
     return {"download_id": job.images[0].id, "time": round(time.monotonic() - started, 3)}
 
 

@@ -115,6 +115,10 @@ def detect_arch(header: dict[str, Any]) -> tuple[Arch | None, bool]:
     return arch, len(conv_in.get("shape", [])) > 1 and conv_in["shape"][1] == 9
 
 
+def _looks_like_hash(name: str) -> bool:
+    return len(name) in (10, 64) and all(c in "0123456789abcdef" for c in name)
+
+
 class ModelRegistry:
     def __init__(
         self,
@@ -140,6 +144,7 @@ class ModelRegistry:
         self._lock = threading.RLock()
         self._hash_cache_path = self.data_dir / "hashes.json"
         self._models: dict[str, ModelInfo] | None = None
+        self._aliases: dict[str, str] = {}
 
     # ----- discovery -------------------------------------------------------------------------
     @property
@@ -149,9 +154,11 @@ class ModelRegistry:
     def refresh(self) -> list[ModelInfo]:
         with self._lock:
             found: dict[str, ModelInfo] = {}
+            aliases: dict[str, str] = {}
             for spec in self.extra:
                 info = self._describe(spec)
                 found.setdefault(info.name, info)
+                aliases[spec] = info.name  # the operator's own words for it: a path, a hub id
             if self.models_dir.is_dir():
                 for entry in sorted(self.models_dir.iterdir()):
                     if entry.name.startswith(".") or entry.name == "configs":
@@ -159,7 +166,7 @@ class ModelRegistry:
                     if (entry / "model_index.json").is_file() or entry.suffix.lower() in WEIGHT_SUFFIXES:
                         info = self._describe(str(entry))
                         found.setdefault(info.name, info)
-            self._models = found
+            self._models, self._aliases = found, aliases
             return list(found.values())
 
     def list(self) -> list[ModelInfo]:
@@ -167,7 +174,9 @@ class ModelRegistry:
             return list(self._models.values()) if self._models is not None else self.refresh()
 
     def info(self, name: str | None) -> ModelInfo:
-        """Find a model by name, filename, A1111 title (`name [hash]`), hash, path or hub id."""
+        """Find one of the models the operator configured or the models folder holds, by name, filename,
+        A1111 title (`name [hash]`), hash, or the path or hub id the operator gave. Nothing else: a client
+        never makes the server open a path of its choosing or download from the hub."""
         if not name:
             name = self.extra[0] if self.extra else None
             if not name:
@@ -180,16 +189,13 @@ class ModelRegistry:
             for m in models.values():
                 if key in (m.name, m.filename, m.source):
                     return m
-            for m in models.values():
-                if m.kind != "hub" and (self.short_hash(m) == name or self.sha256(m) == name):
-                    return m
-            path = Path(name).expanduser()
-            if path.exists() or (name.count("/") == 1 and not name.startswith((".", "/"))):
-                info = self._describe(name)
-                if self._models is not None:
-                    self._models.setdefault(info.name, info)
-                return info
-        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(models) or 'none'}")
+            if name in self._aliases:
+                return models[self._aliases[name]]
+            if _looks_like_hash(name):
+                for m in models.values():
+                    if m.kind != "hub" and (self.short_hash(m) == name or self.sha256(m) == name):
+                        return m
+        raise UnknownModelError(f"unknown model {name[:200]!r}; choose one of: {', '.join(models) or 'none'}")
 
     def _describe(self, spec: str) -> ModelInfo:
         if spec == demo.DEMO_NAME:

@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
 from sdserve.engine.pipeline import Engine, GeneratedImage, StepCallback
-from sdserve.schema import GenerationRequest
+from sdserve.schema import JobRequest
 
 
 class NoopEngine(Engine):
     def warm_up(self, model: str | None) -> None:
         return None
 
-    def run(self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None) -> list[list[GeneratedImage]]:
+    def run(self, requests: Sequence[JobRequest], on_step: StepCallback | None = None,
+            inputs: Mapping[str, Image.Image] | None = None) -> list[list[GeneratedImage]]:
         if on_step is not None:
             steps = requests[0].steps
             on_step(steps, steps)

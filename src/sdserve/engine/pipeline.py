@@ -8,8 +8,8 @@ seed + i, as A1111 does). Requests in a batch must share a `batch_key`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
@@ -17,8 +17,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sdserve import __version__
 from sdserve.engine import infotext, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
-from sdserve.images import decode_image
-from sdserve.schema import GenerationRequest
+from sdserve.schema import GenerationRequest, JobRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +42,48 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class BatchKey:
-    """Requests with equal keys can share one UNet pass."""
+    """Requests with equal keys can share one UNet pass: they agree on everything the pass has one value
+    for. Each image keeps its own prompt, negative prompt and seed."""
 
-    model: str
+    model: str | None
     mode: str
-    width: int
-    height: int
+    width: int | None  # None: the model's native size (the same for every job of that model)
+    height: int | None
     steps: int
     sampler: str
     schedule: str
     cfg_scale: float
     strength: float
+
+
+def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
+    """Width and height as given, else the init image's (a multiple of 8 within bounds); None = the model's."""
+    width, height = request.width, request.height
+    if request.init_size is not None and (width is None or height is None):
+        w, h = (max(64, min(2048, v - v % 8)) for v in request.init_size)
+        width, height = width or w, height or h
+    return width, height
+
+
+def effective_strength(request: GenerationRequest) -> float:
+    if request.mode == "txt2img":
+        return 0.0
+    if request.mode == "inpaint" and request.inpaint_fill == "noise":
+        return 1.0  # start the masked area from pure noise
+    return request.strength
+
+
+def batch_key(request: JobRequest) -> BatchKey:
+    """The one rule for which requests may share a pass (the batcher groups by it, the engine checks it).
+    Computed from the request alone: no model load, no image decode."""
+    try:
+        resolved = samplers.resolve(request.sampler, request.scheduler)
+        sampler, schedule = resolved.sampler.name, resolved.schedule.name
+    except samplers.UnknownSamplerError:
+        sampler, schedule = request.sampler, request.scheduler  # fails in the engine, alone
+    width, height = requested_size(request)
+    return BatchKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
+                    request.cfg_scale, effective_strength(request))
 
 
 @dataclass
@@ -86,39 +116,10 @@ class Engine:
         """Load the model before the first job, so readiness means "can generate now"."""
         self.registry.load(model)
 
-    def resolve_size(self, request: GenerationRequest, model: LoadedModel) -> tuple[int, int]:
-        """Width and height: as given, else the init image's size (multiple of 8), else the model's native size."""
-        if request.width and request.height:
-            return request.width, request.height
-        if request.init_image is not None:
-            w, h = decode_image(request.init_image).size
-            w, h = max(64, min(2048, w - w % 8)), max(64, min(2048, h - h % 8))
-            return request.width or w, request.height or h
-        return request.width or model.default_width, request.height or model.default_height
-
-    def batch_key(self, request: GenerationRequest) -> BatchKey:
-        model = self.registry.load(request.model)
-        width, height = self.resolve_size(request, model)
-        resolved = self._resolve_sampler(request)
-        return BatchKey(
-            model=model.info.name,
-            mode=request.mode,
-            width=width,
-            height=height,
-            steps=request.steps,
-            sampler=resolved.sampler.name,
-            schedule=resolved.schedule.name,
-            cfg_scale=request.cfg_scale,
-            strength=self.effective_strength(request),
-        )
-
     @staticmethod
-    def effective_strength(request: GenerationRequest) -> float:
-        if request.mode == "txt2img":
-            return 0.0
-        if request.mode == "inpaint" and request.inpaint_fill == "noise":
-            return 1.0  # start the masked area from pure noise
-        return request.strength
+    def resolve_size(request: JobRequest, model: LoadedModel) -> tuple[int, int]:
+        width, height = requested_size(request)
+        return width or model.default_width, height or model.default_height
 
     @staticmethod
     def _resolve_sampler(request: GenerationRequest) -> samplers.ResolvedSampler:
@@ -128,23 +129,28 @@ class Engine:
             raise InvalidRequestError(str(exc)) from None
 
     def run(
-        self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None
+        self, requests: Sequence[JobRequest], on_step: StepCallback | None = None,
+        inputs: Mapping[str, Image.Image] | None = None,
     ) -> list[list[GeneratedImage]]:
-        """Generate every image of every request in one pipeline call; one result list per request."""
+        """Generate every image of every request in one pipeline call; one result list per request.
+
+        `inputs` holds the decoded input images by the keys in each request's `init_image` and `mask`.
+        """
         import torch
 
         if not requests:
             return []
-        keys = {self.batch_key(r) for r in requests}
+        keys = {batch_key(r) for r in requests}
         if len(keys) != 1:
             raise ValueError(f"requests in one batch must share model, mode, size, steps and sampler: {keys}")
-        key = keys.pop()
         model = self.registry.load(requests[0].model)
         resolved = self._resolve_sampler(requests[0])
+        width, height = self.resolve_size(requests[0], model)
+        key = replace(keys.pop(), model=model.info.name, width=width, height=height)
         pipe = model.pipelines[key.mode]
         pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
 
-        prepared = [self._prepare(r, key) for r in requests]
+        prepared = [self._prepare(r, key, inputs or {}) for r in requests]
         prompts: list[str] = []
         negatives: list[str] = []
         generators: list[Any] = []
@@ -215,16 +221,20 @@ class Engine:
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 
-    def _prepare(self, request: GenerationRequest, key: BatchKey) -> _Prepared:
+    def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         seed = request.with_seed().seed
         init = mask = None
+        for field in ("init_image", "mask"):
+            name = getattr(request, field)
+            if name is not None and name not in inputs:
+                raise InvalidRequestError(f"{field} {name!r} was not given to the engine")
         try:
             size = (key.width, key.height)
             if request.init_image is not None:
-                init = decode_image(request.init_image).convert("RGB")
+                init = inputs[request.init_image].convert("RGB")
                 init = ImageOps.fit(init, size, Image.LANCZOS) if request.resize_mode == "crop" else init.resize(size, Image.LANCZOS)
             if request.mask is not None:
-                source = decode_image(request.mask)
+                source = inputs[request.mask]
                 if request.resize_mode == "crop":
                     source = ImageOps.fit(source, size, Image.NEAREST)
                 mask = _binary_mask(source, size, request.mask_blur, request.mask_invert)

@@ -6,13 +6,14 @@ Progress (step/steps) lives in memory: it is only meaningful while this process 
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from sdserve.jobs.queue import (
     NotAccepting,
     QueueFull,
     Selector,
+    StorageError,
 )
-from sdserve.schema import GenerationRequest, ImageRef, Job, JobStatus
+from sdserve.core import public_job
+from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,14 +60,19 @@ CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 
 # How many queued jobs the selector sees at once (enough to fill a batch).
 CLAIM_WINDOW = 64
+# A running job past its deadline by this much was not stopped by its runner: it is failed from outside.
+RUNNING_GRACE_S = 30.0
 
 
 def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
 
 
-def request_fingerprint(request: GenerationRequest) -> str:
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+def _storage_error(exc: sqlite3.Error) -> StorageError:
+    text = str(exc)
+    full = "full" in text or getattr(exc, "sqlite_errorcode", None) == 13 or (
+        isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC)
+    return StorageError(f"the job store cannot write: {text}", full=full)
 
 
 class SQLiteJobQueue:
@@ -117,6 +125,31 @@ class SQLiteJobQueue:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction: all of it is committed, or none of it (a full disk rolls it back). Callers change
+        the in-memory counts only after it commits, so they never drift from the table."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _storage_error(exc) from None
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise _storage_error(exc) from None
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (it does on SQLITE_FULL)
+
     # ----- reading ---------------------------------------------------------------------------
     def _row(self, job_id: str) -> sqlite3.Row:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -126,7 +159,7 @@ class SQLiteJobQueue:
 
     def _to_job(self, row: sqlite3.Row, with_position: bool = True) -> Job:
         status = JobStatus(row["status"])
-        request = GenerationRequest.model_validate_json(row["request"])
+        request = JobRequest.model_validate_json(row["request"])
         step, steps = self._progress.get(row["id"], (0, request.steps))
         if status is JobStatus.succeeded:
             step = steps
@@ -197,23 +230,24 @@ class SQLiteJobQueue:
             return 5
         return int(min(300, max(1, queued_steps * self._seconds_per_step / max(1, self.max_queue))))
 
+    def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE idem_key = ?", (idempotency_key,)).fetchone()
+            if row is None:
+                return None
+            if row["idem_hash"] != fingerprint:
+                raise IdempotencyConflict("Idempotency-Key was already used with a different request body")
+            return self._to_job(row)
+
     def submit(
-        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
-        timeout_s: float | None = None,
+        self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,
+        fingerprint: str | None = None, timeout_s: float | None = None,
     ) -> tuple[Job, bool]:
-        request = request.with_seed()  # fixed now, so a re-run after a crash gives the same images
-        fingerprint = None
         with self._lock:
             if idempotency_key is not None:
-                # The fingerprint ignores the drawn seed: a retry of "seed -1" is the same request.
-                fingerprint = request_fingerprint(request.model_copy(update={"seed": -1}))
-                row = self._db.execute("SELECT * FROM jobs WHERE idem_key = ?", (idempotency_key,)).fetchone()
-                if row is not None:
-                    if row["idem_hash"] != fingerprint:
-                        raise IdempotencyConflict(
-                            "Idempotency-Key was already used with a different request body"
-                        )
-                    return self._to_job(row), False
+                existing = self.idempotent(idempotency_key, fingerprint)
+                if existing is not None:
+                    return existing, False
             if not self.accepting:
                 raise NotAccepting("the server is shutting down or not ready; retry shortly")
             if self.depth() >= self.max_queue:
@@ -222,12 +256,13 @@ class SQLiteJobQueue:
             timeout = timeout_s or request.timeout_s or self.default_timeout_s
             job_id = uuid.uuid4().hex
             work = request.steps * request.n
-            self._db.execute(
-                "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, idem_hash) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request.priority, work, request.model_dump_json(), source, now,
-                 now + timeout if timeout else None, idempotency_key, fingerprint),
-            )
+            with self._write():
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, "
+                    "idem_hash) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, request.priority, work, request.model_dump_json(), source, now,
+                     now + timeout if timeout else None, idempotency_key, fingerprint),
+                )
             # Ahead of a new job: every queued job of its priority or higher.
             ahead = [entry for prio, entry in self._queued.items() if prio >= request.priority]
             position, ahead_work = sum(e[0] for e in ahead), sum(e[1] for e in ahead)
@@ -250,7 +285,8 @@ class SQLiteJobQueue:
                 raise JobFinished(f"job {job_id} already {status.value}")
             if status is JobStatus.running:
                 self._cancel.add(job_id)
-                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                with self._write():
+                    self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 return self._to_job(self._row(job_id))
         return self.mark_canceled(job_id)
 
@@ -284,14 +320,16 @@ class SQLiteJobQueue:
                 self._wakeup.wait(remaining)
             now = time.time()
             batch_id = uuid.uuid4().hex[:12]
+            with self._write():  # the whole batch is claimed, or none of it
+                for job in chosen:
+                    self._db.execute(
+                        "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
+                        "batch_images = ? WHERE id = ?",
+                        (now, batch_id, sum(j.request.n for j in chosen), job.id),
+                    )
             claimed = []
             for job in chosen:
                 self._count(job.request.priority, job.request.steps * job.request.n, -1)
-                self._db.execute(
-                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
-                    "batch_images = ? WHERE id = ?",
-                    (now, batch_id, sum(j.request.n for j in chosen), job.id),
-                )
                 self._progress[job.id] = (0, job.request.steps)
                 claimed.append(self._to_job(self._row(job.id)))
         for job in claimed:
@@ -322,15 +360,19 @@ class SQLiteJobQueue:
             self._seconds_per_step = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+        """Record the job's end, once: a job that already ended is returned unchanged, with no event."""
         with self._lock:
-            before = self._db.execute("SELECT status, priority, work FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if before is not None and before["status"] == "queued":
-                self._count(before["priority"], before["work"], -1)
+            before = self._row(job_id)
+            if JobStatus(before["status"]).terminal:
+                return self._to_job(before)
             sets = ", ".join(f"{k} = ?" for k in fields)
-            self._db.execute(
-                f"UPDATE jobs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE id = ?",
-                (status.value, time.time(), *fields.values(), job_id),
-            )
+            with self._write():
+                self._db.execute(
+                    f"UPDATE jobs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE id = ?",
+                    (status.value, time.time(), *fields.values(), job_id),
+                )
+            if before["status"] == "queued":
+                self._count(before["priority"], before["work"], -1)
             job = self._to_job(self._row(job_id))
             self._progress.pop(job_id, None)
             self._cancel.discard(job_id)
@@ -349,12 +391,14 @@ class SQLiteJobQueue:
     def requeue(self, job_id: str) -> None:
         with self._lock:
             row = self._row(job_id)
-            if row["status"] != "queued":
-                self._count(row["priority"], row["work"], +1)
-            self._db.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1) WHERE id = ?",
-                (job_id,),
-            )
+            if row["status"] != "running":
+                return
+            with self._write():
+                self._db.execute(
+                    "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1) WHERE id = ?",
+                    (job_id,),
+                )
+            self._count(row["priority"], row["work"], +1)
             self._progress.pop(job_id, None)
             self._wakeup.notify_all()
 
@@ -364,10 +408,11 @@ class SQLiteJobQueue:
             given_up = self._db.execute(
                 "SELECT id, attempts FROM jobs WHERE status = 'running' AND attempts >= ?", (MAX_ATTEMPTS,)
             ).fetchall()
-            requeued = self._db.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running' AND attempts < ?",
-                (MAX_ATTEMPTS,),
-            ).rowcount
+            with self._write():
+                requeued = self._db.execute(
+                    "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running' AND attempts < ?",
+                    (MAX_ATTEMPTS,),
+                ).rowcount
             self._recount()
         for row in given_up:
             self.fail(
@@ -379,25 +424,22 @@ class SQLiteJobQueue:
         return requeued
 
     def expire(self) -> list[Job]:
-        """Fail queued jobs whose timeout passed while they waited."""
+        """Fail jobs whose timeout passed: queued ones at once; running ones when the runner, which stops
+        them at their next step, has not done so within `RUNNING_GRACE_S` (it is stuck or gone)."""
+        now = time.time()
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, created_at, deadline FROM jobs WHERE status = 'queued' AND deadline IS NOT NULL "
-                "AND deadline < ?", (time.time(),),
+                "SELECT id, status, created_at, deadline FROM jobs WHERE deadline IS NOT NULL AND "
+                "((status = 'queued' AND deadline < ?) OR (status = 'running' AND deadline < ?))",
+                (now, now - RUNNING_GRACE_S),
             ).fetchall()
+        where = {"queued": "waiting in the queue", "running": "(waiting and running)"}
         return [
-            self.fail(r["id"], f"timed out after {r['deadline'] - r['created_at']:.0f} s waiting in the queue", "timeout")
+            self.fail(r["id"], f"timed out after {r['deadline'] - r['created_at']:.0f} s {where[r['status']]}",
+                      "timeout")
             for r in rows
         ]
 
     def _publish(self, kind: str, job: Job) -> None:
         self.events.publish(job.id, {"type": kind, **public_job(job)})
 
-
-def public_job(job: Job) -> dict[str, Any]:
-    """A job as clients see it: the request without its (possibly megabytes of) input images."""
-    data = job.model_dump(mode="json")
-    for field in ("init_image", "mask"):
-        if data["request"].get(field) is not None:
-            data["request"][field] = "(image)"
-    return data

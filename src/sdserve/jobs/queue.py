@@ -1,6 +1,7 @@
 """The job queue and job store interface. Embedded: `jobs.local` (SQLite). Scale-out: Redis Streams.
 
 Order is priority first (higher first), then first-in-first-out. A claimed job is `running`;
+a job's end is recorded once: finishing a job that already ended changes nothing and returns it.
 if the process dies, `recover()` on the next start puts it back in the queue, up to
 `MAX_ATTEMPTS` tries, after which it fails with its reason.
 """
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from sdserve.jobs.events import EventBus
-from sdserve.schema import GenerationRequest, ImageRef, Job
+from sdserve.schema import ImageRef, Job, JobRequest
 
 MAX_ATTEMPTS = 3
 
@@ -45,15 +46,27 @@ class JobFinished(QueueError):
     """The job already ended; it cannot be canceled."""
 
 
+class StorageError(QueueError):
+    """The job store cannot write (disk full, read-only, I/O error): nothing was changed."""
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full  # out of space: 507 rather than 503
+
+
 class JobQueue(Protocol):
     events: EventBus
     accepting: bool
 
     def submit(
-        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
-        timeout_s: float | None = None,
+        self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,
+        fingerprint: str | None = None, timeout_s: float | None = None,
     ) -> tuple[Job, bool]:
-        """Persist and enqueue; returns (job, created). Raises QueueFull, NotAccepting, IdempotencyConflict."""
+        """Persist and enqueue; returns (job, created). Raises QueueFull, NotAccepting, IdempotencyConflict,
+        StorageError. With an idempotency key already used for the same fingerprint: that job, not created."""
+
+    def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
+        """The job submitted with this key, or None; IdempotencyConflict if it had another fingerprint."""
 
     def get(self, job_id: str) -> Job: ...
 

@@ -13,11 +13,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from PIL import Image
+
 from sdserve.engine.models import ModelError
 from sdserve.engine.pipeline import Cancelled, Engine, InvalidRequestError
-from sdserve.images import encode_png
+from sdserve.health import WriteHealth
+from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.jobs import batcher
-from sdserve.jobs.queue import JobQueue
+from sdserve.jobs.queue import JobQueue, StorageError
 from sdserve.schema import ImageRef, Job
 from sdserve.storage.local import LocalImageStore
 
@@ -28,14 +31,19 @@ class _Stop(Cancelled):
     """Shutdown ran out of grace time: put the batch back for the next start."""
 
 
+class _MissingInput(Exception):
+    pass
+
+
 class Runner:
     def __init__(
-        self, engine: Engine, queue: JobQueue, images: LocalImageStore, *, default_model: str | None = None,
-        max_batch: int = 1, batch_wait_s: float = 0.0,
+        self, engine: Engine, queue: JobQueue, images: LocalImageStore, health: WriteHealth, *,
+        default_model: str | None = None, max_batch: int = 1, batch_wait_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.queue = queue
         self.images = images
+        self.health = health
         self.default_model = default_model
         self.max_batch = max(1, max_batch)
         self.batch_wait_s = max(0.0, batch_wait_s)
@@ -62,13 +70,11 @@ class Runner:
             self.engine.warm_up(self.default_model)
             self.ready = True
         except ModelError as exc:
+            # Keep running: the service refuses new jobs with this error, and queued ones fail with it.
             self.load_error = str(exc)
             log.error("cannot load the default model: %s", exc)
-            return
         while not self._stopping.is_set():
             try:
-                for job in self.queue.expire():
-                    log.info("job %s timed out in the queue", job.id)
                 jobs = self.queue.claim(
                     select=lambda candidates: batcher.select(candidates, self.max_batch),
                     wait_s=0.25,
@@ -77,9 +83,39 @@ class Runner:
                 )
                 if jobs:
                     self._run(jobs)
+            except StorageError as exc:
+                self.health.failed(str(exc))
+                time.sleep(0.5)
             except Exception:  # keep the runner alive whatever one batch does
                 log.exception("runner loop error")
                 time.sleep(0.5)
+
+    def _record(self, end: Callable[..., object], *args: object) -> None:
+        """Record a job's end. If the job store cannot write, retry until it can (or shutdown): the job stays
+        running meanwhile, and a restart re-runs it; readiness says why."""
+        while True:
+            try:
+                end(*args)
+                return
+            except StorageError as exc:
+                self.health.failed(str(exc))
+                if self._stopping.wait(1.0):
+                    return
+
+    def _inputs(self, jobs: Sequence[Job]) -> dict[str, Image.Image]:
+        inputs: dict[str, Image.Image] = {}
+        for job in jobs:
+            for key in (job.request.init_image, job.request.mask):
+                if key is None or key in inputs:
+                    continue
+                data = self.images.get(key)
+                if data is None:
+                    raise _MissingInput(f"input image {key} is missing from the image store")
+                try:
+                    inputs[key] = decode_image(data)
+                except ImageDecodeError as exc:
+                    raise _MissingInput(f"input image {key}: {exc}") from None
+        return inputs
 
     def _run(self, jobs: Sequence[Job]) -> None:
         deadlines = {job.id: self.queue.deadline(job.id) for job in jobs}
@@ -115,28 +151,43 @@ class Runner:
             return [job for job in jobs if job.id not in dropped]
 
         try:
-            results = self.engine.run([job.request for job in jobs], on_step=on_step)
+            inputs = self._inputs(jobs)
+            results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
+        except _MissingInput as exc:
+            if len(jobs) > 1:
+                for job in live():
+                    self._run([job])
+                return
+            for job in live():
+                self._record(self.queue.fail, job.id, str(exc), "invalid")
+            return
         except _Stop:
             for job in live():
-                self.queue.requeue(job.id)
+                self._record(self.queue.requeue, job.id)
             return
         except Cancelled:
             for job in live():
-                self.queue.mark_canceled(job.id)
+                self._record(self.queue.mark_canceled, job.id)
             return
-        except (InvalidRequestError, ModelError) as exc:
+        except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
+            for job in live():
+                self._record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
+            return
+        except InvalidRequestError as exc:
             if len(jobs) > 1:
                 # One bad request must not fail its companions: run each alone to find it.
                 for job in live():
                     self._run([job])
                 return
             for job in live():
-                self.queue.fail(job.id, str(exc), "invalid")
+                self._record(self.queue.fail, job.id, str(exc), "invalid")
             return
+        except StorageError:
+            raise
         except Exception as exc:
             log.exception("generation failed for jobs %s", [j.id for j in jobs])
             for job in live():
-                self.queue.fail(job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
+                self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
         elapsed = time.monotonic() - started
         if steps_done:
@@ -145,11 +196,16 @@ class Runner:
         for job, generated in zip(jobs, results):
             if job.id in dropped or self.queue.cancel_requested(job.id):
                 if job.id not in dropped:
-                    self.queue.mark_canceled(job.id)
+                    self._record(self.queue.mark_canceled, job.id)
                 continue
-            refs = [
-                ImageRef(id=(image_id := self.images.put(encode_png(g.image, g.infotext))),
-                         url=f"/api/v1/images/{image_id}", seed=g.seed)
-                for g in generated
-            ]
-            self.queue.succeed(job.id, refs)
+            try:
+                refs = [
+                    ImageRef(id=(image_id := self.images.put(encode_png(g.image, g.infotext))),
+                             url=f"/api/v1/images/{image_id}", seed=g.seed)
+                    for g in generated
+                ]
+            except OSError as exc:
+                self.health.failed(f"image store: {exc}")
+                self._record(self.queue.fail, job.id, f"could not store the images: {exc.strerror or exc}", "storage")
+                continue
+            self._record(self.queue.succeed, job.id, refs)

@@ -27,7 +27,7 @@ class TranslationError(ValueError):
 class Txt2ImgRequest(BaseModel):
     """StableDiffusionTxt2ImgProcessingAPI. Unknown keys are accepted (A1111 clients send many) and reported."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""

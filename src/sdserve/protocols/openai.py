@@ -17,7 +17,7 @@ class OpenAIError(ValueError):
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = Field(..., max_length=32000)
     model: str | None = None

@@ -1,0 +1,96 @@
+"""The rules every backend and every dialect share, each in one place.
+
+- what a client request becomes when it is accepted (`job_request`): seed drawn, model pinned,
+  input images read once and replaced by their image store keys;
+- the idempotency fingerprint of a request;
+- the public view of a job;
+- which HTTP status a failed job means to a synchronous client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from sdserve.images import ImageDecodeError, base64_bytes, decode_image
+from sdserve.schema import GenerationRequest, Job, JobRequest
+
+INPUT_FIELDS = ("init_image", "mask")
+
+
+class RequestRejected(ValueError):
+    """The request is well-formed but cannot run here (unknown model or sampler, unreadable image, over a limit)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# ----- failed jobs -------------------------------------------------------------------------------
+# error_kind -> the HTTP status a synchronous client gets, whatever its dialect.
+FAILURE_STATUS = {
+    "invalid": 422,  # the request cannot run as given
+    "canceled": 409,
+    "unavailable": 503,  # the model cannot be loaded: an operator problem, retry later or elsewhere
+    "timeout": 504,
+    "storage": 507,  # the disk is full or the image store refused the write
+}
+
+
+def failure_status(kind: str | None) -> int:
+    return FAILURE_STATUS.get(kind or "", 500)
+
+
+# ----- acceptance --------------------------------------------------------------------------------
+def fingerprint(request: GenerationRequest) -> str:
+    """What an Idempotency-Key is bound to: the request as the client sent it."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+@dataclass
+class InputImage:
+    raw: bytes  # exactly what the client sent, decoded from base64: what the image store keeps
+    image: Image.Image
+
+
+def read_inputs(request: GenerationRequest, max_pixels: int) -> dict[str, InputImage]:
+    """Decode each input image once, checking it is a readable image within the pixel bound."""
+    inputs = {}
+    for field in INPUT_FIELDS:
+        data = getattr(request, field)
+        if data is None:
+            continue
+        try:
+            raw = base64_bytes(data)
+            inputs[field] = InputImage(raw, decode_image(raw, max_pixels=max_pixels))
+        except ImageDecodeError as exc:
+            raise RequestRejected(f"{field}: {exc}", field) from None
+    return inputs
+
+
+def job_request(request: GenerationRequest, *, model: str | None, keys: Mapping[str, str],
+                init_size: tuple[int, int] | None) -> JobRequest:
+    """The request as queued: a concrete seed (a re-run after a crash draws the same images), the pinned
+    model, and image store keys in place of the input images."""
+    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model"})
+    return JobRequest(**fields, model=model, init_image=keys.get("init_image"), mask=keys.get("mask"),
+                      init_size=init_size)
+
+
+def inline_inputs(request: GenerationRequest, max_pixels: int = 4096 * 4096) -> tuple[JobRequest, dict[str, Image.Image]]:
+    """For running the engine directly (the CLI, tests): the job request and its decoded inputs, keyed by field."""
+    inputs = read_inputs(request, max_pixels)
+    init = inputs.get("init_image")
+    queued = job_request(request, model=request.model, keys={f: f for f in inputs},
+                         init_size=init.image.size if init else None)
+    return queued, {field: item.image for field, item in inputs.items()}
+
+
+# ----- what clients see --------------------------------------------------------------------------
+def public_job(job: Job) -> dict[str, Any]:
+    """A job as every API reports it (JSON-ready)."""
+    return job.model_dump(mode="json")
