@@ -38,9 +38,14 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> ServerProcess:
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to be ready."""
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def start(self, timeout: float = 120) -> ServerProcess:
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

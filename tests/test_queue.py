@@ -93,7 +93,7 @@ def test_cancel(queue):
 
 
 def test_expire_waiting_jobs(queue):
-    job = submit(queue, "x", timeout_s=0.05)
+    job = queue.submit(JobRequest(prompt="x"), timeout_s=0.05)[0]
     time.sleep(0.1)
     expired = queue.expire()
     assert [j.id for j in expired] == [job.id]

@@ -153,7 +153,7 @@ def test_malformed_json_and_huge_body(client):
 
 def test_job_timeout(client):
     blocker = start_blocker(client)
-    job_id = client.post("/api/v1/jobs", json={"prompt": "t", "steps": 2, "timeout_s": 0.5}).json()["id"]
+    job_id = client.post("/api/v1/jobs", json={"prompt": "t", "steps": 2, "timeout_s": 1}).json()["id"]
     job = wait_for(client, job_id, timeout=30)
     client.delete(f"/api/v1/jobs/{blocker}")
     assert job["status"] == "failed" and job["error_kind"] == "timeout" and "timed out" in job["error"]

@@ -45,7 +45,7 @@ class GenerationRequest(BaseModel):
         "resize", description="Fit the init image to width x height by stretching, or by cropping to the aspect.")
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
-    timeout_s: float | None = Field(None, gt=0, le=86400)
+    timeout_s: float | None = Field(None, ge=1, le=86400, description="Seconds the job may take, waiting and running.")
 
     @model_validator(mode="after")
     def _mask_needs_image(self) -> GenerationRequest:

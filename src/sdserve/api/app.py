@@ -15,6 +15,7 @@ from sdserve.api import a1111, errors, native, ops, openai, sagemaker, simple
 from sdserve.api.metrics import Metrics
 from sdserve.api.middleware import (
     BodyLimitMiddleware,
+    InternalErrorMiddleware,
     JSONGuardMiddleware,
     MetricsMiddleware,
     SecurityHeadersMiddleware,
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     # Outermost last: metrics see every response, 401s and 413s included; the body is read whole before
     # auth answers (so a 401 leaves the connection reusable), and parsed for the JSON checks only after it.
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(JSONGuardMiddleware)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, users=parse_users(settings.api_auth))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)

@@ -115,10 +115,6 @@ def install(app: FastAPI) -> None:
             detail = f"nothing at {request.url.path}"
         return render(request.url.path, exc.status_code, detail, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render(request.url.path, 500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 # ----- the error bodies, as /openapi.json declares them ----------------------------------------------

@@ -4,6 +4,7 @@ request metrics."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
@@ -11,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
 from sdserve.api.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # Deeper JSON than this is no request any dialect defines (A1111's deepest, alwayson_scripts args, is ~6).
 MAX_JSON_DEPTH = 64
@@ -156,6 +159,35 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class InternalErrorMiddleware:
+    """A bug answers 500 with JSON and leaves the connection open. (A handler for Exception registered on
+    the app would answer too, but Starlette then re-raises, and the server resets the keep-alive
+    connection.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # half a response is out: only closing the connection can tell the client
+            message = f"internal error ({type(exc).__name__}); see the server log"
+            await render(scope["path"], 500, message)(scope, receive, send)
 
 
 class MetricsMiddleware:

@@ -35,7 +35,7 @@ async def submit_job(
 async def list_jobs(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     status: JobStatus | None = None,
 ) -> list[dict[str, Any]]:
     jobs = await asyncio.to_thread(service.queue.list, limit=limit, offset=offset,
