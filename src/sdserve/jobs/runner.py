@@ -31,10 +31,6 @@ class _Stop(Cancelled):
     """Shutdown ran out of grace time: put the batch back for the next start."""
 
 
-class _MissingInput(Exception):
-    pass
-
-
 class Runner:
     def __init__(
         self, engine: Engine, queue: JobQueue, images: LocalImageStore, health: WriteHealth, *,
@@ -110,11 +106,11 @@ class Runner:
                     continue
                 data = self.images.get(key)
                 if data is None:
-                    raise _MissingInput(f"input image {key} is missing from the image store")
+                    raise InvalidRequestError(f"input image {key} is missing from the image store")
                 try:
                     inputs[key] = decode_image(data)
                 except ImageDecodeError as exc:
-                    raise _MissingInput(f"input image {key}: {exc}") from None
+                    raise InvalidRequestError(f"input image {key}: {exc}") from None
         return inputs
 
     def _run(self, jobs: Sequence[Job]) -> None:
@@ -153,14 +149,6 @@ class Runner:
         try:
             inputs = self._inputs(jobs)
             results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
-        except _MissingInput as exc:
-            if len(jobs) > 1:
-                for job in live():
-                    self._run([job])
-                return
-            for job in live():
-                self._record(self.queue.fail, job.id, str(exc), "invalid")
-            return
         except _Stop:
             for job in live():
                 self._record(self.queue.requeue, job.id)
