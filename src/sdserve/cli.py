@@ -179,6 +179,11 @@ def serve(
                      "[env: SDSERVE_OPTIMIZE]"),
     ] = None,
     allow_pickle: AllowPickle = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(help="Where images live: file:///path (default: DATA_DIR/images) or "
+                     "s3://BUCKET/PREFIX?endpoint_url=http://HOST:PORT&region=REGION. [env: SDSERVE_STORAGE]"),
+    ] = None,
     sagemaker: Annotated[
         Optional[bool],
         typer.Option("--sagemaker/--no-sagemaker", help="SageMaker container mode: bind 0.0.0.0:$SAGEMAKER_BIND_TO_PORT "
@@ -193,11 +198,14 @@ def serve(
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
-        sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize,
+        sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize, storage=storage,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
-    fastapi_app = create_app(settings)
+    try:
+        fastapi_app = create_app(settings)
+    except ValueError as exc:  # a bad --storage URL, an unknown --optimize name, ...
+        _fail(str(exc))
     service = fastapi_app.state.service
 
     class Server(uvicorn.Server):
@@ -211,7 +219,8 @@ def serve(
         timeout_graceful_shutdown=int(settings.shutdown_grace_s), access_log=False,
     )
     console.print(f"sdserve on http://{settings.host}:{settings.port}  (models: {', '.join(settings.models)}; "
-                  f"data: {settings.data_dir}; auth: {'on' if settings.api_keys else 'off'})")
+                  f"data: {settings.data_dir}; images: {service.images.location}; "
+                  f"auth: {'on' if settings.api_keys else 'off'})")
     Server(config).run()
 
 

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     optimize: Annotated[list[str], NoDecode] = Field(default_factory=list)
     engine: Literal["diffusers", "noop"] = Field("diffusers", description="noop: no generation, for benchmarks.")
 
+    # Where images live: file:///path (default: <data dir>/images) or s3://bucket/prefix?endpoint_url=&region=
+    storage: str | None = None
+    image_url_ttl_s: int = Field(3600, ge=1, le=7 * 86400, description="Lifetime of presigned image URLs.")
+    # GET /api/v1/images/{id} on a store with presigned URLs: redirect to one, or proxy the bytes.
+    image_route: Literal["redirect", "proxy"] = "redirect"
+
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
     max_size: int = Field(2048, ge=64, le=2048)
     max_steps: int = Field(150, ge=1, le=150)

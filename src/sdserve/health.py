@@ -6,20 +6,31 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+def probe_folder(folder: Path) -> None:
+    """Write, sync and remove a small file: raises OSError when the folder's disk cannot take a write."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 class WriteHealth:
     """Whether the job store and the image store can take writes. A failed write marks it failing; then at
-    most once a second a probe (write and remove a small file in each store's folder) tests whether space
-    came back. While failing, readiness is 503 and submissions get 507."""
+    most once a second the probes (a small write to each store) test whether it works again. While failing,
+    readiness is 503 and submissions get 507."""
 
-    PROBE_BYTES = 64 * 1024
-
-    def __init__(self, folders: list[Path]) -> None:
-        self.folders = folders
+    def __init__(self, probes: list[Callable[[], None]]) -> None:
+        self.probes = probes
         self.error: str | None = None
         self._probed = 0.0
         self._lock = threading.Lock()
@@ -38,15 +49,8 @@ class WriteHealth:
                 return self.error
             self._probed = time.monotonic()
             try:
-                for folder in self.folders:
-                    probe = folder / f".write-probe-{os.getpid()}"
-                    try:
-                        with probe.open("wb") as fh:
-                            fh.write(b"\0" * self.PROBE_BYTES)
-                            fh.flush()
-                            os.fsync(fh.fileno())
-                    finally:
-                        probe.unlink(missing_ok=True)
+                for probe in self.probes:
+                    probe()
             except OSError:
                 return self.error
             log.info("writes work again")

@@ -7,6 +7,7 @@ their request into a `GenerationRequest` and call `submit`; synchronous endpoint
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from sdserve import core
 from sdserve.config import Settings
 from sdserve.core import RequestRejected
 from sdserve.engine import samplers
-from sdserve.health import WriteHealth
+from sdserve.health import WriteHealth, probe_folder
 from sdserve.engine.models import ModelRegistry, UnknownModelError
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.pipeline import Engine
@@ -26,7 +27,7 @@ from sdserve.jobs.local import SQLiteJobQueue
 from sdserve.jobs.queue import JobQueue, NotAccepting, StorageError
 from sdserve.jobs.runner import Runner
 from sdserve.schema import GenerationRequest, Job, JobStatus
-from sdserve.storage.local import LocalImageStore
+from sdserve.storage import ImageStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ class Service:
         self.queue: JobQueue = SQLiteJobQueue(
             settings.data_dir / "jobs.db", max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
         )
-        self.images = LocalImageStore(settings.data_dir / "images")
-        self.health = WriteHealth([settings.data_dir, self.images.root])
+        self.images: ImageStore = open_store(settings.storage, settings.data_dir)
+        self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
         # The model a request without one gets. A1111's options POST changes it for later jobs only:
         # each job pins its model when it is accepted, so a switch never races a running job.
         self.default_model: str | None = settings.models[0] if settings.models else None
@@ -160,7 +161,8 @@ class Service:
             keys = {field: self.images.put(item.raw) for field, item in inputs.items()}
         except OSError as exc:
             self.health.failed(f"image store: {exc}")
-            raise StorageError(f"cannot store the input image: {exc.strerror or exc}", full=True) from None
+            raise StorageError(f"cannot store the input image: {exc.strerror or exc}",
+                               full=exc.errno == errno.ENOSPC) from None
         init = inputs.get("init_image")
         # Pin the model now: a later change of the default does not change what this job draws.
         model = self.registry.info(request.model or self.default_model).name
@@ -215,4 +217,7 @@ class Service:
     async def results(self, job_ids: list[str]) -> list[tuple[Job, list[bytes]]]:
         """Await every job's end; each with its PNGs (none unless it succeeded)."""
         done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
-        return [(job, [self.images.get(ref.id) or b"" for ref in job.images]) for job in done]
+        def read(job: Job) -> list[bytes]:
+            return [self.images.get(ref.id) or b"" for ref in job.images]
+
+        return [(job, await asyncio.to_thread(read, job)) for job in done]

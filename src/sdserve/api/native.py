@@ -7,7 +7,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
 from sdserve.api.deps import ServiceDep
@@ -15,6 +15,7 @@ from sdserve.engine import samplers
 from sdserve.core import failure_status, public_job
 from sdserve.images import media_type
 from sdserve.schema import GenerationRequest, Job, JobStatus
+from sdserve.storage import valid_key
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 
@@ -73,8 +74,15 @@ async def job_events(job_id: str, service: ServiceDep) -> EventSourceResponse:
     return EventSourceResponse(stream())
 
 
-@router.get("/images/{image_id}", summary="An image by its opaque id", responses=PNG)
+@router.get("/images/{image_id}", summary="An image by its opaque id (in S3: a redirect to a presigned URL)",
+            responses={**PNG, 307: {"description": "Redirect to a presigned URL (S3 storage, image_route=redirect)"}})
 async def get_image(image_id: str, service: ServiceDep) -> Response:
+    if not valid_key(image_id):
+        raise HTTPException(404, f"no image {image_id!r}")
+    if service.settings.image_route == "redirect":
+        url = service.images.url(image_id, service.settings.image_url_ttl_s)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
     data = await asyncio.to_thread(service.images.get, image_id)
     if data is None:
         raise HTTPException(404, f"no image {image_id!r}")

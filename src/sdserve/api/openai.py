@@ -34,9 +34,11 @@ async def _respond(request: Request, service: Service, canonical: GenerationRequ
     if job.status is not JobStatus.succeeded:
         raise _job_error(job)
     base = str(request.base_url).rstrip("/")
+    ttl = service.settings.image_url_ttl_s
     data = [
         proto.image_data(b64=base64.b64encode(png).decode() if response_format == "b64_json" else None,
-                         url=f"{base}/api/v1/images/{ref.id}", prompt=canonical.prompt)
+                         url=service.images.url(ref.id, ttl) or f"{base}/api/v1/images/{ref.id}",
+                         prompt=canonical.prompt)
         for ref, png in zip(job.images, pngs)
     ]
     return {"created": int(time.time()), "data": data}

@@ -60,4 +60,10 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
         return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))
     if wants_png:
         return Response(pngs[0], media_type="image/png", headers={"X-Job-Id": job.id})
-    return JSONResponse({"images": [base64.b64encode(p).decode() for p in pngs], "job": public_job(job)})
+    body = {"images": [base64.b64encode(p).decode() for p in pngs], "job": public_job(job)}
+    if service.images.uri(job.images[0].id) is not None:
+        # As SageMaker deployments do: where each image is in S3, and a presigned URL to fetch it.
+        ttl = service.settings.image_url_ttl_s
+        body["s3"] = [{"uri": service.images.uri(ref.id), "url": service.images.url(ref.id, ttl)}
+                      for ref in job.images]
+    return JSONResponse(body)

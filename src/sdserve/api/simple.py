@@ -15,7 +15,7 @@ from sdserve.api.deps import ServiceDep, build_request
 from sdserve.api.native import PNG, png_response
 from sdserve.core import failure_status
 from sdserve.schema import JobStatus
-from sdserve.storage.local import valid_image_id
+from sdserve.storage import valid_key
 
 router = APIRouter(tags=["simple"])
 
@@ -65,7 +65,7 @@ async def generate(body: GenerateBody, service: ServiceDep) -> dict:
 
 @router.get("/download/{download_id}", summary="The PNG for a download id", responses=PNG)
 async def download(download_id: str, service: ServiceDep) -> Response:
-    data = await asyncio.to_thread(service.images.get, download_id) if valid_image_id(download_id) else None
+    data = await asyncio.to_thread(service.images.get, download_id) if valid_key(download_id) else None
     if data is None:
         raise HTTPException(404, f"no image with download id {download_id!r}")
     return Response(data, media_type="image/png",

