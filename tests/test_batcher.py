@@ -7,10 +7,10 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
+from server import ServerProcess, wait_for
 
 from sdserve.jobs import batcher
-from sdserve.schema import JobRequest, Job, JobStatus
-from server import ServerProcess, wait_for
+from sdserve.schema import Job, JobRequest, JobStatus
 
 NOW = datetime.now(timezone.utc)
 

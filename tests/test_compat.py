@@ -14,7 +14,6 @@ import openai
 import pytest
 import webuiapi
 from PIL import Image
-
 from server import ServerProcess
 
 KEY = "sk-test-key"

@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdserve.core import RequestRejected, inline_inputs
 from sdserve.engine import samplers
-from sdserve.engine.pipeline import Cancelled, InvalidRequestError
-from sdserve.core import inline_inputs
-from sdserve.core import RequestRejected
-from sdserve.engine.pipeline import batch_key
+from sdserve.engine.pipeline import Cancelled, InvalidRequestError, batch_key
 from sdserve.schema import GenerationRequest
 
 

@@ -21,7 +21,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from server import ServerProcess, wait_for
 
 LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}  # seconds of work

@@ -4,9 +4,15 @@ import time
 
 import pytest
 
-from sdserve.jobs.local import SQLiteJobQueue
-from sdserve.jobs.queue import MAX_ATTEMPTS, IdempotencyConflict, JobFinished, NotAccepting, QueueFull
 from sdserve.core import fingerprint
+from sdserve.jobs.local import SQLiteJobQueue
+from sdserve.jobs.queue import (
+    MAX_ATTEMPTS,
+    IdempotencyConflict,
+    JobFinished,
+    NotAccepting,
+    QueueFull,
+)
 from sdserve.schema import ImageRef, JobRequest, JobStatus
 
 

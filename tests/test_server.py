@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 from PIL import Image
+from server import ServerProcess, wait_for
 
 from sdserve.engine import infotext
-from server import ServerProcess, wait_for
 
 BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1, "width": 256, "height": 256}  # seconds of work: keeps the runner busy
 

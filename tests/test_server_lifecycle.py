@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-
 from server import ServerProcess, wait_for
 
 BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1, "width": 256, "height": 256}

@@ -10,10 +10,10 @@ import uuid
 
 import httpx
 import pytest
-from PIL import Image
-
 from components import SeaweedS3
+from PIL import Image
 from server import ServerProcess, wait_for
+
 from sdserve.storage import StoreError, open_store
 
 

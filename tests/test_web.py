@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-
 from server import ServerProcess, wait_for
 
 CHROMIUM = os.environ.get("SDSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

@@ -17,10 +17,10 @@ from sdserve import core
 from sdserve.config import Settings
 from sdserve.core import RequestRejected
 from sdserve.engine import samplers
-from sdserve.health import WriteHealth, probe_folder
 from sdserve.engine.models import ModelRegistry, UnknownModelError
 from sdserve.engine.noop import NoopEngine
 from sdserve.engine.pipeline import Engine
+from sdserve.health import WriteHealth, probe_folder
 from sdserve.jobs.batcher import default_max_batch
 from sdserve.jobs.events import END_EVENTS
 from sdserve.jobs.local import SQLiteJobQueue

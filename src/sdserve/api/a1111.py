@@ -25,15 +25,14 @@ from pydantic import BaseModel, ConfigDict
 
 from sdserve.api.deps import ServiceDep
 from sdserve.api.security import caller_id
-from sdserve.core import failure_status
+from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
 from sdserve.engine import samplers
 from sdserve.engine.models import ModelInfo, UnknownModelError
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
-from sdserve.protocols import a1111 as proto
 from sdserve.jobs.queue import JobFinished, JobNotFound
+from sdserve.protocols import a1111 as proto
 from sdserve.schema import Job, JobStatus
-from sdserve.core import RequestRejected
 from sdserve.service import Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from sdserve import __version__
-from sdserve.api import a1111, errors, native, ops, openai, sagemaker, simple
+from sdserve.api import a1111, errors, native, openai, ops, sagemaker, simple
 from sdserve.api.metrics import Metrics
 from sdserve.api.middleware import (
     BodyLimitMiddleware,

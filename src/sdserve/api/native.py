@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
 from sdserve.api.deps import ServiceDep
-from sdserve.engine import samplers
 from sdserve.core import failure_status, public_job
+from sdserve.engine import samplers
 from sdserve.images import media_type
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import valid_key

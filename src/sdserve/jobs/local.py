@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sdserve.core import public_job
 from sdserve.jobs.events import EventBus
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
@@ -29,7 +30,6 @@ from sdserve.jobs.queue import (
     Selector,
     StorageError,
 )
-from sdserve.core import public_job
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
 SCHEMA = """
