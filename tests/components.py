@@ -1,4 +1,5 @@
-"""Real components the tests start on loopback and free ports, and stop by PID: SeaweedFS's S3 server."""
+"""Real components the tests start on loopback and free ports, and stop by PID: Debian's redis-server (with
+`--appendonly yes`) and SeaweedFS's S3 server."""
 
 from __future__ import annotations
 
@@ -104,3 +105,57 @@ class SeaweedS3:
                 self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
+
+
+class RedisServer:
+    """`redis-server` on a free loopback port, its data (AOF) in `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20) -> RedisServer:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server: apt-get install redis-server (.ci/run installs it)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(self.root),
+             "--save", "", "--protected-mode", "no"],
+            stdout=(self.root / "redis.log").open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: {(self.root / 'redis.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def shutdown(self) -> None:
+        """A clean SHUTDOWN (the AOF is complete), then wait for the process."""
+        import redis
+
+        try:
+            redis.Redis.from_url(self.url).shutdown()
+        except redis.ConnectionError:
+            pass
+        if self.proc is not None:
+            self.proc.wait(20)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)

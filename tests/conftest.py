@@ -45,3 +45,13 @@ def engine(registry):
     from sdserve.engine.pipeline import Engine
 
     return Engine(registry)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """Debian's redis-server with --appendonly yes, on a free loopback port; stopped by PID."""
+    from components import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

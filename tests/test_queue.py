@@ -1,5 +1,8 @@
-"""The embedded queue's rules, on a real SQLite file (no server)."""
+"""The job queue contract, run against every backend: SQLite (a real file) and Redis (a real redis-server);
+then what only one of them does (SQLite's restart recovery, Redis's leases and cross-process events)."""
 
+import asyncio
+import threading
 import time
 
 import pytest
@@ -16,11 +19,21 @@ from sdserve.jobs.queue import (
 from sdserve.schema import ImageRef, JobRequest, JobStatus
 
 
-@pytest.fixture()
-def queue(tmp_path):
-    q = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
+@pytest.fixture(params=["sqlite", "redis"])
+def queue(request, tmp_path):
+    if request.param == "sqlite":
+        q = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
+    else:
+        q = redis_queue(request.getfixturevalue("redis_server"), max_queue=4)
     yield q
     q.close()
+
+
+def redis_queue(server, **kw):
+    from sdserve.jobs.redis import RedisJobQueue
+
+    server.client().flushdb()
+    return RedisJobQueue(server.url, **kw)
 
 
 def submit(q, prompt, **kw):
@@ -124,8 +137,9 @@ def test_eta_uses_measured_speed(queue):
     assert queue.get(second.id).queue_position == 1
 
 
-def test_in_memory_counts_match_the_table(queue, tmp_path):
+def test_in_memory_counts_match_the_table(tmp_path):
     """Depth and positions are kept in memory; every transition must keep them equal to the table."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
     jobs = [submit(queue, str(i), priority=i % 2, steps=5) for i in range(4)]
     assert [j.queue_position for j in jobs] == [0, 0, 2, 1]  # returned at submit: priority 1 jumps ahead
     queue.claim(wait_s=0)                      # queued -> running
@@ -140,3 +154,86 @@ def test_in_memory_counts_match_the_table(queue, tmp_path):
         assert fresh is not None
     reopened = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
     assert reopened.depth() == 3
+
+
+# ---------------------------------------------------------------- Redis: leases, workers, events across processes
+def test_an_expired_lease_is_delivered_again_then_gives_up(redis_server):
+    q = redis_queue(redis_server, lease_s=1)
+    job = submit(q, "x")
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        claimed = q.claim(wait_s=1, worker=f"w{attempt}")
+        assert [j.id for j in claimed] == [job.id] and claimed[0].attempts == attempt
+        assert q.get(job.id).worker == f"w{attempt}"
+        time.sleep(1.2)  # the worker died: no heartbeat
+        q.expire()
+    ended = q.get(job.id)
+    assert ended.status is JobStatus.failed and f"{MAX_ATTEMPTS} times" in ended.error
+    assert q.claim(wait_s=0) == [] and q.depth() == 0 and q.running() == []
+
+
+def test_a_heartbeat_keeps_the_lease(redis_server):
+    q = redis_queue(redis_server, lease_s=1)
+    job = submit(q, "x")
+    q.claim(wait_s=0, worker="w")
+    for _ in range(4):
+        time.sleep(0.4)
+        q.heartbeat([job.id])
+        q.expire()
+    assert q.get(job.id).status is JobStatus.running and q.get(job.id).attempts == 1
+
+
+def test_two_workers_never_claim_the_same_job(redis_server):
+    a, b = redis_queue(redis_server, max_queue=100), None
+    from sdserve.jobs.redis import RedisJobQueue
+
+    b = RedisJobQueue(redis_server.url, max_queue=100)
+    ids = {submit(a, str(i)).id for i in range(40)}
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    def work(name, q):
+        while True:
+            claimed = q.claim(select=lambda c: c[:3], wait_s=0.2, worker=name)
+            if not claimed:
+                return
+            got[name] += [j.id for j in claimed]
+
+    threads = [threading.Thread(target=work, args=(n, q)) for n, q in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got["a"] + got["b"]) == sorted(ids) and not set(got["a"]) & set(got["b"])
+
+
+def test_events_cross_processes_and_resume_after_an_id(redis_server):
+    from sdserve.jobs.redis import RedisJobQueue
+
+    submitter = redis_queue(redis_server)
+    watcher = RedisJobQueue(redis_server.url)  # another replica
+    job = submit(submitter, "x", steps=3)
+
+    async def watch(after=None, until="succeeded"):
+        seen = []
+        with watcher.events.subscribe(job.id, after=after) as events:
+            while True:
+                event = await asyncio.wait_for(events.get(), 10)
+                seen.append(event)
+                if event["type"] == until:
+                    return seen
+
+    async def scenario():
+        first = asyncio.create_task(watch(after="0-0", until="progress"))
+        await asyncio.sleep(0.2)
+        submitter.claim(wait_s=0)
+        for step in (1, 2, 3):
+            submitter.progress(job.id, step, 3)
+        head = await first
+        resumed = asyncio.create_task(watch(after=head[-1]["event_id"]))
+        await asyncio.sleep(0.2)
+        submitter.succeed(job.id, [])
+        return head, await resumed
+
+    head, rest = asyncio.run(scenario())
+    assert [e["type"] for e in head] == ["queued", "started", "progress"]
+    assert [(e["type"], e["step"]) for e in rest] == [("progress", 2), ("progress", 3), ("succeeded", 3)]
+    assert len({e["event_id"] for e in head + rest}) == len(head + rest)  # no event twice

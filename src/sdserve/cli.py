@@ -185,6 +185,18 @@ def serve(
                      "[env: SDSERVE_OPTIMIZE]"),
     ] = None,
     allow_pickle: AllowPickle = None,
+    queue: Annotated[
+        Optional[str],
+        typer.Option(help="The job queue: sqlite:///path/jobs.db (default: DATA_DIR/jobs.db) or "
+                     "redis://HOST:PORT/DB, shared by every process that names it. [env: SDSERVE_QUEUE]"),
+    ] = None,
+    lease_s: Annotated[
+        Optional[float], typer.Option(help="Redis: how long a silent worker keeps its jobs. [env: SDSERVE_LEASE_S]"),
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="This worker's name in job records (default hostname-pid). "
+                                    "[env: SDSERVE_NAME]"),
+    ] = None,
     storage: Annotated[
         Optional[str],
         typer.Option(help="Where images live: file:///path (default: DATA_DIR/images) or "
@@ -205,6 +217,7 @@ def serve(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
         sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize, storage=storage,
+        queue=queue, lease_s=lease_s, name=name,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     optimize: Annotated[list[str], NoDecode] = Field(default_factory=list)
     engine: Literal["diffusers", "noop"] = Field("diffusers", description="noop: no generation, for benchmarks.")
 
+    # The job queue: sqlite:///path (default: <data dir>/jobs.db) or redis://host:port/db (shared by processes)
+    queue: str | None = None
+    lease_s: float = Field(30.0, ge=1, le=3600, description="How long a silent worker keeps its jobs (Redis).")
+    name: str | None = Field(None, description="This worker's name in job records; default hostname-pid.")
     # Where images live: file:///path (default: <data dir>/images) or s3://bucket/prefix?endpoint_url=&region=
     storage: str | None = None
     image_url_ttl_s: int = Field(3600, ge=1, le=7 * 86400, description="Lifetime of presigned image URLs.")

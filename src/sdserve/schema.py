@@ -114,3 +114,4 @@ class Job(BaseModel):
     images: list[ImageRef] = Field(default_factory=list)
     batch_id: str | None = Field(None, description="Jobs run in the same UNet pass share this id.")
     batch_images: int | None = Field(None, description="Images in that pass, this job's and its companions'.")
+    worker: str | None = Field(None, description="The worker that ran it (or runs it now).")

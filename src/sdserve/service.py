@@ -7,11 +7,14 @@ their request into a `GenerationRequest` and call `submit`; synchronous endpoint
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import errno
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdserve import core
 from sdserve.config import Settings
@@ -23,7 +26,6 @@ from sdserve.engine.pipeline import Engine
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.jobs.batcher import default_max_batch
 from sdserve.jobs.events import END_EVENTS
-from sdserve.jobs.local import SQLiteJobQueue
 from sdserve.jobs.queue import JobQueue, NotAccepting, StorageError
 from sdserve.jobs.runner import Runner
 from sdserve.schema import GenerationRequest, Job, JobStatus
@@ -47,6 +49,23 @@ class Limits:
     max_pixels: int = 4096 * 4096
 
 
+def open_queue(settings: Settings) -> JobQueue:
+    """The job queue named by `--queue`: sqlite:///path (the default, in the data dir) or redis://…."""
+    url = settings.queue or f"sqlite:///{(settings.data_dir / 'jobs.db').resolve()}"
+    scheme = url.split(":", 1)[0]
+    if scheme == "sqlite":
+        from sdserve.jobs.local import SQLiteJobQueue
+
+        return SQLiteJobQueue(Path(url.removeprefix("sqlite://")), max_queue=settings.max_queue,
+                              default_timeout_s=settings.job_timeout_s)
+    if scheme in ("redis", "rediss", "unix"):
+        from sdserve.jobs.redis import RedisJobQueue
+
+        return RedisJobQueue(url, max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
+                             lease_s=settings.lease_s)
+    raise ValueError(f"--queue {url!r}: use sqlite:///path/jobs.db or redis://host:port/db")
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -56,9 +75,7 @@ class Service:
             allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models, optimize=settings.optimize,
         )
         self.engine = NoopEngine(self.registry) if settings.engine == "noop" else Engine(self.registry)
-        self.queue: JobQueue = SQLiteJobQueue(
-            settings.data_dir / "jobs.db", max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
-        )
+        self.queue: JobQueue = open_queue(settings)
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
         # The model a request without one gets. A1111's options POST changes it for later jobs only:
@@ -69,6 +86,7 @@ class Service:
             default_model=settings.models[0] if settings.models else None,
             max_batch=settings.max_batch or default_max_batch(self.registry.device),
             batch_wait_s=settings.batch_wait_ms / 1000,
+            name=settings.name or f"{socket.gethostname()}-{os.getpid()}", heartbeat_s=settings.lease_s / 3,
         )
 
         self._stopped = threading.Event()

@@ -51,10 +51,12 @@ class EventBus:
                 pass
 
     @contextmanager
-    def subscribe(self, job_id: str, types: frozenset[str] | None = None) -> Iterator[asyncio.Queue[Event]]:
+    def subscribe(self, job_id: str, types: frozenset[str] | None = None,
+                  after: str | None = None) -> Iterator[asyncio.Queue[Event]]:
         """Subscribe before reading the job's current state, so no event slips between the two.
 
-        `types` limits the events delivered (e.g. only the end); None delivers all.
+        `types` limits the events delivered (e.g. only the end); None delivers all. `after` (an event id to
+        resume from) is for backends that keep events; this one keeps none, and delivers from now.
         """
         entry = _Subscription(asyncio.get_running_loop(), asyncio.Queue(), types)
         with self._lock:

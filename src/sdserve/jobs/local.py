@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     idem_hash TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     batch_id TEXT,
-    batch_images INTEGER
+    batch_images INTEGER,
+    worker TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 """
@@ -106,7 +107,7 @@ class SQLiteJobQueue:
     def _migrate(self) -> None:
         """Columns added after the first release of the table: add them to an older jobs.db in place."""
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER")):
+        for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER"), ("worker", "TEXT")):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
@@ -194,6 +195,7 @@ class SQLiteJobQueue:
             images=[ImageRef(**i) for i in json.loads(row["images"])],
             batch_id=row["batch_id"],
             batch_images=row["batch_images"],
+            worker=row["worker"],
         )
 
     def get(self, job_id: str) -> Job:
@@ -293,7 +295,7 @@ class SQLiteJobQueue:
     # ----- runner side -----------------------------------------------------------------------
     def claim(
         self, select: Selector | None = None, wait_s: float = 0.5, linger_s: float = 0.0,
-        full: Callable[[Sequence[Job]], bool] | None = None,
+        full: Callable[[Sequence[Job]], bool] | None = None, worker: str | None = None,
     ) -> list[Job]:
         """Wait up to `wait_s` for work; then, while the selection is not `full`, up to `linger_s` more
         for companions to arrive (a batch that waits a few ms can double its size)."""
@@ -324,8 +326,8 @@ class SQLiteJobQueue:
                 for job in chosen:
                     self._db.execute(
                         "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
-                        "batch_images = ? WHERE id = ?",
-                        (now, batch_id, sum(j.request.n for j in chosen), job.id),
+                        "batch_images = ?, worker = ? WHERE id = ?",
+                        (now, batch_id, sum(j.request.n for j in chosen), worker, job.id),
                     )
             claimed = []
             for job in chosen:
@@ -335,6 +337,9 @@ class SQLiteJobQueue:
         for job in claimed:
             self._publish("started", job)
         return claimed
+
+    def heartbeat(self, job_ids: Sequence[str]) -> None:
+        """No leases here: one process owns the queue and its runner; a restart recovers running jobs."""
 
     def cancel_requested(self, job_id: str) -> bool:
         return job_id in self._cancel

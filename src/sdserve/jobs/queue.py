@@ -84,9 +84,13 @@ class JobQueue(Protocol):
     # --- runner side ---
     def claim(
         self, select: Selector | None = None, wait_s: float = 0.5, linger_s: float = 0.0,
-        full: Callable[[Sequence[Job]], bool] | None = None,
+        full: Callable[[Sequence[Job]], bool] | None = None, worker: str | None = None,
     ) -> list[Job]:
-        """Atomically move the selected queued jobs (default: the head) to running, as one batch."""
+        """Atomically move the selected queued jobs (default: the head) to running, as one batch, leased to
+        `worker`."""
+
+    def heartbeat(self, job_ids: Sequence[str]) -> None:
+        """Extend the lease of jobs this worker is running (a no-op where leases do not apply)."""
 
     def cancel_requested(self, job_id: str) -> bool: ...
 

@@ -35,7 +35,10 @@ class Runner:
     def __init__(
         self, engine: Engine, queue: JobQueue, images: ImageStore, health: WriteHealth, *,
         default_model: str | None = None, max_batch: int = 1, batch_wait_s: float = 0.0,
+        name: str | None = None, heartbeat_s: float = 10.0,
     ) -> None:
+        self.name = name
+        self.heartbeat_s = heartbeat_s
         self.engine = engine
         self.queue = queue
         self.images = images
@@ -76,6 +79,7 @@ class Runner:
                     wait_s=0.25,
                     linger_s=self.batch_wait_s if self.max_batch > 1 else 0.0,
                     full=lambda chosen: batcher.images_in(chosen) >= self.max_batch,
+                    worker=self.name,
                 )
                 if jobs:
                     self._run(jobs)
@@ -146,37 +150,51 @@ class Runner:
         def live() -> list[Job]:
             return [job for job in jobs if job.id not in dropped]
 
+        beating = threading.Event()
+
+        def heartbeat() -> None:  # keeps the lease while the batch runs (steps can be slow, loads slower)
+            while not beating.wait(self.heartbeat_s):
+                try:
+                    self.queue.heartbeat([job.id for job in live()])
+                except Exception:
+                    log.exception("heartbeat failed")
+
+        beater = threading.Thread(target=heartbeat, name="sdserve-heartbeat", daemon=True)
+        beater.start()
         try:
-            inputs = self._inputs(jobs)
-            results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
-        except _Stop:
-            for job in live():
-                self._record(self.queue.requeue, job.id)
-            return
-        except Cancelled:
-            for job in live():
-                self._record(self.queue.mark_canceled, job.id)
-            return
-        except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
-            for job in live():
-                self._record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
-            return
-        except InvalidRequestError as exc:
-            if len(jobs) > 1:
-                # One bad request must not fail its companions: run each alone to find it.
+            try:
+                inputs = self._inputs(jobs)
+                results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
+            except _Stop:
                 for job in live():
-                    self._run([job])
+                    self._record(self.queue.requeue, job.id)
                 return
-            for job in live():
-                self._record(self.queue.fail, job.id, str(exc), "invalid")
-            return
-        except StorageError:
-            raise
-        except Exception as exc:
-            log.exception("generation failed for jobs %s", [j.id for j in jobs])
-            for job in live():
-                self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
-            return
+            except Cancelled:
+                for job in live():
+                    self._record(self.queue.mark_canceled, job.id)
+                return
+            except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
+                for job in live():
+                    self._record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
+                return
+            except InvalidRequestError as exc:
+                if len(jobs) > 1:
+                    # One bad request must not fail its companions: run each alone to find it.
+                    for job in live():
+                        self._run([job])
+                    return
+                for job in live():
+                    self._record(self.queue.fail, job.id, str(exc), "invalid")
+                return
+            except StorageError:
+                raise
+            except Exception as exc:
+                log.exception("generation failed for jobs %s", [j.id for j in jobs])
+                for job in live():
+                    self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
+                return
+        finally:
+            beating.set()
         elapsed = time.monotonic() - started
         if steps_done:
             # Seconds per denoising step of one image, so ETAs scale with queued work.

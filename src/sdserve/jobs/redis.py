@@ -1,0 +1,515 @@
+"""The job queue and job store on Redis, shared by every process that names the same `--queue redis://…`.
+
+Why sorted sets and Lua rather than a stream with a consumer group: dynamic batching claims the head of the
+queue *and* later jobs of the head's shape, in priority order. A stream delivers strictly in order to each
+consumer and cannot hand out chosen entries, so claims are a Lua script over a sorted set (score = priority,
+then arrival), atomic across workers.
+
+Keys (prefix `sdserve:`): `job:{id}` a hash per job; `queued` (score: priority then sequence), `running`
+(score: lease expiry), `deadlines`, `all` (score: sequence, for listing) sorted sets; `idem:{key}`;
+`events:{id}` a stream per job (replayable after an event id, kept a day); `wake` a list claimers block on.
+
+At least once, with leases: a claim gives a lease of `lease_s`; the runner heartbeats it while it works. A
+lease that runs out (the worker died) puts the job back in the queue, up to MAX_ATTEMPTS deliveries, then
+it fails with the reason. A job's end is recorded once (the finish script ignores a job already ended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from sdserve.core import public_job
+from sdserve.jobs.events import Event
+from sdserve.jobs.queue import (
+    MAX_ATTEMPTS,
+    IdempotencyConflict,
+    JobFinished,
+    JobNotFound,
+    NotAccepting,
+    QueueFull,
+    Selector,
+    StorageError,
+)
+from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
+
+P = "sdserve:"
+CLAIM_WINDOW = 64
+EVENTS_TTL_S = 86400
+RUNNING_GRACE_S = 30.0
+
+# Higher priority first, then arrival: priority is -100..100 and sequence numbers stay far below 1e12.
+_SCORE = "(100 - tonumber(priority)) * 1e12 + tonumber(seq)"
+
+_SUBMIT = f"""
+local p = ARGV[1]
+local max_queue, id, idem_key = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if idem_key ~= '' then
+  local existing = redis.call('GET', p .. 'idem:' .. idem_key)
+  if existing then return {{'existing', existing}} end
+end
+if redis.call('ZCARD', p .. 'queued') >= max_queue then return {{'full'}} end
+local seq = redis.call('INCR', p .. 'seq')
+local fields = cjson.decode(ARGV[5])
+local priority = fields['priority']
+for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
+redis.call('HSET', p .. 'job:' .. id, 'seq', seq)
+redis.call('ZADD', p .. 'queued', {_SCORE}, id)
+redis.call('ZADD', p .. 'all', seq, id)
+if fields['deadline'] ~= '' then redis.call('ZADD', p .. 'deadlines', fields['deadline'], id) end
+if idem_key ~= '' then redis.call('SET', p .. 'idem:' .. idem_key, id) end
+redis.call('LPUSH', p .. 'wake', 1)
+redis.call('LTRIM', p .. 'wake', 0, 0)
+return {{'ok', tostring(seq), tostring(redis.call('ZRANK', p .. 'queued', id))}}
+"""
+
+# ARGV: prefix, now, lease expiry, worker, batch id, ids...
+_CLAIM = """
+local p = ARGV[1]
+local claimed = {}
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', p .. 'queued', id) == 1 then
+    redis.call('ZADD', p .. 'running', ARGV[3], id)
+    redis.call('HINCRBY', p .. 'job:' .. id, 'attempts', 1)
+    redis.call('HSET', p .. 'job:' .. id, 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[4],
+               'batch_id', ARGV[5], 'step', 0)
+    table.insert(claimed, id)
+  end
+end
+return claimed
+"""
+
+# ARGV: prefix, id, status, fields json. Returns 0 if the job had already ended.
+_FINISH = """
+local p, id = ARGV[1], ARGV[2]
+local status = redis.call('HGET', p .. 'job:' .. id, 'status')
+if not status then return -1 end
+if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
+local fields = cjson.decode(ARGV[4])
+for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
+redis.call('HSET', p .. 'job:' .. id, 'status', ARGV[3])
+redis.call('ZREM', p .. 'queued', id)
+redis.call('ZREM', p .. 'running', id)
+redis.call('ZREM', p .. 'deadlines', id)
+return 1
+"""
+
+# ARGV: prefix, id, count_attempt ('1' keeps the attempt: a lease ran out; '0' gives it back: graceful stop),
+# only_if_expired_before (a lease expiry bound, or '' for none). Back to the queue if still running.
+_REQUEUE = f"""
+local p, id = ARGV[1], ARGV[2]
+if redis.call('HGET', p .. 'job:' .. id, 'status') ~= 'running' then return 0 end
+if ARGV[4] ~= '' then
+  local lease = redis.call('ZSCORE', p .. 'running', id)
+  if (not lease) or tonumber(lease) > tonumber(ARGV[4]) then return 0 end
+end
+if ARGV[3] == '0' then redis.call('HINCRBY', p .. 'job:' .. id, 'attempts', -1) end
+local priority = redis.call('HGET', p .. 'job:' .. id, 'priority')
+local seq = redis.call('HGET', p .. 'job:' .. id, 'seq')
+redis.call('HSET', p .. 'job:' .. id, 'status', 'queued', 'started_at', '', 'worker', '', 'step', 0)
+redis.call('ZREM', p .. 'running', id)
+redis.call('ZADD', p .. 'queued', {_SCORE}, id)
+redis.call('LPUSH', p .. 'wake', 1)
+redis.call('LTRIM', p .. 'wake', 0, 0)
+return 1
+"""
+
+
+def _ts(value: str | None) -> datetime | None:
+    return None if not value else datetime.fromtimestamp(float(value), tz=timezone.utc)
+
+
+class RedisEventBus:
+    """Job events in a Redis stream per job: any process publishes, any process subscribes, and a subscriber
+    can resume after an event id (SSE's Last-Event-ID). Listeners see this process's own publishes (metrics)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+
+    def publish(self, job_id: str, event: Event) -> str:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                pass
+        key = f"{P}events:{job_id}"
+        pipe = self.client.pipeline()
+        pipe.xadd(key, {"data": json.dumps(event)}, maxlen=1000, approximate=True)
+        pipe.expire(key, EVENTS_TTL_S)
+        return pipe.execute()[0]
+
+    def last_id(self, job_id: str) -> str:
+        newest = self.client.xrevrange(f"{P}events:{job_id}", count=1)
+        return newest[0][0] if newest else "0-0"
+
+    @contextmanager
+    def subscribe(self, job_id: str, types: frozenset[str] | None = None,
+                  after: str | None = None) -> Iterator[asyncio.Queue]:
+        """Events after `after` (default: from now), put on an asyncio queue by a reader thread."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        start = after or self.last_id(job_id)
+
+        def read() -> None:
+            last = start
+            while not stop.is_set():
+                try:
+                    batches = self.client.xread({f"{P}events:{job_id}": last}, block=500, count=100)
+                except Exception:
+                    time.sleep(0.5)
+                    continue
+                for _, entries in batches or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        event = {**json.loads(fields["data"]), "event_id": entry_id}
+                        if types is None or event["type"] in types:
+                            try:
+                                loop.call_soon_threadsafe(queue.put_nowait, event)
+                            except RuntimeError:
+                                return
+
+        reader = threading.Thread(target=read, name=f"events-{job_id[:8]}", daemon=True)
+        reader.start()
+        try:
+            yield queue
+        finally:
+            stop.set()
+
+
+class RedisJobQueue:
+    def __init__(self, url: str, *, max_queue: int = 256, default_timeout_s: float | None = None,
+                 lease_s: float = 30.0) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10,
+                                           socket_timeout=10, socket_connect_timeout=5)
+        self.events = RedisEventBus(self.client)
+        self.max_queue = max_queue
+        self.default_timeout_s = default_timeout_s
+        self.lease_s = lease_s
+        self.accepting = True
+        self._submit = self.client.register_script(_SUBMIT)
+        self._claim = self.client.register_script(_CLAIM)
+        self._finish_script = self.client.register_script(_FINISH)
+        self._requeue = self.client.register_script(_REQUEUE)
+        self._cancel_local: set[str] = set()
+
+    @contextmanager
+    def _redis(self) -> Iterator[None]:
+        import redis
+
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise StorageError(f"the job store (Redis) failed: {exc}") from None
+
+    def ping(self) -> None:
+        with self._redis():
+            self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ----- reading ---------------------------------------------------------------------------
+    def _to_job(self, h: dict[str, str], with_position: bool = True) -> Job:
+        status = JobStatus(h["status"])
+        request = JobRequest.model_validate_json(h["request"])
+        step = int(h.get("step") or 0)
+        steps = int(h.get("steps") or request.steps)
+        if status is JobStatus.succeeded:
+            step = steps
+        position = eta = None
+        speed = self._speed()
+        if status is JobStatus.queued and with_position:
+            position = self.client.zrank(f"{P}queued", h["id"])
+            if speed is not None and position is not None:
+                eta = (position + 1) * request.steps * request.n * speed
+        elif status is JobStatus.running and speed is not None:
+            eta = max(0, steps - step) * speed * int(h.get("batch_images") or request.n)
+        return Job(
+            id=h["id"], status=status, request=request, source=h["source"], queue_position=position,
+            progress=(step / steps) if steps else 0.0, step=step, steps=steps,
+            eta_s=round(eta, 2) if eta is not None else None,
+            created_at=_ts(h["created_at"]), started_at=_ts(h.get("started_at")),
+            finished_at=_ts(h.get("finished_at")), attempts=int(h.get("attempts") or 0),
+            error=h.get("error") or None, error_kind=h.get("error_kind") or None,
+            images=[ImageRef(**i) for i in json.loads(h.get("images") or "[]")],
+            batch_id=h.get("batch_id") or None,
+            batch_images=int(h["batch_images"]) if h.get("batch_images") else None,
+            worker=h.get("worker") or None,
+        )
+
+    def _hash(self, job_id: str) -> dict[str, str]:
+        with self._redis():
+            h = self.client.hgetall(f"{P}job:{job_id}")
+        if not h:
+            raise JobNotFound(f"no job {job_id!r}")
+        return h
+
+    def get(self, job_id: str) -> Job:
+        return self._to_job(self._hash(job_id))
+
+    def _jobs(self, ids: Sequence[str], with_position: bool = True) -> list[Job]:
+        with self._redis():
+            pipe = self.client.pipeline()
+            for job_id in ids:
+                pipe.hgetall(f"{P}job:{job_id}")
+            hashes = pipe.execute()
+        return [self._to_job(h, with_position) for h in hashes if h]
+
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
+        if status is None:
+            with self._redis():
+                ids = self.client.zrevrange(f"{P}all", offset, offset + limit - 1)
+            return self._jobs(ids)
+        found: list[Job] = []
+        skipped, start = 0, 0
+        while len(found) < limit:
+            with self._redis():
+                ids = self.client.zrevrange(f"{P}all", start, start + 499)
+            if not ids:
+                break
+            start += len(ids)
+            for job in self._jobs(ids):
+                if job.status.value == status:
+                    if skipped < offset:
+                        skipped += 1
+                    elif len(found) < limit:
+                        found.append(job)
+        return found
+
+    def depth(self) -> int:
+        with self._redis():
+            return self.client.zcard(f"{P}queued")
+
+    def running(self) -> list[Job]:
+        with self._redis():
+            ids = self.client.zrange(f"{P}running", 0, -1)
+        return self._jobs(ids)
+
+    def _speed(self) -> float | None:
+        value = self.client.get(f"{P}speed")
+        return float(value) if value else None
+
+    def retry_after_s(self) -> int:
+        speed = self._speed()
+        if speed is None:
+            return 5
+        return int(min(300, max(1, self.depth() * 20 * speed / max(1, self.max_queue))))
+
+    # ----- client side -----------------------------------------------------------------------
+    def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
+        with self._redis():
+            job_id = self.client.get(f"{P}idem:{idempotency_key}")
+        if job_id is None:
+            return None
+        h = self._hash(job_id)
+        if h.get("idem_hash", "") != (fingerprint or ""):
+            raise IdempotencyConflict("Idempotency-Key was already used with a different request body")
+        return self._to_job(h)
+
+    def submit(
+        self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,
+        fingerprint: str | None = None, timeout_s: float | None = None,
+    ) -> tuple[Job, bool]:
+        if not self.accepting:
+            raise NotAccepting("the server is shutting down or not ready; retry shortly")
+        now = time.time()
+        timeout = timeout_s or request.timeout_s or self.default_timeout_s
+        job_id = uuid.uuid4().hex
+        fields = {
+            "id": job_id, "status": "queued", "priority": request.priority, "work": request.steps * request.n,
+            "request": request.model_dump_json(), "source": source, "created_at": now,
+            "deadline": now + timeout if timeout else "", "attempts": 0, "steps": request.steps,
+            "idem_hash": fingerprint or "", "images": "[]",
+        }
+        with self._redis():
+            result = self._submit(args=[P, self.max_queue, job_id, idempotency_key or "", json.dumps(fields)])
+        if result[0] == "existing":
+            existing = self.idempotent(idempotency_key or "", fingerprint)
+            if existing is None:  # pragma: no cover - the key's job was removed in between
+                raise JobNotFound("the job of this Idempotency-Key is gone")
+            return existing, False
+        if result[0] == "full":
+            raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s())
+        job = Job(id=job_id, status=JobStatus.queued, request=request, source=source,
+                  queue_position=int(result[2]), steps=request.steps, created_at=_ts(str(now)))
+        self._publish("queued", job)
+        return job, True
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.status.terminal:
+            raise JobFinished(f"job {job_id} already {job.status.value}")
+        if job.status is JobStatus.running:
+            with self._redis():
+                self.client.hset(f"{P}job:{job_id}", "cancel", 1)
+            return self.get(job_id)
+        ended = self.mark_canceled(job_id)
+        if ended.status is JobStatus.running:  # claimed in between: stop it at its next step instead
+            with self._redis():
+                self.client.hset(f"{P}job:{job_id}", "cancel", 1)
+        return ended
+
+    # ----- runner side -----------------------------------------------------------------------
+    def claim(
+        self, select: Selector | None = None, wait_s: float = 0.5, linger_s: float = 0.0,
+        full: Callable[[Sequence[Job]], bool] | None = None, worker: str | None = None,
+    ) -> list[Job]:
+        deadline = time.monotonic() + wait_s
+        linger_until: float | None = None
+        while True:
+            with self._redis():
+                ids = self.client.zrange(f"{P}queued", 0, CLAIM_WINDOW - 1)
+            candidates = self._jobs(ids, with_position=False) if ids else []
+            candidates = [j for j in candidates if j.status is JobStatus.queued]
+            if candidates:
+                chosen = list(select(candidates)) if select else candidates[:1]
+                if linger_until is None:
+                    linger_until = time.monotonic() + linger_s
+                if full is None or full(chosen) or time.monotonic() >= linger_until:
+                    claimed = self._claim_ids(chosen, worker)
+                    if claimed:
+                        return claimed
+                    linger_until = None  # another worker took them: look again
+                    continue
+                self._wait(min(0.02, max(0.0, linger_until - time.monotonic())))
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._wait(min(remaining, 0.25))
+
+    def _wait(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        with self._redis():
+            self.client.blpop([f"{P}wake"], timeout=max(0.01, seconds))
+
+    def _claim_ids(self, chosen: Sequence[Job], worker: str | None) -> list[Job]:
+        now = time.time()
+        batch_id = uuid.uuid4().hex[:12]
+        with self._redis():
+            ids = self._claim(args=[P, now, now + self.lease_s, worker or "", batch_id, *[j.id for j in chosen]])
+            if not ids:
+                return []
+            images = sum(j.request.n for j in chosen if j.id in set(ids))
+            pipe = self.client.pipeline()
+            for job_id in ids:
+                pipe.hset(f"{P}job:{job_id}", "batch_images", images)
+            pipe.execute()
+        claimed = self._jobs(ids, with_position=False)
+        for job in claimed:
+            self._publish("started", job)
+        return claimed
+
+    def heartbeat(self, job_ids: Sequence[str]) -> None:
+        expiry = time.time() + self.lease_s
+        with self._redis():
+            pipe = self.client.pipeline()
+            for job_id in job_ids:
+                pipe.zadd(f"{P}running", {job_id: expiry}, xx=True)
+            pipe.execute()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._redis():
+            return self.client.hget(f"{P}job:{job_id}", "cancel") == "1"
+
+    def deadline(self, job_id: str) -> float | None:
+        value = self._hash(job_id).get("deadline")
+        return float(value) if value else None
+
+    def progress(self, job_id: str, step: int, steps: int) -> None:
+        with self._redis():
+            self.client.hset(f"{P}job:{job_id}", mapping={"step": step, "steps": steps})
+        speed = self._speed()
+        eta = max(0, steps - step) * speed if speed else None
+        self.events.publish(job_id, {
+            "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+            "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
+        })
+
+    def record_speed(self, seconds_per_step: float) -> None:
+        old = self._speed()
+        value = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
+        with self._redis():
+            self.client.set(f"{P}speed", value)
+
+    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+        values = {k: ("" if v is None else v) for k, v in fields.items()}
+        with self._redis():
+            done = self._finish_script(args=[P, job_id, status.value, json.dumps({**values,
+                                                                                   "finished_at": time.time()})])
+        if done == -1:
+            raise JobNotFound(f"no job {job_id!r}")
+        job = self.get(job_id)
+        if done == 1:
+            self._publish(status.value, job)
+        return job
+
+    def succeed(self, job_id: str, images: list[ImageRef]) -> Job:
+        return self._finish(job_id, JobStatus.succeeded, images=json.dumps([i.model_dump() for i in images]))
+
+    def fail(self, job_id: str, error: str, kind: str = "internal") -> Job:
+        return self._finish(job_id, JobStatus.failed, error=error, error_kind=kind)
+
+    def mark_canceled(self, job_id: str) -> Job:
+        return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
+
+    def requeue(self, job_id: str) -> None:
+        """Graceful stop: back to the queue, the attempt not counted."""
+        with self._redis():
+            self._requeue(args=[P, job_id, "0", ""])
+
+    def recover(self) -> int:
+        """Jobs whose lease ran out (their worker died) go back to the queue, or fail after MAX_ATTEMPTS
+        deliveries. Jobs other workers hold with a live lease are left alone."""
+        now = time.time()
+        with self._redis():
+            expired = self.client.zrangebyscore(f"{P}running", "-inf", now)
+        requeued = 0
+        for job_id in expired:
+            h = self.client.hgetall(f"{P}job:{job_id}")
+            if not h or h.get("status") != "running":
+                self.client.zrem(f"{P}running", job_id)
+                continue
+            attempts = int(h.get("attempts") or 0)
+            if attempts >= MAX_ATTEMPTS:
+                self.fail(job_id, f"its worker stopped while running this job {attempts} times; giving up "
+                                  "(it may crash the worker, e.g. out of memory)", "internal")
+                continue
+            with self._redis():
+                requeued += self._requeue(args=[P, job_id, "1", now])
+        return requeued
+
+    def expire(self) -> list[Job]:
+        """Reclaim expired leases, then fail jobs whose timeout passed (running ones after a grace)."""
+        self.recover()
+        now = time.time()
+        with self._redis():
+            due = self.client.zrangebyscore(f"{P}deadlines", "-inf", now)
+        ended = []
+        for job in self._jobs(due, with_position=False):
+            deadline = job.created_at.timestamp()
+            limit = float(self._hash(job.id).get("deadline") or now) - deadline
+            if job.status is JobStatus.queued:
+                ended.append(self.fail(job.id, f"timed out after {limit:.0f} s waiting in the queue", "timeout"))
+            elif job.status is JobStatus.running and deadline + limit < now - RUNNING_GRACE_S:
+                ended.append(self.fail(job.id, f"timed out after {limit:.0f} s (waiting and running)", "timeout"))
+        return ended
+
+    def _publish(self, kind: str, job: Job) -> None:
+        self.events.publish(job.id, {"type": kind, **public_job(job)})
