@@ -32,14 +32,15 @@ class WriteHealth:
     def __init__(self, probes: list[Callable[[], None]]) -> None:
         self.probes = probes
         self.error: str | None = None
+        self.full = False  # out of space (507), rather than failing otherwise (503)
         self._probed = 0.0
         self._lock = threading.Lock()
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, full: bool = False) -> None:
         with self._lock:
             if self.error is None:
                 log.error("writes are failing: %s", reason)
-            self.error = reason
+            self.error, self.full = reason, full
             self._probed = time.monotonic()
 
     def check(self) -> str | None:

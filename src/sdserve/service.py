@@ -117,7 +117,7 @@ class Service:
                 for job in self.queue.expire():
                     log.info("job %s timed out", job.id)
             except StorageError as exc:
-                self.health.failed(str(exc))
+                self.health.failed(str(exc), full=exc.full)
             except Exception:
                 log.exception("reaper error")
 
@@ -128,6 +128,10 @@ class Service:
             return False, f"loading model {self.settings.models[0] if self.settings.models else ''}".strip()
         if not self.queue.accepting:
             return False, "shutting down: not accepting new jobs"
+        try:
+            self.queue.ping()
+        except StorageError as exc:
+            return False, str(exc)
         write_error = self.health.check()
         if write_error:
             return False, f"cannot write: {write_error}"
@@ -165,7 +169,7 @@ class Service:
             raise NotAccepting(f"no model can run jobs here: {self.runner.load_error}")
         write_error = self.health.check()
         if write_error:
-            raise StorageError(f"cannot accept jobs: {write_error}", full=True)
+            raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
         if inputs is None:
             self.validate(request)
         fingerprint = core.fingerprint(request) if idempotency_key is not None else None
@@ -178,7 +182,7 @@ class Service:
         try:
             keys = {field: self.images.put(item.raw) for field, item in inputs.items()}
         except OSError as exc:
-            self.health.failed(f"image store: {exc}")
+            self.health.failed(f"image store: {exc}", full=exc.errno == errno.ENOSPC)
             raise StorageError(f"cannot store the input image: {exc.strerror or exc}",
                                full=exc.errno == errno.ENOSPC) from None
         init = inputs.get("init_image")
@@ -188,7 +192,7 @@ class Service:
         try:
             return self.queue.submit(queued, source=source, idempotency_key=idempotency_key, fingerprint=fingerprint)
         except StorageError as exc:
-            self.health.failed(str(exc))
+            self.health.failed(str(exc), full=exc.full)
             raise
 
     async def wait(self, job_id: str) -> Job:

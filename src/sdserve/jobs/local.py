@@ -126,6 +126,9 @@ class SQLiteJobQueue:
         with self._lock:
             self._db.close()
 
+    def ping(self) -> None:
+        """The file is in this process: reachable while the process runs (writes are checked by WriteHealth)."""
+
     @contextmanager
     def _write(self) -> Iterator[None]:
         """One transaction: all of it is committed, or none of it (a full disk rolls it back). Callers change

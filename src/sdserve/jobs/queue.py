@@ -68,6 +68,9 @@ class JobQueue(Protocol):
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
         """The job submitted with this key, or None; IdempotencyConflict if it had another fingerprint."""
 
+    def ping(self) -> None:
+        """Raise StorageError when the job store cannot be reached."""
+
     def get(self, job_id: str) -> Job: ...
 
     def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]: ...

@@ -8,6 +8,7 @@ stored); its companions run on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -84,7 +85,7 @@ class Runner:
                 if jobs:
                     self._run(jobs)
             except StorageError as exc:
-                self.health.failed(str(exc))
+                self.health.failed(str(exc), full=exc.full)
                 time.sleep(0.5)
             except Exception:  # keep the runner alive whatever one batch does
                 log.exception("runner loop error")
@@ -98,7 +99,7 @@ class Runner:
                 end(*args)
                 return
             except StorageError as exc:
-                self.health.failed(str(exc))
+                self.health.failed(str(exc), full=exc.full)
                 if self._stopping.wait(1.0):
                     return
 
@@ -212,7 +213,7 @@ class Runner:
                     for i, g in enumerate(generated)
                 ]
             except OSError as exc:
-                self.health.failed(f"image store: {exc}")
+                self.health.failed(f"image store: {exc}", full=exc.errno == errno.ENOSPC)
                 self._record(self.queue.fail, job.id, f"could not store the images: {exc.strerror or exc}", "storage")
                 continue
             self._record(self.queue.succeed, job.id, refs)

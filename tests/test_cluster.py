@@ -1,0 +1,214 @@
+"""Two `sdserve serve` processes on one Redis (`--queue redis://…`) and one image store: each is an API
+replica and a worker. Every route works through either; a killed worker's job finishes on the other."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+
+from server import ServerProcess, wait_for
+
+LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}
+
+
+def sse(url: str, job_id: str, last_event_id: str | None = None, stop_after: str | None = None,
+        timeout: float = 120) -> list[tuple[str | None, str, dict]]:
+    """(id, event, data) of each Server-Sent Event until the job ends (or `stop_after` an event type)."""
+    events: list[tuple[str | None, str, dict]] = []
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with httpx.stream("GET", f"{url}/api/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+        assert response.status_code == 200
+        event_id = name = None
+        for line in response.iter_lines():
+            if line.startswith("id:"):
+                event_id = line.split(":", 1)[1].strip()
+            elif line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and name:
+                events.append((event_id, name, json.loads(line.split(":", 1)[1])))
+                if name in ("succeeded", "failed", "canceled") or name == stop_after:
+                    return events
+                event_id = name = None
+    return events
+
+
+def start_cluster(models_dir, tmp_path, redis_server, db: int = 0):
+    """Two replicas on Redis database `db` (each fixture its own, so clusters never share jobs)."""
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    shared = tmp_path / "images"
+    common = ("--queue", url, "--storage", f"file://{shared}", "--lease-s", "3", "--max-batch", "4")
+    a = ServerProcess(models_dir, tmp_path / "a", *common, "--name", "A").start()
+    b = ServerProcess(models_dir, tmp_path / "b", *common, "--name", "B").start()
+    return a, b, shared
+
+
+@pytest.fixture(scope="module")
+def cluster(models_dir, tmp_path_factory, redis_server):
+    """Shared by the tests that leave both replicas running."""
+    a, b, shared = start_cluster(models_dir, tmp_path_factory.mktemp("cluster"), redis_server)
+    yield a, b, shared
+    for server in (a, b):
+        server.kill()
+
+
+@pytest.fixture()
+def own_cluster(models_dir, tmp_path, redis_server):
+    """For the tests that kill a replica."""
+    a, b, shared = start_cluster(models_dir, tmp_path, redis_server, db=1)
+    yield a, b, shared
+    for server in (a, b):
+        server.kill()
+
+
+def test_submit_on_a_watch_on_b_image_from_b(cluster):
+    a, b, _ = cluster
+    job_id = httpx.post(f"{a.url}/api/v1/jobs", json={"prompt": "x", "steps": 8, "n": 2}).json()["id"]
+    head = sse(b.url, job_id, stop_after="progress")
+    assert head[0][1] in ("queued", "started") and head[-1][1] == "progress"
+    rest = sse(b.url, job_id, last_event_id=head[-1][0])  # a reconnect resumes after the last event seen
+    steps = [e[2]["step"] for e in head + rest if e[1] == "progress"]
+    assert steps == sorted(set(steps)), steps  # no gap and no duplicate across the reconnect
+    assert rest[-1][1] == "succeeded"
+    job = httpx.get(f"{b.url}/api/v1/jobs/{job_id}").json()
+    assert job["worker"] in ("A", "B") and len(job["images"]) == 2
+    png = httpx.get(b.url + job["images"][1]["url"])
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
+def test_cancel_through_the_other_replica(cluster):
+    a, b, _ = cluster
+    # Two shapes, so they cannot share a batch: each worker is busy with one.
+    running = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 150 - i}).json()["id"] for i in range(2)]
+    with a.client() as c:
+        for job_id in running:
+            wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
+    queued = httpx.post(f"{a.url}/api/v1/jobs", json={"prompt": "q", "steps": 2}).json()["id"]
+    assert httpx.delete(f"{b.url}/api/v1/jobs/{queued}").json()["status"] == "canceled"
+    for job_id in running:
+        httpx.delete(f"{b.url}/api/v1/jobs/{job_id}")
+    with b.client() as c:
+        for job_id in running:
+            job = wait_for(c, job_id, timeout=30)
+            assert job["status"] == "canceled" and job["step"] < 140
+        assert wait_for(c, queued)["started_at"] is None  # it never ran
+
+
+def test_idempotency_keys_hold_across_replicas(cluster):
+    a, b, _ = cluster
+    body = {"prompt": "same", "steps": 2}
+    first = httpx.post(f"{a.url}/api/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    again = httpx.post(f"{b.url}/api/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202 and again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    other = httpx.post(f"{b.url}/api/v1/jobs", json={**body, "prompt": "other"}, headers={"Idempotency-Key": "k1"})
+    assert other.status_code == 409
+
+
+def test_a_killed_workers_job_finishes_on_the_other(own_cluster, redis_server):
+    a, b, shared = own_cluster
+    job_id = httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "n": 2}).json()["id"]
+    with a.client() as c:
+        job = wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
+    holder, survivor = (a, b) if job["worker"] == "A" else (b, a)
+    killed_at = time.monotonic()
+    holder.kill()  # kill -9 after its first progress event
+    with survivor.client() as c:
+        done = wait_for(c, job_id, timeout=120)
+    summary = {k: (job[k], done[k]) for k in ("worker", "attempts", "status", "step", "started_at", "finished_at")}
+    assert done["status"] == "succeeded" and done["worker"] == ("B" if holder is a else "A"), (summary, holder.log()[-3000:])
+    assert done["attempts"] == 2 and len(done["images"]) == 2
+    elapsed = time.monotonic() - killed_at
+    assert elapsed < 3 + 60, elapsed  # the lease, then one job's time
+    stored = sorted(p.name for p in shared.rglob(f"{job_id}-*.png"))
+    assert stored == [f"{job_id}-0.png", f"{job_id}-1.png"]  # exactly n images, each once
+    ends = [e for _, e in redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/1", decode_responses=True)
+            .xrange(f"sdserve:events:{job_id}")
+            if json.loads(e["data"])["type"] in ("succeeded", "failed", "canceled")]
+    assert len(ends) == 1  # one terminal event
+
+
+def test_a_redis_restart_loses_no_job(cluster, redis_server):
+    a, b, _ = cluster
+    running = httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 30}).json()["id"]
+    with a.client() as c:
+        wait_for(c, running, ("running",), predicate=lambda j: j["step"] >= 1)
+    queued = [httpx.post(f"{b.url}/api/v1/jobs", json={"prompt": str(i), "steps": 2}).json()["id"]
+              for i in range(4)]
+    redis_server.shutdown()  # a clean SHUTDOWN: the append-only file has every write
+    time.sleep(1)
+    redis_server.start()
+    for job_id in (running, *queued):
+        with b.client() as c:
+            job = wait_for(c, job_id, timeout=120)
+        assert job["status"] == "succeeded", job
+
+
+def test_batches_still_form_with_two_workers(cluster):
+    a, b, _ = cluster
+    blockers = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 30 + i}).json()["id"] for i in range(2)]
+    with a.client() as c:
+        for job_id in blockers:
+            wait_for(c, job_id, ("running",))
+    same = [httpx.post(f"{b.url}/api/v1/jobs", json={"prompt": str(i), "steps": 3, "seed": i}).json()["id"]
+            for i in range(8)]
+    for job_id in blockers:
+        httpx.delete(f"{a.url}/api/v1/jobs/{job_id}")
+    with a.client() as c:
+        jobs = [wait_for(c, job_id) for job_id in same]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    assert max(j["batch_images"] for j in jobs) >= 2  # companions shared a pass
+
+
+def test_readyz_says_when_redis_is_gone(cluster, redis_server):
+    a, _, _ = cluster
+    assert httpx.get(f"{a.url}/readyz").status_code == 200
+    redis_server.shutdown()
+    try:
+        r = httpx.get(f"{a.url}/readyz")
+        assert r.status_code == 503 and "Redis" in r.json()["reason"]
+        assert httpx.post(f"{a.url}/api/v1/jobs", json={"prompt": "x"}).status_code == 503
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{a.url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_concurrent_submissions_respect_one_queue_bound(models_dir, tmp_path, redis_server):
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    redis.Redis.from_url(url).flushdb()
+    common = ("--queue", url, "--storage", f"file://{tmp_path / 'images'}", "--max-queue", "3")
+    a = ServerProcess(models_dir, tmp_path / "a", *common).start()
+    b = ServerProcess(models_dir, tmp_path / "b", *common).start()
+    try:
+        # Two shapes, so each worker is busy with one and nothing leaves the queue meanwhile.
+        blockers = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 150 - i}).json()["id"]
+                    for i in range(2)]
+        with a.client() as c:
+            for job_id in blockers:
+                wait_for(c, job_id, ("running",))
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def post(server):
+            r = httpx.post(f"{server.url}/api/v1/jobs", json={"prompt": "x", "steps": 1})
+            with lock:
+                codes.append(r.status_code)
+
+        threads = [threading.Thread(target=post, args=(s,)) for s in (a, b) * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(codes) == [202] * 3 + [429] * 5  # the bound is the cluster's, not each replica's
+        for job_id in blockers:
+            httpx.delete(f"{a.url}/api/v1/jobs/{job_id}")
+    finally:
+        a.kill()
+        b.kill()
