@@ -115,6 +115,10 @@ def test_a_killed_workers_job_finishes_on_the_other(own_cluster, redis_server):
     with a.client() as c:
         job = wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
     holder, survivor = (a, b) if job["worker"] == "A" else (b, a)
+    workers = {w["name"]: w for w in httpx.get(f"{survivor.url}/api/v1/workers").json()}
+    assert set(workers) == {"A", "B"} and job_id in workers[job["worker"]]["batch"]
+    assert workers["A"]["model"] == "tiny" and workers["A"]["device"] == "cpu" and workers["A"]["last_heartbeat"]
+    assert "sdserve_workers 2.0" in httpx.get(f"{survivor.url}/metrics").text
     killed_at = time.monotonic()
     holder.kill()  # kill -9 after its first progress event
     with survivor.client() as c:
@@ -130,6 +134,8 @@ def test_a_killed_workers_job_finishes_on_the_other(own_cluster, redis_server):
             .xrange(f"sdserve:events:{job_id}")
             if json.loads(e["data"])["type"] in ("succeeded", "failed", "canceled")]
     assert len(ends) == 1  # one terminal event
+    live = [w["name"] for w in httpx.get(f"{survivor.url}/api/v1/workers").json()]
+    assert live == [done["worker"]]  # the killed worker dropped out after its heartbeats stopped
 
 
 def test_a_redis_restart_loses_no_job(cluster, redis_server):

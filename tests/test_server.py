@@ -244,3 +244,10 @@ def test_readyz_and_openapi(client):
     for path in ("/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/events", "/api/v1/images/{image_id}",
                  "/api/v1/generate", "/", "/generate", "/download/{download_id}", "/healthz", "/readyz", "/metrics"):
         assert path in paths, path
+
+
+def test_workers_lists_this_process(client):
+    [worker] = client.get("/api/v1/workers").json()
+    assert worker["ready"] is True and worker["model"] == "tiny" and worker["device"] == "cpu"
+    assert worker["last_heartbeat"] > 0 and worker["batch"] == []
+    assert "sdserve_workers 1.0" in client.get("/metrics").text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from sdserve.api.middleware import (
 )
 from sdserve.api.security import AuthMiddleware, parse_users
 from sdserve.config import Settings
+from sdserve.jobs.queue import StorageError
 from sdserve.service import Service
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -30,7 +32,16 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     settings = settings or Settings()
     service = service or Service(settings)
-    metrics = Metrics(queue_depth=service.queue.depth)
+    def measured(read: Callable[[], int]) -> Callable[[], float]:
+        def value() -> float:  # a scrape while the queue is unreachable says "unknown", not 500
+            try:
+                return read()
+            except StorageError:
+                return float("nan")
+        return value
+
+    metrics = Metrics(queue_depth=measured(service.queue.depth),
+                      live_workers=measured(lambda: len(service.queue.workers())))
     service.queue.events.add_listener(metrics.on_event)
     service.runner.on_batch = metrics.batch_images.observe
 

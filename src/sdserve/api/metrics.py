@@ -24,12 +24,14 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class Metrics:
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, queue_depth: Callable[[], int], live_workers: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("sdserve_requests", "HTTP requests by route and status code", ["route", "code"],
                                 registry=self.registry)
         self.queue_depth = Gauge("sdserve_queue_depth", "Jobs waiting in the queue", registry=self.registry)
         self.queue_depth.set_function(queue_depth)
+        self.workers = Gauge("sdserve_workers", "Live workers (heartbeat within 3 intervals)", registry=self.registry)
+        self.workers.set_function(live_workers)
         self.jobs = Counter("sdserve_jobs", "Jobs that ended, by status", ["status"], registry=self.registry)
         self.queue_seconds = Histogram("sdserve_job_queue_seconds", "Time from submission to start",
                                        buckets=_SECONDS, registry=self.registry)

@@ -118,6 +118,11 @@ def png_response(job: Job, pngs: list[bytes]) -> Response:
     })
 
 
+@router.get("/workers", summary="Live workers: name, model, device, current batch, last heartbeat")
+async def workers(service: ServiceDep) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(service.queue.workers)
+
+
 @router.get("/models", summary="Models the server can load")
 async def models(service: ServiceDep) -> list[dict[str, Any]]:
     infos = await asyncio.to_thread(service.registry.list)

@@ -99,6 +99,7 @@ class SQLiteJobQueue:
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancel: set[str] = set()
         self._seconds_per_step: float | None = None
+        self._workers: dict[str, dict[str, Any]] = {}  # this process's runner: the only worker of this queue
         # Queued jobs per priority: (count, work). Kept in step with the table so that a submission's
         # position and the queue-full check cost O(priorities), not a scan of the queue.
         self._queued: dict[int, list[int]] = {}
@@ -340,6 +341,16 @@ class SQLiteJobQueue:
         for job in claimed:
             self._publish("started", job)
         return claimed
+
+    def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
+        with self._lock:
+            self._workers[info["name"]] = {**info, "last_heartbeat": time.time(), "ttl_s": ttl_s}
+
+    def workers(self) -> list[dict[str, Any]]:
+        now = time.time()
+        with self._lock:
+            live = [w for w in self._workers.values() if now - w["last_heartbeat"] <= w["ttl_s"]]
+        return [{k: v for k, v in w.items() if k != "ttl_s"} for w in live]
 
     def heartbeat(self, job_ids: Sequence[str]) -> None:
         """No leases here: one process owns the queue and its runner; a restart recovers running jobs."""

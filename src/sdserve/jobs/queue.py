@@ -9,7 +9,7 @@ if the process dies, `recover()` on the next start puts it back in the queue, up
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from sdserve.jobs.events import EventBus
 from sdserve.schema import ImageRef, Job, JobRequest
@@ -96,6 +96,12 @@ class JobQueue(Protocol):
         """Extend the lease of jobs this worker is running (a no-op where leases do not apply)."""
 
     def cancel_requested(self, job_id: str) -> bool: ...
+
+    def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
+        """A worker says it is alive (name, model, device, current batch); it counts as live for `ttl_s`."""
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers, each with its `last_heartbeat` (unix time)."""
 
     def deadline(self, job_id: str) -> float | None:
         """Unix time after which the job fails with a timeout, or None."""

@@ -424,6 +424,25 @@ class RedisJobQueue:
                 pipe.zadd(f"{P}running", {job_id: expiry}, xx=True)
             pipe.execute()
 
+    def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
+        now = time.time()
+        with self._redis():
+            pipe = self.client.pipeline()
+            pipe.hset(f"{P}workers", info["name"], json.dumps({**info, "last_heartbeat": now}))
+            pipe.zadd(f"{P}workers:seen", {info["name"]: now + ttl_s})
+            pipe.execute()
+
+    def workers(self) -> list[dict[str, Any]]:
+        now = time.time()
+        with self._redis():
+            gone = self.client.zrangebyscore(f"{P}workers:seen", "-inf", now)
+            if gone:  # forget workers silent past their ttl
+                pipe = self.client.pipeline()
+                pipe.zrem(f"{P}workers:seen", *gone)
+                pipe.hdel(f"{P}workers", *gone)
+                pipe.execute()
+            return sorted((json.loads(v) for v in self.client.hvals(f"{P}workers")), key=lambda w: w["name"])
+
     def cancel_requested(self, job_id: str) -> bool:
         with self._redis():
             return self.client.hget(f"{P}job:{job_id}", "cancel") == "1"

@@ -38,8 +38,10 @@ class Runner:
         default_model: str | None = None, max_batch: int = 1, batch_wait_s: float = 0.0,
         name: str | None = None, heartbeat_s: float = 10.0,
     ) -> None:
-        self.name = name
+        self.name = name or "local"
         self.heartbeat_s = heartbeat_s
+        self._batch: list[str] = []
+        self._registered = 0.0
         self.engine = engine
         self.queue = queue
         self.images = images
@@ -75,6 +77,8 @@ class Runner:
             log.error("cannot load the default model: %s", exc)
         while not self._stopping.is_set():
             try:
+                if time.monotonic() - self._registered >= self.heartbeat_s:
+                    self._register()
                 jobs = self.queue.claim(
                     select=lambda candidates: batcher.select(candidates, self.max_batch),
                     wait_s=0.25,
@@ -90,6 +94,14 @@ class Runner:
             except Exception:  # keep the runner alive whatever one batch does
                 log.exception("runner loop error")
                 time.sleep(0.5)
+
+    def _register(self) -> None:
+        """Tell the queue this worker is alive, what it serves and what it runs (GET /api/v1/workers)."""
+        self._registered = time.monotonic()
+        self.queue.register_worker({
+            "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
+            "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
+        }, ttl_s=3 * self.heartbeat_s)
 
     def _record(self, end: Callable[..., object], *args: object) -> None:
         """Record a job's end. If the job store cannot write, retry until it can (or shutdown): the job stays
@@ -157,10 +169,13 @@ class Runner:
             while not beating.wait(self.heartbeat_s):
                 try:
                     self.queue.heartbeat([job.id for job in live()])
+                    self._register()
                 except Exception:
                     log.exception("heartbeat failed")
 
         beater = threading.Thread(target=heartbeat, name="sdserve-heartbeat", daemon=True)
+        self._batch = [job.id for job in jobs]
+        self._register()
         beater.start()
         try:
             try:
@@ -196,6 +211,7 @@ class Runner:
                 return
         finally:
             beating.set()
+            self._batch = []
         elapsed = time.monotonic() - started
         if steps_done:
             # Seconds per denoising step of one image, so ETAs scale with queued work.
