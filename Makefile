@@ -14,7 +14,7 @@ ARGS ?=
 # Extra flags for `make bench`, e.g.:  make bench BENCH_ARGS='throughput --size 512 --model models/sd15'
 BENCH_ARGS ?=
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench bench-scaleout clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Redis scale-out: 2 workers vs 1, control plane on Redis vs embedded, recovery after kill -9 (needs redis-server).
+bench-scaleout: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/scaleout.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -82,13 +82,15 @@ class Server:
         self.log.close()
 
 
-def run_clients(url: str, body: dict, clients: int, total: int) -> dict:
-    """`clients` closed-loop clients (each sends its next request when the last returns)."""
+def run_clients(url: str | list[str], body: dict, clients: int, total: int) -> dict:
+    """`clients` closed-loop clients (each sends its next request when the last returns); with several URLs
+    (replicas) client i talks to URL i mod n, as a round-robin balancer would spread them."""
+    urls = [url] if isinstance(url, str) else url
     latencies: list[float] = []
     lock = threading.Lock()
     remaining = [total]
 
-    def client() -> None:
+    def client(url: str) -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
             while True:
                 with lock:
@@ -101,7 +103,7 @@ def run_clients(url: str, body: dict, clients: int, total: int) -> dict:
                 with lock:
                     latencies.append(time.perf_counter() - started)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(urls[i % len(urls)],)) for i in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -217,25 +219,29 @@ async def _post_loop(host: str, port: int, bodies, ids: list[str]) -> None:
         writer.close()
 
 
-async def _control_plane(url: str, total: int, concurrency: int) -> dict:
-    host, port = url.split("//")[1].split(":")
+async def _control_plane(url: str | list[str], total: int, concurrency: int) -> dict:
+    """Jobs posted over `concurrency` connections (spread over the URLs: replicas), until all have ended,
+    counted from the replicas' own sdserve_jobs_total."""
+    urls = [url] if isinstance(url, str) else url
     bodies = [json.dumps({"prompt": f"p{i}", "steps": 1}).encode() for i in range(total)]
     ids: list[str] = []
 
-    async def finished(c: httpx.AsyncClient) -> float:
-        text = (await c.get("/metrics")).text
-        return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdserve_jobs_total{"))
+    async def finished() -> float:
+        count = 0.0
+        async with httpx.AsyncClient(timeout=60) as c:
+            for u in urls:
+                text = (await c.get(u + "/metrics")).text
+                count += sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdserve_jobs_total{"))
+        return count
 
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        baseline = await finished(c)
+    baseline = await finished()
     started = time.perf_counter()
-    await asyncio.gather(*(_post_loop(host, int(port), bodies[k::concurrency], ids) for k in range(concurrency)))
+    targets = [u.split("//")[1].split(":") for u in urls]
+    await asyncio.gather(*(_post_loop(targets[k % len(urls)][0], int(targets[k % len(urls)][1]),
+                                      bodies[k::concurrency], ids) for k in range(concurrency)))
     submitted = time.perf_counter() - started
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        while True:
-            if await finished(c) - baseline >= total:
-                break
-            await asyncio.sleep(0.01)
+    while await finished() - baseline < total:
+        await asyncio.sleep(0.01)
     wall = time.perf_counter() - started
     return {"jobs": total, "concurrency": concurrency, "jobs_per_s": total / wall, "submit_per_s": total / submitted,
             "wall_s": wall}
