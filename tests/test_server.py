@@ -249,5 +249,5 @@ def test_readyz_and_openapi(client):
 def test_workers_lists_this_process(client):
     [worker] = client.get("/api/v1/workers").json()
     assert worker["ready"] is True and worker["model"] == "tiny" and worker["device"] == "cpu"
-    assert worker["last_heartbeat"] > 0 and worker["batch"] == []
+    assert worker["last_heartbeat"] > 0 and isinstance(worker["batch"], list)
     assert "sdserve_workers 1.0" in client.get("/metrics").text

@@ -87,7 +87,7 @@ end
 return claimed
 """
 
-# ARGV: prefix, id, status, fields json. Returns 0 if the job had already ended.
+# ARGV: prefix, id, status, fields json. Returns the job's hash (flat), 0 if it had already ended, -1 if unknown.
 _FINISH = """
 local p, id = ARGV[1], ARGV[2]
 local status = redis.call('HGET', p .. 'job:' .. id, 'status')
@@ -99,7 +99,7 @@ redis.call('HSET', p .. 'job:' .. id, 'status', ARGV[3])
 redis.call('ZREM', p .. 'queued', id)
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZREM', p .. 'deadlines', id)
-return 1
+return redis.call('HGETALL', p .. 'job:' .. id)
 """
 
 # ARGV: prefix, id, count_attempt ('1' keeps the attempt: a lease ran out; '0' gives it back: graceful stop),
@@ -138,17 +138,20 @@ class RedisEventBus:
     def add_listener(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)
 
-    def publish(self, job_id: str, event: Event) -> str:
+    def publish(self, job_id: str, event: Event, pipe: Any = None) -> None:
+        """Append to the job's stream; with `pipe`, as part of the caller's pipeline (one round trip)."""
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:
                 pass
         key = f"{P}events:{job_id}"
-        pipe = self.client.pipeline()
+        own = pipe is None
+        pipe = self.client.pipeline() if own else pipe
         pipe.xadd(key, {"data": json.dumps(event)}, maxlen=1000, approximate=True)
         pipe.expire(key, EVENTS_TTL_S)
-        return pipe.execute()[0]
+        if own:
+            pipe.execute()
 
     def last_id(self, job_id: str) -> str:
         newest = self.client.xrevrange(f"{P}events:{job_id}", count=1)
@@ -205,7 +208,7 @@ class RedisJobQueue:
         self._claim = self.client.register_script(_CLAIM)
         self._finish_script = self.client.register_script(_FINISH)
         self._requeue = self.client.register_script(_REQUEUE)
-        self._cancel_local: set[str] = set()
+        self._speed_read: tuple[float, float | None] = (-1e9, None)
 
     @contextmanager
     def _redis(self) -> Iterator[None]:
@@ -301,8 +304,12 @@ class RedisJobQueue:
         return self._jobs(ids)
 
     def _speed(self) -> float | None:
-        value = self.client.get(f"{P}speed")
-        return float(value) if value else None
+        """Seconds per denoising step of one image, shared by the workers; read at most once a second."""
+        now = time.monotonic()
+        if now - self._speed_read[0] > 1.0:
+            value = self.client.get(f"{P}speed")
+            self._speed_read = (now, float(value) if value else None)
+        return self._speed_read[1]
 
     def retry_after_s(self) -> int:
         speed = self._speed()
@@ -412,8 +419,11 @@ class RedisJobQueue:
                 pipe.hset(f"{P}job:{job_id}", "batch_images", images)
             pipe.execute()
         claimed = self._jobs(ids, with_position=False)
-        for job in claimed:
-            self._publish("started", job)
+        with self._redis():
+            pipe = self.client.pipeline()
+            for job in claimed:
+                self.events.publish(job.id, {"type": "started", **public_job(job)}, pipe)
+            pipe.execute()
         return claimed
 
     def heartbeat(self, job_ids: Sequence[str]) -> None:
@@ -452,20 +462,23 @@ class RedisJobQueue:
         return float(value) if value else None
 
     def progress(self, job_id: str, step: int, steps: int) -> None:
-        with self._redis():
-            self.client.hset(f"{P}job:{job_id}", mapping={"step": step, "steps": steps})
         speed = self._speed()
         eta = max(0, steps - step) * speed if speed else None
-        self.events.publish(job_id, {
-            "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
-            "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
-        })
+        with self._redis():
+            pipe = self.client.pipeline()
+            pipe.hset(f"{P}job:{job_id}", mapping={"step": step, "steps": steps})
+            self.events.publish(job_id, {
+                "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+                "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
+            }, pipe)
+            pipe.execute()
 
     def record_speed(self, seconds_per_step: float) -> None:
         old = self._speed()
         value = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
         with self._redis():
             self.client.set(f"{P}speed", value)
+        self._speed_read = (time.monotonic(), value)
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
         values = {k: ("" if v is None else v) for k, v in fields.items()}
@@ -474,9 +487,10 @@ class RedisJobQueue:
                                                                                    "finished_at": time.time()})])
         if done == -1:
             raise JobNotFound(f"no job {job_id!r}")
-        job = self.get(job_id)
-        if done == 1:
-            self._publish(status.value, job)
+        if done == 0:
+            return self.get(job_id)
+        job = self._to_job(dict(zip(done[::2], done[1::2])))
+        self._publish(status.value, job)
         return job
 
     def succeed(self, job_id: str, images: list[ImageRef]) -> Job:
