@@ -218,3 +218,42 @@ def test_concurrent_submissions_respect_one_queue_bound(models_dir, tmp_path, re
     finally:
         a.kill()
         b.kill()
+
+
+def test_a1111_options_are_shared_by_every_replica(cluster):
+    a, b, _ = cluster
+    try:
+        assert httpx.post(f"{a.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tinyfile"}).status_code == 200
+        assert httpx.get(f"{b.url}/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tinyfile")
+        r = httpx.post(f"{b.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}, timeout=120)
+        assert json.loads(r.json()["info"])["sd_model_name"] == "tinyfile"
+    finally:
+        httpx.post(f"{b.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"})
+    assert httpx.get(f"{a.url}/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny [")
+
+
+def test_a1111_interrupt_through_b_stops_only_the_callers_call_made_through_a(cluster):
+    """Auth off: the caller is its address. 127.0.0.2 and 127.0.0.3 both call through A; 127.0.0.2
+    interrupts through B, and only its own call stops."""
+    a, b, _ = cluster
+    body = {"prompt": "x", "steps": 60, "width": 128, "height": 128, "seed": 1}
+    out: dict = {}
+
+    def call(name: str, address: str) -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=120) as c:
+            out[name] = c.post(f"{a.url}/sdapi/v1/txt2img", json=body)
+
+    threads = [threading.Thread(target=call, args=(n, addr)) for n, addr in (("mine", "127.0.0.2"),
+                                                                           ("theirs", "127.0.0.3"))]
+    for t in threads:
+        t.start()
+    with b.client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as mine:
+        deadline = time.monotonic() + 60
+        while mine.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+            assert time.monotonic() < deadline, "my call never started"
+            time.sleep(0.05)
+        assert mine.post("/sdapi/v1/interrupt").json() == {}
+    for t in threads:
+        t.join(120)
+    assert out["mine"].json()["images"] == []
+    assert len(out["theirs"].json()["images"]) == 1

@@ -7,6 +7,7 @@ their request into a `GenerationRequest` and call `submit`; synchronous endpoint
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import errno
@@ -32,6 +33,9 @@ from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, open_store
 
 log = logging.getLogger(__name__)
+
+# The shared table A1111's options (and so the chosen default model) live in.
+A1111_OPTIONS = "a1111:options"
 
 # How often the reaper fails jobs whose time ran out, whether or not a runner is alive to notice.
 REAP_INTERVAL_S = 0.5
@@ -78,9 +82,6 @@ class Service:
         self.queue: JobQueue = open_queue(settings)
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
-        # The model a request without one gets. A1111's options POST changes it for later jobs only:
-        # each job pins its model when it is accepted, so a switch never races a running job.
-        self.default_model: str | None = settings.models[0] if settings.models else None
         self.runner = Runner(
             self.engine, self.queue, self.images, self.health,
             default_model=settings.models[0] if settings.models else None,
@@ -91,6 +92,20 @@ class Service:
 
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
+
+    # ----- the default model -------------------------------------------------------------------
+    # The model a request without one gets: the first --model, unless A1111's options POST chose another,
+    # which every replica then uses (it lives in the queue's shared state). It changes later jobs only:
+    # each job pins its model when it is accepted, so a switch never races a running job.
+    @property
+    def default_model(self) -> str | None:
+        chosen = self.queue.shared_get(A1111_OPTIONS).get("sd_model_checkpoint")
+        if chosen:
+            try:
+                return self.registry.info(json.loads(chosen)).name
+            except (UnknownModelError, ValueError):
+                pass  # no longer offered here: fall back to the operator's default
+        return self.settings.models[0] if self.settings.models else None
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

@@ -13,9 +13,8 @@ import base64
 import io
 import json
 import os
-import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -33,10 +32,15 @@ from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound
 from sdserve.protocols import a1111 as proto
 from sdserve.schema import Job, JobStatus
-from sdserve.service import Service
+from sdserve.service import A1111_OPTIONS, Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 SOURCE = "a1111"
+
+
+CALLS = "a1111:calls"
+DEFAULT_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+                                   "enable_pnginfo": True, "return_grid": False}
 
 
 @dataclass
@@ -49,31 +53,28 @@ class Call:
 
 
 class A1111State:
-    """A1111's global options (persisted like its config.json) and the A1111 requests in flight."""
+    """A1111's global options (its config.json) and the A1111 calls in flight, in the queue's shared state,
+    so `/options`, `/progress`, `/interrupt` and `/skip` answer the same through every replica."""
 
     def __init__(self, service: Service) -> None:
-        self.service = service
-        self.path = service.settings.data_dir / "a1111-options.json"
-        self.lock = threading.Lock()
-        self.options: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-                                        "enable_pnginfo": True, "return_grid": False}
-        try:
-            self.options.update(json.loads(self.path.read_text()))
-        except (OSError, ValueError):
-            pass
-        saved = self.options.get("sd_model_checkpoint")
-        if saved:
-            try:
-                service.default_model = service.registry.info(saved).name
-            except UnknownModelError:
-                pass
-        self.calls: list[Call] = []  # the A1111 calls in flight, oldest first
+        self.queue = service.queue
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.options, indent=1))
-        os.replace(tmp, self.path)
+    def options(self) -> dict[str, Any]:
+        saved = {k: json.loads(v) for k, v in self.queue.shared_get(A1111_OPTIONS).items()}
+        return {**DEFAULT_OPTIONS, **saved}
+
+    def set_options(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.queue.shared_put(A1111_OPTIONS, key, json.dumps(value))
+
+    def add(self, call: Call) -> None:
+        self.queue.shared_put(CALLS, call.task_id, json.dumps(asdict(call)))
+
+    def remove(self, call: Call) -> None:
+        self.queue.shared_put(CALLS, call.task_id, None)
+
+    def calls(self) -> list[Call]:
+        return [Call(**json.loads(v)) for v in self.queue.shared_get(CALLS).values()]
 
 
 def _state(request: Request) -> A1111State:
@@ -94,13 +95,11 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     state = _state(request)
     jobs = await service.submit_all(canonical, source=SOURCE)
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
-    with state.lock:  # so /interrupt and /progress know which jobs make up this call
-        state.calls.append(call)
+    await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
         outcomes = await service.results(call.job_ids)
     finally:
-        with state.lock:
-            state.calls.remove(call)
+        await asyncio.to_thread(state.remove, call)
     done = [job for job, _ in outcomes]
     failed = [j for j in done if j.status is JobStatus.failed]
     if failed:
@@ -140,17 +139,21 @@ async def img2img(body: proto.Img2ImgRequest, request: Request, service: Service
 async def _own_call(request: Request, service: Service, id_task: str | None) -> tuple[Call | None, list[Job]]:
     """The caller's call this request is about, with its jobs: the one named by `id_task`, else the caller's
     call that is running now, else the caller's oldest. Never another caller's."""
-    state = _state(request)
     caller = caller_id(request)
-    with state.lock:
-        own = [c for c in state.calls if c.caller == caller and (id_task is None or c.task_id == id_task)]
-    for call in own:
-        jobs = [await asyncio.to_thread(service.queue.get, job_id) for job_id in call.job_ids]
-        if any(j.status is JobStatus.running for j in jobs):
-            return call, jobs
-    if not own:
-        return None, []
-    return own[0], [await asyncio.to_thread(service.queue.get, job_id) for job_id in own[0].job_ids]
+    calls = await asyncio.to_thread(_state(request).calls)
+    own = []
+    for call in calls:
+        if call.caller == caller and (id_task is None or call.task_id == id_task):
+            try:
+                jobs = [await asyncio.to_thread(service.queue.get, job_id) for job_id in call.job_ids]
+            except JobNotFound:
+                continue
+            if not all(j.status.terminal for j in jobs):  # a call its replica never cleared (it died) is over
+                own.append((call, jobs))
+    running = [(c, jobs) for c, jobs in own if any(j.status is JobStatus.running for j in jobs)]
+    if running or own:
+        return (running or own)[0]
+    return None, []
 
 
 @router.get("/progress", summary="A1111 progress of the caller's call (or the one named by id_task)")
@@ -216,10 +219,8 @@ async def skip(request: Request, service: ServiceDep, body: TaskRequest | None =
 
 @router.get("/options", summary="A1111 options")
 async def get_options(request: Request, service: ServiceDep) -> dict[str, Any]:
-    state = _state(request)
-    info = await asyncio.to_thread(service.registry.info, service.default_model)
-    with state.lock:
-        options = dict(state.options)
+    info = await asyncio.to_thread(lambda: service.registry.info(service.default_model))
+    options = await asyncio.to_thread(_state(request).options)
     options["sd_model_checkpoint"] = title(service, info)
     options["sd_checkpoint_hash"] = service.registry.sha256(info)
     return options
@@ -227,18 +228,14 @@ async def get_options(request: Request, service: ServiceDep) -> dict[str, Any]:
 
 @router.post("/options", summary="Set A1111 options; sd_model_checkpoint switches the model for later jobs")
 async def set_options(body: dict[str, Any], request: Request, service: ServiceDep) -> Any:
-    state = _state(request)
-    if "sd_model_checkpoint" in body:
+    values = dict(body)
+    if "sd_model_checkpoint" in values:
         try:
-            info = await asyncio.to_thread(service.registry.info, str(body["sd_model_checkpoint"]))
+            info = await asyncio.to_thread(service.registry.info, str(values["sd_model_checkpoint"]))
         except UnknownModelError as exc:
             return JSONResponse({"error": "RuntimeError", "detail": str(exc), "errors": str(exc)}, status_code=422)
-        service.default_model = info.name
-    with state.lock:
-        state.options.update(body)
-        if "sd_model_checkpoint" in body:
-            state.options["sd_model_checkpoint"] = info.name
-        state.save()
+        values["sd_model_checkpoint"] = info.name  # every replica's default from now on
+    await asyncio.to_thread(_state(request).set_options, values)
     return None
 
 

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
 """
 
 # How many queued jobs the selector sees at once (enough to fill a batch).
@@ -341,6 +342,17 @@ class SQLiteJobQueue:
         for job in claimed:
             self._publish("started", job)
         return claimed
+
+    def shared_get(self, table: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, value FROM shared WHERE tbl = ?", (table,)).fetchall())
+
+    def shared_put(self, table: str, key: str, value: str | None) -> None:
+        with self._write():
+            if value is None:
+                self._db.execute("DELETE FROM shared WHERE tbl = ? AND key = ?", (table, key))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO shared (tbl, key, value) VALUES (?, ?, ?)", (table, key, value))
 
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
         with self._lock:

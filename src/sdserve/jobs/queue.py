@@ -97,6 +97,12 @@ class JobQueue(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
+    def shared_get(self, table: str) -> dict[str, str]:
+        """Small state every replica shares (A1111 options, the A1111 calls in flight): a table of strings."""
+
+    def shared_put(self, table: str, key: str, value: str | None) -> None:
+        """Set a key of a shared table; None removes it."""
+
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
         """A worker says it is alive (name, model, device, current batch); it counts as live for `ttl_s`."""
 

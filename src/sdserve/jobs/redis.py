@@ -434,6 +434,17 @@ class RedisJobQueue:
                 pipe.zadd(f"{P}running", {job_id: expiry}, xx=True)
             pipe.execute()
 
+    def shared_get(self, table: str) -> dict[str, str]:
+        with self._redis():
+            return self.client.hgetall(f"{P}shared:{table}")
+
+    def shared_put(self, table: str, key: str, value: str | None) -> None:
+        with self._redis():
+            if value is None:
+                self.client.hdel(f"{P}shared:{table}", key)
+            else:
+                self.client.hset(f"{P}shared:{table}", key, value)
+
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
         now = time.time()
         with self._redis():
