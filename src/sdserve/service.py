@@ -7,11 +7,11 @@ their request into a `GenerationRequest` and call `submit`; synchronous endpoint
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import os
 import socket
-import errno
-import logging
 import threading
 import time
 from dataclasses import dataclass

@@ -23,6 +23,7 @@ from sdserve.jobs.events import EventBus
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
+    JobEnds,
     JobFinished,
     JobNotFound,
     NotAccepting,
@@ -77,7 +78,7 @@ def _storage_error(exc: sqlite3.Error) -> StorageError:
     return StorageError(f"the job store cannot write: {text}", full=full)
 
 
-class SQLiteJobQueue:
+class SQLiteJobQueue(JobEnds):
     def __init__(
         self, path: Path, *, max_queue: int = 256, default_timeout_s: float | None = None,
         events: EventBus | None = None,
@@ -409,15 +410,6 @@ class SQLiteJobQueue:
             self._cancel.discard(job_id)
         self._publish(status.value, job)
         return job
-
-    def succeed(self, job_id: str, images: list[ImageRef]) -> Job:
-        return self._finish(job_id, JobStatus.succeeded, images=json.dumps([i.model_dump() for i in images]))
-
-    def fail(self, job_id: str, error: str, kind: str = "internal") -> Job:
-        return self._finish(job_id, JobStatus.failed, error=error, error_kind=kind)
-
-    def mark_canceled(self, job_id: str) -> Job:
-        return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
 
     def requeue(self, job_id: str) -> None:
         with self._lock:

@@ -8,11 +8,12 @@ if the process dies, `recover()` on the next start puts it back in the queue, up
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from sdserve.jobs.events import EventBus
-from sdserve.schema import ImageRef, Job, JobRequest
+from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
 MAX_ATTEMPTS = 3
 
@@ -52,6 +53,23 @@ class StorageError(QueueError):
     def __init__(self, message: str, full: bool = False) -> None:
         super().__init__(message)
         self.full = full  # out of space: 507 rather than 503
+
+
+class JobEnds:
+    """How a job ends, the same for every backend: each backend provides `_finish` (record the end once,
+    publish its event) and inherits these."""
+
+    def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+        raise NotImplementedError
+
+    def succeed(self, job_id: str, images: list[ImageRef]) -> Job:
+        return self._finish(job_id, JobStatus.succeeded, images=json.dumps([i.model_dump() for i in images]))
+
+    def fail(self, job_id: str, error: str, kind: str = "internal") -> Job:
+        return self._finish(job_id, JobStatus.failed, error=error, error_kind=kind)
+
+    def mark_canceled(self, job_id: str) -> Job:
+        return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
 
 
 class JobQueue(Protocol):

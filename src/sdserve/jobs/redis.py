@@ -31,6 +31,7 @@ from sdserve.jobs.events import Event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
+    JobEnds,
     JobFinished,
     JobNotFound,
     NotAccepting,
@@ -192,7 +193,7 @@ class RedisEventBus:
             stop.set()
 
 
-class RedisJobQueue:
+class RedisJobQueue(JobEnds):
     def __init__(self, url: str, *, max_queue: int = 256, default_timeout_s: float | None = None,
                  lease_s: float = 30.0) -> None:
         import redis
@@ -503,15 +504,6 @@ class RedisJobQueue:
         job = self._to_job(dict(zip(done[::2], done[1::2])))
         self._publish(status.value, job)
         return job
-
-    def succeed(self, job_id: str, images: list[ImageRef]) -> Job:
-        return self._finish(job_id, JobStatus.succeeded, images=json.dumps([i.model_dump() for i in images]))
-
-    def fail(self, job_id: str, error: str, kind: str = "internal") -> Job:
-        return self._finish(job_id, JobStatus.failed, error=error, error_kind=kind)
-
-    def mark_canceled(self, job_id: str) -> Job:
-        return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
 
     def requeue(self, job_id: str) -> None:
         """Graceful stop: back to the queue, the attempt not counted."""
