@@ -518,10 +518,11 @@ class RedisJobQueue(JobEnds):
             expired = self.client.zrangebyscore(f"{P}running", "-inf", now)
         requeued = 0
         for job_id in expired:
-            h = self.client.hgetall(f"{P}job:{job_id}")
-            if not h or h.get("status") != "running":
-                self.client.zrem(f"{P}running", job_id)
-                continue
+            with self._redis():
+                h = self.client.hgetall(f"{P}job:{job_id}")
+                if not h or h.get("status") != "running":
+                    self.client.zrem(f"{P}running", job_id)
+                    continue
             attempts = int(h.get("attempts") or 0)
             if attempts >= MAX_ATTEMPTS:
                 self.fail(job_id, f"its worker stopped while running this job {attempts} times; giving up "
@@ -539,11 +540,11 @@ class RedisJobQueue(JobEnds):
             due = self.client.zrangebyscore(f"{P}deadlines", "-inf", now)
         ended = []
         for job in self._jobs(due, with_position=False):
-            deadline = job.created_at.timestamp()
-            limit = float(self._hash(job.id).get("deadline") or now) - deadline
+            deadline = self.deadline(job.id) or now
+            limit = deadline - job.created_at.timestamp()
             if job.status is JobStatus.queued:
                 ended.append(self.fail(job.id, f"timed out after {limit:.0f} s waiting in the queue", "timeout"))
-            elif job.status is JobStatus.running and deadline + limit < now - RUNNING_GRACE_S:
+            elif job.status is JobStatus.running and deadline < now - RUNNING_GRACE_S:
                 ended.append(self.fail(job.id, f"timed out after {limit:.0f} s (waiting and running)", "timeout"))
         return ended
 
