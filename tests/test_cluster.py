@@ -257,3 +257,53 @@ def test_a1111_interrupt_through_b_stops_only_the_callers_call_made_through_a(cl
         t.join(120)
     assert out["mine"].json()["images"] == []
     assert len(out["theirs"].json()["images"]) == 1
+
+
+def test_a_worker_process_joins_and_hands_back_its_batch_on_sigterm(models_dir, tmp_path, redis_server):
+    """`sdserve worker`: no public HTTP, a probe port; its jobs appear in the queue's records; on SIGTERM it
+    hands its batch back (grace 1 s here) and the job finishes on the other worker."""
+    import signal
+    import subprocess
+    import sys
+
+    from server import free_port
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    redis.Redis.from_url(url).flushdb()
+    storage = f"file://{tmp_path / 'images'}"
+    api = ServerProcess(models_dir, tmp_path / "api", "--queue", url, "--storage", storage, "--name", "A").start()
+    probe = free_port()
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sdserve.cli", "worker", "--queue", url, "--storage", storage, "--name", "W",
+         "--models-dir", str(models_dir), "--model", "tiny", "--device", "cpu", "--data-dir", str(tmp_path / "w"),
+         "--metrics-port", str(probe), "--host", "127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**__import__("os").environ, "SDSERVE_SHUTDOWN_GRACE_S": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{probe}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.2)
+        assert "sdserve_workers" in httpx.get(f"http://127.0.0.1:{probe}/metrics").text
+        assert {w["name"] for w in httpx.get(f"{api.url}/api/v1/workers").json()} == {"A", "W"}
+        # Two shapes, so each worker takes one.
+        ids = [httpx.post(f"{api.url}/api/v1/jobs", json={**LONG, "steps": 150 - i}).json()["id"] for i in range(2)]
+        with api.client() as c:
+            jobs = [wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1) for job_id in ids]
+            on_worker = next(j for j in jobs if j["worker"] == "W")
+            other = next(j for j in jobs if j["worker"] == "A")
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(30) == 0
+            c.delete(f"/api/v1/jobs/{other['id']}")  # free A to take the handed-back job
+            done = wait_for(c, on_worker["id"], timeout=180)
+        assert done["status"] == "succeeded" and done["worker"] == "A" and done["attempts"] == 1, done
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        log.close()
+        api.kill()

@@ -31,6 +31,40 @@ AllowPickle = Annotated[
     Optional[bool],
     typer.Option("--allow-pickle/--no-allow-pickle", help="Load .ckpt/.bin/.pt checkpoints (they can run code). [env: SDSERVE_ALLOW_PICKLE]"),
 ]
+ModelOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--model", help="demo, a diffusers folder, a .safetensors file or a hub id; repeat for more, "
+                 "the first is the default. [env: SDSERVE_MODELS, comma-separated]"),
+]
+MaxBatch = Annotated[
+    Optional[int], typer.Option(help="Images per UNet pass (1 = serial). Default: 16 on CPU, 8 on GPU. "
+                                "[env: SDSERVE_MAX_BATCH]"),
+]
+BatchWait = Annotated[
+    Optional[float], typer.Option(help="How long a batch waits for companions. [env: SDSERVE_BATCH_WAIT_MS]"),
+]
+Optimize = Annotated[
+    Optional[str],
+    typer.Option(help="Opt-in speed-ups, comma-separated: channels_last, compile, cuda_graphs. "
+                 "[env: SDSERVE_OPTIMIZE]"),
+]
+QueueURL = Annotated[
+    Optional[str],
+    typer.Option(help="The job queue: sqlite:///path/jobs.db (default: DATA_DIR/jobs.db) or "
+                 "redis://HOST:PORT/DB, shared by every process that names it. [env: SDSERVE_QUEUE]"),
+]
+LeaseS = Annotated[
+    Optional[float], typer.Option(help="Redis: how long a silent worker keeps its jobs. [env: SDSERVE_LEASE_S]"),
+]
+WorkerName = Annotated[
+    Optional[str], typer.Option(help="This worker's name in job records (default hostname-pid). "
+                                "[env: SDSERVE_NAME]"),
+]
+StorageURL = Annotated[
+    Optional[str],
+    typer.Option(help="Where images live: file:///path (default: DATA_DIR/images) or "
+                 "s3://BUCKET/PREFIX?endpoint_url=http://HOST:PORT&region=REGION. [env: SDSERVE_STORAGE]"),
+]
 
 
 def _settings(**overrides: object) -> Settings:
@@ -155,11 +189,7 @@ def list_models(models_dir: ModelsDir = None, data_dir: DataDir = None) -> None:
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind. [env: SDSERVE_HOST]")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port. [env: SDSERVE_PORT]")] = None,
-    model: Annotated[
-        Optional[list[str]],
-        typer.Option("--model", help="demo, a diffusers folder, a .safetensors file or a hub id; repeat for more, "
-                     "the first is the default. [env: SDSERVE_MODELS, comma-separated]"),
-    ] = None,
+    model: ModelOpt = None,
     models_dir: ModelsDir = None,
     data_dir: DataDir = None,
     device: DeviceOpt = None,
@@ -172,36 +202,14 @@ def serve(
         typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
     ] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")] = None,
-    max_batch: Annotated[
-        Optional[int], typer.Option(help="Images per UNet pass (1 = serial). Default: 16 on CPU, 8 on GPU. "
-                                    "[env: SDSERVE_MAX_BATCH]"),
-    ] = None,
-    batch_wait_ms: Annotated[
-        Optional[float], typer.Option(help="How long a batch waits for companions. [env: SDSERVE_BATCH_WAIT_MS]"),
-    ] = None,
-    optimize: Annotated[
-        Optional[str],
-        typer.Option(help="Opt-in speed-ups, comma-separated: channels_last, compile, cuda_graphs. "
-                     "[env: SDSERVE_OPTIMIZE]"),
-    ] = None,
+    max_batch: MaxBatch = None,
+    batch_wait_ms: BatchWait = None,
+    optimize: Optimize = None,
     allow_pickle: AllowPickle = None,
-    queue: Annotated[
-        Optional[str],
-        typer.Option(help="The job queue: sqlite:///path/jobs.db (default: DATA_DIR/jobs.db) or "
-                     "redis://HOST:PORT/DB, shared by every process that names it. [env: SDSERVE_QUEUE]"),
-    ] = None,
-    lease_s: Annotated[
-        Optional[float], typer.Option(help="Redis: how long a silent worker keeps its jobs. [env: SDSERVE_LEASE_S]"),
-    ] = None,
-    name: Annotated[
-        Optional[str], typer.Option(help="This worker's name in job records (default hostname-pid). "
-                                    "[env: SDSERVE_NAME]"),
-    ] = None,
-    storage: Annotated[
-        Optional[str],
-        typer.Option(help="Where images live: file:///path (default: DATA_DIR/images) or "
-                     "s3://BUCKET/PREFIX?endpoint_url=http://HOST:PORT&region=REGION. [env: SDSERVE_STORAGE]"),
-    ] = None,
+    queue: QueueURL = None,
+    lease_s: LeaseS = None,
+    name: WorkerName = None,
+    storage: StorageURL = None,
     sagemaker: Annotated[
         Optional[bool],
         typer.Option("--sagemaker/--no-sagemaker", help="SageMaker container mode: bind 0.0.0.0:$SAGEMAKER_BIND_TO_PORT "
@@ -241,6 +249,64 @@ def serve(
                   f"data: {settings.data_dir}; images: {service.images.location}; "
                   f"auth: {'on' if settings.api_keys else 'off'})")
     Server(config).run()
+
+
+@app.command()
+def worker(
+    model: ModelOpt = None,
+    models_dir: ModelsDir = None,
+    data_dir: DataDir = None,
+    device: DeviceOpt = None,
+    queue: QueueURL = None,
+    storage: StorageURL = None,
+    name: WorkerName = None,
+    lease_s: LeaseS = None,
+    max_batch: MaxBatch = None,
+    batch_wait_ms: BatchWait = None,
+    optimize: Optimize = None,
+    allow_pickle: AllowPickle = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option(help="Serve /healthz, /readyz (model loaded) and /metrics on this port "
+                                    "(on --host). [env: SDSERVE_METRICS_PORT]"),
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address for --metrics-port. [env: SDSERVE_HOST]")] = None,
+) -> None:
+    """A GPU worker: takes jobs from the shared queue and runs them; no public HTTP. One per GPU."""
+    import signal
+    import threading
+
+    from sdserve.service import Service
+
+    settings = _settings(
+        models=model or None, models_dir=models_dir, data_dir=data_dir, device=device, queue=queue, storage=storage,
+        name=name, lease_s=lease_s, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize,
+        allow_pickle=allow_pickle, host=host, metrics_port=metrics_port,
+    )
+    try:
+        service = Service(settings)
+    except ValueError as exc:
+        _fail(str(exc))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    probe = None
+    if settings.metrics_port:
+        import uvicorn
+
+        from sdserve.api.app import create_ops_app
+
+        probe = uvicorn.Server(uvicorn.Config(create_ops_app(service), host=settings.host, port=settings.metrics_port,
+                                              log_level="warning", access_log=False))
+        probe.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # signals stay ours
+        threading.Thread(target=probe.run, name="sdserve-probe", daemon=True).start()
+    console.print(f"sdserve worker {service.runner.name} (queue: {settings.queue or 'sqlite'}; images: "
+                  f"{service.images.location}; model: {settings.models[0] if settings.models else '-'})")
+    stop.wait()
+    # SIGTERM: finish the running batch within the grace period, else hand it back to the queue.
+    service.shutdown()
+    if probe is not None:
+        probe.should_exit = True
 
 
 def _sagemaker_defaults(settings: Settings, *, host_given: bool, port_given: bool, model_given: bool) -> None:

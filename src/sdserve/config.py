@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     queue: str | None = None
     lease_s: float = Field(30.0, ge=1, le=3600, description="How long a silent worker keeps its jobs (Redis).")
     name: str | None = Field(None, description="This worker's name in job records; default hostname-pid.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="sdserve worker: probe and metrics port.")
     # Where images live: file:///path (default: <data dir>/images) or s3://bucket/prefix?endpoint_url=&region=
     storage: str | None = None
     image_url_ttl_s: int = Field(3600, ge=1, le=7 * 86400, description="Lifetime of presigned image URLs.")

@@ -28,9 +28,7 @@ from sdserve.service import Service
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
-    settings = settings or Settings()
-    service = service or Service(settings)
+def _metrics(service: Service) -> Metrics:
     def measured(read: Callable[[], int]) -> Callable[[], float]:
         def value() -> float:  # a scrape while the queue is unreachable says "unknown", not 500
             try:
@@ -43,6 +41,23 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
                       live_workers=measured(lambda: len(service.queue.workers())))
     service.queue.events.add_listener(metrics.on_event)
     service.runner.on_batch = metrics.batch_images.observe
+    return metrics
+
+
+def create_ops_app(service: Service) -> FastAPI:
+    """A worker's probe port: /healthz, /readyz (model loaded, queue reachable, writes working), /metrics.
+    The caller owns the service's lifecycle."""
+    app = FastAPI(title="sdserve worker", version=__version__, openapi_url=None)
+    app.state.service = service
+    app.state.metrics = _metrics(service)
+    app.include_router(ops.router)
+    return app
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service = service or Service(settings)
+    metrics = _metrics(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
