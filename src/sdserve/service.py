@@ -179,14 +179,13 @@ class Service:
         inputs: dict[str, core.InputImage] | None = None,
     ) -> tuple[Job, bool]:
         """Validate, move the input images to the image store, pin seed and model, and queue.
-        `inputs`: the request's images already read by `core.read_inputs` (so they are decoded once)."""
+        `inputs`: the request's images if already read by `core.read_inputs` (so they are decoded once)."""
         if self.runner.load_error:
             raise NotAccepting(f"no model can run jobs here: {self.runner.load_error}")
         write_error = self.health.check()
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
-        if inputs is None:
-            self.validate(request)
+        self.validate(request)
         fingerprint = core.fingerprint(request) if idempotency_key is not None else None
         if idempotency_key is not None:
             existing = self.queue.idempotent(idempotency_key, fingerprint)
@@ -245,7 +244,7 @@ class Service:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
 
         def read(request: GenerationRequest) -> dict[str, core.InputImage]:
-            self.validate(request)
+            self.validate(request)  # cheap: bounds and names; submit checks again
             return core.read_inputs(request, self.limits.max_pixels)
 
         inputs = [await asyncio.to_thread(read, r) for r in requests]

@@ -228,19 +228,20 @@ class RedisJobQueue(JobEnds):
         self.client.close()
 
     # ----- reading ---------------------------------------------------------------------------
-    def _to_job(self, h: dict[str, str], with_position: bool = True) -> Job:
+    def _to_job(self, h: dict[str, str], position: int | None = None) -> Job:
+        """A job from its hash; `position` is its rank in the queue (read with the hash, in one pipeline)."""
         status = JobStatus(h["status"])
         request = JobRequest.model_validate_json(h["request"])
         step = int(h.get("step") or 0)
         steps = int(h.get("steps") or request.steps)
         if status is JobStatus.succeeded:
             step = steps
-        position = eta = None
+        eta = None
         speed = self._speed()
-        if status is JobStatus.queued and with_position:
-            position = self.client.zrank(f"{P}queued", h["id"])
-            if speed is not None and position is not None:
-                eta = (position + 1) * request.steps * request.n * speed
+        if status is not JobStatus.queued:
+            position = None
+        elif speed is not None and position is not None:
+            eta = (position + 1) * request.steps * request.n * speed
         elif status is JobStatus.running and speed is not None:
             eta = max(0, steps - step) * speed * int(h.get("batch_images") or request.n)
         return Job(
@@ -264,15 +265,23 @@ class RedisJobQueue(JobEnds):
         return h
 
     def get(self, job_id: str) -> Job:
-        return self._to_job(self._hash(job_id))
+        found = self._jobs([job_id])
+        if not found:
+            raise JobNotFound(f"no job {job_id!r}")
+        return found[0]
 
     def _jobs(self, ids: Sequence[str], with_position: bool = True) -> list[Job]:
+        """The jobs with these ids (unknown ones left out), each record and queue rank in one round trip."""
         with self._redis():
             pipe = self.client.pipeline()
             for job_id in ids:
                 pipe.hgetall(f"{P}job:{job_id}")
-            hashes = pipe.execute()
-        return [self._to_job(h, with_position) for h in hashes if h]
+                if with_position:
+                    pipe.zrank(f"{P}queued", job_id)
+            replies = pipe.execute()
+        step = 2 if with_position else 1
+        return [self._to_job(h, replies[i + 1] if with_position else None)
+                for i, h in zip(range(0, len(replies), step), replies[::step]) if h]
 
     def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
         if status is None:
@@ -327,7 +336,7 @@ class RedisJobQueue(JobEnds):
         h = self._hash(job_id)
         if h.get("idem_hash", "") != (fingerprint or ""):
             raise IdempotencyConflict("Idempotency-Key was already used with a different request body")
-        return self._to_job(h)
+        return self.get(job_id)
 
     def submit(
         self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,

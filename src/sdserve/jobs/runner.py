@@ -12,7 +12,8 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from PIL import Image
 
@@ -130,7 +131,36 @@ class Runner:
                     raise InvalidRequestError(f"input image {key}: {exc}") from None
         return inputs
 
+    @contextmanager
+    def _leased(self, jobs: Sequence[Job]) -> Iterator[None]:
+        """While a batch runs, and its images are stored: heartbeat its leases (steps can be slow, loads
+        slower) and show it in this worker's registration."""
+        done = threading.Event()
+        ids = [job.id for job in jobs]
+
+        def heartbeat() -> None:
+            while not done.wait(self.heartbeat_s):
+                try:
+                    self.queue.heartbeat(ids)  # a job that already ended has no lease: a no-op for it
+                    self._register()
+                except Exception:
+                    log.exception("heartbeat failed")
+
+        self._batch = ids
+        self._register()
+        beater = threading.Thread(target=heartbeat, name="sdserve-heartbeat", daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            done.set()
+            self._batch = []
+
     def _run(self, jobs: Sequence[Job]) -> None:
+        with self._leased(jobs):
+            self._run_leased(jobs)
+
+    def _run_leased(self, jobs: Sequence[Job]) -> None:
         deadlines = {job.id: self.queue.deadline(job.id) for job in jobs}
         dropped: set[str] = set()
         started = time.monotonic()
@@ -163,55 +193,37 @@ class Runner:
         def live() -> list[Job]:
             return [job for job in jobs if job.id not in dropped]
 
-        beating = threading.Event()
-
-        def heartbeat() -> None:  # keeps the lease while the batch runs (steps can be slow, loads slower)
-            while not beating.wait(self.heartbeat_s):
-                try:
-                    self.queue.heartbeat([job.id for job in live()])
-                    self._register()
-                except Exception:
-                    log.exception("heartbeat failed")
-
-        beater = threading.Thread(target=heartbeat, name="sdserve-heartbeat", daemon=True)
-        self._batch = [job.id for job in jobs]
-        self._register()
-        beater.start()
         try:
-            try:
-                inputs = self._inputs(jobs)
-                results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
-            except _Stop:
+            inputs = self._inputs(jobs)
+            results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
+        except _Stop:
+            for job in live():
+                self._record(self.queue.requeue, job.id)
+            return
+        except Cancelled:
+            for job in live():
+                self._record(self.queue.mark_canceled, job.id)
+            return
+        except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
+            for job in live():
+                self._record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
+            return
+        except InvalidRequestError as exc:
+            if len(jobs) > 1:
+                # One bad request must not fail its companions: run each alone to find it.
                 for job in live():
-                    self._record(self.queue.requeue, job.id)
+                    self._run([job])
                 return
-            except Cancelled:
-                for job in live():
-                    self._record(self.queue.mark_canceled, job.id)
-                return
-            except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
-                for job in live():
-                    self._record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
-                return
-            except InvalidRequestError as exc:
-                if len(jobs) > 1:
-                    # One bad request must not fail its companions: run each alone to find it.
-                    for job in live():
-                        self._run([job])
-                    return
-                for job in live():
-                    self._record(self.queue.fail, job.id, str(exc), "invalid")
-                return
-            except StorageError:
-                raise
-            except Exception as exc:
-                log.exception("generation failed for jobs %s", [j.id for j in jobs])
-                for job in live():
-                    self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
-                return
-        finally:
-            beating.set()
-            self._batch = []
+            for job in live():
+                self._record(self.queue.fail, job.id, str(exc), "invalid")
+            return
+        except StorageError:
+            raise
+        except Exception as exc:
+            log.exception("generation failed for jobs %s", [j.id for j in jobs])
+            for job in live():
+                self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
+            return
         elapsed = time.monotonic() - started
         if steps_done:
             # Seconds per denoising step of one image, so ETAs scale with queued work.
