@@ -1,4 +1,4 @@
-"""A real `sdserve serve` process on a free loopback port, for end-to-end tests."""
+"""A real `sdserve serve` (or `api`, or `worker`) process on a free loopback port, for end-to-end tests."""
 
 from __future__ import annotations
 
@@ -19,23 +19,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+NO_ENGINE = str(Path(__file__).resolve().parent / "no_engine")
+
+
 class ServerProcess:
     def __init__(self, models_dir: Path | None, data_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
-        """With models_dir None, only `args` choose the model (e.g. --sagemaker); port can come from the env."""
+                 port: int | None = None, role: str = "serve") -> None:
+        """A `sdserve serve`, `api` or `worker` process. With models_dir None, only `args` choose the model
+        (e.g. --sagemaker); port can come from the env. An `api` runs with torch and diffusers unimportable
+        (tests/no_engine), as in a slim API image; a worker's url is its probe port (/readyz, /metrics)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
-        self.log_path = data_dir / f"server-{self.port}.log"
+        self.log_path = data_dir / f"{role}-{self.port}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.cmd = [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--data-dir", str(data_dir),
-                    "--device", "cpu"]
+        self.cmd = [sys.executable, "-m", "sdserve.cli", role, "--host", "127.0.0.1", "--data-dir", str(data_dir)]
+        if role != "api":
+            self.cmd += ["--device", "cpu"]
         if port is None:
-            self.cmd += ["--port", str(self.port)]
+            self.cmd += ["--metrics-port" if role == "worker" else "--port", str(self.port)]
         if models_dir is not None:
             self.cmd += ["--models-dir", str(models_dir), "--model", "tiny"]
         self.cmd += list(args)
         self.env = {**os.environ, **(env or {})}
+        if role == "api":
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [NO_ENGINE, self.env.get("PYTHONPATH")]))
         self.proc: subprocess.Popen | None = None
 
     def launch(self) -> ServerProcess:
@@ -45,7 +53,9 @@ class ServerProcess:
         return self
 
     def start(self, timeout: float = 120) -> ServerProcess:
-        self.launch()
+        return self.launch().wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 120) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

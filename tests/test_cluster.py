@@ -1,11 +1,14 @@
-"""Two `sdserve serve` processes on one Redis (`--queue redis://…`) and one image store: each is an API
-replica and a worker. Every route works through either; a killed worker's job finishes on the other."""
+"""Two `sdserve api` replicas (torch and diffusers unimportable) and two `sdserve worker`s (A and B) on one Redis
+(`--queue redis://…`) and one image store. Every route works through either replica; a killed worker's job
+finishes on the other."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,37 +40,51 @@ def sse(url: str, job_id: str, last_event_id: str | None = None, stop_after: str
     return events
 
 
-def start_cluster(models_dir, tmp_path, redis_server, db: int = 0):
-    """Two replicas on Redis database `db` (each fixture its own, so clusters never share jobs)."""
+@dataclass
+class Cluster:
+    a: ServerProcess  # API replicas
+    b: ServerProcess
+    workers: dict[str, ServerProcess]  # by name: "A", "B"
+    shared: Path  # the image store
+
+    def stop(self) -> None:
+        for process in (self.a, self.b, *self.workers.values()):
+            process.kill()
+
+
+def start_cluster(models_dir, tmp_path, redis_server, db: int = 0, *api_args: str) -> Cluster:
+    """On Redis database `db` (each fixture its own, so clusters never share jobs)."""
     url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
     redis.Redis.from_url(url).flushdb()
     shared = tmp_path / "images"
-    common = ("--queue", url, "--storage", f"file://{shared}", "--lease-s", "3", "--max-batch", "4")
-    a = ServerProcess(models_dir, tmp_path / "a", *common, "--name", "A").start()
-    b = ServerProcess(models_dir, tmp_path / "b", *common, "--name", "B").start()
-    return a, b, shared
+    common = ("--queue", url, "--storage", f"file://{shared}")
+    workers = {name: ServerProcess(models_dir, tmp_path / f"w{name}", *common, "--lease-s", "3", "--max-batch", "4",
+                                   "--name", name, role="worker").launch() for name in "AB"}
+    a = ServerProcess(None, tmp_path / "a", *common, *api_args, role="api").start()
+    b = ServerProcess(None, tmp_path / "b", *common, *api_args, role="api").start()
+    for worker in workers.values():
+        worker.wait_ready()
+    return Cluster(a, b, workers, shared)
 
 
 @pytest.fixture(scope="module")
 def cluster(models_dir, tmp_path_factory, redis_server):
-    """Shared by the tests that leave both replicas running."""
-    a, b, shared = start_cluster(models_dir, tmp_path_factory.mktemp("cluster"), redis_server)
-    yield a, b, shared
-    for server in (a, b):
-        server.kill()
+    """Shared by the tests that leave every process running."""
+    running = start_cluster(models_dir, tmp_path_factory.mktemp("cluster"), redis_server)
+    yield running
+    running.stop()
 
 
 @pytest.fixture()
 def own_cluster(models_dir, tmp_path, redis_server):
-    """For the tests that kill a replica."""
-    a, b, shared = start_cluster(models_dir, tmp_path, redis_server, db=1)
-    yield a, b, shared
-    for server in (a, b):
-        server.kill()
+    """For the tests that kill a process."""
+    running = start_cluster(models_dir, tmp_path, redis_server, 1)
+    yield running
+    running.stop()
 
 
 def test_submit_on_a_watch_on_b_image_from_b(cluster):
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     job_id = httpx.post(f"{a.url}/api/v1/jobs", json={"prompt": "x", "steps": 8, "n": 2}).json()["id"]
     head = sse(b.url, job_id, stop_after="progress")
     assert head[0][1] in ("queued", "started") and head[-1][1] == "progress"
@@ -82,7 +99,7 @@ def test_submit_on_a_watch_on_b_image_from_b(cluster):
 
 
 def test_cancel_through_the_other_replica(cluster):
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     # Two shapes, so they cannot share a batch: each worker is busy with one.
     running = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 150 - i}).json()["id"] for i in range(2)]
     with a.client() as c:
@@ -100,7 +117,7 @@ def test_cancel_through_the_other_replica(cluster):
 
 
 def test_idempotency_keys_hold_across_replicas(cluster):
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     body = {"prompt": "same", "steps": 2}
     first = httpx.post(f"{a.url}/api/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     again = httpx.post(f"{b.url}/api/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
@@ -110,21 +127,22 @@ def test_idempotency_keys_hold_across_replicas(cluster):
 
 
 def test_a_killed_workers_job_finishes_on_the_other(own_cluster, redis_server):
-    a, b, shared = own_cluster
+    a, b, shared = own_cluster.a, own_cluster.b, own_cluster.shared
     job_id = httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "n": 2}).json()["id"]
     with a.client() as c:
         job = wait_for(c, job_id, ("running",), predicate=lambda j: j["step"] >= 1)
-    holder, survivor = (a, b) if job["worker"] == "A" else (b, a)
-    workers = {w["name"]: w for w in httpx.get(f"{survivor.url}/api/v1/workers").json()}
-    assert set(workers) == {"A", "B"} and job_id in workers[job["worker"]]["batch"]
+    holder = job["worker"]
+    survivor = "B" if holder == "A" else "A"
+    workers = {w["name"]: w for w in httpx.get(f"{b.url}/api/v1/workers").json()}
+    assert set(workers) == {"A", "B"} and job_id in workers[holder]["batch"]
     assert workers["A"]["model"] == "tiny" and workers["A"]["device"] == "cpu" and workers["A"]["last_heartbeat"]
-    assert "sdserve_workers 2.0" in httpx.get(f"{survivor.url}/metrics").text
+    assert "sdserve_workers 2.0" in httpx.get(f"{b.url}/metrics").text
     killed_at = time.monotonic()
-    holder.kill()  # kill -9 after its first progress event
-    with survivor.client() as c:
+    own_cluster.workers[holder].kill()  # kill -9 after its first progress event
+    with b.client() as c:
         done = wait_for(c, job_id, timeout=120)
     summary = {k: (job[k], done[k]) for k in ("worker", "attempts", "status", "step", "started_at", "finished_at")}
-    assert done["status"] == "succeeded" and done["worker"] == ("B" if holder is a else "A"), (summary, holder.log()[-3000:])
+    assert done["status"] == "succeeded" and done["worker"] == survivor, (summary, own_cluster.workers[holder].log()[-3000:])
     assert done["attempts"] == 2 and len(done["images"]) == 2
     elapsed = time.monotonic() - killed_at
     assert elapsed < 3 + 60, elapsed  # the lease, then one job's time
@@ -134,12 +152,12 @@ def test_a_killed_workers_job_finishes_on_the_other(own_cluster, redis_server):
             .xrange(f"sdserve:events:{job_id}")
             if json.loads(e["data"])["type"] in ("succeeded", "failed", "canceled")]
     assert len(ends) == 1  # one terminal event
-    live = [w["name"] for w in httpx.get(f"{survivor.url}/api/v1/workers").json()]
-    assert live == [done["worker"]]  # the killed worker dropped out after its heartbeats stopped
+    live = [w["name"] for w in httpx.get(f"{a.url}/api/v1/workers").json()]
+    assert live == [survivor]  # the killed worker dropped out after its heartbeats stopped
 
 
 def test_a_redis_restart_loses_no_job(cluster, redis_server):
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     running = httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 30}).json()["id"]
     with a.client() as c:
         wait_for(c, running, ("running",), predicate=lambda j: j["step"] >= 1)
@@ -155,7 +173,7 @@ def test_a_redis_restart_loses_no_job(cluster, redis_server):
 
 
 def test_batches_still_form_with_two_workers(cluster):
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     blockers = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 30 + i}).json()["id"] for i in range(2)]
     with a.client() as c:
         for job_id in blockers:
@@ -171,7 +189,7 @@ def test_batches_still_form_with_two_workers(cluster):
 
 
 def test_readyz_says_when_redis_is_gone(cluster, redis_server):
-    a, _, _ = cluster
+    a = cluster.a
     assert httpx.get(f"{a.url}/readyz").status_code == 200
     redis_server.shutdown()
     try:
@@ -187,11 +205,8 @@ def test_readyz_says_when_redis_is_gone(cluster, redis_server):
 
 
 def test_concurrent_submissions_respect_one_queue_bound(models_dir, tmp_path, redis_server):
-    url = redis_server.url.rsplit("/", 1)[0] + "/2"
-    redis.Redis.from_url(url).flushdb()
-    common = ("--queue", url, "--storage", f"file://{tmp_path / 'images'}", "--max-queue", "3")
-    a = ServerProcess(models_dir, tmp_path / "a", *common).start()
-    b = ServerProcess(models_dir, tmp_path / "b", *common).start()
+    bounded = start_cluster(models_dir, tmp_path, redis_server, 2, "--max-queue", "3")
+    a, b = bounded.a, bounded.b
     try:
         # Two shapes, so each worker is busy with one and nothing leaves the queue meanwhile.
         blockers = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 150 - i}).json()["id"]
@@ -216,12 +231,11 @@ def test_concurrent_submissions_respect_one_queue_bound(models_dir, tmp_path, re
         for job_id in blockers:
             httpx.delete(f"{a.url}/api/v1/jobs/{job_id}")
     finally:
-        a.kill()
-        b.kill()
+        bounded.stop()
 
 
 def test_a1111_options_are_shared_by_every_replica(cluster):
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     try:
         assert httpx.post(f"{a.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tinyfile"}).status_code == 200
         assert httpx.get(f"{b.url}/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tinyfile")
@@ -235,7 +249,7 @@ def test_a1111_options_are_shared_by_every_replica(cluster):
 def test_a1111_interrupt_through_b_stops_only_the_callers_call_made_through_a(cluster):
     """Auth off: the caller is its address. 127.0.0.2 and 127.0.0.3 both call through A; 127.0.0.2
     interrupts through B, and only its own call stops."""
-    a, b, _ = cluster
+    a, b = cluster.a, cluster.b
     body = {"prompt": "x", "steps": 60, "width": 128, "height": 128, "seed": 1}
     out: dict = {}
 

@@ -59,3 +59,18 @@ def test_every_issue_sampler_is_known():
                 "DPM++ SDE", "DDIM", "PLMS", "UniPC", "LCM"}
     assert expected <= set(samplers.sampler_names())
     assert {"automatic", "karras", "exponential", "sgm_uniform", "uniform"} <= set(samplers.schedule_names())
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS, ids=lambda s: s.name)
+def test_static_schedule_table_matches_the_diffusers_scheduler(sampler):
+    """The API role validates without diffusers; this keeps its table true to what the engine can build."""
+    keys = samplers.config_keys(sampler.scheduler_class)
+    for schedule in samplers.SCHEDULES:
+        fits = all(k in keys for k in schedule.overrides)
+        assert (schedule.name in sampler.schedules) == fits, (sampler.name, schedule.name)
+        if fits:
+            resolved = samplers.resolve(sampler.name, schedule.name)
+            built = samplers.make_scheduler(resolved, {"beta_schedule": "scaled_linear"})
+            assert type(built).__name__ == sampler.scheduler_class
+            for knob, value in resolved.schedule.overrides.items():
+                assert built.config[knob] == value

@@ -66,6 +66,16 @@ StorageURL = Annotated[
                  "s3://BUCKET/PREFIX?endpoint_url=http://HOST:PORT&region=REGION. [env: SDSERVE_STORAGE]"),
 ]
 
+ApiKey = Annotated[
+    Optional[list[str]],
+    typer.Option("--api-key", help="Require this key (repeatable). [env: SDSERVE_API_KEYS, comma-separated]"),
+]
+ApiAuth = Annotated[
+    Optional[str],
+    typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
+]
+MaxQueue = Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")]
+
 
 def _settings(**overrides: object) -> Settings:
     """Environment first, then explicit flags on top (a flag left out keeps the environment's value)."""
@@ -193,15 +203,9 @@ def serve(
     models_dir: ModelsDir = None,
     data_dir: DataDir = None,
     device: DeviceOpt = None,
-    api_key: Annotated[
-        Optional[list[str]],
-        typer.Option("--api-key", help="Require this key (repeatable). [env: SDSERVE_API_KEYS, comma-separated]"),
-    ] = None,
-    api_auth: Annotated[
-        Optional[str],
-        typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
-    ] = None,
-    max_queue: Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")] = None,
+    api_key: ApiKey = None,
+    api_auth: ApiAuth = None,
+    max_queue: MaxQueue = None,
     max_batch: MaxBatch = None,
     batch_wait_ms: BatchWait = None,
     optimize: Optimize = None,
@@ -217,10 +221,6 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the web UI and every API, with the runner, in one process."""
-    import uvicorn
-
-    from sdserve.api.app import create_app
-
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
@@ -229,9 +229,44 @@ def serve(
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
+    _serve_http(settings, "serve")
+
+
+@app.command()
+def api(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind. [env: SDSERVE_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port. [env: SDSERVE_PORT]")] = None,
+    model: Annotated[
+        Optional[list[str]],
+        typer.Option("--model", help="A model the workers serve, by name; repeat for more, the first is the default. "
+                     "Optional: workers publish theirs. [env: SDSERVE_MODELS, comma-separated]"),
+    ] = None,
+    data_dir: DataDir = None,
+    api_key: ApiKey = None,
+    api_auth: ApiAuth = None,
+    max_queue: MaxQueue = None,
+    queue: QueueURL = None,
+    storage: StorageURL = None,
+) -> None:
+    """An API replica: the web UI and every API, no engine (no torch, no model files). Needs a shared --queue."""
+    settings = _settings(
+        host=host, port=port, models=model or None, data_dir=data_dir, api_keys=api_key or None, api_auth=api_auth,
+        max_queue=max_queue, queue=queue, storage=storage,
+    )
+    if not model and "SDSERVE_MODELS" not in os.environ:
+        settings.models = []  # not "demo": the API offers what the workers publish
+    _serve_http(settings, "api")
+
+
+def _serve_http(settings: Settings, role: str) -> None:
+    import uvicorn
+
+    from sdserve.api.app import create_app
+    from sdserve.service import Service
+
     try:
-        fastapi_app = create_app(settings)
-    except ValueError as exc:  # a bad --storage URL, an unknown --optimize name, ...
+        fastapi_app = create_app(settings, Service(settings, role))  # type: ignore[arg-type]
+    except ValueError as exc:  # a bad --storage URL, an unknown --optimize name, no shared queue, ...
         _fail(str(exc))
     service = fastapi_app.state.service
 
@@ -245,9 +280,9 @@ def serve(
         fastapi_app, host=settings.host, port=settings.port, log_level="info",
         timeout_graceful_shutdown=int(settings.shutdown_grace_s), access_log=False,
     )
-    console.print(f"sdserve on http://{settings.host}:{settings.port}  (models: {', '.join(settings.models)}; "
-                  f"data: {settings.data_dir}; images: {service.images.location}; "
-                  f"auth: {'on' if settings.api_keys else 'off'})")
+    console.print(f"sdserve {role} on http://{settings.host}:{settings.port}  (models: "
+                  f"{', '.join(settings.models) or 'as the workers publish'}; queue: {settings.queue or 'sqlite'}; "
+                  f"images: {service.images.location}; auth: {'on' if settings.api_keys else 'off'})")
     Server(config).run()
 
 
@@ -283,7 +318,7 @@ def worker(
         allow_pickle=allow_pickle, host=host, metrics_port=metrics_port,
     )
     try:
-        service = Service(settings)
+        service = Service(settings, "worker")
     except ValueError as exc:
         _fail(str(exc))
     stop = threading.Event()

@@ -1,7 +1,12 @@
 """The server core every dialect talks to: validate, submit, wait, cancel, fetch images.
 
-It wires the engine, the queue, the image store and the runner together. Dialects translate
-their request into a `GenerationRequest` and call `submit`; synchronous endpoints then `wait`.
+It wires the queue, the image store, the model catalog and (except in the `api` role) the engine and
+its runner together. Dialects translate their request into a `GenerationRequest` and call `submit`;
+synchronous endpoints then `wait`.
+
+Roles: `serve` (HTTP and a runner in one process), `api` (HTTP only: no engine, neither torch nor
+diffusers is imported, no model files; models come from `catalog.SharedCatalog`) and `worker` (a runner
+and no public HTTP).
 """
 
 from __future__ import annotations
@@ -16,23 +21,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from sdserve import core
+from sdserve import catalog, core
+from sdserve.catalog import ModelCatalog, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
 from sdserve.core import RequestRejected
 from sdserve.engine import samplers
-from sdserve.engine.models import ModelRegistry, UnknownModelError
-from sdserve.engine.noop import NoopEngine
-from sdserve.engine.pipeline import Engine
 from sdserve.health import WriteHealth, probe_folder
-from sdserve.jobs.batcher import default_max_batch
 from sdserve.jobs.events import END_EVENTS
 from sdserve.jobs.queue import JobQueue, NotAccepting, StorageError
-from sdserve.jobs.runner import Runner
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, open_store
 
+if TYPE_CHECKING:
+    from sdserve.jobs.runner import Runner
+
 log = logging.getLogger(__name__)
+
+Role = Literal["serve", "api", "worker"]
 
 # The shared table A1111's options (and so the chosen default model) live in.
 A1111_OPTIONS = "a1111:options"
@@ -71,27 +78,46 @@ def open_queue(settings: Settings) -> JobQueue:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role: Role = "serve") -> None:
         self.settings = settings
+        self.role = role
         self.limits = Limits(settings.max_size, settings.max_steps, settings.max_images)
-        self.registry = ModelRegistry(
+        self.queue: JobQueue = open_queue(settings)
+        if role != "serve" and not self.queue.shared:
+            raise ValueError(f"sdserve {role} needs a queue other processes share: --queue redis://host:port/db")
+        self.images: ImageStore = open_store(settings.storage, settings.data_dir)
+        self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
+        self.runner: Runner | None = None
+        if role == "api":
+            self.models: ModelCatalog = SharedCatalog(self.queue, settings.models, settings.allow_pickle)
+        else:
+            self._build_runner(settings)
+        self._stopped = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
+
+    def _build_runner(self, settings: Settings) -> None:
+        """The engine side (imports torch): the local model registry, the engine, and the runner over them."""
+        from sdserve.engine.models import ModelRegistry
+        from sdserve.engine.noop import NoopEngine
+        from sdserve.engine.pipeline import Engine
+        from sdserve.jobs.batcher import default_max_batch
+        from sdserve.jobs.runner import Runner
+
+        registry = ModelRegistry(
             settings.models_dir, settings.data_dir, extra=settings.models, device=settings.device,
             allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models, optimize=settings.optimize,
         )
-        self.engine = NoopEngine(self.registry) if settings.engine == "noop" else Engine(self.registry)
-        self.queue: JobQueue = open_queue(settings)
-        self.images: ImageStore = open_store(settings.storage, settings.data_dir)
-        self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
+        self.models = registry
+        engine = NoopEngine(registry) if settings.engine == "noop" else Engine(registry)
         self.runner = Runner(
-            self.engine, self.queue, self.images, self.health,
+            engine, self.queue, self.images, self.health,
             default_model=settings.models[0] if settings.models else None,
-            max_batch=settings.max_batch or default_max_batch(self.registry.device),
+            max_batch=settings.max_batch or default_max_batch(registry.device),
             batch_wait_s=settings.batch_wait_ms / 1000,
             name=settings.name or f"{socket.gethostname()}-{os.getpid()}", heartbeat_s=settings.lease_s / 3,
         )
-
-        self._stopped = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
+        # Once its model loads, a worker tells the API replicas (which have no model files) what it serves.
+        self.runner.on_ready = lambda: catalog.publish(self.queue, registry.list(), registry.sha256)
 
     # ----- the default model -------------------------------------------------------------------
     # The model a request without one gets: the first --model, unless A1111's options POST chose another,
@@ -102,10 +128,12 @@ class Service:
         chosen = self.queue.shared_get(A1111_OPTIONS).get("sd_model_checkpoint")
         if chosen:
             try:
-                return self.registry.info(json.loads(chosen)).name
+                return self.models.info(json.loads(chosen)).name
             except (UnknownModelError, ValueError):
                 pass  # no longer offered here: fall back to the operator's default
-        return self.settings.models[0] if self.settings.models else None
+        if self.settings.models:
+            return self.settings.models[0]
+        return self.models.default() if isinstance(self.models, SharedCatalog) else None
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +141,8 @@ class Service:
         if requeued:
             log.info("resuming %d job(s) that were running when the server stopped", requeued)
         self.queue.accepting = True
-        self.runner.start()
+        if self.runner is not None:
+            self.runner.start()
         self._reaper.start()
 
     def stop_intake(self) -> None:
@@ -123,7 +152,8 @@ class Service:
         """Stop intake, finish the running batch, leave queued jobs persisted for the next start."""
         self.stop_intake()
         self._stopped.set()
-        self.runner.stop(self.settings.shutdown_grace_s)
+        if self.runner is not None:
+            self.runner.stop(self.settings.shutdown_grace_s)
 
     def _reap(self) -> None:
         """Timeouts hold whether or not a runner is alive (its model failed to load, it is stuck, ...)."""
@@ -137,9 +167,9 @@ class Service:
                 log.exception("reaper error")
 
     def readiness(self) -> tuple[bool, str]:
-        if self.runner.load_error:
+        if self.runner is not None and self.runner.load_error:
             return False, f"model failed to load: {self.runner.load_error}"
-        if not self.runner.ready:
+        if self.runner is not None and not self.runner.ready:
             return False, f"loading model {self.settings.models[0] if self.settings.models else ''}".strip()
         if not self.queue.accepting:
             return False, "shutting down: not accepting new jobs"
@@ -170,7 +200,7 @@ class Service:
             raise RequestRejected(str(exc), "sampler") from None
         if request.model is not None:
             try:
-                self.registry.info(request.model)
+                self.models.info(request.model)
             except UnknownModelError as exc:
                 raise RequestRejected(str(exc), "model") from None
 
@@ -180,7 +210,7 @@ class Service:
     ) -> tuple[Job, bool]:
         """Validate, move the input images to the image store, pin seed and model, and queue.
         `inputs`: the request's images if already read by `core.read_inputs` (so they are decoded once)."""
-        if self.runner.load_error:
+        if self.runner is not None and self.runner.load_error:
             raise NotAccepting(f"no model can run jobs here: {self.runner.load_error}")
         write_error = self.health.check()
         if write_error:
@@ -201,7 +231,10 @@ class Service:
                                full=exc.errno == errno.ENOSPC) from None
         init = inputs.get("init_image")
         # Pin the model now: a later change of the default does not change what this job draws.
-        model = self.registry.info(request.model or self.default_model).name
+        try:
+            model = self.models.info(request.model or self.default_model).name
+        except UnknownModelError as exc:  # no default anywhere yet (an API no worker has told of its models)
+            raise NotAccepting(str(exc)) from None
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
         try:
             return self.queue.submit(queued, source=source, idempotency_key=idempotency_key, fingerprint=fingerprint)

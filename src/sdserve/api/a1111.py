@@ -27,7 +27,7 @@ from sdserve.api.security import caller_id
 from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
 from sdserve.engine import samplers
-from sdserve.engine.models import ModelInfo, UnknownModelError
+from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound
 from sdserve.protocols import a1111 as proto
@@ -82,7 +82,7 @@ def _state(request: Request) -> A1111State:
 
 
 def title(service: Service, info: ModelInfo) -> str:
-    short = service.registry.short_hash(info)
+    short = service.models.short_hash(info)
     return f"{info.filename} [{short}]" if short else info.filename
 
 
@@ -115,10 +115,14 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
                 texts.append(read_infotext(im) or "")
             images.append(base64.b64encode(png).decode())
             seeds.append(ref.seed)
-    model = service.registry.info(done[0].request.model)
+    def describe_model() -> tuple[str, str | None]:
+        model = service.models.info(done[0].request.model)
+        return model.name, service.models.short_hash(model)
+
+    model_name, model_hash = await asyncio.to_thread(describe_model)
     info = proto.info_json(
         body, seeds=seeds, infotexts=texts, width=width or (body.width or 0), height=height or (body.height or 0),
-        model_name=model.name, model_hash=service.registry.short_hash(model),
+        model_name=model_name, model_hash=model_hash,
         sampler=samplers.resolve(canonical[0].sampler, canonical[0].scheduler).sampler.name, ignored=ignored,
     )
     headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else None
@@ -219,11 +223,15 @@ async def skip(request: Request, service: ServiceDep, body: TaskRequest | None =
 
 @router.get("/options", summary="A1111 options")
 async def get_options(request: Request, service: ServiceDep) -> dict[str, Any]:
-    info = await asyncio.to_thread(lambda: service.registry.info(service.default_model))
-    options = await asyncio.to_thread(_state(request).options)
-    options["sd_model_checkpoint"] = title(service, info)
-    options["sd_checkpoint_hash"] = service.registry.sha256(info)
-    return options
+    def read() -> dict[str, Any]:
+        options = _state(request).options()
+        try:
+            info = service.models.info(service.default_model)
+        except UnknownModelError:  # an API replica no worker has told of its models yet
+            return {**options, "sd_model_checkpoint": None, "sd_checkpoint_hash": None}
+        return {**options, "sd_model_checkpoint": title(service, info), "sd_checkpoint_hash": service.models.sha256(info)}
+
+    return await asyncio.to_thread(read)
 
 
 @router.post("/options", summary="Set A1111 options; sd_model_checkpoint switches the model for later jobs")
@@ -231,7 +239,7 @@ async def set_options(body: dict[str, Any], request: Request, service: ServiceDe
     values = dict(body)
     if "sd_model_checkpoint" in values:
         try:
-            info = await asyncio.to_thread(service.registry.info, str(values["sd_model_checkpoint"]))
+            info = await asyncio.to_thread(service.models.info, str(values["sd_model_checkpoint"]))
         except UnknownModelError as exc:
             return JSONResponse({"error": "RuntimeError", "detail": str(exc), "errors": str(exc)}, status_code=422)
         values["sd_model_checkpoint"] = info.name  # every replica's default from now on
@@ -250,10 +258,10 @@ async def cmd_flags(service: ServiceDep) -> dict[str, Any]:
 async def sd_models(service: ServiceDep) -> list[dict[str, Any]]:
     def describe() -> list[dict[str, Any]]:
         out = []
-        for info in service.registry.list():
-            if info.kind == "pickle" and not service.registry.allow_pickle:
+        for info in service.models.list():
+            if info.kind == "pickle" and not service.models.allow_pickle:
                 continue
-            sha = service.registry.sha256(info)
+            sha = service.models.sha256(info)
             out.append({"title": title(service, info), "model_name": info.name, "hash": sha[:10] if sha else None,
                         "sha256": sha, "filename": info.source, "config": None})
         return out
@@ -263,7 +271,7 @@ async def sd_models(service: ServiceDep) -> list[dict[str, Any]]:
 
 @router.post("/refresh-checkpoints", summary="Rescan the models folder")
 async def refresh_checkpoints(service: ServiceDep) -> None:
-    await asyncio.to_thread(service.registry.refresh)
+    await asyncio.to_thread(service.models.refresh)
 
 
 @router.get("/samplers")

@@ -40,7 +40,8 @@ def _metrics(service: Service) -> Metrics:
     metrics = Metrics(queue_depth=measured(service.queue.depth),
                       live_workers=measured(lambda: len(service.queue.workers())))
     service.queue.events.add_listener(metrics.on_event)
-    service.runner.on_batch = metrics.batch_images.observe
+    if service.runner is not None:
+        service.runner.on_batch = metrics.batch_images.observe
     return metrics
 
 

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
 from sdserve.api.deps import ServiceDep
+from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status, public_job
 from sdserve.engine import samplers
 from sdserve.images import media_type
@@ -125,9 +126,15 @@ async def workers(service: ServiceDep) -> list[dict[str, Any]]:
 
 @router.get("/models", summary="Models the server can load")
 async def models(service: ServiceDep) -> list[dict[str, Any]]:
-    infos = await asyncio.to_thread(service.registry.list)
-    default = service.settings.models[0] if service.settings.models else None
-    loaded = service.registry.loaded()
+    def read() -> tuple[list, str | None, list[str]]:
+        infos = service.models.list()
+        try:
+            default = service.models.info(service.default_model).name
+        except UnknownModelError:
+            default = None
+        return infos, default, service.models.loaded()
+
+    infos, default, loaded = await asyncio.to_thread(read)
     return [
         {"name": m.name, "kind": m.kind, "arch": m.arch, "size_bytes": m.size_bytes, "demo": m.is_demo,
          "default": m.name == default, "loaded": m.name in loaded}

@@ -54,7 +54,7 @@ def _job_error(job: Job) -> proto.OpenAIError:
 async def generations(body: proto.ImageGenerationRequest, request: Request, service: ServiceDep) -> dict[str, Any]:
     _check_n(body.n, service)
     width, height = proto.parse_size(body.size, service.limits.max_size)
-    known = {m.name for m in await asyncio.to_thread(service.registry.list)}
+    known = {m.name for m in await asyncio.to_thread(service.models.list)}
     canonical = GenerationRequest(prompt=body.prompt[:4000], model=proto.model_for(body.model, known),
                                   width=width, height=height, n=body.n)
     return await _respond(request, service, canonical, body.response_format or "url")
@@ -110,7 +110,7 @@ async def edits(request: Request, service: ServiceDep) -> dict[str, Any]:
                                      service.limits.max_size)
     if width is None:
         width, height = (max(64, min(service.limits.max_size, v - v % 8)) for v in image.size)
-    known = {m.name for m in await asyncio.to_thread(service.registry.list)}
+    known = {m.name for m in await asyncio.to_thread(service.models.list)}
     model = proto.model_for(form.get("model") if isinstance(form.get("model"), str) else None, known)
     mask = _edit_mask(image, mask_image)
     response_format = form.get("response_format") or "url"
@@ -131,6 +131,6 @@ async def edits(request: Request, service: ServiceDep) -> dict[str, Any]:
 
 @router.get("/models", summary="OpenAI models.list: the models this server can load")
 async def models(service: ServiceDep) -> dict[str, Any]:
-    infos = await asyncio.to_thread(service.registry.list)
+    infos = await asyncio.to_thread(service.models.list)
     return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "sdserve"}
                                        for m in infos]}

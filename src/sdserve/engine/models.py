@@ -22,46 +22,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from sdserve.catalog import Arch, Kind, ModelError, ModelInfo, UnknownModelError, find
 from sdserve.engine import demo, quiet_libraries
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["demo", "diffusers", "single-file", "hub", "pickle"]
-Arch = Literal["sd1", "sd2", "sdxl"]
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
-class ModelError(Exception):
-    """A model cannot be found or loaded; the message says why in one line."""
-
-
-class UnknownModelError(ModelError, LookupError):
-    pass
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    kind: Kind
-    source: str  # a path, or a hub repo id
-    arch: Arch | None = None
-    size_bytes: int | None = None
-    inpainting: bool = False  # a 9-channel inpainting UNet
-
-    @property
-    def path(self) -> Path:
-        return Path(self.source)
-
-    @property
-    def filename(self) -> str:
-        return self.source if self.kind == "hub" else self.path.name
-
-    @property
-    def is_demo(self) -> bool:
-        return self.kind == "demo"
 
 
 @dataclass
@@ -113,10 +82,6 @@ def detect_arch(header: dict[str, Any]) -> tuple[Arch | None, bool]:
         arch = None
     conv_in = header.get("model.diffusion_model.input_blocks.0.0.weight", {})
     return arch, len(conv_in.get("shape", [])) > 1 and conv_in["shape"][1] == 9
-
-
-def _looks_like_hash(name: str) -> bool:
-    return len(name) in (10, 64) and all(c in "0123456789abcdef" for c in name)
 
 
 class ModelRegistry:
@@ -182,20 +147,7 @@ class ModelRegistry:
             if not name:
                 raise UnknownModelError("no model given and no default model configured")
         with self._lock:
-            models = {m.name: m for m in self.list()}
-            if name in models:
-                return models[name]
-            key = name.split(" [")[0].strip()
-            for m in models.values():
-                if key in (m.name, m.filename, m.source):
-                    return m
-            if name in self._aliases:
-                return models[self._aliases[name]]
-            if _looks_like_hash(name):
-                for m in models.values():
-                    if m.kind != "hub" and (self.short_hash(m) == name or self.sha256(m) == name):
-                        return m
-        raise UnknownModelError(f"unknown model {name[:200]!r}; choose one of: {', '.join(models) or 'none'}")
+            return find(self.list(), name, self._aliases, self.sha256)
 
     def _describe(self, spec: str) -> ModelInfo:
         if spec == demo.DEMO_NAME:

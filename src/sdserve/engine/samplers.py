@@ -1,6 +1,7 @@
 """A1111 sampler and schedule-type names mapped onto diffusers schedulers.
 
-A1111 (v1.9+) separates the sampler ("DPM++ 2M") from the schedule type ("Karras"); older
+The table is static, so the API role validates names without diffusers (tests/test_samplers.py checks each
+sampler's schedule list against the diffusers scheduler's config keys). A1111 (v1.9+) separates the sampler ("DPM++ 2M") from the schedule type ("Karras"); older
 clients send the two combined ("DPM++ 2M Karras"). "Automatic" resolves to the schedule
 A1111 itself uses for that sampler, so the same settings mean the same thing here.
 """
@@ -11,11 +12,15 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-import diffusers
-
 
 class UnknownSamplerError(ValueError):
     """A sampler or schedule name that is not known, or a combination that does not exist."""
+
+
+# The schedule types a scheduler can take: all of them, or only those that change timestep spacing (its config
+# has no `use_karras_sigmas`), or only Karras (it has no `timestep_spacing`).
+ALL = ("automatic", "uniform", "karras", "exponential", "sgm_uniform")
+SPACING = ("automatic", "uniform", "sgm_uniform")
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class Sampler:
     # The schedule A1111 picks when the client asks for "Automatic".
     default_schedule: str = "automatic"
     options: dict[str, Any] = field(default_factory=dict)
+    schedules: tuple[str, ...] = ALL
 
 
 @dataclass(frozen=True)
@@ -40,19 +46,20 @@ class Schedule:
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",), "karras",
             {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    Sampler("DPM++ SDE", "DPMSolverSinglestepScheduler", ("k_dpmpp_sde",), "karras"),
+    Sampler("DPM++ SDE", "DPMSolverSinglestepScheduler", ("k_dpmpp_sde",), "karras",
+            schedules=("automatic", "karras")),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",), "exponential",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral")),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral"), schedules=SPACING),
     Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
     Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
     Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
     Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",), "karras"),
     Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), "karras"),
-    Sampler("DDIM", "DDIMScheduler", ("ddim",)),
-    Sampler("PLMS", "PNDMScheduler", ("plms",), options={"skip_prk_steps": True}),
+    Sampler("DDIM", "DDIMScheduler", ("ddim",), schedules=SPACING),
+    Sampler("PLMS", "PNDMScheduler", ("plms",), options={"skip_prk_steps": True}, schedules=SPACING),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
-    Sampler("LCM", "LCMScheduler", ("lcm",)),
+    Sampler("LCM", "LCMScheduler", ("lcm",), schedules=SPACING),
 )
 
 SCHEDULES: tuple[Schedule, ...] = (
@@ -116,34 +123,33 @@ def resolve(sampler: str, schedule: str | None = None) -> ResolvedSampler:
         chosen = legacy_schedule
     if chosen.name == "automatic":
         chosen = find_schedule(found.default_schedule)
-    missing = [k for k in chosen.overrides if k not in _config_keys(found.scheduler_class)]
-    if missing:
-        supported = [
-            s.name for s in SCHEDULES
-            if all(k in _config_keys(found.scheduler_class) for k in s.overrides)
-        ]
+    if chosen.name not in found.schedules:
         raise UnknownSamplerError(
             f"schedule type {chosen.name!r} is not available for sampler {found.name!r}; "
-            f"valid: {', '.join(supported)}"
+            f"valid: {', '.join(found.schedules)}"
         )
     return ResolvedSampler(found, chosen)
 
 
 @cache
-def _config_keys(class_name: str) -> frozenset[str]:
+def config_keys(class_name: str) -> frozenset[str]:
+    """The config keys of a diffusers scheduler class (the engine's side: imports diffusers)."""
+    import diffusers
+
     return frozenset(getattr(diffusers, class_name)().config.keys())
 
 
 def supported_schedules(sampler: str) -> list[str]:
     found, _ = find_sampler(sampler)
-    keys = _config_keys(found.scheduler_class)
-    return [s.name for s in SCHEDULES if all(k in keys for k in s.overrides)]
+    return list(found.schedules)
 
 
 def make_scheduler(resolved: ResolvedSampler, base_config: dict[str, Any]):
     """A fresh scheduler (they carry per-run state) built on the model's own noise schedule."""
+    import diffusers
+
     cls = getattr(diffusers, resolved.sampler.scheduler_class)
-    keys = _config_keys(resolved.sampler.scheduler_class)
+    keys = config_keys(resolved.sampler.scheduler_class)
     # Keep the model's training noise schedule (betas, prediction type); drop knobs of other samplers.
     base = {k: v for k, v in base_config.items() if not k.startswith("_") and k in keys}
     for knob in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):

@@ -88,6 +88,7 @@ class SQLiteJobQueue(JobEnds):
         self.max_queue = max_queue
         self.default_timeout_s = default_timeout_s
         self.accepting = True
+        self.shared = False  # one process: its events and recovery at start-up are in-process
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -75,6 +75,7 @@ class JobEnds:
 class JobQueue(Protocol):
     events: EventBus
     accepting: bool
+    shared: bool  # other processes (API replicas, workers) can use it too
 
     def submit(
         self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,

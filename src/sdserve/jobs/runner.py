@@ -56,6 +56,9 @@ class Runner:
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
         self.on_batch: Callable[[int], None] | None = None  # told the images of each batch (metrics)
+        # Called once after the default model has loaded, at the first registration (retried with it).
+        self.on_ready: Callable[[], None] | None = None
+        self._told_ready = False
 
     def start(self) -> None:
         self._thread.start()
@@ -103,6 +106,9 @@ class Runner:
             "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
             "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
         }, ttl_s=3 * self.heartbeat_s)
+        if self.ready and not self._told_ready and self.on_ready is not None:
+            self.on_ready()
+            self._told_ready = True
 
     def _record(self, end: Callable[..., object], *args: object) -> None:
         """Record a job's end. If the job store cannot write, retry until it can (or shutdown): the job stays
