@@ -237,3 +237,44 @@ def test_events_cross_processes_and_resume_after_an_id(redis_server):
     assert [e["type"] for e in head] == ["queued", "started", "progress"]
     assert [(e["type"], e["step"]) for e in rest] == [("progress", 2), ("progress", 3), ("succeeded", 3)]
     assert len({e["event_id"] for e in head + rest}) == len(head + rest)  # no event twice
+
+
+def test_the_autoscaler_lag_counts_the_queued_jobs(redis_server):
+    """KEDA's redis-streams scaler (lagCount) reads XINFO GROUPS of sdserve:demand / workers: it must exist
+    before any worker does, and its lag must equal the queued jobs through every way a job enters or leaves."""
+    from sdserve.jobs.redis import DEMAND, DEMAND_GROUP
+
+    q = redis_queue(redis_server, lease_s=1)
+    q.ping()  # an API's start or readiness check creates the stream and group
+    lag = q.demand
+    assert [g["name"] for g in redis_server.client().xinfo_groups(DEMAND)] == [DEMAND_GROUP] and lag() == 0
+    jobs = [submit(q, str(i), width=64 * (1 + i)) for i in range(4)]  # four shapes: one claim takes one job
+    assert lag() == 4 == q.depth()
+    first = q.claim(wait_s=0, worker="w")
+    assert len(first) == 1 and lag() == 3
+    q.cancel(jobs[3].id)  # a queued job canceled
+    assert lag() == 2
+    q.requeue(first[0].id)  # handed back
+    assert lag() == 3
+    claimed = q.claim(wait_s=0, worker="w")
+    time.sleep(1.2)  # the worker died: its lease runs out and the job is queued again
+    q.expire()
+    assert q.get(claimed[0].id).status is JobStatus.queued and lag() == 3 == q.depth()
+    while q.claim(wait_s=0, worker="w"):
+        pass
+    assert lag() == 0 == q.depth() and redis_server.client().xlen(DEMAND) == 0  # nothing left behind
+
+
+def test_the_autoscaler_stream_comes_back_with_the_queued_jobs(redis_server):
+    """Redis lost the stream (a restore, a FLUSH of one key): the next readiness check rebuilds it, counting
+    the jobs still queued; jobs keep flowing meanwhile."""
+    from sdserve.jobs.redis import DEMAND
+
+    q = redis_queue(redis_server)
+    q.ping()
+    for i in range(3):
+        submit(q, str(i))
+    redis_server.client().delete(DEMAND)
+    assert len(q.claim(wait_s=0, worker="w")) == 1  # no group: the claim still works
+    q.ping()
+    assert q.demand() == 2 == q.depth()

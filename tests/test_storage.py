@@ -142,6 +142,10 @@ def test_openai_url_and_sagemaker_locations_are_presigned(s3_server):
         located = r.json()["s3"]
         assert located[0]["uri"].startswith("s3://images/out/")
         assert httpx.get(located[0]["url"]).content == base64.b64decode(r.json()["images"][0])
+        # An A1111-shaped invocation (the shape SageMaker A1111 deployments send) gets them too, one per image.
+        r = c.post("/invocations", json={"prompt": "x", "steps": 2, "batch_size": 2, "sampler_name": "Euler"})
+        images, located = r.json()["images"], r.json()["s3"]
+        assert len(located) == 2 and [httpx.get(x["url"]).content for x in located] == [base64.b64decode(i) for i in images]
 
 
 def test_proxy_mode_serves_the_bytes(models_dir, tmp_path, s3):

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,14 +25,14 @@ from pydantic import BaseModel, ConfigDict
 
 from sdserve.api.deps import ServiceDep
 from sdserve.api.security import caller_id
+from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
 from sdserve.engine import samplers
-from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound
 from sdserve.protocols import a1111 as proto
-from sdserve.schema import Job, JobStatus
+from sdserve.schema import ImageRef, Job, JobStatus
 from sdserve.service import A1111_OPTIONS, Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -86,7 +87,9 @@ def title(service: Service, info: ModelInfo) -> str:
     return f"{info.filename} [{short}]" if short else info.filename
 
 
-async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service) -> dict[str, Any]:
+async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service,
+                   extra: Callable[[list[ImageRef]], dict[str, Any]] | None = None) -> JSONResponse:
+    """One A1111 call: its jobs, awaited together. `extra`: more response fields from the images' records."""
     try:
         canonical = proto.to_requests(body)
     except proto.TranslationError as exc:
@@ -106,7 +109,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         status = failure_status(failed[0].error_kind)
         return JSONResponse({"error": "GenerationError", "detail": failed[0].error, "errors": failed[0].error},
                             status_code=status)
-    images, seeds, texts = [], [], []
+    images, seeds, texts, refs = [], [], [], []
     width = height = 0
     for job, pngs in outcomes:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
         for ref, png in zip(job.images, pngs):
@@ -115,6 +118,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
                 texts.append(read_infotext(im) or "")
             images.append(base64.b64encode(png).decode())
             seeds.append(ref.seed)
+            refs.append(ref)
     def describe_model() -> tuple[str, str | None]:
         model = service.models.info(done[0].request.model)
         return model.name, service.models.short_hash(model)
@@ -127,6 +131,8 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     )
     headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else None
     payload = {"images": images if body.send_images else [], "parameters": proto.echo_parameters(body), "info": info}
+    if extra is not None:
+        payload.update(await asyncio.to_thread(extra, refs))
     return JSONResponse(payload, headers=headers)
 
 

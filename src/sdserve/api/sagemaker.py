@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -14,7 +15,8 @@ from sdserve.api import a1111
 from sdserve.api.deps import ServiceDep
 from sdserve.core import failure_status, public_job
 from sdserve.protocols import a1111 as a1111_proto
-from sdserve.schema import GenerationRequest, JobStatus
+from sdserve.schema import GenerationRequest, ImageRef, JobStatus
+from sdserve.service import Service
 
 router = APIRouter(tags=["sagemaker"])
 
@@ -44,7 +46,7 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
             parsed: Any = a1111_proto.Img2ImgRequest(**body) if body.get("init_images") else a1111_proto.Txt2ImgRequest(**body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        response = await a1111.generate(parsed, request, service)
+        response = await a1111.generate(parsed, request, service, extra=lambda refs: _located(service, refs))
         if not wants_png or response.status_code != 200:
             return response
         import json
@@ -60,10 +62,13 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
         return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))
     if wants_png:
         return Response(pngs[0], media_type="image/png", headers={"X-Job-Id": job.id})
-    body = {"images": [base64.b64encode(p).decode() for p in pngs], "job": public_job(job)}
-    if service.images.uri(job.images[0].id) is not None:
-        # As SageMaker deployments do: where each image is in S3, and a presigned URL to fetch it.
-        ttl = service.settings.image_url_ttl_s
-        body["s3"] = [{"uri": service.images.uri(ref.id), "url": service.images.url(ref.id, ttl)}
-                      for ref in job.images]
-    return JSONResponse(body)
+    located = await asyncio.to_thread(_located, service, job.images)
+    return JSONResponse({"images": [base64.b64encode(p).decode() for p in pngs], "job": public_job(job), **located})
+
+
+def _located(service: Service, refs: list[ImageRef]) -> dict[str, Any]:
+    """As SageMaker deployments do, when images go to S3: where each one is, and a presigned URL to fetch it."""
+    if not refs or service.images.uri(refs[0].id) is None:
+        return {}
+    ttl = service.settings.image_url_ttl_s
+    return {"s3": [{"uri": service.images.uri(ref.id), "url": service.images.url(ref.id, ttl)} for ref in refs]}

@@ -9,6 +9,13 @@ Keys (prefix `sdserve:`): `job:{id}` a hash per job; `queued` (score: priority t
 (score: lease expiry), `deadlines`, `all` (score: sequence, for listing) sorted sets; `idem:{key}`;
 `events:{id}` a stream per job (replayable after an event id, kept a day); `wake` a list claimers block on.
 
+The autoscaler's signal: `demand`, a stream with the consumer group `workers`, whose lag (XINFO GROUPS, what
+KEDA's `redis-streams` scaler reads with `lagCount`; it needs Redis 7) equals the number of queued jobs. A
+submit or a requeue adds an entry; a claim, or the end of a job that was still queued, reads one through the
+group and deletes it (XACK + XDEL of delivered entries only: deleting an undelivered one would make the lag
+unknown). The scripts keep the two in step; `ensure_demand` creates the stream and group (and seeds it with the
+queued jobs) when they are missing, at start and on every readiness check, so KEDA can scale from zero.
+
 At least once, with leases: a claim gives a lease of `lease_s`; the runner heartbeats it while it works. A
 lease that runs out (the worker died) puts the job back in the queue, up to MAX_ATTEMPTS deliveries, then
 it fails with the reason. A job's end is recorded once (the finish script ignores a job already ended).
@@ -49,6 +56,38 @@ RUNNING_GRACE_S = 30.0
 # Higher priority first, then arrival: priority is -100..100 and sequence numbers stay far below 1e12.
 _SCORE = "(100 - tonumber(priority)) * 1e12 + tonumber(seq)"
 
+DEMAND = P + "demand"
+DEMAND_GROUP = "workers"
+
+# Lua: take n entries off the demand stream (each one a queued job that left the queue). pcall: a missing group
+# (Redis lost its data) must not stop jobs; ensure_demand restores it.
+_CONSUME = f"""
+local function consume(p, n)
+  if n < 1 then return end
+  local got = redis.pcall('XREADGROUP', 'GROUP', '{DEMAND_GROUP}', 'sdserve', 'COUNT', n, 'STREAMS', p .. 'demand', '>')
+  if type(got) ~= 'table' or got['err'] or not got[1] then return end
+  for _, entry in ipairs(got[1][2]) do
+    redis.call('XACK', p .. 'demand', '{DEMAND_GROUP}', entry[1])
+    redis.call('XDEL', p .. 'demand', entry[1])
+  end
+end
+"""
+
+# ARGV: prefix. Creates the demand stream and group if missing, with one entry per job already queued.
+_ENSURE_DEMAND = f"""
+local p = ARGV[1]
+local groups = redis.pcall('XINFO', 'GROUPS', p .. 'demand')
+if type(groups) == 'table' and not groups['err'] then
+  for _, g in ipairs(groups) do
+    for i = 1, #g, 2 do if g[i] == 'name' and g[i + 1] == '{DEMAND_GROUP}' then return 0 end end
+  end
+end
+redis.call('XGROUP', 'CREATE', p .. 'demand', '{DEMAND_GROUP}', '$', 'MKSTREAM')
+local queued = redis.call('ZCARD', p .. 'queued')
+for i = 1, queued do redis.call('XADD', p .. 'demand', '*', 'job', 'queued') end
+return 1
+"""
+
 _SUBMIT = f"""
 local p = ARGV[1]
 local max_queue, id, idem_key = tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -66,13 +105,14 @@ redis.call('ZADD', p .. 'queued', {_SCORE}, id)
 redis.call('ZADD', p .. 'all', seq, id)
 if fields['deadline'] ~= '' then redis.call('ZADD', p .. 'deadlines', fields['deadline'], id) end
 if idem_key ~= '' then redis.call('SET', p .. 'idem:' .. idem_key, id) end
+redis.call('XADD', p .. 'demand', '*', 'job', id)
 redis.call('LPUSH', p .. 'wake', 1)
 redis.call('LTRIM', p .. 'wake', 0, 0)
 return {{'ok', tostring(seq), tostring(redis.call('ZRANK', p .. 'queued', id))}}
 """
 
 # ARGV: prefix, now, lease expiry, worker, batch id, ids...
-_CLAIM = """
+_CLAIM = _CONSUME + """
 local p = ARGV[1]
 local claimed = {}
 for i = 6, #ARGV do
@@ -85,11 +125,12 @@ for i = 6, #ARGV do
     table.insert(claimed, id)
   end
 end
+consume(p, #claimed)
 return claimed
 """
 
 # ARGV: prefix, id, status, fields json. Returns the job's hash (flat), 0 if it had already ended, -1 if unknown.
-_FINISH = """
+_FINISH = _CONSUME + """
 local p, id = ARGV[1], ARGV[2]
 local status = redis.call('HGET', p .. 'job:' .. id, 'status')
 if not status then return -1 end
@@ -97,7 +138,7 @@ if status == 'succeeded' or status == 'failed' or status == 'canceled' then retu
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
 redis.call('HSET', p .. 'job:' .. id, 'status', ARGV[3])
-redis.call('ZREM', p .. 'queued', id)
+if redis.call('ZREM', p .. 'queued', id) == 1 then consume(p, 1) end
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZREM', p .. 'deadlines', id)
 return redis.call('HGETALL', p .. 'job:' .. id)
@@ -118,6 +159,7 @@ local seq = redis.call('HGET', p .. 'job:' .. id, 'seq')
 redis.call('HSET', p .. 'job:' .. id, 'status', 'queued', 'started_at', '', 'worker', '', 'step', 0)
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZADD', p .. 'queued', {_SCORE}, id)
+redis.call('XADD', p .. 'demand', '*', 'job', id)
 redis.call('LPUSH', p .. 'wake', 1)
 redis.call('LTRIM', p .. 'wake', 0, 0)
 return 1
@@ -210,6 +252,8 @@ class RedisJobQueue(JobEnds):
         self._claim = self.client.register_script(_CLAIM)
         self._finish_script = self.client.register_script(_FINISH)
         self._requeue = self.client.register_script(_REQUEUE)
+        self._ensure_demand = self.client.register_script(_ENSURE_DEMAND)
+        self._demand_ensured = False
         self._speed_read: tuple[float, float | None] = (-1e9, None)
 
     @contextmanager
@@ -222,8 +266,17 @@ class RedisJobQueue(JobEnds):
             raise StorageError(f"the job store (Redis) failed: {exc}") from None
 
     def ping(self) -> None:
+        """Reachable, and the autoscaler's stream and group exist (recreated if Redis lost them)."""
         with self._redis():
-            self.client.ping()
+            self._ensure_demand(args=[P])
+
+    def demand(self) -> int | None:
+        """The lag of the demand stream's group: what KEDA scales workers on (None: Redis cannot tell)."""
+        with self._redis():
+            for group in self.client.xinfo_groups(DEMAND):
+                if group["name"] == DEMAND_GROUP:
+                    return group.get("lag")
+        return None
 
     def close(self) -> None:
         self.client.close()
@@ -522,9 +575,13 @@ class RedisJobQueue(JobEnds):
 
     def recover(self) -> int:
         """Jobs whose lease ran out (their worker died) go back to the queue, or fail after MAX_ATTEMPTS
-        deliveries. Jobs other workers hold with a live lease are left alone."""
+        deliveries. Jobs other workers hold with a live lease are left alone. At start-up it also creates the
+        autoscaler's stream and group."""
         now = time.time()
         with self._redis():
+            if not self._demand_ensured:
+                self._ensure_demand(args=[P])
+                self._demand_ensured = True
             expired = self.client.zrangebyscore(f"{P}running", "-inf", now)
         requeued = 0
         for job_id in expired:
