@@ -46,13 +46,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None, role: str = "serve") -> None:
+        """`sdserve serve`, `api` or `worker` (whose url is its probe port: /readyz, /metrics)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        port_flag = "--metrics-port" if role == "worker" else "--port"
+        self.cmd = [sys.executable, "-m", "sdserve.cli", role, "--host", "127.0.0.1", port_flag, str(self.port),
                     "--data-dir", str(data_dir), *args]
         self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
-        self.log = open(data_dir / f"server-{self.port}.log", "ab")
+        self.log = open(data_dir / f"{role}-{self.port}.log", "ab")
 
     def start(self) -> "Server":
         self.started = time.perf_counter()
@@ -219,9 +221,9 @@ async def _post_loop(host: str, port: int, bodies, ids: list[str]) -> None:
         writer.close()
 
 
-async def _control_plane(url: str | list[str], total: int, concurrency: int) -> dict:
+async def _control_plane(url: str | list[str], total: int, concurrency: int, counted: list[str] | None = None) -> dict:
     """Jobs posted over `concurrency` connections (spread over the URLs: replicas), until all have ended,
-    counted from the replicas' own sdserve_jobs_total."""
+    counted from sdserve_jobs_total of the processes that end jobs (`counted`: default, the URLs)."""
     urls = [url] if isinstance(url, str) else url
     bodies = [json.dumps({"prompt": f"p{i}", "steps": 1}).encode() for i in range(total)]
     ids: list[str] = []
@@ -229,7 +231,7 @@ async def _control_plane(url: str | list[str], total: int, concurrency: int) -> 
     async def finished() -> float:
         count = 0.0
         async with httpx.AsyncClient(timeout=60) as c:
-            for u in urls:
+            for u in counted or urls:
                 text = (await c.get(u + "/metrics")).text
                 count += sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdserve_jobs_total{"))
         return count

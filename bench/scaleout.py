@@ -1,10 +1,11 @@
 """Scale-out benchmarks on a real redis-server, side by side in one run. `make bench-scaleout` runs them.
 
-  workers        images/s with 2 workers over 1 worker on one Redis queue: `sdserve serve` replicas
-                 (each an API replica and a worker), each worker on one torch thread, the demo model at
-                 64x64, 20 steps, 16 closed-loop HTTP clients spread round-robin over the replicas.
-  controlplane   jobs/s with the no-op engine: 2 replicas on Redis against the embedded path (one
-                 process, SQLite), the same load generator.
+  workers        images/s with 2 workers over 1 worker on one Redis queue: `sdserve worker` processes, each
+                 on one torch thread, behind one `sdserve api` replica; the demo model at 64x64, 20 steps,
+                 16 closed-loop HTTP clients.
+  controlplane   jobs/s with the no-op engine: 2 `sdserve api` replicas and a no-op worker on Redis (clients
+                 spread round-robin over the replicas) against the embedded path (`sdserve serve`, SQLite),
+                 the same load generator.
   recovery       seconds from kill -9 of the worker holding a job to the job finishing on the other
                  worker, against the lease.
 
@@ -20,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -33,57 +35,81 @@ from run import RESULTS, Server, _control_plane, machine, run_clients  # noqa: E
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def replicas(work: Path, redis: RedisServer, count: int, *args: str, env: dict | None = None,
-             db: int = 0) -> list[Server]:
+@dataclass
+class Cluster:
+    apis: list[Server]
+    workers: list[Server]
+
+    @property
+    def urls(self) -> list[str]:
+        return [a.url for a in self.apis]
+
+    def stop(self) -> None:
+        for process in (*self.workers, *self.apis):
+            process.stop()
+
+
+def cluster(work: Path, redis: RedisServer, apis: int, workers: int, *worker_args: str, api_args: tuple = (),
+            env: dict | None = None, db: int = 0) -> Cluster:
+    """`apis` API replicas and `workers` workers (named w0, w1, ...) on Redis database `db`."""
     import redis as redis_py
 
     url = redis.url.rsplit("/", 1)[0] + f"/{db}"
     redis_py.Redis.from_url(url).flushdb()
-    servers = []
-    for i in range(count):
-        folder = work / f"replica-{db}-{i}"
-        folder.mkdir(parents=True, exist_ok=True)
-        servers.append(Server(folder, "--queue", url, "--storage", f"file://{work / f'images-{db}'}",
-                              "--name", f"w{i}", *args, env=env).start())
-    for server in servers:
-        server.wait_ready()
-    return servers
+    common = ("--queue", url, "--storage", f"file://{work / f'images-{db}'}")
+
+    def folder(name: str) -> Path:
+        path = work / f"{name}-{db}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    started = Cluster(
+        [Server(folder(f"api{i}"), *common, *api_args, role="api").start() for i in range(apis)],
+        [Server(folder(f"w{i}"), *common, "--name", f"w{i}", *worker_args, env=env, role="worker").start()
+         for i in range(workers)],
+    )
+    for process in (*started.apis, *started.workers):
+        process.wait_ready()
+    return started
 
 
 def workers(args, work: Path, redis: RedisServer, model_args: list[str]) -> dict:
-    body = {"prompt": "a red circle on blue", "steps": args.steps, "width": args.size, "height": args.size}
-    out = {}
-    for count, db in ((1, 1), (2, 2)):
-        servers = replicas(work, redis, count, *model_args, "--device", "cpu", env=ONE_THREAD, db=db)
-        urls = [s.url for s in servers]
-        run_clients(urls, body, 4, 8)  # warm-up
-        runs = [run_clients(urls, body, args.clients, args.requests) for _ in range(args.repeats)]
-        best = statistics.median(r["images_per_s"] for r in runs)
-        out[str(count)] = {"runs": runs, "images_per_s": best}
-        print(f"  {count} worker(s): {best:.2f} images/s (median of {args.repeats})", flush=True)
-        for server in servers:
-            server.stop()
-    out["ratio"] = out["2"]["images_per_s"] / out["1"]["images_per_s"]
-    print(f"  2 workers / 1 worker = {out['ratio']:.2f}", flush=True)
+    """At the demo model's own 64 px, and at 128 px where one image's work outweighs its HTTP and Redis costs."""
+    out: dict = {}
+    for size in args.sizes:
+        body = {"prompt": "a red circle on blue", "steps": args.steps, "width": size, "height": size}
+        at: dict = {}
+        for count in (1, 2):
+            running = cluster(work, redis, 1, count, *model_args, "--device", "cpu", env=ONE_THREAD, db=count)
+            run_clients(running.urls, body, 4, 8)  # warm-up
+            requests = args.requests if size <= 64 else args.requests // 3
+            runs = [run_clients(running.urls, body, args.clients, requests) for _ in range(args.repeats)]
+            best = statistics.median(r["images_per_s"] for r in runs)
+            at[str(count)] = {"runs": runs, "images_per_s": best}
+            print(f"  {size} px, {count} worker(s): {best:.2f} images/s (median of {args.repeats})", flush=True)
+            running.stop()
+        at["ratio"] = at["2"]["images_per_s"] / at["1"]["images_per_s"]
+        print(f"  {size} px: 2 workers / 1 worker = {at['ratio']:.2f}", flush=True)
+        out[str(size)] = at
     return out
 
 
 def controlplane(args, work: Path, redis: RedisServer) -> dict:
-    flags = ("--max-queue", "100000", "--max-batch", "64", "--batch-wait-ms", "0")
+    flags = ("--max-queue", "100000")
+    worker_flags = ("--max-batch", "64", "--batch-wait-ms", "0")
     noop = {"SDSERVE_ENGINE": "noop"}
     folder = work / "embedded"
     folder.mkdir(exist_ok=True)
-    embedded = Server(folder, *flags, env=noop).start()
+    embedded = Server(folder, *flags, *worker_flags, env=noop).start()
     embedded.wait_ready()
     asyncio.run(_control_plane(embedded.url, 200, 32))
     local = [asyncio.run(_control_plane(embedded.url, args.jobs, 32)) for _ in range(args.repeats)]
     embedded.stop()
-    cluster = replicas(work, redis, 2, *flags, env=noop, db=3)
-    urls = [s.url for s in cluster]
-    asyncio.run(_control_plane(urls, 200, 32))
-    shared = [asyncio.run(_control_plane(urls, args.jobs, 32)) for _ in range(args.repeats)]
-    for server in cluster:
-        server.stop()
+    running = cluster(work, redis, 2, 1, *worker_flags, api_args=flags, env=noop, db=3)
+    counted = [p.url for p in (*running.apis, *running.workers)]  # each job's end is counted where recorded
+    asyncio.run(_control_plane(running.urls, 200, 32, counted))
+    shared = [asyncio.run(_control_plane(running.urls, args.jobs, 32, counted)) for _ in range(args.repeats)]
+    running.stop()
     result = {"embedded": local, "redis_2_replicas": shared,
               "embedded_jobs_per_s": statistics.median(r["jobs_per_s"] for r in local),
               "redis_jobs_per_s": statistics.median(r["jobs_per_s"] for r in shared)}
@@ -97,25 +123,24 @@ def recovery(args, work: Path, redis: RedisServer, model_args: list[str]) -> dic
     lease = 5.0
     times = []
     for attempt in range(args.repeats):
-        servers = replicas(work, redis, 2, *model_args, "--device", "cpu", "--lease-s", str(lease),
-                           env=ONE_THREAD, db=4)
+        running = cluster(work, redis, 1, 2, *model_args, "--device", "cpu", "--lease-s", str(lease),
+                          env=ONE_THREAD, db=4)
+        api = running.urls[0]
         body = {"prompt": "x", "steps": 60, "width": args.size, "height": args.size}
-        job_id = httpx.post(servers[0].url + "/api/v1/jobs", json=body).json()["id"]
+        job_id = httpx.post(api + "/api/v1/jobs", json=body).json()["id"]
         while True:
-            job = httpx.get(f"{servers[0].url}/api/v1/jobs/{job_id}").json()
+            job = httpx.get(f"{api}/api/v1/jobs/{job_id}").json()
             if job["status"] == "running" and job["step"] >= 1:
                 break
             time.sleep(0.02)
-        holder = next(s for s in servers if s.cmd[s.cmd.index("--name") + 1] == job["worker"])
-        other = next(s for s in servers if s is not holder)
+        holder = next(w for w in running.workers if w.cmd[w.cmd.index("--name") + 1] == job["worker"])
         killed = time.perf_counter()
         holder.proc.kill()
         holder.proc.wait()
-        while httpx.get(f"{other.url}/api/v1/jobs/{job_id}").json()["status"] != "succeeded":
+        while httpx.get(f"{api}/api/v1/jobs/{job_id}").json()["status"] != "succeeded":
             time.sleep(0.02)
         times.append(time.perf_counter() - killed)
-        other.stop()
-        holder.log.close()
+        running.stop()
     result = {"lease_s": lease, "runs_s": times, "median_s": statistics.median(times)}
     print(f"  recovery: median {result['median_s']:.2f} s from kill -9 to done elsewhere (lease {lease:.0f} s)",
           flush=True)
@@ -131,9 +156,16 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     if "workers" in results:
         w = results["workers"]
-        axes[0].bar(["1 worker", "2 workers"], [w["1"]["images_per_s"], w["2"]["images_per_s"]], color=["#999", "#3a7"])
-        axes[0].set_ylabel("images / s")
-        axes[0].set_title(f"Workers on one Redis: {w['ratio']:.2f}x")
+        labels, values, colors = [], [], []
+        for size, at in w.items():
+            for count in ("1", "2"):
+                labels.append(f"{size} px\n{count} worker{'s' if count == '2' else ''}")
+                values.append(at[count]["images_per_s"])
+                colors.append("#999" if count == "1" else "#3a7")
+        axes[0].bar(labels, values, color=colors)
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("images / s (log)")
+        axes[0].set_title("Workers: " + ", ".join(f"{size} px {at['ratio']:.2f}x" for size, at in w.items()))
     if "controlplane" in results:
         c = results["controlplane"]
         axes[1].bar(["embedded\n(SQLite)", "2 replicas\n(Redis)"], [c["embedded_jobs_per_s"], c["redis_jobs_per_s"]],
@@ -155,7 +187,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", metavar="PART", help="workers, controlplane, recovery (default: all)")
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sides for `workers`")
+    parser.add_argument("--size", type=int, default=64, help="image side for `recovery`")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=96)

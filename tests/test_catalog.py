@@ -27,8 +27,11 @@ def test_a_declared_name_is_accepted_before_any_worker_publishes(queue):  # noqa
 
 
 def test_published_models_are_found_as_the_registry_finds_them(queue):  # noqa: F811
+    catalog = SharedCatalog(queue, ["tiny"])
+    assert catalog.info(None).kind == "declared"
     publish(queue, [TINY, FILE], lambda m: SHA if m is FILE else None)
-    catalog = SharedCatalog(queue, ["tiny"])  # declared and published: one entry, the published one
+    assert catalog.info("tinyfile").kind == "single-file"  # a name not seen before is read again at once
+    # Declared and published: one entry, the published one.
     assert [(m.name, m.kind) for m in catalog.list()] == [("tiny", "diffusers"), ("tinyfile", "single-file")]
     assert catalog.info("tinyfile.safetensors").name == "tinyfile"  # by filename
     assert catalog.info(f"tinyfile [{SHA[:10]}]").name == "tinyfile"  # by A1111 title
@@ -43,4 +46,5 @@ def test_the_default_follows_the_live_workers_when_none_is_declared(queue):  # n
     catalog = SharedCatalog(queue, [])
     assert catalog.default() == "tiny"  # no worker running: the first published
     queue.register_worker({"name": "w1", "model": "tinyfile", "ready": True}, ttl_s=30)
+    catalog.refresh()  # what the workers run is read at most every TTL_S
     assert catalog.default() == "tinyfile" and catalog.loaded() == ["tinyfile"]

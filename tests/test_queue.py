@@ -105,7 +105,7 @@ def test_cancel(queue):
     queue.claim(wait_s=0)
     assert queue.cancel(queued.id).status is JobStatus.canceled
     assert queue.cancel(running.id).status is JobStatus.running  # flagged; the runner stops it
-    assert queue.cancel_requested(running.id)
+    assert queue.canceled([running.id, queued.id]) == {running.id}
     queue.mark_canceled(running.id)
     with pytest.raises(JobFinished):
         queue.cancel(running.id)
@@ -122,8 +122,12 @@ def test_expire_waiting_jobs(queue):
 def test_succeed_records_images_and_progress(queue):
     job = submit(queue, "x", steps=4)
     queue.claim(wait_s=0)
-    queue.progress(job.id, 2, 4)
+    other = submit(queue, "y", steps=4)
+    queue.claim(wait_s=0)
+    queue.cancel(other.id)
+    assert queue.progress([job.id, other.id], 2, 4) == {other.id}  # a step reports who was canceled meanwhile
     assert (queue.get(job.id).step, queue.get(job.id).progress) == (2, 0.5)
+    assert queue.get(other.id).step == 0
     done = queue.succeed(job.id, [ImageRef(id="a" * 32, url="/api/v1/images/" + "a" * 32, seed=1)])
     assert done.status is JobStatus.succeeded and done.progress == 1.0 and done.images[0].seed == 1
 
@@ -226,7 +230,7 @@ def test_events_cross_processes_and_resume_after_an_id(redis_server):
         await asyncio.sleep(0.2)
         submitter.claim(wait_s=0)
         for step in (1, 2, 3):
-            submitter.progress(job.id, step, 3)
+            submitter.progress([job.id], step, 3)
         head = await first
         resumed = asyncio.create_task(watch(after=head[-1]["event_id"]))
         await asyncio.sleep(0.2)

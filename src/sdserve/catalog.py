@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -110,15 +111,32 @@ def publish(queue: JobQueue, models: list[ModelInfo], sha256: Callable[[ModelInf
 class SharedCatalog:
     """The `api` role's catalog: published models, then the API's own `--model` names not yet described."""
 
+    # Publications change when a worker starts; a submission reads them several times: read at most this often.
+    TTL_S = 2.0
+
     def __init__(self, queue: JobQueue, declared: list[str], allow_pickle: bool = False) -> None:
         self.queue = queue
         self.declared = list(declared)
         self.allow_pickle = allow_pickle
         self._names = {f.name for f in fields(ModelInfo)}
+        self._read: tuple[float, dict[str, tuple[ModelInfo, str | None]]] = (-1e9, {})
+        self._workers: tuple[float, list[dict]] = (-1e9, [])
 
     def _published(self) -> dict[str, tuple[ModelInfo, str | None]]:
+        now = time.monotonic()
+        if now - self._read[0] > self.TTL_S:
+            self._read = (now, self._parse(self.queue.shared_get(MODELS)))
+        return self._read[1]
+
+    def _live(self) -> list[dict]:
+        now = time.monotonic()
+        if now - self._workers[0] > self.TTL_S:
+            self._workers = (now, self.queue.workers())
+        return self._workers[1]
+
+    def _parse(self, table: dict[str, str]) -> dict[str, tuple[ModelInfo, str | None]]:
         out = {}
-        for name, raw in sorted(self.queue.shared_get(MODELS).items()):
+        for name, raw in sorted(table.items()):
             try:
                 entry = json.loads(raw)
                 out[name] = (ModelInfo(**{k: v for k, v in entry.items() if k in self._names}), entry.get("sha256"))
@@ -134,6 +152,13 @@ class SharedCatalog:
         return [*(ModelInfo(n, "declared", n) for n in self.declared if n not in known), *infos]
 
     def info(self, name: str | None) -> ModelInfo:
+        try:
+            return self._find(name)
+        except UnknownModelError:  # maybe published since the last read: read again before saying no
+            self.refresh()
+            return self._find(name)
+
+    def _find(self, name: str | None) -> ModelInfo:
         name = name or self.default()
         if not name:
             raise UnknownModelError("no model given, and no worker has published one yet (start the API with --model)")
@@ -144,7 +169,7 @@ class SharedCatalog:
         """The API's first --model, else the model the live workers run, else the first published."""
         if self.declared:
             return self.declared[0]
-        running = [w["model"] for w in self.queue.workers() if w.get("model")]
+        running = [w["model"] for w in self._live() if w.get("model")]
         models = self.list()
         for name in running:
             for m in models:
@@ -161,8 +186,10 @@ class SharedCatalog:
 
     def loaded(self) -> list[str]:
         """The models a live, ready worker has loaded (workers name them as they were started: name or path)."""
-        running = {w["model"] for w in self.queue.workers() if w.get("ready") and w.get("model")}
+        running = {w["model"] for w in self._live() if w.get("ready") and w.get("model")}
         return [m.name for m in self.list() if running & {m.name, m.source}]
 
     def refresh(self) -> list[ModelInfo]:
-        return self.list()  # read from the shared table every time
+        """A1111's refresh-checkpoints: read the publications now."""
+        self._read, self._workers = (-1e9, {}), (-1e9, [])
+        return self.list()

@@ -247,7 +247,7 @@ class Service:
         past the job's deadline (plus a grace) a job nothing could end is reported as timed out."""
         with self.queue.events.subscribe(job_id, END_EVENTS) as events:
             job = await asyncio.to_thread(self.queue.get, job_id)
-            deadline = await asyncio.to_thread(self.queue.deadline, job_id)
+            deadline = (await asyncio.to_thread(self.queue.deadlines, [job_id]))[job_id]
             while not job.status.terminal:
                 timeout = None if deadline is None else max(0.1, deadline + WAIT_GRACE_S - time.time())
                 try:

@@ -32,7 +32,8 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.workers = Gauge("sdserve_workers", "Live workers (heartbeat within 3 intervals)", registry=self.registry)
         self.workers.set_function(live_workers)
-        self.jobs = Counter("sdserve_jobs", "Jobs that ended, by status", ["status"], registry=self.registry)
+        self.jobs = Counter("sdserve_jobs", "Jobs whose end this process recorded, by status (a cluster: sum over API "
+                                          "replicas and workers)", ["status"], registry=self.registry)
         self.queue_seconds = Histogram("sdserve_job_queue_seconds", "Time from submission to start",
                                        buckets=_SECONDS, registry=self.registry)
         self.run_seconds = Histogram("sdserve_job_run_seconds", "Time from start to end",

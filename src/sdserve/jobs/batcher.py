@@ -12,6 +12,7 @@ that arrive later): jobs of a popular shape cannot starve a rare one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from sdserve.engine.pipeline import batch_key
@@ -35,6 +36,13 @@ def select(candidates: Sequence[Job], max_images: int) -> list[Job]:
             chosen.append(job)
             images += job.request.n
     return chosen
+
+
+def fair_share(candidates: Sequence[Job], max_images: int, idle_workers: int) -> int:
+    """How many images one of `idle_workers` idle workers takes: the queued images split evenly (rounded up),
+    at most `max_images`. One worker taking the whole queue would leave the others idle while it works through
+    a batch they could have shared."""
+    return max(1, min(max_images, math.ceil(images_in(candidates) / max(1, idle_workers))))
 
 
 def images_in(jobs: Sequence[Job]) -> int:

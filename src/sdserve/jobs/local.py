@@ -369,23 +369,28 @@ class SQLiteJobQueue(JobEnds):
     def heartbeat(self, job_ids: Sequence[str]) -> None:
         """No leases here: one process owns the queue and its runner; a restart recovers running jobs."""
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return job_id in self._cancel
-
-    def deadline(self, job_id: str) -> float | None:
+    def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         with self._lock:
-            return self._row(job_id)["deadline"]
+            return {job_id: self._row(job_id)["deadline"] for job_id in job_ids}
 
-    def progress(self, job_id: str, step: int, steps: int) -> None:
-        with self._lock:
-            self._progress[job_id] = (step, steps)
-            row = self._db.execute("SELECT batch_images FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            per_step = self._seconds_per_step * (row["batch_images"] or 1) if self._seconds_per_step and row else None
-            eta = max(0, steps - step) * per_step if per_step else None
-        self.events.publish(job_id, {
-            "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
-            "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
-        })
+    def canceled(self, job_ids: Sequence[str]) -> set[str]:
+        return {job_id for job_id in job_ids if job_id in self._cancel}
+
+    def progress(self, job_ids: Sequence[str], step: int, steps: int) -> set[str]:
+        canceled = self.canceled(job_ids)
+        for job_id in job_ids:
+            if job_id in canceled:
+                continue
+            with self._lock:
+                self._progress[job_id] = (step, steps)
+                row = self._db.execute("SELECT batch_images FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                per_step = self._seconds_per_step * (row["batch_images"] or 1) if self._seconds_per_step and row else None
+                eta = max(0, steps - step) * per_step if per_step else None
+            self.events.publish(job_id, {
+                "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+                "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
+            })
+        return canceled
 
     def record_speed(self, seconds_per_step: float) -> None:
         with self._lock:

@@ -114,7 +114,8 @@ class JobQueue(Protocol):
     def heartbeat(self, job_ids: Sequence[str]) -> None:
         """Extend the lease of jobs this worker is running (a no-op where leases do not apply)."""
 
-    def cancel_requested(self, job_id: str) -> bool: ...
+    def canceled(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of these running jobs whose cancellation was requested (one round trip)."""
 
     def shared_get(self, table: str) -> dict[str, str]:
         """Small state every replica shares (A1111 options, the A1111 calls in flight): a table of strings."""
@@ -128,10 +129,13 @@ class JobQueue(Protocol):
     def workers(self) -> list[dict[str, Any]]:
         """The live workers, each with its `last_heartbeat` (unix time)."""
 
-    def deadline(self, job_id: str) -> float | None:
-        """Unix time after which the job fails with a timeout, or None."""
+    def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
+        """Each job's unix time after which it fails with a timeout, or None (one round trip)."""
 
-    def progress(self, job_id: str, step: int, steps: int) -> None: ...
+    def progress(self, job_ids: Sequence[str], step: int, steps: int) -> set[str]:
+        """One denoising step of a batch: record each job's progress (and tell its watchers), and return the
+        jobs whose cancellation was requested, whose progress is not recorded. One round trip on Redis: the
+        runner calls it on every step, between two UNet passes."""
 
     def succeed(self, job_id: str, images: list[ImageRef]) -> Job: ...
 

@@ -528,25 +528,35 @@ class RedisJobQueue(JobEnds):
                 pipe.execute()
             return sorted((json.loads(v) for v in self.client.hvals(f"{P}workers")), key=lambda w: w["name"])
 
-    def cancel_requested(self, job_id: str) -> bool:
+    def _fields(self, job_ids: Sequence[str], field: str) -> list[str | None]:
         with self._redis():
-            return self.client.hget(f"{P}job:{job_id}", "cancel") == "1"
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hget(f"{P}job:{job_id}", field)
+            return pipe.execute()
 
-    def deadline(self, job_id: str) -> float | None:
-        value = self._hash(job_id).get("deadline")
-        return float(value) if value else None
+    def canceled(self, job_ids: Sequence[str]) -> set[str]:
+        return {job_id for job_id, flag in zip(job_ids, self._fields(job_ids, "cancel")) if flag == "1"}
 
-    def progress(self, job_id: str, step: int, steps: int) -> None:
+    def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
+        return {job_id: float(v) if v else None for job_id, v in zip(job_ids, self._fields(job_ids, "deadline"))}
+
+    def progress(self, job_ids: Sequence[str], step: int, steps: int) -> set[str]:
         speed = self._speed()
         eta = max(0, steps - step) * speed if speed else None
+        canceled = self.canceled(job_ids)
         with self._redis():
-            pipe = self.client.pipeline()
-            pipe.hset(f"{P}job:{job_id}", mapping={"step": step, "steps": steps})
-            self.events.publish(job_id, {
-                "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
-                "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
-            }, pipe)
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in job_ids:
+                if job_id in canceled:
+                    continue
+                pipe.hset(f"{P}job:{job_id}", mapping={"step": step, "steps": steps})
+                self.events.publish(job_id, {
+                    "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+                    "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
+                }, pipe)
             pipe.execute()
+        return canceled
 
     def record_speed(self, seconds_per_step: float) -> None:
         old = self._speed()
@@ -607,7 +617,7 @@ class RedisJobQueue(JobEnds):
             due = self.client.zrangebyscore(f"{P}deadlines", "-inf", now)
         ended = []
         for job in self._jobs(due, with_position=False):
-            deadline = self.deadline(job.id) or now
+            deadline = self.deadlines([job.id])[job.id] or now
             limit = deadline - job.created_at.timestamp()
             if job.status is JobStatus.queued:
                 ended.append(self.fail(job.id, f"timed out after {limit:.0f} s waiting in the queue", "timeout"))

@@ -50,15 +50,20 @@ class Runner:
         self.default_model = default_model
         self.max_batch = max(1, max_batch)
         self.batch_wait_s = max(0.0, batch_wait_s)
-        self.ready = False
+        self._loaded = False
         self.load_error: str | None = None
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
         self.on_batch: Callable[[int], None] | None = None  # told the images of each batch (metrics)
-        # Called once after the default model has loaded, at the first registration (retried with it).
+        # Called once the default model has loaded, before the worker counts as ready (retried until it succeeds).
         self.on_ready: Callable[[], None] | None = None
         self._told_ready = False
+
+    @property
+    def ready(self) -> bool:
+        """The default model is loaded, and the API replicas have been told what this worker serves."""
+        return self._loaded and (self._told_ready or self.on_ready is None)
 
     def start(self) -> None:
         self._thread.start()
@@ -74,7 +79,7 @@ class Runner:
     def _loop(self) -> None:
         try:
             self.engine.warm_up(self.default_model)
-            self.ready = True
+            self._loaded = True
         except ModelError as exc:
             # Keep running: the service refuses new jobs with this error, and queued ones fail with it.
             self.load_error = str(exc)
@@ -83,11 +88,19 @@ class Runner:
             try:
                 if time.monotonic() - self._registered >= self.heartbeat_s:
                     self._register()
+                limit = [self.max_batch]
+
+                def select(candidates: Sequence[Job]) -> list[Job]:
+                    if self.queue.shared:  # other workers take from this queue: take a share of it
+                        idle = sum(1 for w in self.queue.workers() if w.get("ready") and not w.get("batch"))
+                        limit[0] = batcher.fair_share(candidates, self.max_batch, idle)
+                    return batcher.select(candidates, limit[0])
+
                 jobs = self.queue.claim(
-                    select=lambda candidates: batcher.select(candidates, self.max_batch),
+                    select=select,
                     wait_s=0.25,
                     linger_s=self.batch_wait_s if self.max_batch > 1 else 0.0,
-                    full=lambda chosen: batcher.images_in(chosen) >= self.max_batch,
+                    full=lambda chosen: batcher.images_in(chosen) >= limit[0],
                     worker=self.name,
                 )
                 if jobs:
@@ -102,13 +115,13 @@ class Runner:
     def _register(self) -> None:
         """Tell the queue this worker is alive, what it serves and what it runs (GET /api/v1/workers)."""
         self._registered = time.monotonic()
+        if self._loaded and not self._told_ready and self.on_ready is not None:
+            self.on_ready()
+            self._told_ready = True
         self.queue.register_worker({
             "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
             "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
         }, ttl_s=3 * self.heartbeat_s)
-        if self.ready and not self._told_ready and self.on_ready is not None:
-            self.on_ready()
-            self._told_ready = True
 
     def _record(self, end: Callable[..., object], *args: object) -> None:
         """Record a job's end. If the job store cannot write, retry until it can (or shutdown): the job stays
@@ -161,13 +174,17 @@ class Runner:
         finally:
             done.set()
             self._batch = []
+            try:
+                self._register()  # idle again: other workers' shares count this one (batcher.fair_share)
+            except StorageError as exc:
+                self.health.failed(str(exc), full=exc.full)
 
     def _run(self, jobs: Sequence[Job]) -> None:
         with self._leased(jobs):
             self._run_leased(jobs)
 
     def _run_leased(self, jobs: Sequence[Job]) -> None:
-        deadlines = {job.id: self.queue.deadline(job.id) for job in jobs}
+        deadlines = self.queue.deadlines([job.id for job in jobs])
         dropped: set[str] = set()
         started = time.monotonic()
         steps_done = 0
@@ -180,19 +197,15 @@ class Runner:
             if self._abort.is_set():
                 raise _Stop()
             now = time.time()
-            for job in jobs:
-                if job.id in dropped:
-                    continue
-                if self.queue.cancel_requested(job.id):
-                    dropped.add(job.id)
-                    self.queue.mark_canceled(job.id)
-                elif deadlines[job.id] is not None and now > deadlines[job.id]:
+            for job in live():
+                if deadlines[job.id] is not None and now > deadlines[job.id]:
                     dropped.add(job.id)
                     limit = deadlines[job.id] - job.created_at.timestamp()
                     self.queue.fail(job.id, f"timed out: its {limit:.0f} s limit (waiting and running) passed",
                                     "timeout")
-                else:
-                    self.queue.progress(job.id, step, steps)
+            for job_id in self.queue.progress([job.id for job in live()], step, steps):
+                dropped.add(job_id)
+                self.queue.mark_canceled(job_id)
             if len(dropped) == len(jobs):
                 raise Cancelled()  # nobody is left to generate for
 
@@ -234,8 +247,9 @@ class Runner:
         if steps_done:
             # Seconds per denoising step of one image, so ETAs scale with queued work.
             self.queue.record_speed(elapsed / steps_done / max(1, batcher.images_in(jobs)))
+        canceled = self.queue.canceled([job.id for job in live()])
         for job, generated in zip(jobs, results):
-            if job.id in dropped or self.queue.cancel_requested(job.id):
+            if job.id in dropped or job.id in canceled:
                 if job.id not in dropped:
                     self._record(self.queue.mark_canceled, job.id)
                 continue
