@@ -82,8 +82,7 @@ def workers(args, work: Path, redis: RedisServer, model_args: list[str]) -> dict
         for count in (1, 2):
             running = cluster(work, redis, 1, count, *model_args, "--device", "cpu", env=ONE_THREAD, db=count)
             run_clients(running.urls, body, 4, 8)  # warm-up
-            requests = args.requests if size <= 64 else args.requests // 3
-            runs = [run_clients(running.urls, body, args.clients, requests) for _ in range(args.repeats)]
+            runs = [run_clients(running.urls, body, args.clients, args.requests) for _ in range(args.repeats)]
             best = statistics.median(r["images_per_s"] for r in runs)
             at[str(count)] = {"runs": runs, "images_per_s": best}
             print(f"  {size} px, {count} worker(s): {best:.2f} images/s (median of {args.repeats})", flush=True)

@@ -138,3 +138,13 @@ def test_cancel_one_job_in_a_running_batch(batching_server):
         done = [wait_for(c, ids[0], timeout=180), wait_for(c, ids[2], timeout=180)]
     assert [d["status"] for d in done] == ["succeeded", "succeeded"]
     assert len({canceled["batch_id"], done[0]["batch_id"], done[1]["batch_id"]}) == 1
+
+
+def test_fair_share_splits_the_queue_between_idle_workers():
+    jobs = [Job(id=str(i), status=JobStatus.queued, request=JobRequest(prompt="x", n=1),
+                created_at=datetime.now(timezone.utc)) for i in range(10)]
+    assert batcher.fair_share(jobs, 16, 1) == 10  # alone: everything, up to the batch limit
+    assert batcher.fair_share(jobs, 16, 2) == 5
+    assert batcher.fair_share(jobs, 4, 2) == 4  # never past the batch limit
+    assert batcher.fair_share(jobs[:1], 16, 3) == 1  # at least one
+    assert batcher.fair_share(jobs, 16, 0) == 10  # no registrations seen yet: as if alone

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -88,19 +89,21 @@ class Runner:
             try:
                 if time.monotonic() - self._registered >= self.heartbeat_s:
                     self._register()
-                limit = [self.max_batch]
+                enough = [self.max_batch]  # a batch this big is claimed at once; a smaller one lingers first
 
                 def select(candidates: Sequence[Job]) -> list[Job]:
+                    limit = self.max_batch
                     if self.queue.shared:  # other workers take from this queue: take a share of it
-                        idle = sum(1 for w in self.queue.workers() if w.get("ready") and not w.get("batch"))
-                        limit[0] = batcher.fair_share(candidates, self.max_batch, idle)
-                    return batcher.select(candidates, limit[0])
+                        idle = max(1, sum(1 for w in self.queue.workers() if w.get("ready") and not w.get("batch")))
+                        limit = batcher.fair_share(candidates, self.max_batch, idle)
+                        enough[0] = math.ceil(self.max_batch / idle)
+                    return batcher.select(candidates, limit)
 
                 jobs = self.queue.claim(
                     select=select,
                     wait_s=0.25,
                     linger_s=self.batch_wait_s if self.max_batch > 1 else 0.0,
-                    full=lambda chosen: batcher.images_in(chosen) >= limit[0],
+                    full=lambda chosen: batcher.images_in(chosen) >= enough[0],
                     worker=self.name,
                 )
                 if jobs:
