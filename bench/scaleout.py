@@ -46,7 +46,13 @@ class Cluster:
 
     def stop(self) -> None:
         for process in (*self.workers, *self.apis):
-            process.stop()
+            if process.proc.poll() is None:
+                process.stop()
+        if self in RUNNING:
+            RUNNING.remove(self)
+
+
+RUNNING: list[Cluster] = []  # stopped on the way out, whatever failed
 
 
 def cluster(work: Path, redis: RedisServer, apis: int, workers: int, *worker_args: str, api_args: tuple = (),
@@ -68,6 +74,7 @@ def cluster(work: Path, redis: RedisServer, apis: int, workers: int, *worker_arg
         [Server(folder(f"w{i}"), *common, "--name", f"w{i}", *worker_args, env=env, role="worker").start()
          for i in range(workers)],
     )
+    RUNNING.append(started)
     for process in (*started.apis, *started.workers):
         process.wait_ready()
     return started
@@ -214,6 +221,8 @@ def main() -> None:
         if "recovery" in args.parts:
             results["recovery"] = recovery(args, work, redis, model_args)
     finally:
+        for running in list(RUNNING):
+            running.stop()
         redis.stop()
     name = "scaleout-" + results["machine"]["label"].lower().replace(" ", "-").replace(",", "")
     RESULTS.mkdir(parents=True, exist_ok=True)
