@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from sdserve import __version__
-from sdserve.api import a1111, errors, native, openai, ops, sagemaker, simple
+from sdserve.api import a1111, errors, inference_v2, native, openai, ops, sagemaker, simple, tfserving
 from sdserve.api.metrics import Metrics
 from sdserve.api.middleware import (
     BodyLimitMiddleware,
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app = FastAPI(
         title="sdserve",
         version=__version__,
-        summary="Stable Diffusion server: one queue for the native, A1111, OpenAI, SageMaker and simple APIs.",
+        summary="Stable Diffusion server: one queue for the native, A1111, OpenAI, SageMaker, TF Serving, "
+                "Open Inference Protocol v2 and simple APIs.",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.state.a1111 = a1111.A1111State(service)
     errors.install(app)
     errors.document(app)
-    for module in (ops, native, a1111, openai, sagemaker, simple):
+    for module in (ops, native, a1111, openai, tfserving, inference_v2, sagemaker, simple):
         app.include_router(module.router)
     # The web UI: static files from the package, no build step, no CDN.
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")

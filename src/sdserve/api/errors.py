@@ -1,7 +1,8 @@
 """Errors as JSON a person can act on, with the right status code. Never a 500 for client input.
 
 One renderer, shaped per dialect: OpenAI clients get `{"error": {message, type, param, code}}`,
-A1111 clients `{"error", "detail", "errors"}`, everyone else `{"detail", "errors": [{field, message}]}`.
+A1111 clients `{"error", "detail", "errors"}`, TF Serving and Open Inference Protocol v2 clients
+`{"error": message}`, everyone else `{"detail", "errors": [{field, message}]}`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from sdserve.jobs.queue import (
     QueueFull,
     StorageError,
 )
+from sdserve.protocols.inference_v2 import InferenceError
 from sdserve.protocols.openai import OpenAIError, error_body
+from sdserve.protocols.tfserving import TFServingError
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,21 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404
                  503: "server_error", 500: "server_error"}
 
 
+def _tensor_protocol(path: str) -> bool:
+    """TF Serving (/v1/models/{name}…; the bare /v1/models is OpenAI's) and the v2 protocol."""
+    return path.startswith(("/v1/models/", "/v2/")) or path == "/v2"
+
+
 def render(path: str, status: int, message: str, *, field: str | None = None, errors: list[dict] | None = None,
            headers: dict[str, str] | None = None, error_type: str | None = None, code: str | None = None) -> JSONResponse:
-    if path.startswith("/v1/"):
+    if _tensor_protocol(path):
+        # Both answer invalid input with 400 and a bare message.
+        status = 400 if status == 422 else status
+        body: dict[str, Any] = {"error": message}
+    elif path.startswith("/v1/"):
         # OpenAI answers invalid input with 400, never 422.
         status = 400 if status == 422 else status
-        body: dict[str, Any] = error_body(message, error_type or _OPENAI_TYPES.get(status, "invalid_request_error"),
+        body = error_body(message, error_type or _OPENAI_TYPES.get(status, "invalid_request_error"),
                                           field, code)
     elif path.startswith("/sdapi/"):
         body = {"error": error_type or "HTTPException", "detail": message, "body": None, "errors": message}
@@ -80,6 +92,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
         return render("/v1/", exc.status, str(exc), field=exc.param, error_type=exc.type, code=exc.code)
+
+    @app.exception_handler(TFServingError)
+    @app.exception_handler(InferenceError)
+    async def _tensor(request: Request, exc: TFServingError | InferenceError) -> JSONResponse:
+        return render(request.url.path, exc.status, str(exc))
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, exc: QueueFull) -> JSONResponse:
@@ -126,6 +143,8 @@ ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
         "errors": {"type": "array", "items": _FIELD_ERROR}}},
     "A1111Error": {"title": "A1111Error", "type": "object", "required": ["error", "detail"], "properties": {
         "error": {"type": "string"}, "detail": {"type": "string"}, "body": {}, "errors": {"type": "string"}}},
+    "TensorError": {"title": "TensorError", "type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string"}}},
     "OpenAIError": {"title": "OpenAIError", "type": "object", "required": ["error"], "properties": {
         "error": {"type": "object", "required": ["message", "type"], "properties": {
             "message": {"type": "string"}, "type": {"type": "string"},
@@ -135,6 +154,8 @@ ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
 
 def _dialect_error(path: str) -> tuple[str, str]:
     """(status for invalid input, schema name) as `render` answers on this path."""
+    if _tensor_protocol(path):
+        return "400", "TensorError"
     if path.startswith("/v1/"):
         return "400", "OpenAIError"
     if path.startswith("/sdapi/"):

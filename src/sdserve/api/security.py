@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sdserve.api.errors import render
 
 # Probes must work without a key (load balancers and kubelets do not carry one).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/ping"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/health/ready"})
 
 
 def key_matches(candidate: str | None, keys: Iterable[str]) -> bool:

@@ -1,0 +1,116 @@
+"""The Open Inference Protocol v2 (KServe, Triton): health, metadata and infer. Translate, submit, await."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from sdserve import __version__
+from sdserve.api.deps import ServiceDep, build_request
+from sdserve.api.middleware import BadJSON, check_json
+from sdserve.catalog import UnknownModelError
+from sdserve.core import failure_status
+from sdserve.protocols import inference_v2 as proto
+from sdserve.protocols.tensors import VERSION
+from sdserve.schema import JobStatus
+from sdserve.service import Service
+
+router = APIRouter(prefix="/v2", tags=["open-inference-v2"])
+SOURCE = "kserve"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "sdserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="200 when jobs can run (model loaded, queue reachable), else 503")
+async def ready(service: ServiceDep) -> JSONResponse:
+    is_ready, _ = service.readiness()
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+async def _known(service: Service, name: str, version: str | None) -> str:
+    try:
+        info = await asyncio.to_thread(service.models.info, name)
+    except UnknownModelError:
+        raise proto.InferenceError(f"unknown model {name!r}", 404) from None
+    if version not in (None, VERSION):
+        raise proto.InferenceError(f"model {name!r} has no version {version!r}; its version is {VERSION}", 404)
+    return info.name
+
+
+@router.get("/models/{name}", summary="Model metadata: inputs and outputs")
+async def metadata(name: str, service: ServiceDep) -> dict[str, Any]:
+    return proto.model_metadata(await _known(service, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
+async def version_metadata(name: str, version: str, service: ServiceDep) -> dict[str, Any]:
+    return proto.model_metadata(await _known(service, name, version))
+
+
+async def _ready(name: str, version: str | None, service: Service) -> JSONResponse:
+    known = await _known(service, name, version)
+    is_ready, _ = service.readiness()
+    return JSONResponse({"name": known, "ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+@router.get("/models/{name}/ready", summary="200 when the model can run jobs now, else 503")
+async def model_ready(name: str, service: ServiceDep) -> JSONResponse:
+    return await _ready(name, None, service)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one version")
+async def version_ready(name: str, version: str, service: ServiceDep) -> JSONResponse:
+    return await _ready(name, version, service)
+
+
+INFER_BODY = {"requestBody": {"content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"]}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+async def _infer(name: str, version: str | None, request: Request, service: Service) -> Response:
+    known = await _known(service, name, version)
+    header, tail = proto.split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    if tail:  # the middleware checked whole-JSON bodies; this is the JSON part of a binary one
+        try:
+            check_json(header)
+        except BadJSON as exc:
+            raise proto.InferenceError(str(exc)) from None
+    rows, reply = proto.parse_infer(header, tail, service.limits.max_images)
+    canonical = [build_request(**{**row, "model": known}) for row in rows]
+    jobs = await service.submit_all(canonical, source=SOURCE)
+    outcomes = await service.results([job.id for job in jobs])
+    for job, _ in outcomes:
+        if job.status is not JobStatus.succeeded:
+            status = failure_status(job.error_kind)
+            raise proto.InferenceError(job.error or job.status.value, 400 if status == 422 else status)
+    body, header_length = proto.encode_response(known, reply, [(pngs[0], job.images[0].seed) for job, pngs in outcomes])
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
+@router.post("/models/{name}/infer", summary="Infer: a BYTES prompt input (one image each) → BYTES image output",
+             openapi_extra=INFER_BODY)
+async def infer(name: str, request: Request, service: ServiceDep) -> Response:
+    return await _infer(name, None, request, service)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Infer on one version", openapi_extra=INFER_BODY)
+async def infer_version(name: str, version: str, request: Request, service: ServiceDep) -> Response:
+    return await _infer(name, version, request, service)
