@@ -246,12 +246,13 @@ def test_events_cross_processes_and_resume_after_an_id(redis_server):
 def test_the_autoscaler_lag_counts_the_queued_jobs(redis_server):
     """KEDA's redis-streams scaler (lagCount) reads XINFO GROUPS of sdserve:demand / workers: it must exist
     before any worker does, and its lag must equal the queued jobs through every way a job enters or leaves."""
-    from sdserve.jobs.redis import DEMAND, DEMAND_GROUP
+    from sdserve.jobs.redis import DEMAND_GROUP
 
     q = redis_queue(redis_server, lease_s=1)
     q.ping()  # an API's start or readiness check creates the stream and group
     lag = q.demand
-    assert [g["name"] for g in redis_server.client().xinfo_groups(DEMAND)] == [DEMAND_GROUP] and lag() == 0
+    assert q.demand_stream == "sdserve:demand"
+    assert [g["name"] for g in redis_server.client().xinfo_groups(q.demand_stream)] == [DEMAND_GROUP] and lag() == 0
     jobs = [submit(q, str(i), width=64 * (1 + i)) for i in range(4)]  # four shapes: one claim takes one job
     assert lag() == 4 == q.depth()
     first = q.claim(wait_s=0, worker="w")
@@ -266,19 +267,30 @@ def test_the_autoscaler_lag_counts_the_queued_jobs(redis_server):
     assert q.get(claimed[0].id).status is JobStatus.queued and lag() == 3 == q.depth()
     while q.claim(wait_s=0, worker="w"):
         pass
-    assert lag() == 0 == q.depth() and redis_server.client().xlen(DEMAND) == 0  # nothing left behind
+    assert lag() == 0 == q.depth() and redis_server.client().xlen(q.demand_stream) == 0  # nothing left behind
 
 
 def test_the_autoscaler_stream_comes_back_with_the_queued_jobs(redis_server):
     """Redis lost the stream (a restore, a FLUSH of one key): the next readiness check rebuilds it, counting
     the jobs still queued; jobs keep flowing meanwhile."""
-    from sdserve.jobs.redis import DEMAND
-
     q = redis_queue(redis_server)
     q.ping()
     for i in range(3):
         submit(q, str(i))
-    redis_server.client().delete(DEMAND)
+    redis_server.client().delete(q.demand_stream)
     assert len(q.claim(wait_s=0, worker="w")) == 1  # no group: the claim still works
     q.ping()
     assert q.demand() == 2 == q.depth()
+
+
+def test_a_key_prefix_keeps_deployments_on_one_redis_apart(redis_server):
+    """SDSERVE_QUEUE_PREFIX: two deployments share a Redis; each sees its own jobs and its own KEDA stream."""
+    from sdserve.jobs.redis import RedisJobQueue
+
+    a = redis_queue(redis_server)
+    b = RedisJobQueue(redis_server.url, prefix="team-b:")
+    a.ping(), b.ping()
+    job = submit(b, "b's")
+    assert (a.depth(), b.depth(), a.demand(), b.demand()) == (0, 1, 0, 1)
+    assert b.demand_stream == "team-b:demand" and redis_server.client().exists(f"team-b:job:{job.id}")
+    assert a.claim(wait_s=0, worker="w") == [] and [j.id for j in b.claim(wait_s=0, worker="w")] == [job.id]

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
 
     # The job queue: sqlite:///path (default: <data dir>/jobs.db) or redis://host:port/db (shared by processes)
     queue: str | None = None
+    # Redis key prefix: deployments sharing one Redis keep apart. KEDA's trigger reads the stream <prefix>demand.
+    queue_prefix: str = Field("sdserve:", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9:_.-]+$")
     lease_s: float = Field(30.0, ge=1, le=3600, description="How long a silent worker keeps its jobs (Redis).")
     name: str | None = Field(None, description="This worker's name in job records; default hostname-pid.")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="sdserve worker: probe and metrics port.")

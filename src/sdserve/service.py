@@ -73,7 +73,7 @@ def open_queue(settings: Settings) -> JobQueue:
         from sdserve.jobs.redis import RedisJobQueue
 
         return RedisJobQueue(url, max_queue=settings.max_queue, default_timeout_s=settings.job_timeout_s,
-                             lease_s=settings.lease_s)
+                             lease_s=settings.lease_s, prefix=settings.queue_prefix)
     raise ValueError(f"--queue {url!r}: use sqlite:///path/jobs.db or redis://host:port/db")
 
 

@@ -5,9 +5,10 @@ queue *and* later jobs of the head's shape, in priority order. A stream delivers
 consumer and cannot hand out chosen entries, so claims are a Lua script over a sorted set (score = priority,
 then arrival), atomic across workers.
 
-Keys (prefix `sdserve:`): `job:{id}` a hash per job; `queued` (score: priority then sequence), `running`
-(score: lease expiry), `deadlines`, `all` (score: sequence, for listing) sorted sets; `idem:{key}`;
-`events:{id}` a stream per job (replayable after an event id, kept a day); `wake` a list claimers block on.
+Keys (after the prefix, `sdserve:` unless SDSERVE_QUEUE_PREFIX says otherwise): `job:{id}` a hash per job;
+`queued` (score: priority then sequence), `running` (score: lease expiry), `deadlines`, `all` (score: sequence,
+for listing) sorted sets; `idem:{key}`; `events:{id}` a stream per job (replayable after an event id, kept a
+day); `wake` a list claimers block on.
 
 The autoscaler's signal: `demand`, a stream with the consumer group `workers`, whose lag (XINFO GROUPS, what
 KEDA's `redis-streams` scaler reads with `lagCount`; it needs Redis 7) equals the number of queued jobs. A
@@ -48,7 +49,7 @@ from sdserve.jobs.queue import (
 )
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
-P = "sdserve:"
+PREFIX = "sdserve:"  # the default; --queue-prefix (SDSERVE_QUEUE_PREFIX) keeps deployments sharing a Redis apart
 CLAIM_WINDOW = 64
 EVENTS_TTL_S = 86400
 RUNNING_GRACE_S = 30.0
@@ -56,7 +57,7 @@ RUNNING_GRACE_S = 30.0
 # Higher priority first, then arrival: priority is -100..100 and sequence numbers stay far below 1e12.
 _SCORE = "(100 - tonumber(priority)) * 1e12 + tonumber(seq)"
 
-DEMAND = P + "demand"
+DEMAND = "demand"  # the stream's key after the prefix: KEDA's trigger names `<prefix>demand`
 DEMAND_GROUP = "workers"
 
 # Lua: take n entries off the demand stream (each one a queued job that left the queue). pcall: a missing group
@@ -174,8 +175,9 @@ class RedisEventBus:
     """Job events in a Redis stream per job: any process publishes, any process subscribes, and a subscriber
     can resume after an event id (SSE's Last-Event-ID). Listeners see this process's own publishes (metrics)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, prefix: str = PREFIX) -> None:
         self.client = client
+        self.p = prefix
         self._listeners: list[Callable[[Event], None]] = []
 
     def add_listener(self, listener: Callable[[Event], None]) -> None:
@@ -188,7 +190,7 @@ class RedisEventBus:
                 listener(event)
             except Exception:
                 pass
-        key = f"{P}events:{job_id}"
+        key = f"{self.p}events:{job_id}"
         own = pipe is None
         pipe = self.client.pipeline() if own else pipe
         pipe.xadd(key, {"data": json.dumps(event)}, maxlen=1000, approximate=True)
@@ -197,7 +199,7 @@ class RedisEventBus:
             pipe.execute()
 
     def last_id(self, job_id: str) -> str:
-        newest = self.client.xrevrange(f"{P}events:{job_id}", count=1)
+        newest = self.client.xrevrange(f"{self.p}events:{job_id}", count=1)
         return newest[0][0] if newest else "0-0"
 
     @contextmanager
@@ -213,7 +215,7 @@ class RedisEventBus:
             last = start
             while not stop.is_set():
                 try:
-                    batches = self.client.xread({f"{P}events:{job_id}": last}, block=500, count=100)
+                    batches = self.client.xread({f"{self.p}events:{job_id}": last}, block=500, count=100)
                 except Exception:
                     time.sleep(0.5)
                     continue
@@ -237,12 +239,14 @@ class RedisEventBus:
 
 class RedisJobQueue(JobEnds):
     def __init__(self, url: str, *, max_queue: int = 256, default_timeout_s: float | None = None,
-                 lease_s: float = 30.0) -> None:
+                 lease_s: float = 30.0, prefix: str = PREFIX) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=10,
                                            socket_timeout=10, socket_connect_timeout=5)
-        self.events = RedisEventBus(self.client)
+        self.p = prefix
+        self.demand_stream = prefix + DEMAND
+        self.events = RedisEventBus(self.client, prefix)
         self.max_queue = max_queue
         self.default_timeout_s = default_timeout_s
         self.lease_s = lease_s
@@ -268,12 +272,12 @@ class RedisJobQueue(JobEnds):
     def ping(self) -> None:
         """Reachable, and the autoscaler's stream and group exist (recreated if Redis lost them)."""
         with self._redis():
-            self._ensure_demand(args=[P])
+            self._ensure_demand(args=[self.p])
 
     def demand(self) -> int | None:
         """The lag of the demand stream's group: what KEDA scales workers on (None: Redis cannot tell)."""
         with self._redis():
-            for group in self.client.xinfo_groups(DEMAND):
+            for group in self.client.xinfo_groups(self.demand_stream):
                 if group["name"] == DEMAND_GROUP:
                     return group.get("lag")
         return None
@@ -313,7 +317,7 @@ class RedisJobQueue(JobEnds):
 
     def _hash(self, job_id: str) -> dict[str, str]:
         with self._redis():
-            h = self.client.hgetall(f"{P}job:{job_id}")
+            h = self.client.hgetall(f"{self.p}job:{job_id}")
         if not h:
             raise JobNotFound(f"no job {job_id!r}")
         return h
@@ -329,9 +333,9 @@ class RedisJobQueue(JobEnds):
         with self._redis():
             pipe = self.client.pipeline()
             for job_id in ids:
-                pipe.hgetall(f"{P}job:{job_id}")
+                pipe.hgetall(f"{self.p}job:{job_id}")
                 if with_position:
-                    pipe.zrank(f"{P}queued", job_id)
+                    pipe.zrank(f"{self.p}queued", job_id)
             replies = pipe.execute()
         step = 2 if with_position else 1
         return [self._to_job(h, replies[i + 1] if with_position else None)
@@ -340,13 +344,13 @@ class RedisJobQueue(JobEnds):
     def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
         if status is None:
             with self._redis():
-                ids = self.client.zrevrange(f"{P}all", offset, offset + limit - 1)
+                ids = self.client.zrevrange(f"{self.p}all", offset, offset + limit - 1)
             return self._jobs(ids)
         found: list[Job] = []
         skipped, start = 0, 0
         while len(found) < limit:
             with self._redis():
-                ids = self.client.zrevrange(f"{P}all", start, start + 499)
+                ids = self.client.zrevrange(f"{self.p}all", start, start + 499)
             if not ids:
                 break
             start += len(ids)
@@ -360,18 +364,18 @@ class RedisJobQueue(JobEnds):
 
     def depth(self) -> int:
         with self._redis():
-            return self.client.zcard(f"{P}queued")
+            return self.client.zcard(f"{self.p}queued")
 
     def running(self) -> list[Job]:
         with self._redis():
-            ids = self.client.zrange(f"{P}running", 0, -1)
+            ids = self.client.zrange(f"{self.p}running", 0, -1)
         return self._jobs(ids)
 
     def _speed(self) -> float | None:
         """Seconds per denoising step of one image, shared by the workers; read at most once a second."""
         now = time.monotonic()
         if now - self._speed_read[0] > 1.0:
-            value = self.client.get(f"{P}speed")
+            value = self.client.get(f"{self.p}speed")
             self._speed_read = (now, float(value) if value else None)
         return self._speed_read[1]
 
@@ -384,7 +388,7 @@ class RedisJobQueue(JobEnds):
     # ----- client side -----------------------------------------------------------------------
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
         with self._redis():
-            job_id = self.client.get(f"{P}idem:{idempotency_key}")
+            job_id = self.client.get(f"{self.p}idem:{idempotency_key}")
         if job_id is None:
             return None
         h = self._hash(job_id)
@@ -408,7 +412,7 @@ class RedisJobQueue(JobEnds):
             "idem_hash": fingerprint or "", "images": "[]",
         }
         with self._redis():
-            result = self._submit(args=[P, self.max_queue, job_id, idempotency_key or "", json.dumps(fields)])
+            result = self._submit(args=[self.p, self.max_queue, job_id, idempotency_key or "", json.dumps(fields)])
         if result[0] == "existing":
             existing = self.idempotent(idempotency_key or "", fingerprint)
             if existing is None:  # pragma: no cover - the key's job was removed in between
@@ -427,12 +431,12 @@ class RedisJobQueue(JobEnds):
             raise JobFinished(f"job {job_id} already {job.status.value}")
         if job.status is JobStatus.running:
             with self._redis():
-                self.client.hset(f"{P}job:{job_id}", "cancel", 1)
+                self.client.hset(f"{self.p}job:{job_id}", "cancel", 1)
             return self.get(job_id)
         ended = self.mark_canceled(job_id)
         if ended.status is JobStatus.running:  # claimed in between: stop it at its next step instead
             with self._redis():
-                self.client.hset(f"{P}job:{job_id}", "cancel", 1)
+                self.client.hset(f"{self.p}job:{job_id}", "cancel", 1)
         return ended
 
     # ----- runner side -----------------------------------------------------------------------
@@ -444,7 +448,7 @@ class RedisJobQueue(JobEnds):
         linger_until: float | None = None
         while True:
             with self._redis():
-                ids = self.client.zrange(f"{P}queued", 0, CLAIM_WINDOW - 1)
+                ids = self.client.zrange(f"{self.p}queued", 0, CLAIM_WINDOW - 1)
             candidates = self._jobs(ids, with_position=False) if ids else []
             candidates = [j for j in candidates if j.status is JobStatus.queued]
             if candidates:
@@ -468,19 +472,19 @@ class RedisJobQueue(JobEnds):
         if seconds <= 0:
             return
         with self._redis():
-            self.client.blpop([f"{P}wake"], timeout=max(0.01, seconds))
+            self.client.blpop([f"{self.p}wake"], timeout=max(0.01, seconds))
 
     def _claim_ids(self, chosen: Sequence[Job], worker: str | None) -> list[Job]:
         now = time.time()
         batch_id = uuid.uuid4().hex[:12]
         with self._redis():
-            ids = self._claim(args=[P, now, now + self.lease_s, worker or "", batch_id, *[j.id for j in chosen]])
+            ids = self._claim(args=[self.p, now, now + self.lease_s, worker or "", batch_id, *[j.id for j in chosen]])
             if not ids:
                 return []
             images = sum(j.request.n for j in chosen if j.id in set(ids))
             pipe = self.client.pipeline()
             for job_id in ids:
-                pipe.hset(f"{P}job:{job_id}", "batch_images", images)
+                pipe.hset(f"{self.p}job:{job_id}", "batch_images", images)
             pipe.execute()
         claimed = self._jobs(ids, with_position=False)
         with self._redis():
@@ -495,44 +499,44 @@ class RedisJobQueue(JobEnds):
         with self._redis():
             pipe = self.client.pipeline()
             for job_id in job_ids:
-                pipe.zadd(f"{P}running", {job_id: expiry}, xx=True)
+                pipe.zadd(f"{self.p}running", {job_id: expiry}, xx=True)
             pipe.execute()
 
     def shared_get(self, table: str) -> dict[str, str]:
         with self._redis():
-            return self.client.hgetall(f"{P}shared:{table}")
+            return self.client.hgetall(f"{self.p}shared:{table}")
 
     def shared_put(self, table: str, key: str, value: str | None) -> None:
         with self._redis():
             if value is None:
-                self.client.hdel(f"{P}shared:{table}", key)
+                self.client.hdel(f"{self.p}shared:{table}", key)
             else:
-                self.client.hset(f"{P}shared:{table}", key, value)
+                self.client.hset(f"{self.p}shared:{table}", key, value)
 
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
         now = time.time()
         with self._redis():
             pipe = self.client.pipeline()
-            pipe.hset(f"{P}workers", info["name"], json.dumps({**info, "last_heartbeat": now}))
-            pipe.zadd(f"{P}workers:seen", {info["name"]: now + ttl_s})
+            pipe.hset(f"{self.p}workers", info["name"], json.dumps({**info, "last_heartbeat": now}))
+            pipe.zadd(f"{self.p}workers:seen", {info["name"]: now + ttl_s})
             pipe.execute()
 
     def workers(self) -> list[dict[str, Any]]:
         now = time.time()
         with self._redis():
-            gone = self.client.zrangebyscore(f"{P}workers:seen", "-inf", now)
+            gone = self.client.zrangebyscore(f"{self.p}workers:seen", "-inf", now)
             if gone:  # forget workers silent past their ttl
                 pipe = self.client.pipeline()
-                pipe.zrem(f"{P}workers:seen", *gone)
-                pipe.hdel(f"{P}workers", *gone)
+                pipe.zrem(f"{self.p}workers:seen", *gone)
+                pipe.hdel(f"{self.p}workers", *gone)
                 pipe.execute()
-            return sorted((json.loads(v) for v in self.client.hvals(f"{P}workers")), key=lambda w: w["name"])
+            return sorted((json.loads(v) for v in self.client.hvals(f"{self.p}workers")), key=lambda w: w["name"])
 
     def _fields(self, job_ids: Sequence[str], field: str) -> list[str | None]:
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
             for job_id in job_ids:
-                pipe.hget(f"{P}job:{job_id}", field)
+                pipe.hget(f"{self.p}job:{job_id}", field)
             return pipe.execute()
 
     def canceled(self, job_ids: Sequence[str]) -> set[str]:
@@ -550,7 +554,7 @@ class RedisJobQueue(JobEnds):
             for job_id in job_ids:
                 if job_id in canceled:
                     continue
-                pipe.hset(f"{P}job:{job_id}", mapping={"step": step, "steps": steps})
+                pipe.hset(f"{self.p}job:{job_id}", mapping={"step": step, "steps": steps})
                 self.events.publish(job_id, {
                     "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
                     "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
@@ -562,13 +566,13 @@ class RedisJobQueue(JobEnds):
         old = self._speed()
         value = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
         with self._redis():
-            self.client.set(f"{P}speed", value)
+            self.client.set(f"{self.p}speed", value)
         self._speed_read = (time.monotonic(), value)
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
         values = {k: ("" if v is None else v) for k, v in fields.items()}
         with self._redis():
-            done = self._finish_script(args=[P, job_id, status.value, json.dumps({**values,
+            done = self._finish_script(args=[self.p, job_id, status.value, json.dumps({**values,
                                                                                    "finished_at": time.time()})])
         if done == -1:
             raise JobNotFound(f"no job {job_id!r}")
@@ -581,7 +585,7 @@ class RedisJobQueue(JobEnds):
     def requeue(self, job_id: str) -> None:
         """Graceful stop: back to the queue, the attempt not counted."""
         with self._redis():
-            self._requeue(args=[P, job_id, "0", ""])
+            self._requeue(args=[self.p, job_id, "0", ""])
 
     def recover(self) -> int:
         """Jobs whose lease ran out (their worker died) go back to the queue, or fail after MAX_ATTEMPTS
@@ -590,15 +594,15 @@ class RedisJobQueue(JobEnds):
         now = time.time()
         with self._redis():
             if not self._demand_ensured:
-                self._ensure_demand(args=[P])
+                self._ensure_demand(args=[self.p])
                 self._demand_ensured = True
-            expired = self.client.zrangebyscore(f"{P}running", "-inf", now)
+            expired = self.client.zrangebyscore(f"{self.p}running", "-inf", now)
         requeued = 0
         for job_id in expired:
             with self._redis():
-                h = self.client.hgetall(f"{P}job:{job_id}")
+                h = self.client.hgetall(f"{self.p}job:{job_id}")
                 if not h or h.get("status") != "running":
-                    self.client.zrem(f"{P}running", job_id)
+                    self.client.zrem(f"{self.p}running", job_id)
                     continue
             attempts = int(h.get("attempts") or 0)
             if attempts >= MAX_ATTEMPTS:
@@ -606,7 +610,7 @@ class RedisJobQueue(JobEnds):
                                   "(it may crash the worker, e.g. out of memory)", "internal")
                 continue
             with self._redis():
-                requeued += self._requeue(args=[P, job_id, "1", now])
+                requeued += self._requeue(args=[self.p, job_id, "1", now])
         return requeued
 
     def expire(self) -> list[Job]:
@@ -614,7 +618,7 @@ class RedisJobQueue(JobEnds):
         self.recover()
         now = time.time()
         with self._redis():
-            due = self.client.zrangebyscore(f"{P}deadlines", "-inf", now)
+            due = self.client.zrangebyscore(f"{self.p}deadlines", "-inf", now)
         ended = []
         for job in self._jobs(due, with_position=False):
             deadline = self.deadlines([job.id])[job.id] or now
