@@ -14,7 +14,7 @@ ARGS ?=
 # Extra flags for `make bench`, e.g.:  make bench BENCH_ARGS='throughput --size 512 --model models/sd15'
 BENCH_ARGS ?=
 
-.PHONY: install serve test bench bench-scaleout clean
+.PHONY: install tools serve test bench bench-scaleout clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,15 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(BIN)/sdserve serve $(ARGS)
 
-test: install
+# checkov (scans deploy/ in the tests) pins boto3 and others below sdserve's: it gets its own environment.
+tools: $(VENV)/tools/.installed
+
+$(VENV)/tools/.installed:
+	test -x $(VENV)/tools/bin/python || $(PYTHON) -m venv $(VENV)/tools
+	$(VENV)/tools/bin/python -m pip install --quiet 'checkov>=3.2,<4'
+	touch $@
+
+test: install tools
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -48,6 +48,16 @@ def engine(registry):
 
 
 @pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory):
+    """An S3 server (SeaweedFS's `weed server -s3`) on free loopback ports, with one identity; stopped by PID."""
+    from components import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """Debian's redis-server with --appendonly yes, on a free loopback port; stopped by PID."""
     from components import RedisServer

@@ -24,10 +24,11 @@ NO_ENGINE = str(Path(__file__).resolve().parent / "no_engine")
 
 class ServerProcess:
     def __init__(self, models_dir: Path | None, data_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 port: int | None = None, role: str = "serve") -> None:
+                 port: int | None = None, role: str = "serve", command: list[str] | None = None) -> None:
         """A `sdserve serve`, `api` or `worker` process. With models_dir None, only `args` choose the model
         (e.g. --sagemaker); port can come from the env. An `api` runs with torch and diffusers unimportable
-        (tests/no_engine), as in a slim API image; a worker's url is its probe port (/readyz, /metrics)."""
+        (tests/no_engine), as in a slim API image; a worker's url is its probe port (/readyz, /metrics).
+        `command`: run exactly this (e.g. the container's entry point) instead; `port` is where it listens."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -41,6 +42,9 @@ class ServerProcess:
         if models_dir is not None:
             self.cmd += ["--models-dir", str(models_dir), "--model", "tiny"]
         self.cmd += list(args)
+        if command is not None:
+            assert port is not None, "a given command needs the port it listens on"
+            self.cmd = command
         self.env = {**os.environ, **(env or {})}
         if role == "api":
             self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [NO_ENGINE, self.env.get("PYTHONPATH")]))

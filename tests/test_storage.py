@@ -10,7 +10,6 @@ import uuid
 
 import httpx
 import pytest
-from components import SeaweedS3
 from PIL import Image
 from server import ServerProcess, wait_for
 
@@ -18,10 +17,8 @@ from sdserve.storage import StoreError, open_store
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
-    yield server
-    server.stop()
+def s3(seaweed_s3):
+    return seaweed_s3
 
 
 @pytest.fixture(params=["file", "s3"])
