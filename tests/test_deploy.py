@@ -479,3 +479,13 @@ def test_sagemaker_archive_runs_in_the_image_as_sagemaker_runs_it(models_dir, tm
         server.terminate()
     # ...and fails once nothing answers there.
     assert subprocess.run(["sh", str(ENTRYPOINT), "healthcheck"], env=env, timeout=30).returncode == 1
+
+
+def test_entry_point_generate_writes_an_image(models_dir, tmp_path):
+    """`docker run IMAGE generate ...`: the role passes sdserve's own flags through."""
+    env = {**image_env(tmp_path, models_dir), "PATH": f"{BIN}:/usr/bin:/bin", "SDSERVE_DEVICE": "cpu"}
+    out = tmp_path / "out.png"
+    run = subprocess.run(["sh", str(ENTRYPOINT), "generate", "a lighthouse", "-o", str(out), "--steps", "2",
+                          "--model", "tiny"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert Image.open(out).size == (64, 64)
