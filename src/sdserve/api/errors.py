@@ -25,9 +25,8 @@ from sdserve.jobs.queue import (
     QueueFull,
     StorageError,
 )
-from sdserve.protocols.inference_v2 import InferenceError
 from sdserve.protocols.openai import OpenAIError, error_body
-from sdserve.protocols.tfserving import TFServingError
+from sdserve.protocols.tensors import TensorProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +92,8 @@ def install(app: FastAPI) -> None:
     async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
         return render("/v1/", exc.status, str(exc), field=exc.param, error_type=exc.type, code=exc.code)
 
-    @app.exception_handler(TFServingError)
-    @app.exception_handler(InferenceError)
-    async def _tensor(request: Request, exc: TFServingError | InferenceError) -> JSONResponse:
+    @app.exception_handler(TensorProtocolError)
+    async def _tensor(request: Request, exc: TensorProtocolError) -> JSONResponse:
         return render(request.url.path, exc.status, str(exc))
 
     @app.exception_handler(QueueFull)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from sdserve import __version__
-from sdserve.api.deps import ServiceDep, build_request
+from sdserve.api import tensors
+from sdserve.api.deps import ServiceDep
 from sdserve.api.middleware import BadJSON, check_json
-from sdserve.catalog import UnknownModelError
-from sdserve.core import failure_status
 from sdserve.protocols import inference_v2 as proto
-from sdserve.protocols.tensors import VERSION
-from sdserve.schema import JobStatus
+from sdserve.protocols.tensors import TensorProtocolError
 from sdserve.service import Service
 
 router = APIRouter(prefix="/v2", tags=["open-inference-v2"])
@@ -40,13 +37,8 @@ async def ready(service: ServiceDep) -> JSONResponse:
 
 
 async def _known(service: Service, name: str, version: str | None) -> str:
-    try:
-        info = await asyncio.to_thread(service.models.info, name)
-    except UnknownModelError:
-        raise proto.InferenceError(f"unknown model {name!r}", 404) from None
-    if version not in (None, VERSION):
-        raise proto.InferenceError(f"model {name!r} has no version {version!r}; its version is {VERSION}", 404)
-    return info.name
+    missing = f"unknown model {name!r}" if version is None else f"model {name!r} has no version {version!r}"
+    return await tensors.model_named(service, name, version, missing)
 
 
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs")
@@ -90,16 +82,10 @@ async def _infer(name: str, version: str | None, request: Request, service: Serv
         try:
             check_json(header)
         except BadJSON as exc:
-            raise proto.InferenceError(str(exc)) from None
+            raise TensorProtocolError(str(exc)) from None
     rows, reply = proto.parse_infer(header, tail, service.limits.max_images)
-    canonical = [build_request(**{**row, "model": known}) for row in rows]
-    jobs = await service.submit_all(canonical, source=SOURCE)
-    outcomes = await service.results([job.id for job in jobs])
-    for job, _ in outcomes:
-        if job.status is not JobStatus.succeeded:
-            status = failure_status(job.error_kind)
-            raise proto.InferenceError(job.error or job.status.value, 400 if status == 422 else status)
-    body, header_length = proto.encode_response(known, reply, [(pngs[0], job.images[0].seed) for job, pngs in outcomes])
+    images = await tensors.generate(service, rows, known, SOURCE)
+    body, header_length = proto.encode_response(known, reply, images)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

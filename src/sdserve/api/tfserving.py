@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from sdserve.api.deps import ServiceDep, build_request
-from sdserve.catalog import UnknownModelError
-from sdserve.core import failure_status
+from sdserve.api import tensors
+from sdserve.api.deps import ServiceDep
 from sdserve.protocols import tfserving as proto
-from sdserve.protocols.tensors import VERSION
-from sdserve.schema import JobStatus
+from sdserve.protocols.tensors import VERSION, TensorProtocolError
 from sdserve.service import Service
 
 router = APIRouter(prefix="/v1/models", tags=["tensorflow-serving"])
@@ -21,13 +18,8 @@ SOURCE = "tfserving"
 
 
 async def _known(service: Service, name: str, version: str | None = None) -> str:
-    try:
-        info = await asyncio.to_thread(service.models.info, name)
-    except UnknownModelError:
-        raise proto.TFServingError(f"Servable not found for request: Latest({name})", 404) from None
-    if version not in (None, VERSION):
-        raise proto.TFServingError(f"Servable not found for request: Specific({name}, {version})", 404)
-    return info.name
+    servable = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+    return await tensors.model_named(service, name, version, f"Servable not found for request: {servable}")
 
 
 @router.get("/{name}", summary="TF Serving model status (also OpenAI's models.retrieve)")
@@ -55,17 +47,10 @@ async def _predict(name: str, version: str | None, request: Request, service: Se
     try:
         body = await request.json()
     except ValueError:
-        raise proto.TFServingError("the body must be JSON") from None
+        raise TensorProtocolError("the body must be JSON") from None
     rows, columnar = proto.parse_predict(body, service.limits.max_images)
-    canonical = [build_request(**{**row, "model": known}) for row in rows]
-    jobs = await service.submit_all(canonical, source=SOURCE)
-    outcomes = await service.results([job.id for job in jobs])
-    for job, _ in outcomes:
-        if job.status is not JobStatus.succeeded:
-            status = failure_status(job.error_kind)
-            raise proto.TFServingError(job.error or job.status.value, 400 if status == 422 else status)
-    return proto.predictions([(base64.b64encode(pngs[0]).decode(), job.images[0].seed) for job, pngs in outcomes],
-                             columnar)
+    images = await tensors.generate(service, rows, known, SOURCE)
+    return proto.predictions([(base64.b64encode(png).decode(), seed) for png, seed in images], columnar)
 
 
 @router.post("/{name}:predict", summary="TF Serving predict: {instances: [...]} or {inputs: ...}; one image each")

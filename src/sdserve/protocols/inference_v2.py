@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sdserve.protocols.tensors import INPUTS, OUTPUTS, VERSION
+from sdserve.protocols.tensors import INPUTS, OUTPUTS, VERSION, TensorProtocolError
 
 DATATYPES = {"text": "BYTES", "int": "INT64", "float": "FP32"}
 NUMERIC = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
@@ -36,14 +36,6 @@ CLIENT_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout", "seq
                                "sequence_end"})
 # Request parameters that set a native field for every prompt.
 PARAMETER_FIELDS = frozenset(INPUTS) - {"prompt", "priority"}
-
-
-class InferenceError(ValueError):
-    """Rendered as the protocol says: `{"error": message}` with the status."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class RequestInput(BaseModel):
@@ -151,15 +143,15 @@ def _typed(name: str, value: Any) -> Any:
             try:
                 return value.decode()
             except UnicodeDecodeError:
-                raise InferenceError(f"input {name}: not UTF-8 text") from None
+                raise TensorProtocolError(f"input {name}: not UTF-8 text") from None
         if not isinstance(value, str):
-            raise InferenceError(f"input {name}: expected text, got {value!r}")
+            raise TensorProtocolError(f"input {name}: expected text, got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InferenceError(f"input {name}: expected a number, got {value!r}")
+        raise TensorProtocolError(f"input {name}: expected a number, got {value!r}")
     if kind == "int":
         if value != int(value):
-            raise InferenceError(f"input {name}: expected an integer, got {value!r}")
+            raise TensorProtocolError(f"input {name}: expected an integer, got {value!r}")
         return int(value)
     return float(value)
 
@@ -171,9 +163,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         length = int(header_length)
     except ValueError:
-        raise InferenceError("Inference-Header-Content-Length must be an integer") from None
+        raise TensorProtocolError("Inference-Header-Content-Length must be an integer") from None
     if not 0 < length <= len(body):
-        raise InferenceError(f"Inference-Header-Content-Length {length} is outside the {len(body)}-byte body")
+        raise TensorProtocolError(f"Inference-Header-Content-Length {length} is outside the {len(body)}-byte body")
     return body[:length], body[length:]
 
 
@@ -184,44 +176,44 @@ def parse_infer(header: bytes, tail: bytes, max_prompts: int) -> tuple[list[dict
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise InferenceError(f"not an inference request: {where}: {first.get('msg')}") from None
+        raise TensorProtocolError(f"not an inference request: {where}: {first.get('msg')}") from None
     parameters = dict(request.parameters or {})
     unknown = set(parameters) - PARAMETER_FIELDS - CLIENT_PARAMETERS
     if unknown:
-        raise InferenceError(f"unknown parameters {sorted(unknown)}; known: {sorted(PARAMETER_FIELDS)}")
+        raise TensorProtocolError(f"unknown parameters {sorted(unknown)}; known: {sorted(PARAMETER_FIELDS)}")
     columns: dict[str, list[Any]] = {}
     offset = 0
     for tensor in request.inputs:
         if tensor.name not in INPUTS:
-            raise InferenceError(f"unknown input {tensor.name!r}; inputs: {', '.join(INPUTS)}")
+            raise TensorProtocolError(f"unknown input {tensor.name!r}; inputs: {', '.join(INPUTS)}")
         if tensor.name in columns:
-            raise InferenceError(f"input {tensor.name!r} is given twice")
+            raise TensorProtocolError(f"input {tensor.name!r} is given twice")
         kind = INPUTS[tensor.name]
         if tensor.datatype.upper() not in ACCEPTS[kind]:
-            raise InferenceError(f"input {tensor.name}: datatype {tensor.datatype} is not one of "
+            raise TensorProtocolError(f"input {tensor.name}: datatype {tensor.datatype} is not one of "
                                  f"{', '.join(sorted(ACCEPTS[kind]))}")
         binary = None
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(tail):
-                raise InferenceError(f"input {tensor.name}: binary_data_size {size} is past the body's binary data")
+                raise TensorProtocolError(f"input {tensor.name}: binary_data_size {size} is past the body's binary data")
             binary, offset = tail[offset:offset + size], offset + size
         try:
             columns[tensor.name] = _values(tensor, binary)
         except ValueError as exc:
-            raise InferenceError(f"input {tensor.name}: {exc}") from None
+            raise TensorProtocolError(f"input {tensor.name}: {exc}") from None
     if offset != len(tail):
-        raise InferenceError(f"{len(tail) - offset} bytes of binary data belong to no input")
+        raise TensorProtocolError(f"{len(tail) - offset} bytes of binary data belong to no input")
     if "prompt" not in columns:
-        raise InferenceError("the prompt input is required: BYTES, one element per image")
+        raise TensorProtocolError("the prompt input is required: BYTES, one element per image")
     count = len(columns["prompt"])
     if not 1 <= count <= max_prompts:
-        raise InferenceError(f"{count} prompts: send 1 to {max_prompts} per request on this server")
+        raise TensorProtocolError(f"{count} prompts: send 1 to {max_prompts} per request on this server")
     shared = {name: _typed(name, value) for name, value in parameters.items() if name in PARAMETER_FIELDS}
     rows: list[dict[str, Any]] = [dict(shared) for _ in range(count)]
     for name, values in columns.items():
         if len(values) not in (1, count):
-            raise InferenceError(f"input {name} has {len(values)} elements for {count} prompts: send 1 or {count}")
+            raise TensorProtocolError(f"input {name} has {len(values)} elements for {count} prompts: send 1 or {count}")
         for i, row in enumerate(rows):
             row[name] = _typed(name, values[i if len(values) == count else 0])
     return rows, _reply(request, parameters)
@@ -234,7 +226,7 @@ def _reply(request: InferenceRequest, parameters: dict[str, Any]) -> Reply:
     outputs = []
     for output in request.outputs:
         if output.name not in OUTPUTS:
-            raise InferenceError(f"unknown output {output.name!r}; outputs: {', '.join(OUTPUTS)}")
+            raise TensorProtocolError(f"unknown output {output.name!r}; outputs: {', '.join(OUTPUTS)}")
         outputs.append((output.name, all_binary or (output.parameters or {}).get("binary_data") is True))
     return Reply(request.id, outputs)
 

@@ -30,3 +30,11 @@ INPUTS: dict[str, Kind] = {
 
 # The outputs: one PNG and its seed per prompt.
 OUTPUTS: dict[str, Kind] = {"image": "text", "seed": "int"}
+
+
+class TensorProtocolError(ValueError):
+    """Both protocols answer errors as `{"error": message}` with the status."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status

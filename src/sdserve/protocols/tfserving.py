@@ -12,18 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdserve.protocols.tensors import INPUTS, OUTPUTS, VERSION
+from sdserve.protocols.tensors import INPUTS, OUTPUTS, VERSION, TensorProtocolError
 
 # Fields an instance may not set: the model comes from the URL, and an instance is one image.
 NOT_PER_INSTANCE = frozenset({"model", "n"})
-
-
-class TFServingError(ValueError):
-    """Rendered as TF Serving does: `{"error": message}` with the status."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def model_status() -> dict[str, Any]:
@@ -48,12 +40,12 @@ def _instance(value: Any, where: str) -> dict[str, Any]:
     if isinstance(value, str):
         return {"prompt": value}
     if not isinstance(value, dict):
-        raise TFServingError(f"{where} must be a prompt string or an object with a prompt")
+        raise TensorProtocolError(f"{where} must be a prompt string or an object with a prompt")
     if "prompt" not in value:
-        raise TFServingError(f"{where} has no prompt")
+        raise TensorProtocolError(f"{where} has no prompt")
     banned = NOT_PER_INSTANCE & value.keys()
     if banned:
-        raise TFServingError(f"{where}: {', '.join(sorted(banned))} cannot be set per instance "
+        raise TensorProtocolError(f"{where}: {', '.join(sorted(banned))} cannot be set per instance "
                              "(the model is the one in the URL, and each instance is one image)")
     return value
 
@@ -61,21 +53,21 @@ def _instance(value: Any, where: str) -> dict[str, Any]:
 def parse_predict(body: Any, max_instances: int) -> tuple[list[dict[str, Any]], bool]:
     """The instances as native request fields, and whether the request used the columnar format."""
     if not isinstance(body, dict):
-        raise TFServingError("the body must be a JSON object with instances or inputs")
+        raise TensorProtocolError("the body must be a JSON object with instances or inputs")
     if ("instances" in body) == ("inputs" in body):
-        raise TFServingError("the body needs exactly one of instances (row format) or inputs (columnar format)")
+        raise TensorProtocolError("the body needs exactly one of instances (row format) or inputs (columnar format)")
     columnar = "inputs" in body
     if not columnar:
         raw = body["instances"]
         if not isinstance(raw, list):
-            raise TFServingError("instances must be a list")
+            raise TensorProtocolError("instances must be a list")
         rows = [_instance(item, f"instances[{i}]") for i, item in enumerate(raw)]
     else:
         rows = _columns(body["inputs"])
     if not rows:
-        raise TFServingError("no instances: send at least one prompt")
+        raise TensorProtocolError("no instances: send at least one prompt")
     if len(rows) > max_instances:
-        raise TFServingError(f"{len(rows)} instances is over this server's limit of {max_instances} per request")
+        raise TensorProtocolError(f"{len(rows)} instances is over this server's limit of {max_instances} per request")
     return rows, columnar
 
 
@@ -84,13 +76,13 @@ def _columns(inputs: Any) -> list[dict[str, Any]]:
     if isinstance(inputs, (str, list)):
         inputs = {"prompt": inputs}
     if not isinstance(inputs, dict) or "prompt" not in inputs:
-        raise TFServingError("inputs must be a prompt, a list of prompts, or an object with a prompt list")
+        raise TensorProtocolError("inputs must be a prompt, a list of prompts, or an object with a prompt list")
     prompts = inputs["prompt"] if isinstance(inputs["prompt"], list) else [inputs["prompt"]]
     rows: list[dict[str, Any]] = [{} for _ in prompts]
     for name, column in inputs.items():
         values = column if isinstance(column, list) else [column] * len(prompts)
         if len(values) != len(prompts):
-            raise TFServingError(f"inputs.{name} has {len(values)} values for {len(prompts)} prompts")
+            raise TensorProtocolError(f"inputs.{name} has {len(values)} values for {len(prompts)} prompts")
         for row, value in zip(rows, values):
             row[name] = value
     return [_instance(row, f"inputs[{i}]") for i, row in enumerate(rows)]
