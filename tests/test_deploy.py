@@ -87,6 +87,14 @@ def test_chart_lints_strict_and_every_object_validates(values_file):
         assert doc["metadata"].get("namespace") in ("gen", None) and doc["kind"] != "Namespace"
 
 
+@pytest.mark.parametrize("values, where", [({"storge": {"url": "s3://b/p"}}, "'storge' not allowed"),
+                                           ({"keda": {"minReplicas": -1}}, "/keda/minReplicas"),
+                                           ({"storage": {"url": "gs://b"}}, "/storage/url")])
+def test_values_schema_stops_typos_and_bad_values(values, where):
+    with pytest.raises(helm.HelmValuesError, match=where):
+        render(values)
+
+
 def test_the_keda_schema_check_is_not_vacuous():
     from cloudcoil.models.keda.v1alpha1 import ScaledObject
 
