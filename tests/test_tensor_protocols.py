@@ -253,3 +253,12 @@ def test_tritonclient_unmodified(server):
         client.infer("nope", [prompt], headers=AUTH)
     with pytest.raises(InferenceServerException, match="401|key"):
         client.infer("tiny", [prompt])
+
+
+def test_v2_binary_request_header_gets_the_json_checks(server):
+    """The JSON header of a binary-extension body is checked like any JSON body (depth, NaN), the tail is not."""
+    deep = b'{"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 5}, ' \
+           b'"data": ' + b"[" * 300 + b"]" * 300 + b"}]}"
+    r = httpx.post(server.url + "/v2/models/tiny/infer", content=deep + b"\x01\x00\x00\x00a",
+                   headers={**AUTH, "Inference-Header-Content-Length": str(len(deep))})
+    assert r.status_code == 400 and "nested deeper" in r.json()["error"]

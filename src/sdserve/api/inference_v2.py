@@ -10,9 +10,7 @@ from fastapi.responses import JSONResponse
 from sdserve import __version__
 from sdserve.api import tensors
 from sdserve.api.deps import ServiceDep
-from sdserve.api.middleware import BadJSON, check_json
 from sdserve.protocols import inference_v2 as proto
-from sdserve.protocols.tensors import TensorProtocolError
 from sdserve.service import Service
 
 router = APIRouter(prefix="/v2", tags=["open-inference-v2"])
@@ -78,11 +76,6 @@ INFER_BODY = {"requestBody": {"content": {
 async def _infer(name: str, version: str | None, request: Request, service: Service) -> Response:
     known = await _known(service, name, version)
     header, tail = proto.split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-    if tail:  # the middleware checked whole-JSON bodies; this is the JSON part of a binary one
-        try:
-            check_json(header)
-        except BadJSON as exc:
-            raise TensorProtocolError(str(exc)) from None
     rows, reply = proto.parse_infer(header, tail, service.limits.max_images)
     images = await tensors.generate(service, rows, known, SOURCE)
     body, header_length = proto.encode_response(known, reply, images)

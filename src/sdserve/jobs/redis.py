@@ -49,7 +49,7 @@ from sdserve.jobs.queue import (
 )
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
-PREFIX = "sdserve:"  # the default; --queue-prefix (SDSERVE_QUEUE_PREFIX) keeps deployments sharing a Redis apart
+PREFIX = "sdserve:"  # the default; SDSERVE_QUEUE_PREFIX keeps deployments sharing a Redis apart
 CLAIM_WINDOW = 64
 EVENTS_TTL_S = 86400
 RUNNING_GRACE_S = 30.0
@@ -57,7 +57,7 @@ RUNNING_GRACE_S = 30.0
 # Higher priority first, then arrival: priority is -100..100 and sequence numbers stay far below 1e12.
 _SCORE = "(100 - tonumber(priority)) * 1e12 + tonumber(seq)"
 
-DEMAND = "demand"  # the stream's key after the prefix: KEDA's trigger names `<prefix>demand`
+DEMAND = "demand"  # the stream's key after the prefix (the scripts below use it too): KEDA's trigger names it
 DEMAND_GROUP = "workers"
 
 # Lua: take n entries off the demand stream (each one a queued job that left the queue). pcall: a missing group
@@ -65,11 +65,11 @@ DEMAND_GROUP = "workers"
 _CONSUME = f"""
 local function consume(p, n)
   if n < 1 then return end
-  local got = redis.pcall('XREADGROUP', 'GROUP', '{DEMAND_GROUP}', 'sdserve', 'COUNT', n, 'STREAMS', p .. 'demand', '>')
+  local got = redis.pcall('XREADGROUP', 'GROUP', '{DEMAND_GROUP}', 'sdserve', 'COUNT', n, 'STREAMS', p .. '{DEMAND}', '>')
   if type(got) ~= 'table' or got['err'] or not got[1] then return end
   for _, entry in ipairs(got[1][2]) do
-    redis.call('XACK', p .. 'demand', '{DEMAND_GROUP}', entry[1])
-    redis.call('XDEL', p .. 'demand', entry[1])
+    redis.call('XACK', p .. '{DEMAND}', '{DEMAND_GROUP}', entry[1])
+    redis.call('XDEL', p .. '{DEMAND}', entry[1])
   end
 end
 """
@@ -77,15 +77,15 @@ end
 # ARGV: prefix. Creates the demand stream and group if missing, with one entry per job already queued.
 _ENSURE_DEMAND = f"""
 local p = ARGV[1]
-local groups = redis.pcall('XINFO', 'GROUPS', p .. 'demand')
+local groups = redis.pcall('XINFO', 'GROUPS', p .. '{DEMAND}')
 if type(groups) == 'table' and not groups['err'] then
   for _, g in ipairs(groups) do
     for i = 1, #g, 2 do if g[i] == 'name' and g[i + 1] == '{DEMAND_GROUP}' then return 0 end end
   end
 end
-redis.call('XGROUP', 'CREATE', p .. 'demand', '{DEMAND_GROUP}', '$', 'MKSTREAM')
+redis.call('XGROUP', 'CREATE', p .. '{DEMAND}', '{DEMAND_GROUP}', '$', 'MKSTREAM')
 local queued = redis.call('ZCARD', p .. 'queued')
-for i = 1, queued do redis.call('XADD', p .. 'demand', '*', 'job', 'queued') end
+for i = 1, queued do redis.call('XADD', p .. '{DEMAND}', '*', 'job', 'queued') end
 return 1
 """
 
@@ -106,7 +106,7 @@ redis.call('ZADD', p .. 'queued', {_SCORE}, id)
 redis.call('ZADD', p .. 'all', seq, id)
 if fields['deadline'] ~= '' then redis.call('ZADD', p .. 'deadlines', fields['deadline'], id) end
 if idem_key ~= '' then redis.call('SET', p .. 'idem:' .. idem_key, id) end
-redis.call('XADD', p .. 'demand', '*', 'job', id)
+redis.call('XADD', p .. '{DEMAND}', '*', 'job', id)
 redis.call('LPUSH', p .. 'wake', 1)
 redis.call('LTRIM', p .. 'wake', 0, 0)
 return {{'ok', tostring(seq), tostring(redis.call('ZRANK', p .. 'queued', id))}}
@@ -160,7 +160,7 @@ local seq = redis.call('HGET', p .. 'job:' .. id, 'seq')
 redis.call('HSET', p .. 'job:' .. id, 'status', 'queued', 'started_at', '', 'worker', '', 'step', 0)
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZADD', p .. 'queued', {_SCORE}, id)
-redis.call('XADD', p .. 'demand', '*', 'job', id)
+redis.call('XADD', p .. '{DEMAND}', '*', 'job', id)
 redis.call('LPUSH', p .. 'wake', 1)
 redis.call('LTRIM', p .. 'wake', 0, 0)
 return 1
@@ -175,7 +175,7 @@ class RedisEventBus:
     """Job events in a Redis stream per job: any process publishes, any process subscribes, and a subscriber
     can resume after an event id (SSE's Last-Event-ID). Listeners see this process's own publishes (metrics)."""
 
-    def __init__(self, client: Any, prefix: str = PREFIX) -> None:
+    def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.p = prefix
         self._listeners: list[Callable[[Event], None]] = []

@@ -99,17 +99,8 @@ def serialize_bytes(items: list[bytes]) -> bytes:
 
 
 def _flatten(data: list[Any]) -> list[Any]:
-    flat: list[Any] = []
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            flat.append(item)
-        else:
-            stack.pop()
-    return flat
+    """Row-major elements of nested lists (JSON nesting is bounded by the app's depth check)."""
+    return [x for item in data for x in (_flatten(item) if isinstance(item, list) else [item])]
 
 
 def _values(tensor: RequestInput, binary: bytes | None) -> list[Any]:
