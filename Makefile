@@ -14,7 +14,7 @@ ARGS ?=
 # Extra flags for `make bench`, e.g.:  make bench BENCH_ARGS='throughput --size 512 --model models/sd15'
 BENCH_ARGS ?=
 
-.PHONY: install tools serve test bench bench-scaleout clean
+.PHONY: install tools serve test bench bench-scaleout bench-demo demo-model clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,18 @@ bench: install
 bench-scaleout: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/scaleout.py $(BENCH_ARGS)
+
+# What the demo model draws (docs/demo-grid.png), how often it follows the prompt, and how fast it is.
+bench-demo: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/demo_model.py $(BENCH_ARGS)
+
+# Retrain the embedded demo model into src/sdserve/models/demo from its seed (under an hour on 2 CPU cores),
+# e.g.:  make demo-model DEMO_ARGS='--seed 1 --out /tmp/demo'
+DEMO_ARGS ?=
+demo-model: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m sdserve.engine.train_demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -338,10 +338,10 @@ def main() -> None:
     if not set(args.parts) <= parts:
         parser.error(f"unknown part(s): {', '.join(sorted(set(args.parts) - parts))}")
 
-    from sdserve.engine.demo import ensure_demo
+    from sdserve.engine.demo import DEMO_PATH
 
     work = Path(tempfile.mkdtemp(prefix="sdserve-bench-"))
-    model_path = ensure_demo(work) if args.model == "demo" else Path(args.model).resolve()
+    model_path = DEMO_PATH if args.model == "demo" else Path(args.model).resolve()
     model_args = ["--model", str(model_path)]
     results: dict = {"machine": machine(args.device), "model": args.model, "command": " ".join(sys.argv)}
     print(f"sdserve bench on {results['machine']['label']} (work dir {work})", flush=True)

@@ -206,10 +206,10 @@ def main() -> None:
     if not set(args.parts) <= parts:
         parser.error(f"unknown part(s): {', '.join(sorted(set(args.parts) - parts))}")
 
-    from sdserve.engine.demo import ensure_demo
+    from sdserve.engine.demo import DEMO_PATH
 
     work = Path(tempfile.mkdtemp(prefix="sdserve-scaleout-"))
-    model_args = ["--model", str(ensure_demo(work))]
+    model_args = ["--model", str(DEMO_PATH)]
     redis = RedisServer(work / "redis").start()
     results: dict = {"machine": machine("cpu"), "command": " ".join(sys.argv)}
     print(f"sdserve scale-out bench on {results['machine']['label']} (work dir {work})", flush=True)

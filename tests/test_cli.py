@@ -40,7 +40,7 @@ def test_models_lists_kinds_and_hashes(tmp_path, models_dir, registry):
     assert out.returncode == 0, out.stderr
     assert "tinyfile" in out.stdout and "single-file" in out.stdout
     assert registry.short_hash(registry.info("tinyfile")) in out.stdout
-    assert "demo" in out.stdout and "noise" in out.stdout
+    assert "demo" in out.stdout and "demo (shapes)" in out.stdout
 
 
 def test_every_command_has_help(tmp_path):

@@ -98,20 +98,34 @@ def test_hub_id_offline_fails_in_one_line(models_dir, data_dir, tmp_path):
     assert message.startswith("cannot download 'someone/some-model' from the Hugging Face hub: offline")
 
 
-def test_demo_model_is_built_deterministically_and_marked(tmp_path):
-    from sdserve.engine.demo import ensure_demo
+def test_demo_is_the_packaged_model_loaded_through_the_registry(tmp_path):
+    from sdserve.engine.demo import DEMO_PATH
 
-    first = ensure_demo(tmp_path / "a")
-    second = ensure_demo(tmp_path / "b")
-    weights = sorted(p.relative_to(first) for p in first.rglob("*.safetensors"))
-    assert weights
-    for rel in weights:
-        assert (first / rel).read_bytes() == (second / rel).read_bytes()
-    registry = ModelRegistry(tmp_path / "none", tmp_path / "a", extra=["demo"], device="cpu")
+    registry = ModelRegistry(tmp_path / "none", tmp_path / "data", extra=["demo"], device="cpu")
     info = registry.info("demo")
-    assert info.is_demo and info.kind == "demo"
+    assert info.is_demo and info.kind == "demo" and info.path == DEMO_PATH
+    weights = sorted(p.relative_to(DEMO_PATH) for p in DEMO_PATH.rglob("*") if p.suffix in (".safetensors", ".bin"))
+    assert {str(p.parent) for p in weights} == {"text_encoder", "unet", "vae"}
+    assert all(p.suffix == ".safetensors" for p in weights)
+    assert info.size_bytes <= 20 * 2**20
     model = registry.load("demo")
     assert (model.default_width, model.default_height) == (64, 64)
+    assert not (tmp_path / "data" / "models").exists()  # nothing is built at first run
+
+
+def test_demo_training_is_deterministic_from_its_seed(tmp_path):
+    from sdserve.engine.train_demo import train
+
+    small = dict(pictures=16, vae_steps=2, unet_steps=2, vae_batch=2, batch=4)
+    train(tmp_path / "a", seed=5, **small)
+    train(tmp_path / "b", seed=5, **small)
+    train(tmp_path / "c", seed=6, **small)
+    weights = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(weights) == 3
+    for rel in weights:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert (tmp_path / "a" / weights[0]).read_bytes() != (tmp_path / "c" / weights[0]).read_bytes()
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("option", ["channels_last", "compile"])

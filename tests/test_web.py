@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from server import ServerProcess, wait_for
 
+from sdserve.engine import demo_data
+
 CHROMIUM = os.environ.get("SDSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium: apt-get install chromium (CI installs it)")
 SHOTS = os.environ.get("SDSERVE_SCREENSHOTS")
@@ -77,11 +79,10 @@ def api_job(server, card) -> dict:
     return httpx.get(f"{server.url}/api/v1/jobs/{card.get_attribute('data-job-id')}").json()
 
 
-def png_bytes(color=(200, 40, 40), size=(64, 64)) -> bytes:
+def png_bytes() -> bytes:
+    """The upload: one of the demo model's own pictures, a large yellow star on purple."""
     buf = io.BytesIO()
-    image = Image.new("RGB", size, color)
-    image.paste((40, 40, 200), (0, 0, size[0] // 2, size[1]))
-    image.save(buf, format="PNG")
+    demo_data.draw(demo_data.Scene("yellow", "star", "large", "middle", "purple")).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -99,21 +100,23 @@ def test_generate_shows_progress_and_the_image(page, server):
         new MutationObserver(ms => ms.forEach(m => m.target.dataset && m.target.dataset.progress !== undefined
             && window.seen.push(Number(m.target.dataset.progress))))
           .observe(document.getElementById('jobs'), {subtree: true, attributes: true, attributeFilter: ['data-progress']}); }""")
-    page.fill("#prompt", "a red circle")
-    page.fill("#negative_prompt", "blue")
-    page.fill("#steps", "40")
-    page.select_option("#size-preset", "256x256")
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#negative_prompt", "green")
+    page.fill("#steps", "100")  # enough steps at the demo's 64x64 to see progress between start and end
     page.fill("#seed", "1234")
     card = submit_and_wait(page)
     img = card.locator(".thumbs img").first
     img.wait_for()
     page.wait_for_function("() => document.querySelector('#jobs .card .thumbs img').naturalWidth > 0")
     assert card.locator("progress").evaluate("p => p.value") == 1
-    assert card.locator(".progress-text").inner_text() == "40/40"
+    assert card.locator(".progress-text").inner_text() == "100/100"
     seen = page.evaluate("() => window.seen")
     assert any(0 < v < 1 for v in seen) and seen[-1] == 1, seen
     job = api_job(server, card)
-    assert job["request"]["negative_prompt"] == "blue" and job["images"][0]["seed"] == 1234
+    assert job["request"]["negative_prompt"] == "green" and job["images"][0]["seed"] == 1234
+    # What a newcomer types first, drawn: the demo model follows the prompt.
+    drawn = demo_data.read(Image.open(io.BytesIO(httpx.get(server.url + job["images"][0]["url"]).content)))
+    assert (drawn.colour, drawn.shape, drawn.background) == ("red", "circle", "blue")
     shot(page, "generate")
 
 
@@ -154,7 +157,7 @@ def upload(page):
 
 def test_upload_and_img2img(page, server):
     upload(page)
-    page.fill("#prompt", "a painting")
+    page.fill("#prompt", "a large green star in the middle on a purple background")
     page.fill("#steps", "10")
     page.locator("#strength").evaluate("el => { el.value = 0.5; el.dispatchEvent(new Event('input')); }")
     card = submit_and_wait(page)
@@ -166,7 +169,7 @@ def test_upload_and_img2img(page, server):
 
 def test_paint_a_mask_and_inpaint(page, server):
     upload(page)
-    page.fill("#prompt", "a hat")
+    page.fill("#prompt", "a large blue circle on a purple background")
     page.fill("#steps", "10")
     box = page.locator("#mask-canvas").bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)

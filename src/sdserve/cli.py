@@ -187,7 +187,7 @@ def list_models(models_dir: ModelsDir = None, data_dir: DataDir = None) -> None:
     for info in models:
         kind = info.kind
         if info.is_demo:
-            kind = "demo: random weights, pictures are noise"
+            kind = "demo (shapes)"
         elif info.kind == "pickle" and not registry.allow_pickle:
             kind = "pickle (refused; --allow-pickle to load)"
         size = f"{info.size_bytes / 2**20:.1f} MiB" if info.size_bytes is not None else "-"

@@ -104,6 +104,11 @@ def draw(scene: Scene, jitter: tuple[float, float] = (0.0, 0.0), size: int = SIZ
 
 
 # ----- captions ----------------------------------------------------------------------------------
+def prompt(scene: Scene) -> str:
+    """The scene in the grammar, every part stated: `a large red circle on the left on a blue background`."""
+    return f"a {scene.size} {scene.colour} {scene.shape} {REGIONS[scene.region][0]} on a {scene.background} background"
+
+
 def caption(scene: Scene, rng: random.Random, keep: float = 0.6) -> str:
     """A caption of the scene in one of several phrasings; size, region and background each kept with
     probability `keep` (the picture has them anyway: the model learns what an omitted part may be)."""
@@ -183,3 +188,21 @@ def read(image: Image.Image) -> Reading:
     cx, cy = xs.mean() / SIZE, ys.mean() / SIZE
     region = min(REGIONS, key=lambda r: (REGIONS[r][1][0] - cx) ** 2 + (REGIONS[r][1][1] - cy) ** 2)
     return Reading(background, colour, shape, region, share)
+
+
+# ----- scoring samples ---------------------------------------------------------------------------
+def test_scenes(count: int, seed: int = 12) -> list[Scene]:
+    """`count` scenes that cycle through every colour and shape, the rest drawn from the seed: the prompts the
+    tests and bench/demo_model.py score the model on."""
+    rng = random.Random(seed)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    return [random_scene(rng, colour=colours[i % len(colours)], shape=shapes[(i + i // len(colours)) % len(shapes)])
+            for i in range(count)]
+
+
+def adherence(scenes: list[Scene], readings: list[Reading]) -> dict[str, float]:
+    """The fraction of pictures whose reading matches the scene, per part, and their mean."""
+    parts = ("colour", "shape", "region", "background")
+    figures = {p: sum(getattr(r, p) == getattr(s, p) for s, r in zip(scenes, readings)) / len(scenes) for p in parts}
+    figures["mean"] = sum(figures[p] for p in parts) / len(parts)
+    return figures

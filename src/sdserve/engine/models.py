@@ -1,7 +1,7 @@
 """Model registry: finds models, reports name/kind/size/hash, loads pipelines with an LRU bound.
 
 Sources, in the order a name is resolved:
-- `demo`: the embedded model, built into the data dir on first use;
+- `demo`: the embedded model, shipped in the package (`sdserve/models/demo`, made by `train_demo`);
 - a diffusers folder (has `model_index.json`), in `--models-dir` or given as a path;
 - a single-file `.safetensors` checkpoint (SD 1.x, 2.x, SDXL), in `--models-dir` or given as a path;
 - a Hugging Face repo id (`owner/name`), downloaded when online.
@@ -151,7 +151,9 @@ class ModelRegistry:
 
     def _describe(self, spec: str) -> ModelInfo:
         if spec == demo.DEMO_NAME:
-            path = demo.ensure_demo(self.data_dir)
+            path = demo.DEMO_PATH
+            if not (path / "model_index.json").is_file():
+                raise ModelError(f"the demo model is missing from {path}: reinstall sdserve, or run `make demo-model`")
             return ModelInfo(demo.DEMO_NAME, "demo", str(path), "sd1", _dir_size(path))
         path = Path(spec).expanduser()
         if not path.exists():

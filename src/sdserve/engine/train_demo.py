@@ -65,18 +65,20 @@ def bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer(folder: Path):
+def clip_tokenizer(words=()):
+    """A CLIPTokenizer (model_max_length 77) over CLIP's byte alphabet, with BPE merges that make each of
+    `words` one token. With no words it is bytes only: what the tiny test pipelines and bench/fullsize use."""
     from transformers import CLIPTokenizer
 
     symbols = _byte_symbols()
-    merges = bpe_merges(demo_data.WORDS)
+    merges = bpe_merges(list(words))
     tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
 
 
 # ----- models ------------------------------------------------------------------------------------
@@ -87,21 +89,25 @@ def build_models(tokenizer, seed: int):
 
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
+    # Narrow at full resolution, wide at the 8x8 latent's: the shapes are decided at low resolution. One
+    # GroupNorm group per layer: with few channels per group, normalising erases a flat colour entirely.
     vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64, 64), layers_per_block=1, in_channels=3, out_channels=3,
+        block_out_channels=(16, 32, 64, 128), layers_per_block=1, in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4, norm_num_groups=16, sample_size=demo_data.SIZE,
+        latent_channels=4, norm_num_groups=1, sample_size=demo_data.SIZE,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, vocab_size=len(vocab),
         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"], projection_dim=64,
     ))
+    # Two levels on the 8x8 latent (8x8, 4x4), cross-attention to the caption on both. Eight channels per
+    # GroupNorm group, so a flat region's latent is not normalised away.
     unet = UNet2DConditionModel(
         sample_size=demo_data.SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(96, 192), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=8,
     )
     return vae, text_encoder, unet
 
@@ -115,8 +121,8 @@ def scheduler():
 
 
 # ----- data --------------------------------------------------------------------------------------
-def dataset(count: int, seed: int):
-    """`count` scenes and their pictures as a float tensor in [-1, 1]."""
+def dataset(count: int, seed: int, jitter: float = 3.0):
+    """`count` scenes and their pictures as a float tensor in [-1, 1]; shapes moved up to `jitter` px."""
     import numpy as np
     import torch
 
@@ -125,18 +131,30 @@ def dataset(count: int, seed: int):
     for _ in range(count):
         scene = demo_data.random_scene(rng)
         scenes.append(scene)
-        pictures.append(np.asarray(demo_data.draw(scene, (rng.uniform(-3, 3), rng.uniform(-3, 3)))))
+        pictures.append(np.asarray(demo_data.draw(scene, (rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)))))
     x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return scenes, x
 
 
 # ----- training ----------------------------------------------------------------------------------
+def vae_loss(recon, x):
+    """L1 + L2 with the shape's pixels (those unlike the corner's colour) weighted 5x, since a small shape is
+    under a tenth of the picture, plus the error of the horizontal and vertical gradients, for sharp edges."""
+    corner = x[:, :, :1, :1]
+    weight = 1 + 4 * ((x - corner).abs().sum(1, keepdim=True) > 0.1).float()
+    err = recon - x
+    loss = (weight * (err.abs() + err.pow(2))).mean()
+    for dim in (2, 3):
+        loss = loss + (recon.diff(dim=dim) - x.diff(dim=dim)).abs().mean()
+    return loss
+
+
 def train_vae(vae, pictures, steps: int, batch: int, seed: int, log: list[float]) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     vae.train()
     for step in range(steps):
         idx = torch.randint(0, len(pictures), (batch,), generator=g)
@@ -146,16 +164,29 @@ def train_vae(vae, pictures, steps: int, batch: int, seed: int, log: list[float]
         # was shown, which is what the diffusion model will hand it. (Sampling at the posterior's full spread
         # from the start, as SD's VAE was trained, takes far longer to learn than this CPU budget allows.)
         z = posterior.mean + 0.1 * posterior.mean.detach().std() * torch.randn(posterior.mean.shape, generator=g)
-        recon = vae.decode(z).sample
-        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        loss = vae_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
         log.append(loss.item())
         if step % 200 == 0:
             print(f"vae {step}/{steps} loss {loss.item():.4f}", flush=True)
     vae.eval()
+
+
+def reconstruction(vae, count: int = 300, seed: int = 99) -> dict[str, float]:
+    """How well the VAE alone keeps what the reader measures: pictures it never saw, encoded and decoded."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    scenes, x = dataset(count, seed)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return demo_data.adherence(scenes, [demo_data.read(Image.fromarray(p)) for p in pixels])
 
 
 def encode_all(vae, pictures, batch: int = 256):
@@ -202,6 +233,15 @@ def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps: int, batch
     text_encoder.eval()
 
 
+def save(pipe, out: Path) -> None:
+    """The pipeline as safetensors in float16: half the size (the package carries it), and the registry loads
+    it as float32 on a CPU, float16 on a GPU."""
+    import torch
+
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
 def plot(curves: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -220,10 +260,12 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def train(out: Path, seed: int = 0, pictures: int = 20000, vae_steps: int = 3000, unet_steps: int = 12000,
-          batch: int = 64, threads: int | None = None) -> dict:
+def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500, unet_steps: int = 5000,
+          vae_batch: int = 32, batch: int = 64, threads: int | None = None) -> dict:
+    """Train both stages into `out`. The VAE stage is kept in `out/vae` with its record as soon as it ends, and
+    a later run with the same seed, pictures and VAE steps starts from it (the same weights it would make)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from sdserve.engine import demo, quiet_libraries
 
@@ -232,29 +274,47 @@ def train(out: Path, seed: int = 0, pictures: int = 20000, vae_steps: int = 3000
     if threads:
         torch.set_num_threads(threads)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp))
+    tokenizer = clip_tokenizer(demo_data.WORDS)
     vae, text_encoder, unet = build_models(tokenizer, seed)
     scenes, x = dataset(pictures, seed)
-    curves: dict[str, list[float]] = {"vae": [], "unet": []}
-    train_vae(vae, x, vae_steps, batch, seed + 1, curves["vae"])
+    stage = {"seed": seed, "pictures": pictures, "vae_steps": vae_steps, "vae_batch": vae_batch}
+    stage_file = out / "vae" / "stage.json"
+    if stage_file.is_file() and json.loads(stage_file.read_text())["stage"] == stage:
+        record = json.loads(stage_file.read_text())
+        vae = AutoencoderKL.from_pretrained(out / "vae")
+        print(f"vae: reusing the stage saved in {out / 'vae'}", flush=True)
+    else:
+        vae_started = time.monotonic()
+        curve: list[float] = []
+        train_vae(vae, x, vae_steps, vae_batch, seed + 1, curve)
+        record = {"stage": stage, "minutes": (time.monotonic() - vae_started) / 60, "curve": curve}
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        stage_file.write_text(json.dumps(record))
+    vae.eval()
+    recon = reconstruction(vae)
+    print(f"vae reconstruction: {recon}", flush=True)
     latents = encode_all(vae, x)
     scaling = 1.0 / float(latents.std())
     vae.register_to_config(scaling_factor=scaling)
-    vae_done = time.monotonic()
+    unet_started = time.monotonic()
+    curves = {"vae": record["curve"], "unet": []}
     train_unet(unet, text_encoder, tokenizer, latents * scaling, scenes, unet_steps, batch, seed + 2, curves["unet"])
+    unet_minutes = (time.monotonic() - unet_started) / 60
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    report = {"seed": seed, "pictures": pictures, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch,
-              "vae_minutes": round((vae_done - started) / 60, 1),
-              "total_minutes": round((time.monotonic() - started) / 60, 1),
-              "final_vae_loss": sum(curves["vae"][-100:]) / 100, "final_unet_loss": sum(curves["unet"][-100:]) / 100,
-              "torch": torch.__version__}
-    (out / demo.MARKER).write_text(json.dumps({"version": demo.DEMO_VERSION, **report}, indent=1) + "\n")
-    plot(curves, out.parent / "demo-loss.png")
+    save(pipe, out)
+    stage_file.unlink()
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in
+              (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
+    report = {**stage, "unet_steps": unet_steps, "batch": batch, "parameters": params,
+              "vae_minutes": round(record["minutes"], 1), "unet_minutes": round(unet_minutes, 1),
+              "run_minutes": round((time.monotonic() - started) / 60, 1),
+              "final_vae_loss": round(sum(curves["vae"][-100:]) / len(curves["vae"][-100:]), 4),
+              "final_unet_loss": round(sum(curves["unet"][-100:]) / len(curves["unet"][-100:]), 4),
+              "vae_reconstruction": recon, "weights": "float16", "torch": torch.__version__}
+    (out / demo.MARKER).write_text(json.dumps(report, indent=1) + "\n")
+    plot(curves, out / "loss.png")
     return report
 
 
@@ -262,14 +322,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pictures", type=int, default=20000)
-    parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--unet-steps", type=int, default=12000)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--pictures", type=int, default=12000)
+    parser.add_argument("--vae-steps", type=int, default=3500)
+    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64, help="the UNet stage's batch")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    print(json.dumps(train(args.out, args.seed, args.pictures, args.vae_steps, args.unet_steps, args.batch,
-                           args.threads), indent=1))
+    print(json.dumps(train(args.out, args.seed, args.pictures, args.vae_steps, args.unet_steps, args.vae_batch,
+                           args.batch, args.threads), indent=1))
 
 
 if __name__ == "__main__":

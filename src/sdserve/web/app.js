@@ -93,7 +93,7 @@ async function loadPickers() {
   const [models, samplers] = await withAuth(() => Promise.all([api.models(), api.samplers()]));
   const modelSelect = $("model");
   modelSelect.replaceChildren(...models.map((m) => {
-    const opt = new Option(m.demo ? `${m.name} (random weights: noise)` : m.name, m.name);
+    const opt = new Option(m.demo ? `${m.name} (coloured shapes, 64×64)` : m.name, m.name);
     opt.selected = m.default;
     return opt;
   }));
