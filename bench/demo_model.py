@@ -45,8 +45,8 @@ def generate(eng, prompts, seeds, **fields):
     from sdserve.core import inline_inputs
     from sdserve.schema import GenerationRequest
 
-    queued = [inline_inputs(GenerationRequest(prompt=p, seed=s, **fields))[0] for p, s in zip(prompts, seeds)]
-    return [images[0].image for images in eng.run(queued)]
+    queued, inputs = inline_inputs([GenerationRequest(prompt=p, seed=s, **fields) for p, s in zip(prompts, seeds)])
+    return [images[0].image for images in eng.run(queued, inputs=inputs)]
 
 
 def adherence(eng) -> dict:

@@ -37,12 +37,8 @@ def demo_engine(tmp_path_factory):
 
 
 def generate(engine, prompts: list[str], seeds: list[int], **fields) -> list[Image.Image]:
-    """One engine call (one batch) of one image per prompt; any input images are shared by all."""
-    queued, inputs = [], {}
-    for prompt, seed in zip(prompts, seeds):
-        q, i = inline_inputs(GenerationRequest(prompt=prompt, seed=seed, **fields))
-        queued.append(q)
-        inputs.update(i)
+    """One engine call (one batch) of one image per prompt."""
+    queued, inputs = inline_inputs([GenerationRequest(prompt=p, seed=s, **fields) for p, s in zip(prompts, seeds)])
     return [images[0].image for images in engine.run(queued, inputs=inputs)]
 
 

@@ -18,12 +18,7 @@ def req(**kw):
 
 def run(engine, *requests, **kw):
     """engine.run on client-style requests: input images decoded as the server does at submission."""
-    queued, inputs = [], {}
-    for request in requests:
-        q, i = inline_inputs(request)
-        assert not (inputs.keys() & i.keys()), "one request with images per call"
-        queued.append(q)
-        inputs.update(i)
+    queued, inputs = inline_inputs(requests)
     return engine.run(queued, inputs=inputs, **kw)
 
 
@@ -139,7 +134,7 @@ def test_bad_image_is_a_client_error(engine):
     with pytest.raises(RequestRejected, match="cannot read image"):
         run(engine, req(init_image=base64.b64encode(b"not an image").decode()))
     with pytest.raises(InvalidRequestError, match="not given"):
-        engine.run([inline_inputs(req(init_image=b64(Image.new("RGB", (64, 64)))))[0]])
+        engine.run(inline_inputs([req(init_image=b64(Image.new("RGB", (64, 64))))])[0])
 
 
 def test_mask_invert_repaints_the_other_side(engine):
@@ -168,8 +163,8 @@ def test_crop_resize_keeps_aspect(engine):
     # Left half red, right half blue, 128x64: cropping to 64x64 keeps the centre, half of each colour.
     wide = Image.new("RGB", (128, 64), (255, 0, 0))
     wide.paste((0, 0, 255), (64, 0, 128, 64))
-    crop, inputs = inline_inputs(req(init_image=b64(wide), resize_mode="crop"))
+    (crop,), inputs = inline_inputs([req(init_image=b64(wide), resize_mode="crop")])
     centre = arr(engine._prepare(crop, batch_key(crop), inputs).init_image)
     assert centre[:, :20, 0].mean() > 200 and centre[:, -20:, 2].mean() > 200
-    resize, inputs = inline_inputs(req(init_image=b64(wide)))
+    (resize,), inputs = inline_inputs([req(init_image=b64(wide))])
     assert engine._prepare(resize, batch_key(resize), inputs).init_image.size == (64, 64)

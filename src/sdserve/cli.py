@@ -146,7 +146,7 @@ def generate(
             sampler=sampler, scheduler=scheduler, cfg_scale=cfg_scale, model=model,
             init_image=read_b64(init_image), mask=read_b64(mask), strength=strength,
         )
-        queued, inputs = inline_inputs(request)
+        queued, inputs = inline_inputs([request])
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()))
     except RequestRejected as exc:
@@ -160,7 +160,7 @@ def generate(
             TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
         ) as progress:
             task = progress.add_task("steps", total=None)
-            result = engine.run([queued], on_step=lambda step, total: progress.update(task, completed=step, total=total),
+            result = engine.run(queued, on_step=lambda step, total: progress.update(task, completed=step, total=total),
                                 inputs=inputs)
     except (ModelError, InvalidRequestError) as exc:
         _fail(str(exc))

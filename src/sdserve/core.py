@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,13 +81,18 @@ def job_request(request: GenerationRequest, *, model: str | None, keys: Mapping[
                       init_size=init_size)
 
 
-def inline_inputs(request: GenerationRequest, max_pixels: int = 4096 * 4096) -> tuple[JobRequest, dict[str, Image.Image]]:
-    """For running the engine directly (the CLI, tests): the job request and its decoded inputs, keyed by field."""
-    inputs = read_inputs(request, max_pixels)
-    init = inputs.get("init_image")
-    queued = job_request(request, model=request.model, keys={f: f for f in inputs},
-                         init_size=init.image.size if init else None)
-    return queued, {field: item.image for field, item in inputs.items()}
+def inline_inputs(requests: Sequence[GenerationRequest],
+                  max_pixels: int = 4096 * 4096) -> tuple[list[JobRequest], dict[str, Image.Image]]:
+    """For running the engine directly (the CLI, tests, benchmarks): the job requests and their decoded inputs,
+    keyed `i:field`, so requests with images of their own can share one engine call."""
+    queued, images = [], {}
+    for i, request in enumerate(requests):
+        inputs = read_inputs(request, max_pixels)
+        init = inputs.get("init_image")
+        queued.append(job_request(request, model=request.model, keys={f: f"{i}:{f}" for f in inputs},
+                                  init_size=init.image.size if init else None))
+        images.update({f"{i}:{field}": item.image for field, item in inputs.items()})
+    return queued, images
 
 
 # ----- what clients see --------------------------------------------------------------------------

@@ -150,12 +150,8 @@ class ModelRegistry:
             return find(self.list(), name, self._aliases, self.sha256)
 
     def _describe(self, spec: str) -> ModelInfo:
-        if spec == demo.DEMO_NAME:
-            path = demo.DEMO_PATH
-            if not (path / "model_index.json").is_file():
-                raise ModelError(f"the demo model is missing from {path}: reinstall sdserve, or run `make demo-model`")
-            return ModelInfo(demo.DEMO_NAME, "demo", str(path), "sd1", _dir_size(path))
-        path = Path(spec).expanduser()
+        # `demo` is the package's folder, described like any other diffusers folder (its marker makes it "demo").
+        path = demo.DEMO_PATH if spec == demo.DEMO_NAME else Path(spec).expanduser()
         if not path.exists():
             # A bare name refers to the models folder: `tiny` -> models/tiny or models/tiny.safetensors.
             for candidate in (self.models_dir / spec, self.models_dir / f"{spec}.safetensors"):

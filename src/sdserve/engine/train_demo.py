@@ -121,8 +121,8 @@ def scheduler():
 
 
 # ----- data --------------------------------------------------------------------------------------
-def dataset(count: int, seed: int, jitter: float = 3.0):
-    """`count` scenes and their pictures as a float tensor in [-1, 1]; shapes moved up to `jitter` px."""
+def dataset(count: int, seed: int):
+    """`count` scenes and their pictures as a float tensor in [-1, 1]; shapes moved by up to 3 px."""
     import numpy as np
     import torch
 
@@ -131,7 +131,7 @@ def dataset(count: int, seed: int, jitter: float = 3.0):
     for _ in range(count):
         scene = demo_data.random_scene(rng)
         scenes.append(scene)
-        pictures.append(np.asarray(demo_data.draw(scene, (rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)))))
+        pictures.append(np.asarray(demo_data.draw(scene, (rng.uniform(-3, 3), rng.uniform(-3, 3)))))
     x = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return scenes, x
 
@@ -279,8 +279,8 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
     scenes, x = dataset(pictures, seed)
     stage = {"seed": seed, "pictures": pictures, "vae_steps": vae_steps, "vae_batch": vae_batch}
     stage_file = out / "vae" / "stage.json"
-    if stage_file.is_file() and json.loads(stage_file.read_text())["stage"] == stage:
-        record = json.loads(stage_file.read_text())
+    record = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
+    if record.get("stage") == stage:
         vae = AutoencoderKL.from_pretrained(out / "vae")
         print(f"vae: reusing the stage saved in {out / 'vae'}", flush=True)
     else:
