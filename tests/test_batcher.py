@@ -20,13 +20,13 @@ def job(i: int, n: int = 1, **kw) -> Job:
 
 
 # ---------------------------------------------------------------- the pure selection
-def test_same_shape_groups_and_each_keeps_its_prompt_and_seed():
-    a, b = JobRequest(prompt="a", seed=1), JobRequest(prompt="b", seed=2, negative_prompt="x")
+def test_same_shape_groups_and_each_keeps_its_prompt_seed_and_guidance_scale():
+    a, b = JobRequest(prompt="a", seed=1), JobRequest(prompt="b", seed=2, negative_prompt="x", cfg_scale=3.5)
     assert batcher.batch_key(a) == batcher.batch_key(b)
 
 
 @pytest.mark.parametrize("change", [{"steps": 21}, {"width": 512}, {"sampler": "Euler"}, {"scheduler": "exponential"},
-                                    {"cfg_scale": 5.0}, {"model": "other"}])
+                                    {"cfg_scale": 1.0}, {"clip_skip": 2}, {"model": "other"}])
 def test_shape_changes_split(change):
     assert batcher.batch_key(JobRequest(prompt="a")) != batcher.batch_key(JobRequest(prompt="a", **change))
 
@@ -83,8 +83,9 @@ def test_default_max_batch():
 @pytest.mark.parametrize("sampler", ["DPM++ 2M", "Euler a", "DPM++ 2M SDE"])
 def test_batched_images_equal_the_job_run_alone(engine, sampler):
     jobs = [JobRequest(prompt="a red circle", seed=10, n=2, steps=6, sampler=sampler),
-            JobRequest(prompt="blue square", negative_prompt="red", seed=99, steps=6, sampler=sampler),
-            JobRequest(prompt="green", seed=5, n=3, steps=6, sampler=sampler)]
+            JobRequest(prompt="blue (square:1.3)", negative_prompt="red", seed=99, steps=6, sampler=sampler,
+                       cfg_scale=12),
+            JobRequest(prompt="green", seed=5, n=3, steps=6, sampler=sampler, cfg_scale=2.5)]
     together = engine.run(jobs)
     for request, batched in zip(jobs, together):
         alone = engine.run([request])[0]

@@ -30,6 +30,8 @@ class GenerationRequest(BaseModel):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's native size.")
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    clip_skip: int = Field(1, ge=1, le=12, description="Text encoder layers to skip from the end: A1111's "
+                           "CLIP_stop_at_last_layers (1 = the last layer, 2 = the penultimate). SD 1.x/2.x.")
     sampler: str = Field(DEFAULT_SAMPLER, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")
     scheduler: str = Field("automatic", description="A1111 schedule type: automatic, karras, exponential, ...")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 draws a random seed.")

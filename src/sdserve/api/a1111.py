@@ -90,12 +90,12 @@ def title(service: Service, info: ModelInfo) -> str:
 async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service,
                    extra: Callable[[list[ImageRef]], dict[str, Any]] | None = None) -> JSONResponse:
     """One A1111 call: its jobs, awaited together. `extra`: more response fields from the images' records."""
+    state = _state(request)
     try:
-        canonical = proto.to_requests(body)
+        canonical = proto.to_requests(body, await asyncio.to_thread(state.options))
     except proto.TranslationError as exc:
         return JSONResponse({"error": "HTTPException", "detail": str(exc), "errors": str(exc)}, status_code=exc.status)
     ignored = proto.ignored_fields(body)
-    state = _state(request)
     jobs = await service.submit_all(canonical, source=SOURCE)
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call

@@ -1,8 +1,9 @@
 """Run one batch of compatible requests through a diffusers pipeline and return PIL images.
 
 One batch = one pipeline call: every image of every request is a row of the same UNet pass,
-each with its own prompt, negative prompt and seeded generator (image i of a request uses
-seed + i, as A1111 does). Requests in a batch must share a `batch_key`.
+each with its own prompt and negative prompt (encoded as A1111 does: `prompts`), guidance scale
+and seeded generator (image i of a request uses seed + i, as A1111 does). Requests in a batch
+must share a `batch_key`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 
 from sdserve import __version__
-from sdserve.engine import infotext, samplers
+from sdserve.engine import infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, JobRequest
 
@@ -43,7 +44,8 @@ class GeneratedImage:
 @dataclass(frozen=True)
 class BatchKey:
     """Requests with equal keys can share one UNet pass: they agree on everything the pass has one value
-    for. Each image keeps its own prompt, negative prompt and seed."""
+    for. Each image keeps its own prompt, negative prompt, guidance scale and seed. Whether guidance runs
+    at all is shared: at CFG <= 1 diffusers skips the unconditional half, so such jobs pass alone."""
 
     model: str | None
     mode: str
@@ -52,8 +54,9 @@ class BatchKey:
     steps: int
     sampler: str
     schedule: str
-    cfg_scale: float
+    guided: bool
     strength: float
+    clip_skip: int
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -83,7 +86,7 @@ def batch_key(request: JobRequest) -> BatchKey:
         sampler, schedule = request.sampler, request.scheduler  # fails in the engine, alone
     width, height = requested_size(request)
     return BatchKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
-                    request.cfg_scale, effective_strength(request))
+                    request.cfg_scale > 1, effective_strength(request), request.clip_skip)
 
 
 @dataclass
@@ -151,27 +154,30 @@ class Engine:
         pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
 
         prepared = [self._prepare(r, key, inputs or {}) for r in requests]
-        prompts: list[str] = []
+        texts: list[str] = []
         negatives: list[str] = []
+        scales: list[float] = []
         generators: list[Any] = []
         images: list[Image.Image] = []
         masks: list[Image.Image] = []
         gen_device = "cpu" if model.device == "mps" else model.device
         for p in prepared:
             for i in range(p.request.n):
-                prompts.append(p.request.prompt)
+                texts.append(p.request.prompt)
                 negatives.append(p.request.negative_prompt)
+                scales.append(p.request.cfg_scale)
                 generators.append(torch.Generator(device=gen_device).manual_seed(p.seed + i))
                 if p.start_image is not None:
                     images.append(p.start_image)
                 if p.mask is not None:
                     masks.append(p.mask)
 
+        with torch.inference_mode():
+            text_inputs = prompts.conditioning(pipe, texts, negatives, key.clip_skip)
         kwargs: dict[str, Any] = {
-            "prompt": prompts,
-            "negative_prompt": negatives,
+            **text_inputs,
             "num_inference_steps": key.steps,
-            "guidance_scale": key.cfg_scale,
+            "guidance_scale": PerImageGuidance(scales),
             "generator": generators,
             "num_images_per_prompt": 1,
             "output_type": "np",  # floats: converted to PIL here, so the exact values stay inspectable
@@ -192,7 +198,7 @@ class Engine:
             kwargs["callback_on_step_end"] = callback
 
         if model.device == "cpu":
-            self._set_cpu_threads(key, len(prompts), getattr(pipe, "vae_scale_factor", 8))
+            self._set_cpu_threads(key, len(texts), getattr(pipe, "vae_scale_factor", 8))
         with torch.inference_mode():
             output = pipe(**kwargs).images
 
@@ -260,10 +266,35 @@ class Engine:
             "Model hash": model.short_hash,
             "Model": model.info.name,
             "Denoising strength": r.strength if key.mode != "txt2img" else None,
+            "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
             "Mask blur": r.mask_blur if key.mode == "inpaint" else None,
             "Version": f"sdserve {__version__}",
         }
         return infotext.build(r.prompt, r.negative_prompt, params)
+
+
+class PerImageGuidance(float):
+    """Classifier-free guidance with a scale per image. diffusers' pipelines take one `guidance_scale` and
+    apply it as `uncond + scale * (cond - uncond)` over the batch; this float (the largest scale, for the
+    pipeline's own `> 1` test) multiplies that difference row by row instead, so requests that differ only in
+    CFG share a pass and each image gets exactly what it would alone."""
+
+    def __new__(cls, scales: Sequence[float]) -> PerImageGuidance:
+        value = super().__new__(cls, max(scales))
+        value.scales = list(scales)
+        return value
+
+    def __mul__(self, other: Any) -> Any:
+        import torch
+
+        if not isinstance(other, torch.Tensor):
+            return float(self) * other
+        if len(self.scales) != other.shape[0]:
+            raise ValueError(f"{len(self.scales)} guidance scales for a batch of {other.shape[0]}")
+        rows = torch.tensor(self.scales, dtype=other.dtype, device=other.device)
+        return other * rows.view(-1, *([1] * (other.ndim - 1)))
+
+    __rmul__ = __mul__
 
 
 def _binary_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool = False) -> Image.Image:

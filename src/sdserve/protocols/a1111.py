@@ -106,6 +106,8 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "noise", 3: "nothing"}
+# A1111 settings a request honours, from override_settings or else the saved /options.
+HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
 
 
 def ignored_fields(body: Txt2ImgRequest) -> list[str]:
@@ -131,7 +133,7 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     note("eta", body.eta not in (None, 0, 1))
     note("infotext", bool(body.infotext))
     for key, value in (body.override_settings or {}).items():
-        note(f"override_settings.{key}", key != "sd_model_checkpoint" and value is not None)
+        note(f"override_settings.{key}", key not in HONOURED_SETTINGS and value is not None)
     if isinstance(body, Img2ImgRequest):
         note("init_images[1:]", len(body.init_images or []) > 1)
         note("resize_mode", body.resize_mode not in (0, 1))
@@ -148,12 +150,18 @@ def _snap(value: int | None) -> int | None:
     return None if value is None else max(64, value - value % 8)
 
 
-def to_requests(body: Txt2ImgRequest) -> list[GenerationRequest]:
-    """One canonical request per n_iter; each of batch_size images. Image i overall uses seed + i, as A1111."""
+def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> list[GenerationRequest]:
+    """One canonical request per n_iter; each of batch_size images. Image i overall uses seed + i, as A1111.
+    `options`: the saved A1111 options, for the settings a request does not override."""
     if body.batch_size * body.n_iter > MAX_IMAGES_PER_CALL:
         raise TranslationError(f"batch_size x n_iter is {body.batch_size * body.n_iter}; at most "
                                f"{MAX_IMAGES_PER_CALL} images per call", "batch_size", 422)
     seed = body.seed if body.seed >= 0 else random_seed()
+    settings = {**(options or {}), **{k: v for k, v in (body.override_settings or {}).items() if v is not None}}
+    clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= 12:
+        raise TranslationError(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, not {clip_skip!r}",
+                               "override_settings.CLIP_stop_at_last_layers", 422)
     common: dict[str, Any] = dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -162,6 +170,7 @@ def to_requests(body: Txt2ImgRequest) -> list[GenerationRequest]:
         height=_snap(body.height),
         steps=body.steps,
         cfg_scale=body.cfg_scale,
+        clip_skip=clip_skip,
         sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
         scheduler=body.scheduler or "automatic",
         n=body.batch_size,

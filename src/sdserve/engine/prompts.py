@@ -1,0 +1,228 @@
+"""Prompts as A1111 reads them: emphasis, BREAK, any length, clip skip.
+
+- `parse_attention` reads A1111's emphasis grammar: `(word)` x1.1, `((word))` x1.21, `(word:1.3)`, `[word]`
+  /1.1, the escapes `\\(` `\\)` `\\[` `\\]` `\\\\`, and `BREAK`. It returns A1111's own (text, weight) runs.
+- `chunk` turns those runs into 75-token chunks the way A1111 does: `BREAK` starts a new chunk, a chunk that
+  fills up mid-phrase moves the words after its last comma (within 20 tokens) into the next one, and each
+  chunk becomes `<start> 75 tokens <end>` padded with the end token. A prompt over 75 tokens is several
+  chunks, encoded one by one and concatenated, so nothing after token 77 is lost.
+- `PromptEncoder` encodes a batch of prompts to the UNet's conditioning: each chunk through the text encoder
+  (with clip skip: the hidden state `clip_skip` layers from the end, through the final layer norm), each token
+  scaled by its weight and the chunk rescaled to its original mean (A1111's "Original" emphasis, per prompt),
+  and every row padded with empty chunks to the batch's longest, so prompts of any length share one pass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CHUNK = 75  # prompt tokens per chunk; with start and end tokens, CLIP's 77
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+BREAK = ("BREAK", -1.0)
+
+_ROUND, _SQUARE = 1.1, 1 / 1.1
+# One lexeme of the grammar: an escape, an opening bracket, a weighted close `:1.3)`, a close, plain text,
+# or a stray colon. Plain text never contains brackets, backslashes or colons.
+_LEXEME = re.compile(r"\\[()\[\]\\]?|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:", re.DOTALL)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """A1111's emphasis: the prompt as runs of (text, weight); `BREAK` is the run ("BREAK", -1).
+    Unclosed brackets apply to the end of the prompt; adjacent runs of equal weight are merged."""
+    runs: list[list[Any]] = []
+    rounds: list[int] = []  # where each open bracket's text starts in `runs`
+    squares: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _LEXEME.finditer(text):
+        lexeme, weight = match.group(0), match.group(1)
+        if lexeme.startswith("\\"):
+            # `\(` is a literal bracket; a backslash before anything else is dropped, as A1111 does.
+            runs.append([lexeme[1:], 1.0])
+        elif lexeme == "(":
+            rounds.append(len(runs))
+        elif lexeme == "[":
+            squares.append(len(runs))
+        elif weight is not None and rounds and _number(weight) is not None:
+            scale(rounds.pop(), _number(weight))
+        elif lexeme == ")" and rounds:
+            scale(rounds.pop(), _ROUND)
+        elif lexeme == "]" and squares:
+            scale(squares.pop(), _SQUARE)
+        else:
+            for i, part in enumerate(_BREAK.split(lexeme)):
+                if i:
+                    runs.append(list(BREAK))
+                runs.append([part, 1.0])
+    for start in rounds:
+        scale(start, _ROUND)
+    for start in squares:
+        scale(start, _SQUARE)
+    if not runs:
+        return [("", 1.0)]
+    merged: list[list[Any]] = [runs[0]]
+    for run in runs[1:]:
+        if run[1] == merged[-1][1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, w) for t, w in merged]
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # `(a:1.2.3)`: not a weight; A1111 raises, we keep it as text
+        return None
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def chunk(runs: Sequence[tuple[str, float]], tokenize, comma: int | None, start: int, end: int,
+          pad: int | None = None) -> list[Chunk]:
+    """A1111's chunking of parsed runs: `tokenize(texts)` gives each run's token ids (no start/end); each
+    chunk comes back as 77 ids `<start> ... <end> <pad>...` with a weight per id. `pad` is the id after the
+    end token (SD 2's OpenCLIP pads with `!`; SD 1 with the end token)."""
+    pad = end if pad is None else pad
+    chunks: list[Chunk] = []
+    current = Chunk()
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal current, last_comma
+        fill = CHUNK - len(current.tokens)
+        ids = [start, *current.tokens, end] + [pad] * fill
+        chunks.append(Chunk(ids, [1.0, *current.weights, 1.0] + [1.0] * fill))
+        current, last_comma = Chunk(), -1
+
+    texts = [t for t, _ in runs]
+    for (text, weight), ids in zip(runs, tokenize(texts)):
+        if (text, weight) == BREAK:
+            close()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(current.tokens)
+            elif len(current.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
+                # Full mid-phrase: the words after the last comma move to the next chunk together.
+                moved = Chunk(current.tokens[last_comma + 1:], current.weights[last_comma + 1:])
+                current = Chunk(current.tokens[:last_comma + 1], current.weights[:last_comma + 1])
+                close()
+                current = moved
+            if len(current.tokens) == CHUNK:
+                close()
+            current.tokens.append(token)
+            current.weights.append(weight)
+    if current.tokens or not chunks:
+        close()
+    return chunks
+
+
+class PromptEncoder:
+    """Encodes prompts for one CLIP text encoder and its tokenizer, A1111's way (see the module doc)."""
+
+    def __init__(self, tokenizer, text_encoder) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        comma = tokenizer.convert_tokens_to_ids(",</w>")
+        self.comma = None if comma == tokenizer.unk_token_id else comma
+        self.start, self.end = tokenizer.bos_token_id, tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else self.end
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    def chunks(self, prompt: str) -> list[Chunk]:
+        return chunk(parse_attention(prompt), self._tokenize, self.comma, self.start, self.end, self.pad)
+
+    def empty_chunk(self) -> Chunk:
+        return Chunk([self.start] + [self.end] * (CHUNK + 1) if self.pad == self.end
+                     else [self.start, self.end] + [self.pad] * CHUNK, [1.0] * (CHUNK + 2))
+
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1, layer: int | None = None,
+               final_norm: bool = True) -> tuple[Any, Any]:
+        """(B, 77 * chunks, width) conditioning and (B, projection) pooled output of the first chunk.
+
+        `clip_skip` 1 is the last layer; n takes the hidden state n-1 layers earlier (through the final layer
+        norm when `final_norm`). `layer` instead names a hidden state outright (SDXL reads the penultimate)."""
+        import torch
+
+        per_prompt = {p: self.chunks(p) for p in dict.fromkeys(prompts)}
+        count = max(len(c) for c in per_prompt.values())
+        device = self.text_encoder.device
+        columns, pooled = [], None
+        for i in range(count):
+            rows = [per_prompt[p][i] if i < len(per_prompt[p]) else self.empty_chunk() for p in prompts]
+            ids = torch.tensor([r.tokens for r in rows], device=device)
+            out = self.text_encoder(ids, output_hidden_states=True)
+            if layer is not None:
+                z = out.hidden_states[layer]
+            elif clip_skip > 1:
+                z = out.hidden_states[-clip_skip]
+            else:
+                z = out[0]
+            if final_norm and (layer is not None or clip_skip > 1):
+                # transformers 5 keeps the layer norm on the model itself; 4.x under `text_model`
+                z = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(z)
+            weights = torch.tensor([r.weights for r in rows], device=device, dtype=z.dtype)
+            columns.append(_emphasise(z, weights))
+            if i == 0:
+                pooled = getattr(out, "text_embeds", None)
+                if pooled is None:
+                    pooled = out[1]
+        return torch.cat(columns, dim=1), pooled
+
+
+def _emphasise(z, weights):
+    """A1111's "Original" emphasis, per prompt: scale each token's vector by its weight, then rescale the
+    chunk so its mean is what it was. A row whose weights are all 1 is left exactly as it was (as is one whose
+    weighted mean is 0, which has no scale to restore)."""
+    import torch
+
+    before = z.mean(dim=(1, 2), keepdim=True)
+    weighted = z * weights.unsqueeze(-1)
+    after = weighted.mean(dim=(1, 2), keepdim=True)
+    plain = (weights == 1).all(dim=1).view(-1, 1, 1) | (after == 0)
+    return torch.where(plain, z, weighted * (before / torch.where(after == 0, 1, after)))
+
+
+def conditioning(pipe, prompts: Sequence[str], negatives: Sequence[str], clip_skip: int = 1) -> dict[str, Any]:
+    """The pipeline's text inputs for a batch, encoded as A1111 encodes them: `prompt_embeds` and
+    `negative_prompt_embeds` (plus the pooled embeddings for SDXL), every row as long as the longest.
+
+    SD 1.x/2.x: one CLIP encoder, clip skip as A1111 applies it. SDXL: both encoders read the penultimate
+    layer (A1111's default; clip skip does not apply) and are concatenated, the pooled embedding comes from the
+    second's first chunk, and an empty negative prompt is all zeros when the model says so
+    (`force_zeros_for_empty_prompt`), as A1111 and diffusers both do."""
+    import torch
+
+    texts = [*prompts, *negatives]
+    n = len(prompts)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        z, _ = PromptEncoder(pipe.tokenizer, pipe.text_encoder).encode(texts, clip_skip)
+        return {"prompt_embeds": z[:n], "negative_prompt_embeds": z[n:]}
+    parts, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        if encoder is not None:
+            z, pooled = PromptEncoder(tokenizer, encoder).encode(texts, layer=-2, final_norm=False)
+            parts.append(z)
+    z = torch.cat(parts, dim=-1)
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        empty = torch.tensor([t == "" for t in texts], device=z.device)
+        empty[:n] = False
+        z = torch.where(empty[:, None, None], torch.zeros_like(z), z)
+        pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+    return {"prompt_embeds": z[:n], "negative_prompt_embeds": z[n:],
+            "pooled_prompt_embeds": pooled[:n], "negative_pooled_prompt_embeds": pooled[n:]}
