@@ -6,6 +6,8 @@
   overhead       at one client, latency of (b) over (a).
   coldstart      seconds from launching `sdserve serve` to the first image.
   controlplane   jobs/s through queue, store and HTTP with a no-op engine.
+  mixedcfg       (c) at 16 clients, every client at CFG 7 vs each client at its own CFG (2..12): guidance is per
+                 image, so mixed CFG still batches; mixed/same should be ~1.
 
 Writes bench/results/<machine>.json and .png, and prints a table. Same model and settings
 everywhere: the demo model (or --model), 64x64 (or --size), 20 steps, the default sampler.
@@ -84,15 +86,17 @@ class Server:
         self.log.close()
 
 
-def run_clients(url: str | list[str], body: dict, clients: int, total: int) -> dict:
+def run_clients(url: str | list[str], body: dict | list[dict], clients: int, total: int) -> dict:
     """`clients` closed-loop clients (each sends its next request when the last returns); with several URLs
-    (replicas) client i talks to URL i mod n, as a round-robin balancer would spread them."""
+    (replicas) client i talks to URL i mod n, as a round-robin balancer would spread them. With a list of
+    bodies, client i sends body i mod n."""
     urls = [url] if isinstance(url, str) else url
+    bodies = [body] if isinstance(body, dict) else body
     latencies: list[float] = []
     lock = threading.Lock()
     remaining = [total]
 
-    def client(url: str) -> None:
+    def client(url: str, body: dict) -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
             while True:
                 with lock:
@@ -105,7 +109,8 @@ def run_clients(url: str | list[str], body: dict, clients: int, total: int) -> d
                 with lock:
                     latencies.append(time.perf_counter() - started)
 
-    threads = [threading.Thread(target=client, args=(urls[i % len(urls)],)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(urls[i % len(urls)], bodies[i % len(bodies)]))
+               for i in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -261,6 +266,31 @@ def controlplane(args, data_dir: Path) -> dict:
     return result
 
 
+def mixedcfg(args, data_dir: Path, model_args: list[str], clients: int = 16, passes: int = 3) -> dict:
+    """Dynamic batching at `clients` clients, all at one CFG scale vs each client at its own, alternated over
+    `passes` passes; medians and their ratio."""
+    body = {"prompt": "a red circle", "steps": args.steps, "width": args.size, "height": args.size}
+    mixed = [{**body, "cfg_scale": 2.0 + 10.0 * i / (clients - 1)} for i in range(clients)]
+    server = Server(data_dir, *model_args, "--device", args.device, "--max-queue", "4096",
+                    *args.batch_args.split()).start()
+    server.wait_ready()
+    run_clients(server.url, body, 2, 6)  # warm-up
+    runs: dict[str, list[dict]] = {"same": [], "mixed": []}
+    total = max(args.requests, clients * args.per_client)
+    for _ in range(passes):
+        runs["same"].append(run_clients(server.url, {**body, "cfg_scale": 7.0}, clients, total))
+        runs["mixed"].append(run_clients(server.url, mixed, clients, total))
+    server.stop()
+    result = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in levels),
+                     "p50_s": statistics.median(r["p50_s"] for r in levels), "passes": levels}
+              for name, levels in runs.items()}
+    result["clients"] = clients
+    result["mixed_over_same"] = result["mixed"]["images_per_s"] / result["same"]["images_per_s"]
+    print(f"  mixed CFG, {clients} clients: {result['mixed']['images_per_s']:.2f} img/s vs one CFG "
+          f"{result['same']['images_per_s']:.2f} img/s: {result['mixed_over_same']:.2f}x", flush=True)
+    return result
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -314,7 +344,7 @@ def machine(device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", metavar="PART",
-                        help="throughput, coldstart, controlplane (default: all)")
+                        help="throughput, coldstart, controlplane, mixedcfg (default: all)")
     parser.add_argument("--model", default="demo", help="demo, a diffusers folder or a .safetensors file")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
@@ -333,7 +363,7 @@ def main() -> None:
         plot(results, path.with_suffix(".png"))
         print_table(results)
         return
-    parts = {"throughput", "coldstart", "controlplane"}
+    parts = {"throughput", "coldstart", "controlplane", "mixedcfg"}
     args.parts = args.parts or sorted(parts)
     if not set(args.parts) <= parts:
         parser.error(f"unknown part(s): {', '.join(sorted(set(args.parts) - parts))}")
@@ -351,6 +381,8 @@ def main() -> None:
         results["coldstart"] = coldstart(args, work, model_args)
     if "controlplane" in args.parts:
         results["controlplane"] = controlplane(args, work)
+    if "mixedcfg" in args.parts:
+        results["mixedcfg"] = mixedcfg(args, work, model_args)
 
     name = args.name or results["machine"]["label"].lower().replace(" ", "-").replace(",", "")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -377,6 +409,10 @@ def print_table(results: dict) -> None:
         print(f"cold start: {results['coldstart']['median_s']:.2f} s (median)")
     if "controlplane" in results:
         print(f"control plane: {results['controlplane']['jobs_per_s']:.0f} jobs/s")
+    if "mixedcfg" in results:
+        m = results["mixedcfg"]
+        print(f"mixed CFG at {m['clients']} clients: {m['mixed']['images_per_s']:.2f} img/s vs one CFG "
+              f"{m['same']['images_per_s']:.2f} img/s ({m['mixed_over_same']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,45 @@ def save_single_file(pipe, path: Path) -> Path:
     }
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+# ----- LoRAs, written as users get them ------------------------------------------------------------
+def lora_targets(pipe) -> dict[str, tuple[str, int, int]]:
+    """The layers a LoRA adapts, as trainers pick them: every attention projection of the UNet and the
+    text encoder's self-attention. Module path -> (component, in features, out features)."""
+    targets = {}
+    for component, model, pattern in (("unet", pipe.unet, r"attn[12]\.(to_[qkv]|to_out\.0)$"),
+                                      ("text_encoder", pipe.text_encoder, r"self_attn\.[qkv]_proj$|out_proj$")):
+        for name, module in model.named_modules():
+            if re.search(pattern, name) and isinstance(module, torch.nn.Linear):
+                targets[f"{component}.{name}"] = (component, module.in_features, module.out_features)
+    return targets
+
+
+def lora_factors(pipe, seed: int, rank: int = 2, scale: float = 0.3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random low-rank factors (down: rank x in, up: out x rank) for every target layer."""
+    g = torch.Generator().manual_seed(seed)
+    return {path: (torch.randn(rank, fin, generator=g) * scale, torch.randn(fout, rank, generator=g) * scale)
+            for path, (_, fin, fout) in lora_targets(pipe).items()}
+
+
+def save_lora(factors, path: Path, fmt: str, metadata: dict[str, str] | None = None) -> Path:
+    """Write LoRA factors as diffusers/peft keys (`unet.<module>.lora_A.weight`) or as A1111/kohya keys
+    (`lora_unet_<module_with_underscores>.lora_down.weight`, `.alpha` = rank, so both scale by 1)."""
+    state = {}
+    for module, (down, up) in factors.items():
+        if fmt == "diffusers":
+            state[f"{module}.lora_A.weight"] = down.contiguous()
+            state[f"{module}.lora_B.weight"] = up.contiguous()
+        else:
+            component, rest = module.split(".", 1)
+            prefix = {"unet": "lora_unet", "text_encoder": "lora_te"}[component]
+            if component == "text_encoder" and not rest.startswith("text_model."):
+                rest = "text_model." + rest  # kohya names the CLIP layers as transformers 4 did
+            key = f"{prefix}_{rest.replace('.', '_')}"
+            state[f"{key}.lora_down.weight"] = down.contiguous()
+            state[f"{key}.lora_up.weight"] = up.contiguous()
+            state[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+    return path

@@ -1,7 +1,8 @@
 """The rules every backend and every dialect share, each in one place.
 
 - what a client request becomes when it is accepted (`job_request`): seed drawn, model pinned,
-  input images read once and replaced by their image store keys;
+  LoRA tags taken out of the prompt into one canonical `loras` list, input images read once and
+  replaced by their image store keys;
 - the idempotency fingerprint of a request;
 - the public view of a job;
 - which HTTP status a failed job means to a synchronous client.
@@ -16,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdserve import loras
 from sdserve.images import ImageDecodeError, base64_bytes, decode_image
 from sdserve.schema import GenerationRequest, Job, JobRequest
 
@@ -75,10 +77,15 @@ def read_inputs(request: GenerationRequest, max_pixels: int) -> dict[str, InputI
 def job_request(request: GenerationRequest, *, model: str | None, keys: Mapping[str, str],
                 init_size: tuple[int, int] | None) -> JobRequest:
     """The request as queued: a concrete seed (a re-run after a crash draws the same images), the pinned
-    model, and image store keys in place of the input images."""
-    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model"})
-    return JobRequest(**fields, model=model, init_image=keys.get("init_image"), mask=keys.get("mask"),
-                      init_size=init_size)
+    model, the prompt's `<lora:…>` tags moved into `loras` (merged with the field: one canonical form), and
+    image store keys in place of the input images."""
+    try:
+        prompt, tagged = loras.split_prompt(request.prompt)
+    except loras.LoraTagError as exc:
+        raise RequestRejected(str(exc), "prompt") from None
+    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model", "prompt", "loras"})
+    return JobRequest(**fields, prompt=prompt, loras=loras.canonical([*request.loras, *tagged]), model=model,
+                      init_image=keys.get("init_image"), mask=keys.get("mask"), init_size=init_size)
 
 
 def inline_inputs(requests: Sequence[GenerationRequest],

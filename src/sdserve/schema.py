@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdserve.loras import LoraRef
+
 MAX_SEED = 2**32 - 1
 DEFAULT_SAMPLER = "DPM++ 2M"
 
@@ -32,6 +34,8 @@ class GenerationRequest(BaseModel):
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
     clip_skip: int = Field(1, ge=1, le=12, description="Text encoder layers to skip from the end: A1111's "
                            "CLIP_stop_at_last_layers (1 = the last layer, 2 = the penultimate). SD 1.x/2.x.")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=16, description="LoRAs from models/Lora and "
+                                 "their weights; A1111's <lora:name:weight> tags in the prompt add to these.")
     sampler: str = Field(DEFAULT_SAMPLER, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")
     scheduler: str = Field("automatic", description="A1111 schedule type: automatic, karras, exponential, ...")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 draws a random seed.")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sdserve import catalog, core
+from sdserve import addons, catalog, core, loras
 from sdserve.catalog import ModelCatalog, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
 from sdserve.core import RequestRejected
@@ -90,6 +90,7 @@ class Service:
         self.runner: Runner | None = None
         if role == "api":
             self.models: ModelCatalog = SharedCatalog(self.queue, settings.models, settings.allow_pickle)
+            self.loras = addons.loras(settings.models_dir)  # listing only: the workers load them
         else:
             self._build_runner(settings)
         self._stopped = threading.Event()
@@ -108,6 +109,7 @@ class Service:
             allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models, optimize=settings.optimize,
         )
         self.models = registry
+        self.loras: addons.AddonCatalog = registry.loras
         engine = NoopEngine(registry) if settings.engine == "noop" else Engine(registry)
         self.runner = Runner(
             engine, self.queue, self.images, self.health,
@@ -198,6 +200,10 @@ class Service:
             samplers.resolve(request.sampler, request.scheduler)
         except samplers.UnknownSamplerError as exc:
             raise RequestRejected(str(exc), "sampler") from None
+        try:
+            loras.split_prompt(request.prompt)
+        except loras.LoraTagError as exc:
+            raise RequestRejected(str(exc), "prompt") from None
         if request.model is not None:
             try:
                 self.models.info(request.model)

@@ -347,16 +347,18 @@ async def memory() -> dict[str, Any]:
     return result
 
 
+@router.get("/loras", summary="LoRAs in models/Lora: name, alias, path, metadata (use as <lora:name:weight>)")
+async def loras(service: ServiceDep) -> list[dict[str, Any]]:
+    return [{"name": f.name, "alias": f.alias, "path": str(f.path), "metadata": f.metadata}
+            for f in await asyncio.to_thread(service.loras.list)]
+
+
+@router.post("/refresh-loras", summary="Rescan models/Lora")
+async def refresh_loras(service: ServiceDep) -> None:
+    await asyncio.to_thread(service.loras.refresh)
+
+
 # Lists of features this server does not have: real, empty answers so clients that probe them work.
-@router.get("/loras")
-async def loras() -> list:
-    return []
-
-
-@router.post("/refresh-loras")
-async def refresh_loras() -> None:
-    return None
-
 
 @router.get("/sd-vae")
 async def sd_vae() -> list:

@@ -142,6 +142,14 @@ async def models(service: ServiceDep) -> list[dict[str, Any]]:
     ]
 
 
+@router.get("/loras", summary="LoRAs in models/Lora, for the `loras` field or <lora:name:weight> in a prompt")
+async def lora_list(service: ServiceDep) -> list[dict[str, Any]]:
+    def read() -> list[dict[str, Any]]:
+        return [{"name": f.name, "alias": f.alias, "size_bytes": f.path.stat().st_size} for f in service.loras.list()]
+
+    return await asyncio.to_thread(read)
+
+
 @router.get("/samplers", summary="Samplers (A1111 names) and the schedule types each accepts")
 async def sampler_list() -> dict[str, Any]:
     return {

@@ -26,6 +26,8 @@ from typing import Any
 
 from sdserve.catalog import Arch, Kind, ModelError, ModelInfo, UnknownModelError, find
 from sdserve.engine import demo, quiet_libraries
+from sdserve.engine.adapters import AdapterState
+from sdserve import addons
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class LoadedModel:
     default_height: int
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    adapters: AdapterState = field(default_factory=AdapterState)  # its LoRAs, loaded and active
 
 
 def resolve_device(device: str) -> str:
@@ -96,6 +99,7 @@ class ModelRegistry:
         optimize: list[str] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
+        self.loras = addons.loras(self.models_dir)
         self.data_dir = Path(data_dir)
         self.extra = list(extra or ["demo"])
         self.device = resolve_device(device)

@@ -16,7 +16,8 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 
 from sdserve import __version__
-from sdserve.engine import infotext, prompts, samplers
+from sdserve import loras
+from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, JobRequest
 
@@ -57,6 +58,7 @@ class BatchKey:
     guided: bool
     strength: float
     clip_skip: int
+    loras: tuple[tuple[str, float], ...] = ()  # one set of LoRAs and weights per pass
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -86,7 +88,8 @@ def batch_key(request: JobRequest) -> BatchKey:
         sampler, schedule = request.sampler, request.scheduler  # fails in the engine, alone
     width, height = requested_size(request)
     return BatchKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
-                    request.cfg_scale > 1, effective_strength(request), request.clip_skip)
+                    request.cfg_scale > 1, effective_strength(request), request.clip_skip,
+                    tuple((r.name, r.weight) for r in request.loras))
 
 
 @dataclass
@@ -152,6 +155,10 @@ class Engine:
         key = replace(keys.pop(), model=model.info.name, width=width, height=height)
         pipe = model.pipelines[key.mode]
         pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
+        try:
+            adapters.apply(model.pipelines["txt2img"], model.adapters, requests[0].loras, self.registry.loras)
+        except adapters.LoraError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
         prepared = [self._prepare(r, key, inputs or {}) for r in requests]
         texts: list[str] = []
@@ -270,7 +277,8 @@ class Engine:
             "Mask blur": r.mask_blur if key.mode == "inpaint" else None,
             "Version": f"sdserve {__version__}",
         }
-        return infotext.build(r.prompt, r.negative_prompt, params)
+        prompt = " ".join(filter(None, [r.prompt, loras.tags(r.loras)]))  # as A1111 shows it: tags in the prompt
+        return infotext.build(prompt, r.negative_prompt, params)
 
 
 class PerImageGuidance(float):

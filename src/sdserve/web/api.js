@@ -41,6 +41,7 @@ export const api = {
   ready: () => fetch("/readyz").then(async (r) => ({ ok: r.ok, ...(await r.json().catch(() => ({}))) })),
   models: () => request("GET", "/api/v1/models"),
   samplers: () => request("GET", "/api/v1/samplers"),
+  loras: () => request("GET", "/api/v1/loras"),
   jobs: (limit = 40) => request("GET", `/api/v1/jobs?limit=${limit}`),
   job: (id) => request("GET", `/api/v1/jobs/${id}`),
   submit: (body) => request("POST", "/api/v1/jobs", body),

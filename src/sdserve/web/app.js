@@ -90,7 +90,11 @@ async function pollReady() {
 let samplerInfo = [];
 
 async function loadPickers() {
-  const [models, samplers] = await withAuth(() => Promise.all([api.models(), api.samplers()]));
+  const [models, samplers, loras] = await withAuth(() => Promise.all([api.models(), api.samplers(), api.loras()]));
+  $("lora").replaceChildren(...(loras.length
+    ? loras.map((l) => new Option(l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, l.name))
+    : [new Option("none in models/Lora", "")]));
+  $("lora").disabled = $("lora-add").disabled = !loras.length;
   const modelSelect = $("model");
   modelSelect.replaceChildren(...models.map((m) => {
     const opt = new Option(m.demo ? `${m.name} (coloured shapes, 64×64)` : m.name, m.name);
@@ -369,6 +373,16 @@ async function reuseParameters() {
   $("viewer").close();
   f.prompt.focus();
 }
+
+// A1111's way: a LoRA is a tag in the prompt, which the server takes out and applies.
+$("lora-add").addEventListener("click", () => {
+  const name = $("lora").value;
+  if (!name) return;
+  const weight = Number($("lora-weight").value || 1);
+  const prompt = form.elements.prompt;
+  prompt.value = `${prompt.value.trimEnd()}${prompt.value.trim() ? " " : ""}<lora:${name}:${weight}>`;
+  prompt.focus();
+});
 
 $("viewer-reuse").addEventListener("click", reuseParameters);
 $("viewer-img2img").addEventListener("click", async () => {
