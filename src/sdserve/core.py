@@ -1,8 +1,8 @@
 """The rules every backend and every dialect share, each in one place.
 
 - what a client request becomes when it is accepted (`job_request`): seed drawn, model pinned,
-  LoRA tags taken out of the prompt into one canonical `loras` list, input images read once and
-  replaced by their image store keys;
+  LoRA tags taken out of the prompt into one canonical `loras` list, the VAE named without its
+  file suffix, input images read once and replaced by their image store keys;
 - the idempotency fingerprint of a request;
 - the public view of a job;
 - which HTTP status a failed job means to a synchronous client.
@@ -83,9 +83,10 @@ def job_request(request: GenerationRequest, *, model: str | None, keys: Mapping[
         prompt, tagged = loras.split_prompt(request.prompt)
     except loras.LoraTagError as exc:
         raise RequestRejected(str(exc), "prompt") from None
-    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model", "prompt", "loras"})
-    return JobRequest(**fields, prompt=prompt, loras=loras.canonical([*request.loras, *tagged]), model=model,
-                      init_image=keys.get("init_image"), mask=keys.get("mask"), init_size=init_size)
+    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model", "prompt", "loras", "vae"})
+    vae = request.vae.removesuffix(".safetensors") if request.vae else None  # A1111 names VAEs by file name
+    return JobRequest(**fields, prompt=prompt, loras=loras.canonical([*request.loras, *tagged]), vae=vae,
+                      model=model, init_image=keys.get("init_image"), mask=keys.get("mask"), init_size=init_size)
 
 
 def inline_inputs(requests: Sequence[GenerationRequest],

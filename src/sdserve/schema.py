@@ -36,6 +36,8 @@ class GenerationRequest(BaseModel):
                            "CLIP_stop_at_last_layers (1 = the last layer, 2 = the penultimate). SD 1.x/2.x.")
     loras: list[LoraRef] = Field(default_factory=list, max_length=16, description="LoRAs from models/Lora and "
                                  "their weights; A1111's <lora:name:weight> tags in the prompt add to these.")
+    vae: str | None = Field(None, max_length=200, description="A VAE from models/VAE (its file name); "
+                            "None: the model's own. A1111's sd_vae.")
     sampler: str = Field(DEFAULT_SAMPLER, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")
     scheduler: str = Field("automatic", description="A1111 schedule type: automatic, karras, exponential, ...")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 draws a random seed.")

@@ -91,6 +91,7 @@ class Service:
         if role == "api":
             self.models: ModelCatalog = SharedCatalog(self.queue, settings.models, settings.allow_pickle)
             self.loras = addons.loras(settings.models_dir)  # listing only: the workers load them
+            self.vaes = addons.vaes(settings.models_dir)
         else:
             self._build_runner(settings)
         self._stopped = threading.Event()
@@ -110,6 +111,7 @@ class Service:
         )
         self.models = registry
         self.loras: addons.AddonCatalog = registry.loras
+        self.vaes: addons.AddonCatalog = registry.vaes
         engine = NoopEngine(registry) if settings.engine == "noop" else Engine(registry)
         self.runner = Runner(
             engine, self.queue, self.images, self.health,

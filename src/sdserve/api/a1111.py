@@ -358,13 +358,18 @@ async def refresh_loras(service: ServiceDep) -> None:
     await asyncio.to_thread(service.loras.refresh)
 
 
+@router.get("/sd-vae", summary="VAEs in models/VAE: model_name (use as sd_vae), filename")
+async def sd_vae(service: ServiceDep) -> list[dict[str, Any]]:
+    return [{"model_name": f.path.name if f.path.name != "diffusion_pytorch_model.safetensors" else f.name,
+             "filename": str(f.path)} for f in await asyncio.to_thread(service.vaes.list)]
+
+
+@router.post("/refresh-vae", summary="Rescan models/VAE")
+async def refresh_vae(service: ServiceDep) -> None:
+    await asyncio.to_thread(service.vaes.refresh)
+
+
 # Lists of features this server does not have: real, empty answers so clients that probe them work.
-
-@router.get("/sd-vae")
-async def sd_vae() -> list:
-    return []
-
-
 @router.get("/scripts")
 async def scripts() -> dict[str, list]:
     return {"txt2img": [], "img2img": []}

@@ -1,5 +1,8 @@
-"""LoRAs on a loaded model: loaded once with diffusers' `load_lora_weights` (peft), kept across jobs, and
-switched per batch with `set_adapters`. A batch has one set of LoRAs and weights (it is in the batch key).
+"""Add-ons on a loaded model, chosen per batch (both are in the batch key):
+
+- LoRAs: loaded once with diffusers' `load_lora_weights` (peft), kept across jobs, and switched per batch
+  with `set_adapters`;
+- the VAE: the model's own, or one from models/VAE (A1111's `sd_vae`), loaded once and swapped in.
 
 Costs on the demo model (bench/loras.py): a first load is a file read and peft injection; a switch between
 loaded sets is `set_adapters` alone; both stay off the hot path for a batch that keeps the last batch's set.
@@ -24,8 +27,11 @@ log = logging.getLogger(__name__)
 MAX_LOADED = 16  # adapters kept per model; the least recently used one is unloaded past this
 
 
-class LoraError(ValueError):
-    """A job names a LoRA that is not there or cannot be applied to this model."""
+MAX_VAES = 2  # extra VAEs kept loaded per model
+
+
+class AddonError(ValueError):
+    """A job names a LoRA or VAE that is not there or cannot be used with this model."""
 
 
 @dataclass
@@ -41,6 +47,8 @@ class AdapterState:
     loaded: OrderedDict[str, Loaded] = field(default_factory=OrderedDict)
     active: tuple[tuple[str, float], ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # last load / switch, seconds (for /metrics, bench)
+    default_vae: Any = None  # the model's own VAE
+    vaes: OrderedDict[str, tuple[Any, float]] = field(default_factory=OrderedDict)  # name -> (VAE, file mtime)
 
 
 def _adapter_name(name: str, taken: set[str]) -> str:
@@ -63,7 +71,7 @@ def apply(pipe: Any, state: AdapterState, refs: Sequence[LoraRef], catalog: Addo
         try:
             file = catalog.get(name)
         except KeyError as exc:
-            raise LoraError(exc.args[0]) from None
+            raise AddonError(exc.args[0]) from None
         mtime = file.path.stat().st_mtime
         have = state.loaded.get(name)
         if have is not None and have.mtime == mtime:
@@ -80,7 +88,7 @@ def apply(pipe: Any, state: AdapterState, refs: Sequence[LoraRef], catalog: Addo
                 pipe.load_lora_weights(str(file.path.parent), weight_name=file.path.name, adapter_name=adapter)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             _forget_partial(pipe, adapter)
-            raise LoraError(f"LoRA {name!r} cannot be applied to this model: {' '.join(str(exc).split())[:300]}") from None
+            raise AddonError(f"LoRA {name!r} cannot be applied to this model: {' '.join(str(exc).split())[:300]}") from None
         state.loaded[name] = Loaded(adapter, mtime)
         state.timings["load_s"] = time.perf_counter() - load_started
         log.info("loaded LoRA %s in %.3f s", name, state.timings["load_s"])
@@ -103,3 +111,48 @@ def _forget_partial(pipe: Any, adapter: str) -> None:
         pipe.delete_adapters(adapter)
     except Exception:  # noqa: BLE001 - nothing was injected; there is nothing to undo
         pass
+
+
+def choose_vae(pipe: Any, state: AdapterState, name: str | None, catalog: AddonCatalog) -> None:
+    """Give `pipe` the VAE named `name` from models/VAE, or the model's own for None."""
+    if state.default_vae is None:
+        state.default_vae = pipe.vae
+    if name is None:
+        pipe.vae = state.default_vae
+        return
+    try:
+        file = catalog.get(name)
+    except KeyError as exc:
+        raise AddonError(exc.args[0]) from None
+    mtime = file.path.stat().st_mtime
+    cached = state.vaes.get(file.name)
+    if cached is None or cached[1] != mtime:
+        started = time.perf_counter()
+        state.vaes[file.name] = (load_vae(file.path, state.default_vae), mtime)
+        log.info("loaded VAE %s in %.3f s", file.name, time.perf_counter() - started)
+        while len(state.vaes) > MAX_VAES:
+            state.vaes.popitem(last=False)
+    state.vaes.move_to_end(file.name)
+    pipe.vae = state.vaes[file.name][0]
+
+
+def load_vae(path: Any, base: Any) -> Any:
+    """A VAE file shaped like the model's own: a diffusers folder, or one `.safetensors` with diffusers keys
+    or the original (LDM) keys A1111's VAE files have. It keeps the model's latent scaling factor."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    try:
+        if path.name == "diffusion_pytorch_model.safetensors":
+            vae = AutoencoderKL.from_pretrained(path.parent)
+        else:
+            state = load_file(str(path))
+            if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+                state = convert_ldm_vae_checkpoint(state, dict(base.config))
+            vae = AutoencoderKL.from_config(base.config)
+            vae.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise AddonError(f"VAE {path.name!r} does not fit this model: {' '.join(str(exc).split())[:300]}") from None
+    vae.register_to_config(scaling_factor=base.config.scaling_factor)
+    return vae.to(device=base.device, dtype=base.dtype).eval()

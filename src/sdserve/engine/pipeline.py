@@ -59,6 +59,7 @@ class BatchKey:
     strength: float
     clip_skip: int
     loras: tuple[tuple[str, float], ...] = ()  # one set of LoRAs and weights per pass
+    vae: str | None = None
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -89,7 +90,7 @@ def batch_key(request: JobRequest) -> BatchKey:
     width, height = requested_size(request)
     return BatchKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
                     request.cfg_scale > 1, effective_strength(request), request.clip_skip,
-                    tuple((r.name, r.weight) for r in request.loras))
+                    tuple((r.name, r.weight) for r in request.loras), request.vae)
 
 
 @dataclass
@@ -157,7 +158,8 @@ class Engine:
         pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
         try:
             adapters.apply(model.pipelines["txt2img"], model.adapters, requests[0].loras, self.registry.loras)
-        except adapters.LoraError as exc:
+            adapters.choose_vae(pipe, model.adapters, key.vae, self.registry.vaes)
+        except adapters.AddonError as exc:
             raise InvalidRequestError(str(exc)) from None
 
         prepared = [self._prepare(r, key, inputs or {}) for r in requests]
@@ -274,6 +276,7 @@ class Engine:
             "Model": model.info.name,
             "Denoising strength": r.strength if key.mode != "txt2img" else None,
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+            "VAE": r.vae,
             "Mask blur": r.mask_blur if key.mode == "inpaint" else None,
             "Version": f"sdserve {__version__}",
         }

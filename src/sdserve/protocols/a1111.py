@@ -107,7 +107,8 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "noise", 3: "nothing"}
 # A1111 settings a request honours, from override_settings or else the saved /options.
-HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae")
+MODEL_OWN_VAE = ("Automatic", "None", "")  # A1111's sd_vae values meaning the checkpoint's own VAE
 
 
 def ignored_fields(body: Txt2ImgRequest) -> list[str]:
@@ -162,6 +163,7 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= 12:
         raise TranslationError(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, not {clip_skip!r}",
                                "override_settings.CLIP_stop_at_last_layers", 422)
+    vae = settings.get("sd_vae")
     common: dict[str, Any] = dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -171,6 +173,7 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         steps=body.steps,
         cfg_scale=body.cfg_scale,
         clip_skip=clip_skip,
+        vae=None if vae is None or vae in MODEL_OWN_VAE else str(vae),
         sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
         scheduler=body.scheduler or "automatic",
         n=body.batch_size,
