@@ -1,7 +1,8 @@
 """Add-on files kept next to the models, as A1111 keeps them: `models/Lora`, `models/VAE`,
 `models/embeddings`. One catalog rule for all three: `name.safetensors` anywhere below the folder, or a
 diffusers folder `name/<its weights file>`; found by name (or a LoRA's alias); scanned on first use, on
-refresh, and again when a name is not known yet (so a file copied in is found without a restart).
+refresh, when the folder changes, and when a name is not known yet (so a file copied in is found without a
+restart).
 
 No torch here: the API role lists these without loading anything; the engine loads them.
 """
@@ -21,6 +22,7 @@ class AddonFile:
     name: str
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # tensor name -> shape, from the header
 
     @property
     def alias(self) -> str:
@@ -28,9 +30,10 @@ class AddonFile:
         return str(self.metadata.get("ss_output_name") or self.name)
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """A safetensors file's `__metadata__` (e.g. kohya's training notes), read from its header alone. Values
-    that are JSON objects or lists (tag frequencies, dataset dirs) are decoded, as A1111 shows them."""
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """A safetensors file's `__metadata__` (e.g. kohya's training notes) and its tensors' shapes, read from
+    its header alone. Metadata values that are JSON objects or lists (tag frequencies, dataset dirs) are
+    decoded, as A1111 shows them."""
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > 100_000_000:
@@ -46,7 +49,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
             except ValueError:
                 pass
         out[key] = value
-    return out
+    shapes = {k: list(v.get("shape", [])) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    return out, shapes
 
 
 class AddonCatalog:
@@ -59,9 +63,17 @@ class AddonCatalog:
         self.folder_file = folder_file
         self._lock = threading.Lock()
         self._files: dict[str, AddonFile] | None = None
+        self._scanned_mtime: float | None = None
+
+    def _mtime(self) -> float | None:
+        try:
+            return self.folder.stat().st_mtime
+        except OSError:
+            return None
 
     def refresh(self) -> list[AddonFile]:
         found: dict[str, AddonFile] = {}
+        mtime = self._mtime()
         if self.folder.is_dir():
             for path in sorted(self.folder.rglob("*.safetensors")):
                 if path.name == self.folder_file:
@@ -71,18 +83,22 @@ class AddonCatalog:
                 else:
                     name = path.stem
                 try:
-                    metadata = read_metadata(path)
+                    metadata, shapes = read_header(path)
                 except (OSError, ValueError, struct.error, UnicodeDecodeError):
                     continue  # unreadable: not listed, so a job naming it fails as unknown
-                found.setdefault(name, AddonFile(name, path, metadata))
+                found.setdefault(name, AddonFile(name, path, metadata, shapes))
         with self._lock:
-            self._files = found
+            self._files, self._scanned_mtime = found, mtime
         return list(found.values())
 
     def list(self) -> list[AddonFile]:
+        """The files as last scanned; rescanned first when the folder itself changed (a file added or
+        removed at its top level)."""
         with self._lock:
-            files = self._files
-        return list(files.values()) if files is not None else self.refresh()
+            files, scanned = self._files, self._scanned_mtime
+        if files is None or scanned != self._mtime():
+            return self.refresh()
+        return list(files.values())
 
     def get(self, name: str) -> AddonFile:
         """The file named `name` (or aliased so); rescans once when it is not known yet. KeyError says which

@@ -92,6 +92,7 @@ class Service:
             self.models: ModelCatalog = SharedCatalog(self.queue, settings.models, settings.allow_pickle)
             self.loras = addons.loras(settings.models_dir)  # listing only: the workers load them
             self.vaes = addons.vaes(settings.models_dir)
+            self.embeddings = addons.embeddings(settings.models_dir)
         else:
             self._build_runner(settings)
         self._stopped = threading.Event()
@@ -112,6 +113,7 @@ class Service:
         self.models = registry
         self.loras: addons.AddonCatalog = registry.loras
         self.vaes: addons.AddonCatalog = registry.vaes
+        self.embeddings: addons.AddonCatalog = registry.embeddings
         engine = NoopEngine(registry) if settings.engine == "noop" else Engine(registry)
         self.runner = Runner(
             engine, self.queue, self.images, self.health,

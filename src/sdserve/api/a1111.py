@@ -375,9 +375,25 @@ async def scripts() -> dict[str, list]:
     return {"txt2img": [], "img2img": []}
 
 
-@router.get("/embeddings")
-async def embeddings() -> dict[str, dict]:
-    return {"loaded": {}, "skipped": {}}
+@router.get("/embeddings", summary="Textual-inversion embeddings in models/embeddings (use by name in a prompt)")
+async def embeddings(service: ServiceDep) -> dict[str, dict]:
+    def describe() -> dict[str, dict]:
+        out: dict[str, dict] = {"loaded": {}, "skipped": {}}
+        for f in service.embeddings.list():
+            shapes = [f.shapes[k] for k in ("emb_params", "clip_l") if k in f.shapes] or list(f.shapes.values())
+            shape = shapes[0] if len(shapes) == 1 or "clip_l" in f.shapes else []
+            entry = {"step": f.metadata.get("step"), "sd_checkpoint": f.metadata.get("sd_checkpoint"),
+                     "sd_checkpoint_name": f.metadata.get("sd_checkpoint_name"),
+                     "shape": shape[-1] if shape else None, "vectors": shape[0] if len(shape) == 2 else 1}
+            out["loaded" if shape else "skipped"][f.name] = entry
+        return out
+
+    return await asyncio.to_thread(describe)
+
+
+@router.post("/refresh-embeddings", summary="Rescan models/embeddings")
+async def refresh_embeddings(service: ServiceDep) -> None:
+    await asyncio.to_thread(service.embeddings.refresh)
 
 
 @router.get("/hypernetworks")

@@ -2,7 +2,9 @@
 
 - LoRAs: loaded once with diffusers' `load_lora_weights` (peft), kept across jobs, and switched per batch
   with `set_adapters`;
-- the VAE: the model's own, or one from models/VAE (A1111's `sd_vae`), loaded once and swapped in.
+- the VAE: the model's own, or one from models/VAE (A1111's `sd_vae`), loaded once and swapped in;
+- textual-inversion embeddings: every file in models/embeddings that fits the model, added to its
+  tokenizer and text encoder once (diffusers' `load_textual_inversion`); a prompt uses one by its name.
 
 Costs on the demo model (bench/loras.py): a first load is a file read and peft injection; a switch between
 loaded sets is `set_adapters` alone; both stay off the hot path for a batch that keeps the last batch's set.
@@ -47,6 +49,8 @@ class AdapterState:
     loaded: OrderedDict[str, Loaded] = field(default_factory=OrderedDict)
     active: tuple[tuple[str, float], ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # last load / switch, seconds (for /metrics, bench)
+    embeddings: dict[str, float] = field(default_factory=dict)  # name -> file mtime, of those loaded
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it does not fit this model
     default_vae: Any = None  # the model's own VAE
     vaes: OrderedDict[str, tuple[Any, float]] = field(default_factory=OrderedDict)  # name -> (VAE, file mtime)
 
@@ -156,3 +160,56 @@ def load_vae(path: Any, base: Any) -> Any:
         raise AddonError(f"VAE {path.name!r} does not fit this model: {' '.join(str(exc).split())[:300]}") from None
     vae.register_to_config(scaling_factor=base.config.scaling_factor)
     return vae.to(device=base.device, dtype=base.dtype).eval()
+
+
+def load_embeddings(pipe: Any, state: AdapterState, catalog: AddonCatalog) -> None:
+    """Add each embedding file not loaded yet to the tokenizer and text encoder(s). A1111's files (one tensor,
+    `emb_params`, of n vectors), diffusers' (`{token: vectors}`) and SDXL's (`clip_l` and `clip_g`) are read;
+    a file whose width does not match this model's encoder is skipped, as A1111 skips it."""
+    from safetensors.torch import load_file
+
+    for file in catalog.list():
+        mtime = file.path.stat().st_mtime
+        if state.embeddings.get(file.name) == mtime or file.name in state.skipped:
+            continue
+        if file.name in state.embeddings:  # changed on disk: the tokens exist already; keep the first load
+            continue
+        try:
+            tensors = load_file(str(file.path))
+        except (OSError, ValueError, RuntimeError) as exc:
+            state.skipped[file.name] = f"unreadable: {exc}"
+            continue
+        pairs = _embedding_targets(pipe, tensors)
+        if isinstance(pairs, str):
+            state.skipped[file.name] = pairs
+            log.warning("embedding %s skipped: %s", file.name, pairs)
+            continue
+        for vectors, tokenizer, encoder in pairs:
+            pipe.load_textual_inversion(vectors, token=file.name, tokenizer=tokenizer, text_encoder=encoder)
+        state.embeddings[file.name] = mtime
+        log.info("loaded embedding %s", file.name)
+
+
+def _embedding_targets(pipe: Any, tensors: dict[str, Any]) -> list[tuple[Any, Any, Any]] | str:
+    """(vectors, tokenizer, text encoder) for each encoder the file has vectors for, or why it does not fit."""
+    encoders = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if "clip_l" in tensors and "clip_g" in tensors:
+        if len(encoders) < 2:
+            return "an SDXL embedding (clip_l and clip_g) for a model with one text encoder"
+        chosen = [tensors["clip_l"], tensors["clip_g"]]
+    elif len(tensors) == 1 or "emb_params" in tensors:
+        chosen = [tensors.get("emb_params", next(iter(tensors.values())))]
+        if len(encoders) > 1:
+            return "an SD 1.x/2.x embedding (one encoder's vectors) for an SDXL model"
+    else:
+        return f"not an embedding: tensors {', '.join(sorted(tensors))[:100]}"
+    out = []
+    for vectors, (tokenizer, encoder) in zip(chosen, encoders):
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            return f"{vectors.shape[1]}-wide vectors for a {width}-wide text encoder"
+        out.append((vectors.to(encoder.dtype), tokenizer, encoder))
+    return out

@@ -101,6 +101,7 @@ class ModelRegistry:
         self.models_dir = Path(models_dir)
         self.loras = addons.loras(self.models_dir)
         self.vaes = addons.vaes(self.models_dir)
+        self.embeddings = addons.embeddings(self.models_dir)
         self.data_dir = Path(data_dir)
         self.extra = list(extra or ["demo"])
         self.device = resolve_device(device)

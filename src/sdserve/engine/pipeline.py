@@ -159,6 +159,7 @@ class Engine:
         try:
             adapters.apply(model.pipelines["txt2img"], model.adapters, requests[0].loras, self.registry.loras)
             adapters.choose_vae(pipe, model.adapters, key.vae, self.registry.vaes)
+            adapters.load_embeddings(pipe, model.adapters, self.registry.embeddings)
         except adapters.AddonError as exc:
             raise InvalidRequestError(str(exc)) from None
 

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,11 +130,14 @@ def chunk(runs: Sequence[tuple[str, float]], tokenize, comma: int | None, start:
 
 
 class PromptEncoder:
-    """Encodes prompts for one CLIP text encoder and its tokenizer, A1111's way (see the module doc)."""
+    """Encodes prompts for one CLIP text encoder and its tokenizer, A1111's way (see the module doc).
+    `expand` rewrites a text before tokenizing: diffusers' `maybe_convert_prompt`, which spells a
+    multi-vector textual-inversion token as its n tokens."""
 
-    def __init__(self, tokenizer, text_encoder) -> None:
+    def __init__(self, tokenizer, text_encoder, expand: Callable[[str], str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.expand = expand
         comma = tokenizer.convert_tokens_to_ids(",</w>")
         self.comma = None if comma == tokenizer.unk_token_id else comma
         self.start, self.end = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -142,6 +145,8 @@ class PromptEncoder:
         self.pad = pad if pad is not None else self.end
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        if self.expand is not None:
+            texts = [self.expand(t) for t in texts]
         return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
 
     def chunks(self, prompt: str) -> list[Chunk]:
@@ -210,13 +215,18 @@ def conditioning(pipe, prompts: Sequence[str], negatives: Sequence[str], clip_sk
 
     texts = [*prompts, *negatives]
     n = len(prompts)
+
+    def encoder(tokenizer, text_encoder) -> PromptEncoder:
+        convert = getattr(pipe, "maybe_convert_prompt", None)
+        return PromptEncoder(tokenizer, text_encoder, (lambda t: convert(t, tokenizer)) if convert else None)
+
     if getattr(pipe, "text_encoder_2", None) is None:
-        z, _ = PromptEncoder(pipe.tokenizer, pipe.text_encoder).encode(texts, clip_skip)
+        z, _ = encoder(pipe.tokenizer, pipe.text_encoder).encode(texts, clip_skip)
         return {"prompt_embeds": z[:n], "negative_prompt_embeds": z[n:]}
     parts, pooled = [], None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        if encoder is not None:
-            z, pooled = PromptEncoder(tokenizer, encoder).encode(texts, layer=-2, final_norm=False)
+    for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        if text_encoder is not None:
+            z, pooled = encoder(tokenizer, text_encoder).encode(texts, layer=-2, final_norm=False)
             parts.append(z)
     z = torch.cat(parts, dim=-1)
     if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
