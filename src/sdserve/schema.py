@@ -20,6 +20,46 @@ def random_seed() -> int:
     return random.randrange(4294967294)
 
 
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                    "Latent (nearest)", "Latent (nearest-exact)")
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+Upscaler = Literal[LATENT_UPSCALERS + PIXEL_UPSCALERS]  # type: ignore[valid-type]
+
+
+class Hires(BaseModel):
+    """A1111's hires fix: the picture is made at the request's size, upscaled (its latent, or its pixels),
+    and denoised again at the larger size, in one job of two passes."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    scale: float = Field(2.0, ge=1.0, le=4.0, description="Upscale factor (when width and height are not given).")
+    width: int | None = Field(None, ge=64, le=2048, description="Target width (A1111 hr_resize_x); 0/None: by scale.")
+    height: int | None = Field(None, ge=64, le=2048, description="Target height (hr_resize_y).")
+    upscaler: Upscaler = Field("Latent", description="Latent variants upscale the latent; None, Lanczos and "
+                               "Nearest the decoded pixels.")
+    steps: int = Field(0, ge=0, le=150, description="Second-pass steps; 0: the first pass's.")
+    strength: float = Field(0.7, ge=0.0, le=1.0, description="Second-pass denoising strength.")
+    prompt: str = Field("", max_length=4000, description="Second-pass prompt; empty: the first pass's.")
+    negative_prompt: str = Field("", max_length=4000, description="Second-pass negative prompt; empty: the first's.")
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size for a first pass of width x height, as A1111 sizes it (multiples of 8):
+        by scale; or one side given and the other kept in proportion; or both given (stretched to them)."""
+        if not self.width and not self.height:
+            w, h = width * self.scale, height * self.scale
+        elif not self.height:
+            w, h = self.width, self.width * height / width
+        elif not self.width:
+            w, h = self.height * width / height, self.height
+        else:
+            return self.width - self.width % 8, self.height - self.height % 8
+        return int(w) - int(w) % 8, int(h) - int(h) % 8
+
+    @property
+    def latent(self) -> bool:
+        return self.upscaler in LATENT_UPSCALERS
+
+
 class GenerationRequest(BaseModel):
     """One client request: `n` images sharing prompt and settings (image i uses seed + i)."""
 
@@ -52,6 +92,7 @@ class GenerationRequest(BaseModel):
     resize_mode: Literal["resize", "crop"] = Field(
         "resize", description="Fit the init image to width x height by stretching, or by cropping to the aspect.")
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
+    hires: Hires | None = Field(None, description="A1111's hires fix: a second pass at a larger size (txt2img).")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     timeout_s: float | None = Field(None, ge=1, le=86400, description="Seconds the job may take, waiting and running.")
 
@@ -59,6 +100,8 @@ class GenerationRequest(BaseModel):
     def _mask_needs_image(self) -> GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise ValueError("mask needs an init_image to paint into")
+        if self.hires is not None and self.init_image is not None:
+            raise ValueError("hires is for txt2img; for a larger img2img, ask for the larger size")
         return self
 
     @property

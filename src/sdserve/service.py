@@ -198,6 +198,13 @@ class Service:
                 raise RequestRejected(f"{field} {value} is over this server's limit of {limits.max_size}", field)
         if request.steps > limits.max_steps:
             raise RequestRejected(f"steps {request.steps} is over this server's limit of {limits.max_steps}", "steps")
+        if request.hires is not None:
+            hires = request.hires
+            size = (hires.target(request.width, request.height) if request.width and request.height
+                    else (hires.width or 0, hires.height or 0))
+            if max(size) > limits.max_size:
+                raise RequestRejected(f"hires size {size[0]}x{size[1]} is over this server's limit of "
+                                      f"{limits.max_size}", "hires")
         if request.n > limits.max_images:
             raise RequestRejected(f"n {request.n} is over this server's limit of {limits.max_images} images", "n")
         try:

@@ -32,7 +32,7 @@ from sdserve.engine import samplers
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound
 from sdserve.protocols import a1111 as proto
-from sdserve.schema import ImageRef, Job, JobStatus
+from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS, ImageRef, Job, JobStatus
 from sdserve.service import A1111_OPTIONS, Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -294,16 +294,15 @@ async def scheduler_list() -> list[dict[str, Any]]:
              "default_rho": rho.get(s.name, -1), "need_inner_model": False} for s in samplers.SCHEDULES]
 
 
-@router.get("/upscalers")
+@router.get("/upscalers", summary="Pixel upscalers for hires fix (plain resamplers: no upscaler models)")
 async def upscalers() -> list[dict[str, Any]]:
-    # Only the plain resamplers: no upscaler models are loaded (hires fix is not supported yet).
     return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for n in ("None", "Lanczos", "Nearest")]
+            for n in PIXEL_UPSCALERS]
 
 
-@router.get("/latent-upscale-modes")
+@router.get("/latent-upscale-modes", summary="Latent upscalers for hires fix")
 async def latent_upscale_modes() -> list[dict[str, str]]:
-    return []
+    return [{"name": n} for n in LATENT_UPSCALERS]
 
 
 class PngInfoRequest(BaseModel):

@@ -15,11 +15,10 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from sdserve import __version__
-from sdserve import loras
+from sdserve import __version__, loras
 from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
-from sdserve.schema import GenerationRequest, JobRequest
+from sdserve.schema import GenerationRequest, Hires, JobRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,7 @@ class BatchKey:
     clip_skip: int
     loras: tuple[tuple[str, float], ...] = ()  # one set of LoRAs and weights per pass
     vae: str | None = None
+    hires: tuple | None = None  # the hires fix's settings but its prompts (those are per image)
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -90,7 +90,10 @@ def batch_key(request: JobRequest) -> BatchKey:
     width, height = requested_size(request)
     return BatchKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
                     request.cfg_scale > 1, effective_strength(request), request.clip_skip,
-                    tuple((r.name, r.weight) for r in request.loras), request.vae)
+                    tuple((r.name, r.weight) for r in request.loras), request.vae,
+                    None if request.hires is None else (request.hires.scale, request.hires.width, request.hires.height,
+                                                        request.hires.upscaler, request.hires.steps,
+                                                        request.hires.strength))
 
 
 @dataclass
@@ -143,7 +146,6 @@ class Engine:
 
         `inputs` holds the decoded input images by the keys in each request's `init_image` and `mask`.
         """
-        import torch
 
         if not requests:
             return []
@@ -164,53 +166,38 @@ class Engine:
             raise InvalidRequestError(str(exc)) from None
 
         prepared = [self._prepare(r, key, inputs or {}) for r in requests]
+        hires = requests[0].hires
         texts: list[str] = []
         negatives: list[str] = []
         scales: list[float] = []
-        generators: list[Any] = []
+        seeds: list[int] = []
         images: list[Image.Image] = []
         masks: list[Image.Image] = []
-        gen_device = "cpu" if model.device == "mps" else model.device
         for p in prepared:
             for i in range(p.request.n):
                 texts.append(p.request.prompt)
                 negatives.append(p.request.negative_prompt)
                 scales.append(p.request.cfg_scale)
-                generators.append(torch.Generator(device=gen_device).manual_seed(p.seed + i))
+                seeds.append(p.seed + i)
                 if p.start_image is not None:
                     images.append(p.start_image)
                 if p.mask is not None:
                     masks.append(p.mask)
 
-        with torch.inference_mode():
-            text_inputs = prompts.conditioning(pipe, texts, negatives, key.clip_skip)
-        kwargs: dict[str, Any] = {
-            **text_inputs,
-            "num_inference_steps": key.steps,
-            "guidance_scale": PerImageGuidance(scales),
-            "generator": generators,
-            "num_images_per_prompt": 1,
-            "output_type": "np",  # floats: converted to PIL here, so the exact values stay inspectable
-        }
+        extra: dict[str, Any] = {}
         if key.mode == "txt2img":
-            kwargs.update(width=key.width, height=key.height)
+            extra.update(width=key.width, height=key.height)
         else:
             # At least one denoising step, or diffusers refuses the run.
-            kwargs.update(image=images, strength=max(key.strength, 1.0 / key.steps))
+            extra.update(image=images, strength=max(key.strength, 1.0 / key.steps))
         if key.mode == "inpaint":
-            kwargs.update(mask_image=masks, width=key.width, height=key.height)
-        if on_step is not None:
-
-            def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                on_step(step + 1, pipeline.num_timesteps)
-                return tensors
-
-            kwargs["callback_on_step_end"] = callback
-
-        if model.device == "cpu":
-            self._set_cpu_threads(key, len(texts), getattr(pipe, "vae_scale_factor", 8))
-        with torch.inference_mode():
-            output = pipe(**kwargs).images
+            extra.update(mask_image=masks, width=key.width, height=key.height)
+        if hires is None:
+            output = self._denoise(model, pipe, key.steps, key.clip_skip, texts, negatives, scales, seeds, extra,
+                                   (key.width, key.height), on_step)
+        else:
+            output = self._hires_fix(model, pipe, key, resolved, hires, texts, negatives, scales, seeds, extra,
+                                     prepared, on_step)
 
         results: list[list[GeneratedImage]] = []
         row = 0
@@ -227,12 +214,83 @@ class Engine:
             results.append(own)
         return results
 
-    def _set_cpu_threads(self, key: BatchKey, images: int, vae_scale: int) -> None:
+    def _denoise(
+        self, model: LoadedModel, pipe: Any, steps: int, clip_skip: int, texts: list[str], negatives: list[str],
+        scales: list[float], seeds: list[int], extra: dict[str, Any], size: tuple[int, int],
+        on_step: StepCallback | None, output_type: str = "np", progress: tuple[int, int | None] = (0, None),
+    ) -> Any:
+        """One pipeline call over the batch's rows. `progress`: steps done before this pass and the job's
+        total (None: this pass's own count), so a two-pass job reports one progress across both."""
+        import torch
+
+        gen_device = "cpu" if model.device == "mps" else model.device
+        with torch.inference_mode():
+            text_inputs = prompts.conditioning(pipe, texts, negatives, clip_skip)
+        kwargs: dict[str, Any] = {
+            **text_inputs,
+            **extra,
+            "num_inference_steps": steps,
+            "guidance_scale": PerImageGuidance(scales),
+            "generator": [torch.Generator(device=gen_device).manual_seed(seed) for seed in seeds],
+            "num_images_per_prompt": 1,
+            "output_type": output_type,  # np floats: converted to PIL by run, so exact values stay inspectable
+        }
+        if on_step is not None:
+            before, total = progress
+
+            def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(before + step + 1, total or pipeline.num_timesteps)
+                return tensors
+
+            kwargs["callback_on_step_end"] = callback
+        if model.device == "cpu":
+            self._set_cpu_threads(size, len(texts), getattr(pipe, "vae_scale_factor", 8))
+        with torch.inference_mode():
+            return pipe(**kwargs).images
+
+    def _hires_fix(
+        self, model: LoadedModel, pipe: Any, key: BatchKey, resolved: samplers.ResolvedSampler, hires: Hires,
+        texts: list[str], negatives: list[str], scales: list[float], seeds: list[int], extra: dict[str, Any],
+        prepared: list[_Prepared], on_step: StepCallback | None,
+    ) -> Any:
+        """A1111's hires fix: the first pass at the request's size, its latent (or decoded pixels) upscaled,
+        then img2img at the larger size with the hires prompts and strength; progress runs across both."""
+        import torch
+
+        width, height = hires.target(key.width, key.height)
+        if max(width, height) > 2048:
+            raise InvalidRequestError(f"hires size {width}x{height} is over 2048")
+        second_steps = hires.steps or key.steps
+        strength = max(hires.strength, 1.0 / second_steps)
+        total = key.steps + min(int(second_steps * strength), second_steps)
+        first = self._denoise(model, pipe, key.steps, key.clip_skip, texts, negatives, scales, seeds, extra,
+                              (key.width, key.height), on_step, "latent" if hires.latent else "np", (0, total))
+        if hires.latent:
+            mode, antialias = LATENT_MODES[hires.upscaler]
+            scale = getattr(pipe, "vae_scale_factor", 8)
+            with torch.inference_mode():
+                image: Any = torch.nn.functional.interpolate(first, size=(height // scale, width // scale), mode=mode,
+                                                             antialias=antialias)
+        else:
+            resample = Image.NEAREST if hires.upscaler == "Nearest" else Image.LANCZOS
+            image = [Image.fromarray((px * 255).round().clip(0, 255).astype("uint8")).resize((width, height), resample)
+                     for px in first]
+        second = model.pipelines["img2img"]
+        second.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
+        adapters.choose_vae(second, model.adapters, key.vae, self.registry.vaes)
+        rows = [p.request for p in prepared for _ in range(p.request.n)]
+        hr_texts = [r.hires.prompt or t for r, t in zip(rows, texts)]
+        hr_negatives = [r.hires.negative_prompt or n for r, n in zip(rows, negatives)]
+        return self._denoise(model, second, second_steps, key.clip_skip, hr_texts, hr_negatives, scales, seeds,
+                             {"image": image, "strength": strength}, (width, height), on_step, "np",
+                             (key.steps, total))
+
+    def _set_cpu_threads(self, size: tuple[int, int], images: int, vae_scale: int) -> None:
         import torch
 
         if self._cpu_threads is None:
             self._cpu_threads = torch.get_num_threads()  # what the process was given (OMP_NUM_THREADS or cores)
-        work = (key.width // vae_scale) * (key.height // vae_scale) * images
+        work = (size[0] // vae_scale) * (size[1] // vae_scale) * images
         wanted = 1 if work < CPU_PARALLEL_MIN_WORK else self._cpu_threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
@@ -278,11 +336,18 @@ class Engine:
             "Denoising strength": r.strength if key.mode != "txt2img" else None,
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
             "VAE": r.vae,
+            **_hires_infotext(r),
             "Mask blur": r.mask_blur if key.mode == "inpaint" else None,
             "Version": f"sdserve {__version__}",
         }
         prompt = " ".join(filter(None, [r.prompt, loras.tags(r.loras)]))  # as A1111 shows it: tags in the prompt
         return infotext.build(prompt, r.negative_prompt, params)
+
+
+# A1111's latent upscalers -> torch interpolation mode and antialiasing.
+LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
 
 
 class PerImageGuidance(float):
@@ -307,6 +372,22 @@ class PerImageGuidance(float):
         return other * rows.view(-1, *([1] * (other.ndim - 1)))
 
     __rmul__ = __mul__
+
+
+def _hires_infotext(r: JobRequest) -> dict[str, Any]:
+    """A1111's infotext keys for a hires fix, so png-info and "Reuse parameters" read it back."""
+    h = r.hires
+    if h is None:
+        return {}
+    return {
+        "Denoising strength": h.strength,
+        "Hires prompt": h.prompt or None,
+        "Hires negative prompt": h.negative_prompt or None,
+        "Hires upscale": h.scale if not (h.width or h.height) else None,
+        "Hires resize": f"{h.width or 0}x{h.height or 0}" if (h.width or h.height) else None,
+        "Hires steps": h.steps or None,
+        "Hires upscaler": h.upscaler,
+    }
 
 
 def _binary_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool = False) -> Image.Image:

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve import __version__
-from sdserve.schema import GenerationRequest, random_seed
+from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationRequest, random_seed
 
 DEFAULT_SAMPLER = "Euler"  # `sampler_name or sampler_index`, and sampler_index defaults to "Euler"
 MAX_IMAGES_PER_CALL = 64  # batch_size x n_iter
@@ -119,7 +119,10 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         if active:
             ignored.append(name)
 
-    note("enable_hr", body.enable_hr)
+    if body.enable_hr and not isinstance(body, Img2ImgRequest):
+        note("hr_sampler_name", body.hr_sampler_name not in (None, "", body.sampler_name, body.sampler_index))
+        note("hr_scheduler", body.hr_scheduler not in (None, "", body.scheduler))
+        note("hr_checkpoint_name", body.hr_checkpoint_name not in (None, "", "Use same checkpoint"))
     note("restore_faces", bool(body.restore_faces))
     note("tiling", bool(body.tiling))
     note("styles", bool(body.styles))
@@ -164,6 +167,16 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         raise TranslationError(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, not {clip_skip!r}",
                                "override_settings.CLIP_stop_at_last_layers", 422)
     vae = settings.get("sd_vae")
+    hires = None
+    if body.enable_hr and not isinstance(body, Img2ImgRequest):
+        upscaler = body.hr_upscaler or "Latent"
+        if upscaler not in LATENT_UPSCALERS + PIXEL_UPSCALERS:
+            raise TranslationError(f"hr_upscaler {upscaler!r} is not available here; use one of "
+                                   f"{', '.join(LATENT_UPSCALERS + PIXEL_UPSCALERS)}", "hr_upscaler", 422)
+        hires = dict(scale=body.hr_scale, width=body.hr_resize_x or None, height=body.hr_resize_y or None,
+                     upscaler=upscaler, steps=body.hr_second_pass_steps,
+                     strength=0.7 if body.denoising_strength is None else body.denoising_strength,
+                     prompt=body.hr_prompt, negative_prompt=body.hr_negative_prompt)
     common: dict[str, Any] = dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -174,6 +187,7 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         cfg_scale=body.cfg_scale,
         clip_skip=clip_skip,
         vae=None if vae is None or vae in MODEL_OWN_VAE else str(vae),
+        hires=hires,
         sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
         scheduler=body.scheduler or "automatic",
         n=body.batch_size,
