@@ -229,3 +229,23 @@ def save_lora(factors, path: Path, fmt: str, metadata: dict[str, str] | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)
     return path
+
+
+# ----- ControlNets ---------------------------------------------------------------------------------
+def save_controlnet(pipe, path: Path, seed: int = 3) -> Path:
+    """A ControlNet for the tiny model, made as its paper makes one (`ControlNetModel.from_unet`: a copy of the
+    UNet's encoder), then given small random weights where training would have grown its zero convolutions,
+    so the control map actually steers. Saved as a diffusers folder."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    g = torch.Generator().manual_seed(seed)
+    embedding = net.controlnet_cond_embedding
+    zero = [embedding.conv_out, net.controlnet_mid_block, *net.controlnet_down_blocks]
+    with torch.no_grad():
+        for conv in zero:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        for conv in [embedding.conv_in, *embedding.blocks]:  # a trained map encoder responds to the map's content
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+    net.save_pretrained(path, safe_serialization=True)
+    return path

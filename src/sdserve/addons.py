@@ -1,5 +1,5 @@
 """Add-on files kept next to the models, as A1111 keeps them: `models/Lora`, `models/VAE`,
-`models/embeddings`. One catalog rule for all three: `name.safetensors` anywhere below the folder, or a
+`models/embeddings`, `models/ControlNet`. One catalog rule for all three: `name.safetensors` anywhere below the folder, or a
 diffusers folder `name/<its weights file>`; found by name (or a LoRA's alias); scanned on first use, on
 refresh, when the folder changes, and when a name is not known yet (so a file copied in is found without a
 restart).
@@ -129,3 +129,7 @@ def vaes(models_dir: Path) -> AddonCatalog:
 
 def embeddings(models_dir: Path) -> AddonCatalog:
     return AddonCatalog(Path(models_dir) / "embeddings", "embedding", "learned_embeds.safetensors")
+
+
+def controlnets(models_dir: Path) -> AddonCatalog:
+    return AddonCatalog(Path(models_dir) / "ControlNet", "ControlNet", "diffusion_pytorch_model.safetensors")

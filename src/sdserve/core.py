@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdserve import controlnet as control
 from sdserve import loras
 from sdserve.images import ImageDecodeError, base64_bytes, decode_image
 from sdserve.schema import GenerationRequest, Job, JobRequest
@@ -60,12 +61,10 @@ class InputImage:
 
 
 def read_inputs(request: GenerationRequest, max_pixels: int) -> dict[str, InputImage]:
-    """Decode each input image once, checking it is a readable image within the pixel bound."""
+    """Decode each input image once (init image, mask, ControlNet images), checking it is a readable image
+    within the pixel bound. Keyed by where it sits in the request (`GenerationRequest.input_images`)."""
     inputs = {}
-    for field in INPUT_FIELDS:
-        data = getattr(request, field)
-        if data is None:
-            continue
+    for field, data in request.input_images().items():
         try:
             raw = base64_bytes(data)
             inputs[field] = InputImage(raw, decode_image(raw, max_pixels=max_pixels))
@@ -83,10 +82,14 @@ def job_request(request: GenerationRequest, *, model: str | None, keys: Mapping[
         prompt, tagged = loras.split_prompt(request.prompt)
     except loras.LoraTagError as exc:
         raise RequestRejected(str(exc), "prompt") from None
-    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model", "prompt", "loras", "vae"})
+    fields = request.with_seed().model_dump(exclude=set(INPUT_FIELDS) | {"model", "prompt", "loras", "vae",
+                                                                       "controlnet"})
     vae = request.vae.removesuffix(".safetensors") if request.vae else None  # A1111 names VAEs by file name
+    controlnet = [unit.model_copy(update={"image": keys[f"controlnet.{i}"], "model": control.model_name(unit.model)})
+                  for i, unit in enumerate(request.controlnet)]
     return JobRequest(**fields, prompt=prompt, loras=loras.canonical([*request.loras, *tagged]), vae=vae,
-                      model=model, init_image=keys.get("init_image"), mask=keys.get("mask"), init_size=init_size)
+                      controlnet=controlnet, model=model, init_image=keys.get("init_image"), mask=keys.get("mask"),
+                      init_size=init_size)
 
 
 def inline_inputs(requests: Sequence[GenerationRequest],

@@ -60,6 +60,42 @@ class Hires(BaseModel):
         return self.upscaler in LATENT_UPSCALERS
 
 
+CONTROL_MODULES = ("none", "canny", "invert")
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_RESIZE = ("Just Resize", "Crop and Resize", "Resize and Fill")
+
+
+class ControlUnit(BaseModel):
+    """One ControlNet unit, in the sd-webui-controlnet extension's terms: a control image, the preprocessor
+    (`module`) that turns it into the control map, the ControlNet model that reads the map, and how strongly
+    and over which part of the steps it steers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    image: str = Field(..., description="The control image (base64 or data URL); in a queued job, its image store key.")
+    module: Literal[CONTROL_MODULES] = Field("none", description="Preprocessor: none (the image is the map), "  # type: ignore[valid-type]
+                                             "canny (edges), invert (white background, black lines).")
+    model: str = Field(..., min_length=1, max_length=200, description="A ControlNet in models/ControlNet.")
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps before it starts.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which it stops.")
+    control_mode: Literal[CONTROL_MODES] = "Balanced"  # type: ignore[valid-type]
+    resize_mode: Literal[CONTROL_RESIZE] = "Crop and Resize"  # type: ignore[valid-type]
+    processor_res: int = Field(512, ge=64, le=2048, description="The preprocessor's working resolution (short side).")
+    threshold_a: float = Field(100.0, ge=0.0, le=255.0, description="canny: the low threshold.")
+    threshold_b: float = Field(200.0, ge=0.0, le=255.0, description="canny: the high threshold.")
+
+    @model_validator(mode="after")
+    def _range(self) -> ControlUnit:
+        if self.guidance_end < self.guidance_start:
+            raise ValueError("guidance_end must not be before guidance_start")
+        return self
+
+    def settings(self) -> tuple:
+        """Everything but the image: what a batch shares (the image is per job)."""
+        return tuple(v for k, v in self.model_dump().items() if k != "image")
+
+
 class GenerationRequest(BaseModel):
     """One client request: `n` images sharing prompt and settings (image i uses seed + i)."""
 
@@ -93,6 +129,7 @@ class GenerationRequest(BaseModel):
         "resize", description="Fit the init image to width x height by stretching, or by cropping to the aspect.")
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
     hires: Hires | None = Field(None, description="A1111's hires fix: a second pass at a larger size (txt2img).")
+    controlnet: list[ControlUnit] = Field(default_factory=list, max_length=3, description="ControlNet units.")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     timeout_s: float | None = Field(None, ge=1, le=86400, description="Seconds the job may take, waiting and running.")
 
@@ -103,6 +140,12 @@ class GenerationRequest(BaseModel):
         if self.hires is not None and self.init_image is not None:
             raise ValueError("hires is for txt2img; for a larger img2img, ask for the larger size")
         return self
+
+    def input_images(self) -> dict[str, str]:
+        """The request's input images by where they sit: `init_image`, `mask`, `controlnet.<i>`."""
+        found = {f: getattr(self, f) for f in ("init_image", "mask") if getattr(self, f) is not None}
+        found.update({f"controlnet.{i}": unit.image for i, unit in enumerate(self.controlnet)})
+        return found
 
     @property
     def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:

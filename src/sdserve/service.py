@@ -93,6 +93,7 @@ class Service:
             self.loras = addons.loras(settings.models_dir)  # listing only: the workers load them
             self.vaes = addons.vaes(settings.models_dir)
             self.embeddings = addons.embeddings(settings.models_dir)
+            self.controlnets = addons.controlnets(settings.models_dir)
         else:
             self._build_runner(settings)
         self._stopped = threading.Event()
@@ -114,6 +115,7 @@ class Service:
         self.loras: addons.AddonCatalog = registry.loras
         self.vaes: addons.AddonCatalog = registry.vaes
         self.embeddings: addons.AddonCatalog = registry.embeddings
+        self.controlnets: addons.AddonCatalog = registry.controlnets
         engine = NoopEngine(registry) if settings.engine == "noop" else Engine(registry)
         self.runner = Runner(
             engine, self.queue, self.images, self.health,

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from sdserve import __version__
-from sdserve.api import a1111, errors, inference_v2, native, openai, ops, sagemaker, simple, tfserving
+from sdserve.api import a1111, controlnet, errors, inference_v2, native, openai, ops, sagemaker, simple, tfserving
 from sdserve.api.metrics import Metrics
 from sdserve.api.middleware import (
     BodyLimitMiddleware,
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.state.a1111 = a1111.A1111State(service)
     errors.install(app)
     errors.document(app)
-    for module in (ops, native, a1111, openai, tfserving, inference_v2, sagemaker, simple):
+    for module in (ops, native, a1111, controlnet, openai, tfserving, inference_v2, sagemaker, simple):
         app.include_router(module.router)
     # The web UI: static files from the package, no build step, no CDN.
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")

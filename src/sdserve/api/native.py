@@ -15,7 +15,7 @@ from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status, public_job
 from sdserve.engine import samplers
 from sdserve.images import media_type
-from sdserve.schema import GenerationRequest, Job, JobStatus
+from sdserve.schema import CONTROL_MODULES, GenerationRequest, Job, JobStatus
 from sdserve.storage import valid_key
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
@@ -148,6 +148,12 @@ async def lora_list(service: ServiceDep) -> list[dict[str, Any]]:
         return [{"name": f.name, "alias": f.alias, "size_bytes": f.path.stat().st_size} for f in service.loras.list()]
 
     return await asyncio.to_thread(read)
+
+
+@router.get("/controlnets", summary="ControlNets in models/ControlNet and the preprocessors (modules)")
+async def controlnet_list(service: ServiceDep) -> dict[str, Any]:
+    files = await asyncio.to_thread(service.controlnets.list)
+    return {"models": [f.name for f in files], "modules": list(CONTROL_MODULES)}
 
 
 @router.get("/samplers", summary="Samplers (A1111 names) and the schedule types each accepts")

@@ -4,7 +4,9 @@
   with `set_adapters`;
 - the VAE: the model's own, or one from models/VAE (A1111's `sd_vae`), loaded once and swapped in;
 - textual-inversion embeddings: every file in models/embeddings that fits the model, added to its
-  tokenizer and text encoder once (diffusers' `load_textual_inversion`); a prompt uses one by its name.
+  tokenizer and text encoder once (diffusers' `load_textual_inversion`); a prompt uses one by its name;
+- ControlNets from models/ControlNet: loaded once, and a ControlNet pipeline per mode and set of them made
+  with `from_pipe`, so it shares the model's UNet, VAE and text encoder (and their LoRAs).
 
 Costs on the demo model (bench/loras.py): a first load is a file read and peft injection; a switch between
 loaded sets is `set_adapters` alone; both stay off the hot path for a batch that keeps the last batch's set.
@@ -30,6 +32,7 @@ MAX_LOADED = 16  # adapters kept per model; the least recently used one is unloa
 
 
 MAX_VAES = 2  # extra VAEs kept loaded per model
+MAX_CONTROLNETS = 4  # ControlNets kept loaded per model
 
 
 class AddonError(ValueError):
@@ -51,6 +54,8 @@ class AdapterState:
     timings: dict[str, float] = field(default_factory=dict)  # last load / switch, seconds (for /metrics, bench)
     embeddings: dict[str, float] = field(default_factory=dict)  # name -> file mtime, of those loaded
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it does not fit this model
+    controlnets: OrderedDict[str, tuple[Any, float]] = field(default_factory=OrderedDict)  # name -> (model, mtime)
+    control_pipes: dict[tuple, tuple[tuple, Any]] = field(default_factory=dict)  # (mode, names) -> (ids, pipe)
     default_vae: Any = None  # the model's own VAE
     vaes: OrderedDict[str, tuple[Any, float]] = field(default_factory=OrderedDict)  # name -> (VAE, file mtime)
 
@@ -213,3 +218,62 @@ def _embedding_targets(pipe: Any, tensors: dict[str, Any]) -> list[tuple[Any, An
             return f"{vectors.shape[1]}-wide vectors for a {width}-wide text encoder"
         out.append((vectors.to(encoder.dtype), tokenizer, encoder))
     return out
+
+
+def control_pipe(pipelines: dict[str, Any], mode: str, names: Sequence[str], state: AdapterState,
+                 catalog: AddonCatalog) -> Any:
+    """The `mode` pipeline with these ControlNets (loaded if need be), derived from the model's own with
+    `from_pipe`: no weights copied. One ControlNet is passed as itself, several as a MultiControlNetModel."""
+    from diffusers import (
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+        MultiControlNetModel,
+    )
+
+    base = pipelines["txt2img"]
+    nets = [_controlnet(name, state, catalog, base.unet) for name in names]
+    key, ids = (mode, tuple(names)), tuple(id(n) for n in nets)
+    cached = state.control_pipes.get(key)
+    if cached is None or cached[0] != ids:  # new, or one of its ControlNets was reloaded
+        auto = {"txt2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                "inpaint": AutoPipelineForInpainting}[mode]
+        try:
+            pipe = auto.from_pipe(base, controlnet=nets[0] if len(nets) == 1 else MultiControlNetModel(nets))
+        except (ValueError, KeyError) as exc:
+            raise AddonError(f"no ControlNet pipeline for this model in {mode}: {exc}") from None
+        pipe.set_progress_bar_config(disable=True)
+        state.control_pipes.pop(key, None)
+        state.control_pipes[key] = (ids, pipe)
+        while len(state.control_pipes) > 3 * MAX_CONTROLNETS:
+            state.control_pipes.pop(next(iter(state.control_pipes)))
+    return state.control_pipes[key][1]
+
+
+def _controlnet(name: str, state: AdapterState, catalog: AddonCatalog, unet: Any) -> Any:
+    from diffusers import ControlNetModel
+
+    try:
+        file = catalog.get(name)
+    except KeyError as exc:
+        raise AddonError(exc.args[0]) from None
+    mtime = file.path.stat().st_mtime
+    cached = state.controlnets.get(file.name)
+    if cached is None or cached[1] != mtime:
+        started = time.perf_counter()
+        try:
+            if file.path.name == "diffusion_pytorch_model.safetensors":
+                net = ControlNetModel.from_pretrained(file.path.parent, dtype=unet.dtype)
+            else:
+                net = ControlNetModel.from_single_file(str(file.path), dtype=unet.dtype)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise AddonError(f"ControlNet {name!r} cannot be loaded: {' '.join(str(exc).split())[:300]}") from None
+        if net.config.cross_attention_dim != unet.config.cross_attention_dim:
+            raise AddonError(f"ControlNet {name!r} is for another model family (cross-attention width "
+                             f"{net.config.cross_attention_dim}, this model's {unet.config.cross_attention_dim})")
+        state.controlnets[file.name] = (net.to(unet.device).eval(), mtime)
+        log.info("loaded ControlNet %s in %.3f s", file.name, time.perf_counter() - started)
+        while len(state.controlnets) > MAX_CONTROLNETS:
+            state.controlnets.popitem(last=False)
+    state.controlnets.move_to_end(file.name)
+    return state.controlnets[file.name][0]

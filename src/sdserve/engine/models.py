@@ -102,6 +102,7 @@ class ModelRegistry:
         self.loras = addons.loras(self.models_dir)
         self.vaes = addons.vaes(self.models_dir)
         self.embeddings = addons.embeddings(self.models_dir)
+        self.controlnets = addons.controlnets(self.models_dir)
         self.data_dir = Path(data_dir)
         self.extra = list(extra or ["demo"])
         self.device = resolve_device(device)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from sdserve import __version__, loras
+from sdserve import __version__, controlnet, loras
 from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, Hires, JobRequest
@@ -60,6 +60,7 @@ class BatchKey:
     loras: tuple[tuple[str, float], ...] = ()  # one set of LoRAs and weights per pass
     vae: str | None = None
     hires: tuple | None = None  # the hires fix's settings but its prompts (those are per image)
+    controlnet: tuple = ()  # each ControlNet unit's settings but its image (that is per job)
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -93,7 +94,8 @@ def batch_key(request: JobRequest) -> BatchKey:
                     tuple((r.name, r.weight) for r in request.loras), request.vae,
                     None if request.hires is None else (request.hires.scale, request.hires.width, request.hires.height,
                                                         request.hires.upscaler, request.hires.steps,
-                                                        request.hires.strength))
+                                                        request.hires.strength),
+                    tuple(unit.settings() for unit in request.controlnet))
 
 
 @dataclass
@@ -105,6 +107,7 @@ class _Prepared:
     init_image: Image.Image | None
     mask: Image.Image | None
     start_image: Image.Image | None  # what denoising starts from: the init image, maybe pre-filled under the mask
+    controls: list[Image.Image] = field(default_factory=list)  # one control map per ControlNet unit
 
 
 # Below this much work per denoising step (latent pixels x images), one CPU thread beats all of
@@ -156,9 +159,13 @@ class Engine:
         resolved = self._resolve_sampler(requests[0])
         width, height = self.resolve_size(requests[0], model)
         key = replace(keys.pop(), model=model.info.name, width=width, height=height)
-        pipe = model.pipelines[key.mode]
-        pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
+        units = requests[0].controlnet
         try:
+            pipe = model.pipelines[key.mode]
+            if units:
+                pipe = adapters.control_pipe(model.pipelines, key.mode, [u.model for u in units], model.adapters,
+                                             self.registry.controlnets)
+            pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
             adapters.apply(model.pipelines["txt2img"], model.adapters, requests[0].loras, self.registry.loras)
             adapters.choose_vae(pipe, model.adapters, key.vae, self.registry.vaes)
             adapters.load_embeddings(pipe, model.adapters, self.registry.embeddings)
@@ -192,6 +199,8 @@ class Engine:
             extra.update(image=images, strength=max(key.strength, 1.0 / key.steps))
         if key.mode == "inpaint":
             extra.update(mask_image=masks, width=key.width, height=key.height)
+        if units:
+            extra.update(_control_inputs(units, prepared, key.mode))
         if hires is None:
             output = self._denoise(model, pipe, key.steps, key.clip_skip, texts, negatives, scales, seeds, extra,
                                    (key.width, key.height), on_step)
@@ -298,10 +307,10 @@ class Engine:
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         seed = request.with_seed().seed
         init = mask = None
-        for field in ("init_image", "mask"):
-            name = getattr(request, field)
+        for name_of in ("init_image", "mask"):
+            name = getattr(request, name_of)
             if name is not None and name not in inputs:
-                raise InvalidRequestError(f"{field} {name!r} was not given to the engine")
+                raise InvalidRequestError(f"{name_of} {name!r} was not given to the engine")
         try:
             size = (key.width, key.height)
             if request.init_image is not None:
@@ -317,7 +326,12 @@ class Engine:
         start = init
         if init is not None and mask is not None and request.inpaint_fill in ("fill", "nothing"):
             start = _prefill(init, mask, request.inpaint_fill)
-        return _Prepared(request, key.width, key.height, seed, init, mask, start)
+        controls = []
+        for unit in request.controlnet:
+            if unit.image not in inputs:
+                raise InvalidRequestError(f"ControlNet image {unit.image!r} was not given to the engine")
+            controls.append(controlnet.control_map(unit, inputs[unit.image], (key.width, key.height)))
+        return _Prepared(request, key.width, key.height, seed, init, mask, start, controls)
 
     @staticmethod
     def _infotext(
@@ -337,6 +351,7 @@ class Engine:
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
             "VAE": r.vae,
             **_hires_infotext(r),
+            **{f"ControlNet {i}": _control_infotext(u) for i, u in enumerate(r.controlnet)},
             "Mask blur": r.mask_blur if key.mode == "inpaint" else None,
             "Version": f"sdserve {__version__}",
         }
@@ -372,6 +387,32 @@ class PerImageGuidance(float):
         return other * rows.view(-1, *([1] * (other.ndim - 1)))
 
     __rmul__ = __mul__
+
+
+def _control_inputs(units: Sequence[Any], prepared: Sequence[_Prepared], mode: str) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments: each unit's map for every row, and its weight and step range.
+    "ControlNet is more important" is diffusers' guess mode (the control on the conditional half only)."""
+    maps = [[p.controls[u] for p in prepared for _ in range(p.request.n)] for u in range(len(units))]
+    single = len(units) == 1
+    # A unit active over no steps (start = end) changes nothing: weight 0 (diffusers refuses an empty range).
+    idle = [u.guidance_start >= u.guidance_end for u in units]
+    weights = [0.0 if off else u.weight for u, off in zip(units, idle)]
+    return {
+        # one list of rows for one ControlNet; for several, diffusers takes each row's maps, one per ControlNet
+        "image" if mode == "txt2img" else "control_image": maps[0] if single else [list(r) for r in zip(*maps)],
+        "controlnet_conditioning_scale": weights[0] if single else weights,
+        "control_guidance_start": [0.0 if off else u.guidance_start for u, off in zip(units, idle)],
+        "control_guidance_end": [1.0 if off else u.guidance_end for u, off in zip(units, idle)],
+        "guess_mode": any(u.control_mode == "ControlNet is more important" for u in units),
+    }
+
+
+def _control_infotext(unit: Any) -> str:
+    """A unit as the extension writes it into infotext (`infotext.build` quotes it: it holds commas)."""
+    return (f"Module: {unit.module}, Model: {unit.model}, Weight: {unit.weight:g}, Resize Mode: {unit.resize_mode}, "
+            f"Processor Res: {unit.processor_res}, Threshold A: {unit.threshold_a:g}, Threshold B: {unit.threshold_b:g}, "
+            f"Guidance Start: {unit.guidance_start:g}, Guidance End: {unit.guidance_end:g}, "
+            f"Control Mode: {unit.control_mode}")
 
 
 def _hires_infotext(r: JobRequest) -> dict[str, Any]:

@@ -141,8 +141,8 @@ class Runner:
     def _inputs(self, jobs: Sequence[Job]) -> dict[str, Image.Image]:
         inputs: dict[str, Image.Image] = {}
         for job in jobs:
-            for key in (job.request.init_image, job.request.mask):
-                if key is None or key in inputs:
+            for key in job.request.input_images().values():
+                if key in inputs:
                     continue
                 data = self.images.get(key)
                 if data is None:

@@ -9,7 +9,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve import __version__
-from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationRequest, random_seed
+from sdserve.schema import (
+    CONTROL_MODES,
+    CONTROL_MODULES,
+    CONTROL_RESIZE,
+    LATENT_UPSCALERS,
+    PIXEL_UPSCALERS,
+    GenerationRequest,
+    random_seed,
+)
 
 DEFAULT_SAMPLER = "Euler"  # `sampler_name or sampler_index`, and sampler_index defaults to "Euler"
 MAX_IMAGES_PER_CALL = 64  # batch_size x n_iter
@@ -130,7 +138,9 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     note("seed_resize_from_w", body.seed_resize_from_w > 0)
     note("seed_resize_from_h", body.seed_resize_from_h > 0)
     note("script_name", bool(body.script_name))
-    note("alwayson_scripts", any(v for v in body.alwayson_scripts.values()))
+    for name, script in body.alwayson_scripts.items():
+        note(f"alwayson_scripts.{name}", name.lower() != "controlnet" and bool(script) and bool(
+            script.get("args") if isinstance(script, dict) else script))
     note("refiner_checkpoint", bool(body.refiner_checkpoint))
     note("s_churn", bool(body.s_churn))
     note("s_noise", body.s_noise not in (None, 1, 1.0))
@@ -147,6 +157,54 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     for key, value in (body.model_extra or {}).items():
         note(key, value not in (None, False, 0, "", [], {}))
     return ignored
+
+
+def control_units(body: Txt2ImgRequest) -> list[dict[str, Any]]:
+    """`alwayson_scripts.controlnet.args` (any case of the name) as native ControlNet units, read as the
+    sd-webui-controlnet extension reads them: disabled units and units without a model are skipped; the
+    image is `image` or `input_image` (a string, or `{"image": …}`), else img2img's init image; modes may be
+    numbers; a -1 or missing processor resolution or threshold takes the module's default."""
+    scripts = {k.lower(): v for k, v in body.alwayson_scripts.items()}
+    script = scripts.get("controlnet")
+    args = script.get("args", []) if isinstance(script, dict) else (script or [])
+    units = []
+    for i, arg in enumerate(args):
+        if not isinstance(arg, dict) or not arg.get("enabled", True):
+            continue
+        model = arg.get("model")
+        if model in (None, "", "None", "none"):
+            continue
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        image = arg.get("image") or arg.get("input_image")
+        if isinstance(image, dict):
+            image = image.get("image")
+        if not image and isinstance(body, Img2ImgRequest) and body.init_images:
+            image = body.init_images[0]
+        if not image:
+            raise TranslationError(f"{where}: a ControlNet unit needs an image", where, 422)
+        module = arg.get("module") or "none"
+        if module not in CONTROL_MODULES:
+            raise TranslationError(f"{where}: module {module!r} is not available here; use one of "
+                                   f"{', '.join(CONTROL_MODULES)}", where, 422)
+
+        def pick(value: Any, names: tuple[str, ...], default: str) -> Any:
+            if value is None:
+                return default
+            return names[value] if isinstance(value, int) and 0 <= value < len(names) else value
+
+        def number(key: str, default: float) -> float:
+            value = arg.get(key)
+            return default if value is None or (isinstance(value, (int, float)) and value < 0) else value
+
+        units.append({
+            "image": image, "module": module, "model": model, "weight": arg.get("weight", 1.0),
+            "guidance_start": arg.get("guidance_start", 0.0), "guidance_end": arg.get("guidance_end", 1.0),
+            "control_mode": pick(arg.get("control_mode"), CONTROL_MODES, "Balanced"),
+            "resize_mode": pick(arg.get("resize_mode"), CONTROL_RESIZE, "Crop and Resize"),
+            "processor_res": number("processor_res", 512),
+            "threshold_a": number("threshold_a", 100.0), "threshold_b": number("threshold_b", 200.0),
+        })
+    return units
 
 
 def _snap(value: int | None) -> int | None:
@@ -188,6 +246,7 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         clip_skip=clip_skip,
         vae=None if vae is None or vae in MODEL_OWN_VAE else str(vae),
         hires=hires,
+        controlnet=control_units(body),
         sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
         scheduler=body.scheduler or "automatic",
         n=body.batch_size,
