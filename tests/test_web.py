@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 from server import ServerProcess, wait_for
 
@@ -44,7 +45,17 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(None, tmp_path_factory.mktemp("web"), "--model", "demo").start()
+    """The demo model, with a LoRA and a ControlNet written for it in the models folder."""
+    from diffusers import StableDiffusionPipeline
+    from tinymodels import lora_factors, save_controlnet, save_lora
+
+    from sdserve.engine.demo import DEMO_PATH
+
+    models = tmp_path_factory.mktemp("web-models")
+    demo = StableDiffusionPipeline.from_pretrained(DEMO_PATH, safety_checker=None)
+    save_lora(lora_factors(demo, seed=1, scale=0.05), models / "Lora" / "demo-style.safetensors", "kohya")
+    save_controlnet(demo.to(dtype=torch.float32), models / "ControlNet" / "demo-canny")
+    proc = ServerProcess(None, tmp_path_factory.mktemp("web"), "--models-dir", str(models), "--model", "demo").start()
     yield proc
     proc.terminate()
 
@@ -153,6 +164,25 @@ def upload(page):
     page.click("label.tab:has(input[value=img2img])")
     page.set_input_files("#init-file", files=[{"name": "src.png", "mimeType": "image/png", "buffer": png_bytes()}])
     page.wait_for_selector("#canvas-wrap:not([hidden])")
+
+
+def test_lora_picker_and_a_controlnet_unit(page, server):
+    assert page.locator("#lora option").all_inner_texts() == ["demo-style"]
+    page.fill("#prompt", "a red circle")
+    page.fill("#lora-weight", "0.5")
+    page.click("#lora-add")
+    assert page.input_value("#prompt") == "a red circle <lora:demo-style:0.5>"
+    page.click("#controlnet-section summary")
+    page.set_input_files("#control-file", files=[{"name": "c.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    page.wait_for_selector("#control-preview:not([hidden])")
+    page.select_option("#control-module", "canny")
+    page.select_option("#control-model", "demo-canny")
+    page.fill("#steps", "4")
+    card = submit_and_wait(page)
+    request = api_job(server, card)["request"]
+    assert request["prompt"] == "a red circle" and request["loras"] == [{"name": "demo-style", "weight": 0.5}]
+    unit = request["controlnet"][0]
+    assert (unit["module"], unit["model"], unit["weight"]) == ("canny", "demo-canny", 1.0) and len(unit["image"]) == 32
 
 
 def test_upload_and_img2img(page, server):

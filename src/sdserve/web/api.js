@@ -42,6 +42,7 @@ export const api = {
   models: () => request("GET", "/api/v1/models"),
   samplers: () => request("GET", "/api/v1/samplers"),
   loras: () => request("GET", "/api/v1/loras"),
+  controlnets: () => request("GET", "/api/v1/controlnets"),
   jobs: (limit = 40) => request("GET", `/api/v1/jobs?limit=${limit}`),
   job: (id) => request("GET", `/api/v1/jobs/${id}`),
   submit: (body) => request("POST", "/api/v1/jobs", body),

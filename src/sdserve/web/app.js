@@ -8,6 +8,7 @@ const jobsList = $("jobs");
 const cards = new Map(); // job id -> card element
 let lastSeed = null;
 let initImage = null; // data URL of the img2img source
+let controlImage = null; // data URL of the ControlNet unit's image
 let viewerImage = null; // {url, job}
 
 const painter = new MaskPainter($("mask-canvas"), { sizeInput: $("brush-size"), eraserInput: $("eraser") });
@@ -90,7 +91,12 @@ async function pollReady() {
 let samplerInfo = [];
 
 async function loadPickers() {
-  const [models, samplers, loras] = await withAuth(() => Promise.all([api.models(), api.samplers(), api.loras()]));
+  const [models, samplers, loras, control] = await withAuth(() => Promise.all(
+    [api.models(), api.samplers(), api.loras(), api.controlnets()]));
+  $("control-module").replaceChildren(...control.modules.map((m) => new Option(m, m, false, m === "canny")));
+  $("control-model").replaceChildren(...(control.models.length
+    ? control.models.map((m) => new Option(m, m))
+    : [new Option("none in models/ControlNet", "")]));
   $("lora").replaceChildren(...(loras.length
     ? loras.map((l) => new Option(l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, l.name))
     : [new Option("none in models/Lora", "")]));
@@ -134,6 +140,10 @@ function readForm() {
     width: num(f.width),
     height: num(f.height),
   };
+  if (controlImage && f["control-model"].value) {
+    body.controlnet = [{ image: controlImage, module: f["control-module"].value, model: f["control-model"].value,
+                         weight: Number(f["control-weight"].value || 1) }];
+  }
   if (currentMode() === "img2img") {
     if (!initImage) throw new ApiError(422, "Choose a source image for image to image.",
       { errors: [{ field: "init-file", message: "choose a source image (or switch to text to image)" }] });
@@ -226,6 +236,14 @@ zone.addEventListener("drop", async (e) => {
   if (file) await setInitImage(await readFile(file));
 });
 $("clear-mask").addEventListener("click", () => painter.clear());
+
+// One ControlNet unit: its image steers the picture through the chosen model (canny: edges drawn from it).
+$("control-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  controlImage = file ? await readFile(file) : null;
+  $("control-preview").hidden = !controlImage;
+  if (controlImage) $("control-preview").src = controlImage;
+});
 $("remove-image").addEventListener("click", clearInitImage);
 
 async function sendToImg2img(url) {
