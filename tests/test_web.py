@@ -201,6 +201,7 @@ def test_paint_a_mask_and_inpaint(page, server):
     upload(page)
     page.fill("#prompt", "a large blue circle on a purple background")
     page.fill("#steps", "10")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()  # filling steps scrolled the form panel
     box = page.locator("#mask-canvas").bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
     page.mouse.down()
