@@ -14,7 +14,7 @@ ARGS ?=
 # Extra flags for `make bench`, e.g.:  make bench BENCH_ARGS='throughput --size 512 --model models/sd15'
 BENCH_ARGS ?=
 
-.PHONY: install tools serve test bench bench-scaleout bench-demo demo-model clean
+.PHONY: install tools serve test bench bench-scaleout bench-demo bench-loras demo-model clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ bench-scaleout: install
 bench-demo: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/demo_model.py $(BENCH_ARGS)
+
+# What a LoRA costs: first load, switching, fuse/unfuse, and denoising with one active (bench/results/loras.json).
+bench-loras: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/loras.py
 
 # Retrain the embedded demo model into src/sdserve/models/demo from its seed (under an hour on 2 CPU cores),
 # e.g.:  make demo-model DEMO_ARGS='--seed 1 --out /tmp/demo'

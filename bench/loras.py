@@ -1,4 +1,4 @@
-"""What a LoRA costs on the demo model (`make bench BENCH_ARGS=...` does not run this; `python bench/loras.py`).
+"""What a LoRA costs on the demo model (`make bench-loras`).
 
 - load: the first use of a LoRA file (read, peft injection into UNet and text encoder);
 - switch: making another loaded set active (`set_adapters`), and back to none (`disable_lora`);

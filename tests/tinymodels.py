@@ -249,3 +249,35 @@ def save_controlnet(pipe, path: Path, seed: int = 3) -> Path:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
     net.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ----- a tiny SDXL ---------------------------------------------------------------------------------
+def build_tiny_sdxl(seed: int = 0):
+    """A tiny SDXL pipeline: two CLIP text encoders (the second with a projection, whose pooled output and the
+    size/crop "time ids" condition the UNet through `text_time` embeddings), their outputs concatenated for
+    cross-attention, as in SDXL; the tiny SD VAE."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    base = build_tiny_pipeline(seed)
+    vocab = base.tokenizer.get_vocab()
+
+    def config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                              vocab_size=len(vocab), max_position_embeddings=77, projection_dim=32,
+                              bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                              pad_token_id=vocab["<|endoftext|>"])
+
+    torch.manual_seed(seed + 10)
+    text_encoder, text_encoder_2 = CLIPTextModel(config(32)), CLIPTextModelWithProjection(config(32))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=base.vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=base.tokenizer, tokenizer_2=clip_tokenizer(), unet=unet,
+                                     scheduler=scheduler)
