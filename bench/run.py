@@ -291,6 +291,24 @@ def mixedcfg(args, data_dir: Path, model_args: list[str], clients: int = 16, pas
     return result
 
 
+def plot_mixedcfg(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = results["mixedcfg"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for x, name in enumerate(("same", "mixed")):
+        ax.scatter([x] * len(m[name]["passes"]), [p["images_per_s"] for p in m[name]["passes"]], color="grey", s=12)
+        ax.bar(x, m[name]["images_per_s"], 0.6, alpha=0.7)
+    ax.set_xticks([0, 1], ["one CFG (7)", "each client its own CFG"])
+    ax.set_ylabel("images / s (median; dots: passes)")
+    ax.set_title(f"{m['clients']} clients, {results['machine']['label']}: {m['mixed_over_same']:.2f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -360,7 +378,7 @@ def main() -> None:
     if args.plot_only:
         path = Path(args.plot_only)
         results = json.loads(path.read_text())
-        plot(results, path.with_suffix(".png"))
+        (plot if "throughput" in results else plot_mixedcfg)(results, path.with_suffix(".png"))
         print_table(results)
         return
     parts = {"throughput", "coldstart", "controlplane", "mixedcfg"}
@@ -389,8 +407,10 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
     if "throughput" in results:
         plot(results, RESULTS / f"{name}.png")
+    elif "mixedcfg" in results:
+        plot_mixedcfg(results, RESULTS / f"{name}.png")
     print_table(results)
-    print(f"wrote {RESULTS / name}.json" + (" and .png" if "throughput" in results else ""))
+    print(f"wrote {RESULTS / name}.json" + (" and .png" if {"throughput", "mixedcfg"} & set(results) else ""))
 
 
 def print_table(results: dict) -> None:
