@@ -129,20 +129,7 @@ def choose_vae(pipe: Any, state: AdapterState, name: str | None, catalog: AddonC
     if name is None:
         pipe.vae = state.default_vae
         return
-    try:
-        file = catalog.get(name)
-    except KeyError as exc:
-        raise AddonError(exc.args[0]) from None
-    mtime = file.path.stat().st_mtime
-    cached = state.vaes.get(file.name)
-    if cached is None or cached[1] != mtime:
-        started = time.perf_counter()
-        state.vaes[file.name] = (load_vae(file.path, state.default_vae), mtime)
-        log.info("loaded VAE %s in %.3f s", file.name, time.perf_counter() - started)
-        while len(state.vaes) > MAX_VAES:
-            state.vaes.popitem(last=False)
-    state.vaes.move_to_end(file.name)
-    pipe.vae = state.vaes[file.name][0]
+    pipe.vae = _cached(state.vaes, MAX_VAES, catalog, name, lambda path: load_vae(path, state.default_vae))
 
 
 def load_vae(path: Any, base: Any) -> Any:
@@ -253,27 +240,37 @@ def control_pipe(pipelines: dict[str, Any], mode: str, names: Sequence[str], sta
 def _controlnet(name: str, state: AdapterState, catalog: AddonCatalog, unet: Any) -> Any:
     from diffusers import ControlNetModel
 
-    try:
-        file = catalog.get(name)
-    except KeyError as exc:
-        raise AddonError(exc.args[0]) from None
-    mtime = file.path.stat().st_mtime
-    cached = state.controlnets.get(file.name)
-    if cached is None or cached[1] != mtime:
-        started = time.perf_counter()
+    def load(path: Any) -> Any:
         try:
-            if file.path.name == "diffusion_pytorch_model.safetensors":
-                net = ControlNetModel.from_pretrained(file.path.parent, dtype=unet.dtype)
+            if path.name == "diffusion_pytorch_model.safetensors":
+                net = ControlNetModel.from_pretrained(path.parent, dtype=unet.dtype)
             else:
-                net = ControlNetModel.from_single_file(str(file.path), dtype=unet.dtype)
+                net = ControlNetModel.from_single_file(str(path), dtype=unet.dtype)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise AddonError(f"ControlNet {name!r} cannot be loaded: {' '.join(str(exc).split())[:300]}") from None
         if net.config.cross_attention_dim != unet.config.cross_attention_dim:
             raise AddonError(f"ControlNet {name!r} is for another model family (cross-attention width "
                              f"{net.config.cross_attention_dim}, this model's {unet.config.cross_attention_dim})")
-        state.controlnets[file.name] = (net.to(unet.device).eval(), mtime)
-        log.info("loaded ControlNet %s in %.3f s", file.name, time.perf_counter() - started)
-        while len(state.controlnets) > MAX_CONTROLNETS:
-            state.controlnets.popitem(last=False)
-    state.controlnets.move_to_end(file.name)
-    return state.controlnets[file.name][0]
+        return net.to(unet.device).eval()
+
+    return _cached(state.controlnets, MAX_CONTROLNETS, catalog, name, load)
+
+
+def _cached(cache: OrderedDict[str, tuple[Any, float]], limit: int, catalog: AddonCatalog, name: str,
+            load: Any) -> Any:
+    """The add-on `name` from `cache`, loaded (`load(path)`) when new or changed on disk since; the least
+    recently used ones past `limit` are dropped."""
+    try:
+        file = catalog.get(name)
+    except KeyError as exc:
+        raise AddonError(exc.args[0]) from None
+    mtime = file.path.stat().st_mtime
+    cached = cache.get(file.name)
+    if cached is None or cached[1] != mtime:
+        started = time.perf_counter()
+        cache[file.name] = (load(file.path), mtime)
+        log.info("loaded %s %s in %.3f s", catalog.kind, file.name, time.perf_counter() - started)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    cache.move_to_end(file.name)
+    return cache[file.name][0]
