@@ -64,9 +64,10 @@ def test_webuiapi_txt2img(a1111):
 
 
 def test_webuiapi_reports_ignored_fields(a1111):
-    result = a1111.txt2img(prompt="x", width=64, height=64, enable_hr=True, restore_faces=True)
-    assert {"enable_hr", "restore_faces"} <= set(result.info["ignored_fields"])
+    result = a1111.txt2img(prompt="x", width=64, height=64, tiling=True, restore_faces=True)
+    assert {"tiling", "restore_faces"} <= set(result.info["ignored_fields"])
     assert "eta" not in result.info["ignored_fields"]  # webuiapi's default eta=1.0 changes nothing
+    assert "enable_hr" not in result.info["ignored_fields"]  # honoured now (tests/test_hires.py)
 
 
 def test_webuiapi_img2img(a1111):

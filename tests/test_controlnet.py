@@ -143,7 +143,10 @@ def test_webuiapi_controlnet_units(cn_server):
     assert edges.max() == 255 and edges[32, 32] == 0
 
     def txt2img(units):
-        return api.txt2img(prompt="a red circle", seed=9, width=64, height=64, controlnet_units=units)
+        # A fresh alwayson_scripts each call: webuiapi's default is one shared dict that its ControlNet code writes
+        # into, so units from one call would ride along on every later call in the process.
+        return api.txt2img(prompt="a red circle", seed=9, width=64, height=64, controlnet_units=units,
+                           alwayson_scripts={})
 
     plain = txt2img([])
     steered = txt2img([webuiapi.ControlNetUnit(image=drawing(), module="canny", model="tiny-canny [0123abcd]",

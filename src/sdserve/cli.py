@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -75,11 +76,21 @@ ApiAuth = Annotated[
     typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
 ]
 MaxQueue = Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")]
+RateLimitOpt = Annotated[Optional[str], typer.Option(
+    "--rate-limit", help="Submissions per caller (API key, user, or address), e.g. 5/s or 300/min; over it, 429. "
+    "[env: SDSERVE_RATE_LIMIT]")]
+RateBurst = Annotated[Optional[float], typer.Option(
+    "--rate-burst", help="Submissions a caller may make at once (default: one window's count). [env: SDSERVE_RATE_BURST]")]
+ImagesPerMinute = Annotated[Optional[float], typer.Option(
+    "--images-per-minute", help="Images per caller per minute; n=8 counts 8. [env: SDSERVE_IMAGES_PER_MINUTE]")]
 
 
 def _settings(**overrides: object) -> Settings:
     """Environment first, then explicit flags on top (a flag left out keeps the environment's value)."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
 
 
 def _registry(settings: Settings):
@@ -119,7 +130,6 @@ def generate(
     """Generate one image (or one per --init-image) and write it as a PNG with A1111 infotext."""
     import base64
 
-    from pydantic import ValidationError
 
     from sdserve.core import RequestRejected, inline_inputs
     from sdserve.engine.models import ModelError
@@ -206,6 +216,9 @@ def serve(
     api_key: ApiKey = None,
     api_auth: ApiAuth = None,
     max_queue: MaxQueue = None,
+    rate_limit: RateLimitOpt = None,
+    rate_burst: RateBurst = None,
+    images_per_minute: ImagesPerMinute = None,
     max_batch: MaxBatch = None,
     batch_wait_ms: BatchWait = None,
     optimize: Optimize = None,
@@ -225,7 +238,8 @@ def serve(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
         sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize, storage=storage,
-        queue=queue, lease_s=lease_s, name=name,
+        queue=queue, lease_s=lease_s, name=name, rate_limit=rate_limit, rate_burst=rate_burst,
+        images_per_minute=images_per_minute,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
@@ -245,13 +259,17 @@ def api(
     api_key: ApiKey = None,
     api_auth: ApiAuth = None,
     max_queue: MaxQueue = None,
+    rate_limit: RateLimitOpt = None,
+    rate_burst: RateBurst = None,
+    images_per_minute: ImagesPerMinute = None,
     queue: QueueURL = None,
     storage: StorageURL = None,
 ) -> None:
     """An API replica: the web UI and every API, no engine (no torch, no model files). Needs a shared --queue."""
     settings = _settings(
         host=host, port=port, models=model or None, data_dir=data_dir, api_keys=api_key or None, api_auth=api_auth,
-        max_queue=max_queue, queue=queue, storage=storage,
+        max_queue=max_queue, queue=queue, storage=storage, rate_limit=rate_limit, rate_burst=rate_burst,
+        images_per_minute=images_per_minute,
     )
     if not model and "SDSERVE_MODELS" not in os.environ:
         settings.models = []  # not "demo": the API offers what the workers publish

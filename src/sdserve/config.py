@@ -52,11 +52,25 @@ class Settings(BaseSettings):
     # GET /api/v1/images/{id} on a store with presigned URLs: redirect to one, or proxy the bytes.
     image_route: Literal["redirect", "proxy"] = "redirect"
 
+    # Rate limits per caller (API key, Basic user, or client address with auth off); off when unset.
+    rate_limit: str | None = Field(None, description="Submissions per caller, e.g. 5/s, 300/min.")
+    rate_burst: float | None = Field(None, gt=0, description="Submissions a caller may make at once.")
+    images_per_minute: float | None = Field(None, gt=0, description="Images per caller per minute (n=8 is 8).")
+
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
     max_size: int = Field(2048, ge=64, le=2048)
     max_steps: int = Field(150, ge=1, le=150)
     max_images: int = Field(8, ge=1, le=8)
     max_body_mb: int = Field(20, ge=1)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            from sdserve.ratelimit import Rate
+
+            Rate.parse(value)  # a clear error at startup, not at the first request
+        return value
 
     @field_validator("models", "api_keys", "api_auth", "optimize", mode="before")
     @classmethod

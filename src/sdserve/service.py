@@ -31,6 +31,7 @@ from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.jobs.events import END_EVENTS
 from sdserve.jobs.queue import JobQueue, NotAccepting, StorageError
+from sdserve.ratelimit import Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, open_store
 
@@ -87,6 +88,11 @@ class Service:
             raise ValueError(f"sdserve {role} needs a queue other processes share: --queue redis://host:port/db")
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
+        self.limiter = Limiter(
+            self.queue,
+            Rate.parse(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None,
+            Rate(settings.images_per_minute / 60, settings.images_per_minute) if settings.images_per_minute else None,
+        )
         self.runner: Runner | None = None
         if role == "api":
             self.models: ModelCatalog = SharedCatalog(self.queue, settings.models, settings.allow_pickle)
@@ -225,10 +231,11 @@ class Service:
 
     def submit(
         self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
-        inputs: dict[str, core.InputImage] | None = None,
+        inputs: dict[str, core.InputImage] | None = None, charge: bool = True,
     ) -> tuple[Job, bool]:
-        """Validate, move the input images to the image store, pin seed and model, and queue.
-        `inputs`: the request's images if already read by `core.read_inputs` (so they are decoded once)."""
+        """Validate, charge the images to the caller's rate limit, move the input images to the image store,
+        pin seed and model, and queue. `inputs`: the request's images if already read by `core.read_inputs`
+        (so they are decoded once); `charge` False: the caller paid already (`submit_all`)."""
         if self.runner is not None and self.runner.load_error:
             raise NotAccepting(f"no model can run jobs here: {self.runner.load_error}")
         write_error = self.health.check()
@@ -240,6 +247,8 @@ class Service:
             existing = self.queue.idempotent(idempotency_key, fingerprint)
             if existing is not None:
                 return existing, False
+        if charge:
+            self.limiter.charge_images(request.n)
         if inputs is None:
             inputs = core.read_inputs(request, self.limits.max_pixels)
         try:
@@ -300,7 +309,9 @@ class Service:
             return core.read_inputs(request, self.limits.max_pixels)
 
         inputs = [await asyncio.to_thread(read, r) for r in requests]
-        return [(await asyncio.to_thread(self.submit, r, source=source, inputs=i))[0] for r, i in zip(requests, inputs)]
+        await asyncio.to_thread(self.limiter.charge_images, sum(r.n for r in requests))
+        return [(await asyncio.to_thread(self.submit, r, source=source, inputs=i, charge=False))[0]
+                for r, i in zip(requests, inputs)]
 
     async def results(self, job_ids: list[str]) -> list[tuple[Job, list[bytes]]]:
         """Await every job's end; each with its PNGs (none unless it succeeded)."""

@@ -368,10 +368,10 @@ async def refresh_vae(service: ServiceDep) -> None:
     await asyncio.to_thread(service.vaes.refresh)
 
 
-# Lists of features this server does not have: real, empty answers so clients that probe them work.
-@router.get("/scripts")
+@router.get("/scripts", summary="Scripts: the always-on ControlNet (sd-webui-controlnet's units are honoured)")
 async def scripts() -> dict[str, list]:
-    return {"txt2img": [], "img2img": []}
+    # Clients such as webuiapi look here to learn that ControlNet units are understood.
+    return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
 
 @router.get("/embeddings", summary="Textual-inversion embeddings in models/embeddings (use by name in a prompt)")
@@ -395,6 +395,7 @@ async def refresh_embeddings(service: ServiceDep) -> None:
     await asyncio.to_thread(service.embeddings.refresh)
 
 
+# Lists of features this server does not have: real, empty answers so clients that probe them work.
 @router.get("/hypernetworks")
 async def hypernetworks() -> list:
     return []

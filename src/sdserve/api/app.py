@@ -20,7 +20,7 @@ from sdserve.api.middleware import (
     MetricsMiddleware,
     SecurityHeadersMiddleware,
 )
-from sdserve.api.security import AuthMiddleware, parse_users
+from sdserve.api.security import AuthMiddleware, RateLimitMiddleware, parse_users
 from sdserve.config import Settings
 from sdserve.jobs.queue import StorageError
 from sdserve.service import Service
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     # auth answers (so a 401 leaves the connection reusable), and parsed for the JSON checks only after it.
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(JSONGuardMiddleware)
+    app.add_middleware(RateLimitMiddleware, limiter=service.limiter)  # inside auth: it knows the caller
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, users=parse_users(settings.api_auth))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
     app.add_middleware(SecurityHeadersMiddleware)

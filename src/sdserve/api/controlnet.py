@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve import controlnet
 from sdserve.api.deps import ServiceDep
+from sdserve.api.errors import render
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
@@ -55,11 +56,11 @@ async def detect(body: DetectRequest, service: ServiceDep) -> Any:
     images = body.controlnet_input_images or body.controlnet_images
     if body.controlnet_module not in controlnet.MODULES:
         return _error(f"module {body.controlnet_module!r} is not available here; use one of "
-                      f"{', '.join(controlnet.MODULES)}")
+                      f"{', '.join(controlnet.MODULES)}", "controlnet_module")
     if not images or len(images) > MAX_DETECT_IMAGES:
-        return _error(f"give 1 to {MAX_DETECT_IMAGES} images in controlnet_input_images")
+        return _error(f"give 1 to {MAX_DETECT_IMAGES} images in controlnet_input_images", "controlnet_input_images")
     if not 64 <= body.controlnet_processor_res <= 2048:
-        return _error("controlnet_processor_res must be from 64 to 2048")
+        return _error("controlnet_processor_res must be from 64 to 2048", "controlnet_processor_res")
     low = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else 100.0
     high = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else 200.0
 
@@ -74,8 +75,8 @@ async def detect(body: DetectRequest, service: ServiceDep) -> Any:
     try:
         return {"images": await asyncio.to_thread(run), "info": "Success"}
     except ImageDecodeError as exc:
-        return _error(f"controlnet_input_images: {exc}")
+        return _error(f"controlnet_input_images: {exc}", "controlnet_input_images")
 
 
-def _error(detail: str) -> JSONResponse:
-    return JSONResponse({"error": "HTTPException", "detail": detail, "errors": detail}, status_code=422)
+def _error(detail: str, field: str) -> JSONResponse:
+    return render("/controlnet/detect", 422, detail, field=field)

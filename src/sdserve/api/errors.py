@@ -26,6 +26,7 @@ from sdserve.jobs.queue import (
     StorageError,
 )
 from sdserve.protocols.openai import OpenAIError, error_body
+from sdserve.ratelimit import RateLimited
 from sdserve.protocols.tensors import TensorProtocolError
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ def install(app: FastAPI) -> None:
     async def _full(request: Request, exc: QueueFull) -> JSONResponse:
         return render(request.url.path, 429, f"{exc}; retry in {exc.retry_after_s} s",
                       headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(RateLimited)
+    async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        return render(request.url.path, 429, str(exc), headers=exc.decision.headers(), code="rate_limit_exceeded")
 
     @app.exception_handler(NotAccepting)
     async def _not_accepting(request: Request, exc: NotAccepting) -> JSONResponse:

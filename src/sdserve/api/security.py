@@ -9,11 +9,13 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
+import anyio
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
+from sdserve.ratelimit import CALLER, Limiter
 
 # Probes must work without a key (load balancers and kubelets do not carry one).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/health/ready"})
@@ -95,3 +97,43 @@ class AuthMiddleware:
         response = render(path, 401, message, headers={"WWW-Authenticate": challenge},
                           error_type="invalid_api_key" if path.startswith("/v1/") else None)
         await response(scope, receive, send)
+
+
+class RateLimitMiddleware:
+    """Per-caller submission limits (ratelimit.py): each POST, and `GET /?prompt=`, takes a token; over the
+    limit, a 429 in the dialect's shape with Retry-After and RateLimit headers; under it, the RateLimit
+    headers on the response. Runs inside auth, so the caller is the key or user auth accepted. Sets the
+    caller for the request (ratelimit.CALLER), so submissions charge their images to it."""
+
+    def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.limiter.active or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client") or ("unknown", 0)
+        caller = scope.get("state", {}).get("caller") or f"addr:{client[0]}"
+        submission = scope["method"] == "POST" or (
+            scope["path"] == "/" and "prompt" in QueryParams(scope.get("query_string", b"")))
+        decision = await anyio.to_thread.run_sync(self.limiter.request, caller) if submission else None
+        if decision is not None and not decision.allowed:
+            response = render(scope["path"], 429, f"rate limit: over {decision.limit} submissions from this caller "
+                              f"in a burst; retry in {decision.retry_after_s} s", headers=decision.headers(),
+                              code="rate_limit_exceeded")
+            await response(scope, receive, send)
+            return
+        token = CALLER.set(caller)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and decision is not None:
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *((k.lower().encode(), v.encode())
+                                                            for k, v in decision.headers().items())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            CALLER.reset(token)

@@ -31,6 +31,7 @@ from sdserve.jobs.queue import (
     Selector,
     StorageError,
 )
+from sdserve.ratelimit import Rate, refill
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
 SCHEMA = """
@@ -98,6 +99,7 @@ class SQLiteJobQueue(JobEnds):
         self._db.executescript(SCHEMA)
         self._migrate()
         self._lock = threading.RLock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # rate-limit buckets: name -> (tokens, monotonic time)
         self._wakeup = threading.Condition(self._lock)
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancel: set[str] = set()
@@ -356,6 +358,17 @@ class SQLiteJobQueue(JobEnds):
             else:
                 self._db.execute("INSERT OR REPLACE INTO shared (tbl, key, value) VALUES (?, ?, ?)", (table, key, value))
 
+
+    def take_tokens(self, bucket: str, rate: float, burst: float, n: float) -> tuple[bool, float, float]:
+        # One process owns this queue: the buckets live in its memory (a restart refills them).
+        with self._lock:
+            tokens, at = self._buckets.get(bucket, (None, 0.0))
+            now = time.monotonic()
+            taken, left, retry = refill(tokens, now - at, Rate(rate, burst), n)
+            self._buckets[bucket] = (left, now)
+            if len(self._buckets) > 100_000:  # callers come and go: forget those idle for an hour
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 3600}
+            return taken, left, retry
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
         with self._lock:
             self._workers[info["name"]] = {**info, "last_heartbeat": time.time(), "ttl_s": ttl_s}

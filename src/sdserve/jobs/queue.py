@@ -123,6 +123,10 @@ class JobQueue(Protocol):
     def shared_put(self, table: str, key: str, value: str | None) -> None:
         """Set a key of a shared table; None removes it."""
 
+    def take_tokens(self, bucket: str, rate: float, burst: float, n: float) -> tuple[bool, float, float]:
+        """Atomically take n tokens from a token bucket every replica shares (refilling at `rate` per second up
+        to `burst`; a new bucket starts full): (taken, tokens left, seconds until n would fit)."""
+
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
         """A worker says it is alive (name, model, device, current batch); it counts as live for `ttl_s`."""
 

@@ -147,6 +147,22 @@ return redis.call('HGETALL', p .. 'job:' .. id)
 
 # ARGV: prefix, id, count_attempt ('1' keeps the attempt: a lease ran out; '0' gives it back: graceful stop),
 # only_if_expired_before (a lease expiry bound, or '' for none). Back to the queue if still running.
+# A token bucket in a hash (tokens, at), on Redis's own clock so replicas' clocks never matter. A new bucket
+# starts full; the key expires once it would be full again.
+_TAKE_TOKENS = """
+local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local level = burst
+if state[1] then level = math.min(burst, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * rate) end
+local taken, retry = 0, 0
+if level >= n then taken = 1; level = level - n else retry = (math.min(n, burst) - level) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(level), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / rate * 1000) + 1000)
+return {taken, tostring(level), tostring(retry)}
+"""
+
 _REQUEUE = f"""
 local p, id = ARGV[1], ARGV[2]
 if redis.call('HGET', p .. 'job:' .. id, 'status') ~= 'running' then return 0 end
@@ -257,6 +273,7 @@ class RedisJobQueue(JobEnds):
         self._finish_script = self.client.register_script(_FINISH)
         self._requeue = self.client.register_script(_REQUEUE)
         self._ensure_demand = self.client.register_script(_ENSURE_DEMAND)
+        self._take_tokens = self.client.register_script(_TAKE_TOKENS)
         self._demand_ensured = False
         self._speed_read: tuple[float, float | None] = (-1e9, None)
 
@@ -501,6 +518,11 @@ class RedisJobQueue(JobEnds):
             for job_id in job_ids:
                 pipe.zadd(f"{self.p}running", {job_id: expiry}, xx=True)
             pipe.execute()
+
+    def take_tokens(self, bucket: str, rate: float, burst: float, n: float) -> tuple[bool, float, float]:
+        with self._redis():
+            taken, level, retry = self._take_tokens(keys=[f"{self.p}{bucket}"], args=[rate, burst, n])
+        return bool(taken), float(level), float(retry)
 
     def shared_get(self, table: str) -> dict[str, str]:
         with self._redis():

@@ -1,0 +1,106 @@
+"""Rate limits per caller (an API key, a Basic user, or with auth off the client's address):
+
+- requests: every submission (POST, and `GET /?prompt=`) takes a token from a bucket that refills at `rate`
+  per second up to `burst`;
+- images: a submission of n images takes n tokens from a bucket that refills at `images_per_minute`.
+
+Token buckets whose state lives in the job queue's shared store (`JobQueue.take_tokens`): in memory for the
+embedded queue, an atomic Lua script on Redis (its own clock), so one limit holds across API replicas.
+Over a limit: 429 with `Retry-After` and `RateLimit-Limit`/`-Remaining`/`-Reset`, in the dialect's error shape.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+# Who is calling, set by the rate-limit middleware for the request's task (and threads it starts), so the
+# service can charge a submission's images to the caller without every dialect passing it along.
+CALLER: ContextVar[str | None] = ContextVar("sdserve_caller", default=None)
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+@dataclass(frozen=True)
+class Rate:
+    per_s: float
+    burst: float
+
+    @classmethod
+    def parse(cls, text: str, burst: float | None = None) -> Rate:
+        """`5/s`, `300/min`, `1000/h`; the burst defaults to one window's worth (at least 1)."""
+        match = _RATE.match(text)
+        if not match:
+            raise ValueError(f"rate {text!r}: write it as COUNT/s, COUNT/min or COUNT/h, e.g. 5/s")
+        count, window = float(match[1]), _SECONDS[match[2]]
+        if count <= 0:
+            raise ValueError(f"rate {text!r} must be above 0")
+        return cls(count / window, float(burst) if burst else max(1.0, count))
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int  # the bucket's size
+    remaining: int  # whole tokens left
+    reset_s: int  # seconds until the bucket is full again
+    retry_after_s: int  # seconds until this request would have fitted (0 when allowed)
+
+    def headers(self) -> dict[str, str]:
+        headers = {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
+                   "RateLimit-Reset": str(self.reset_s)}
+        if not self.allowed:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return headers
+
+
+class RateLimited(Exception):
+    def __init__(self, what: str, decision: Decision) -> None:
+        super().__init__(f"rate limit: too many {what} from this caller; retry in {decision.retry_after_s} s")
+        self.decision = decision
+
+
+def refill(tokens: float | None, elapsed_s: float, rate: Rate, n: float) -> tuple[bool, float, float]:
+    """One bucket step: (allowed, tokens left, seconds until n would fit). A new bucket starts full; n more
+    than the burst never fits (retry says how long a full bucket takes)."""
+    level = rate.burst if tokens is None else min(rate.burst, tokens + max(0.0, elapsed_s) * rate.per_s)
+    if level >= n:
+        return True, level - n, 0.0
+    return False, level, (min(n, rate.burst) - level) / rate.per_s
+
+
+def decide(rate: Rate, allowed: bool, left: float, retry_s: float) -> Decision:
+    return Decision(allowed, int(rate.burst), int(left), math.ceil((rate.burst - left) / rate.per_s),
+                    0 if allowed else max(1, math.ceil(retry_s)))
+
+
+class Limiter:
+    """The limits of one server; `store` is the job queue (its `take_tokens`)."""
+
+    def __init__(self, store, requests: Rate | None = None, images: Rate | None = None) -> None:
+        self.store = store
+        self.requests = requests
+        self.images = images
+
+    @property
+    def active(self) -> bool:
+        return self.requests is not None or self.images is not None
+
+    def _take(self, kind: str, rate: Rate, caller: str, n: float) -> Decision:
+        allowed, left, retry = self.store.take_tokens(f"ratelimit:{kind}:{caller}", rate.per_s, rate.burst, n)
+        return decide(rate, allowed, left, retry)
+
+    def request(self, caller: str) -> Decision | None:
+        return None if self.requests is None else self._take("requests", self.requests, caller, 1)
+
+    def charge_images(self, n: int) -> None:
+        """Charge n images to the current caller (CALLER); RateLimited when over the images limit."""
+        caller = CALLER.get()
+        if self.images is None or caller is None:
+            return
+        decision = self._take("images", self.images, caller, n)
+        if not decision.allowed:
+            raise RateLimited("images", decision)
