@@ -81,6 +81,9 @@ RateLimitOpt = Annotated[Optional[str], typer.Option(
     "[env: SDSERVE_RATE_LIMIT]")]
 RateBurst = Annotated[Optional[float], typer.Option(
     "--rate-burst", help="Submissions a caller may make at once (default: one window's count). [env: SDSERVE_RATE_BURST]")]
+OnDisconnect = Annotated[Optional[str], typer.Option(
+    "--on-disconnect", help="When a synchronous client (A1111, OpenAI, SageMaker, GET /?prompt=, /api/v1/generate) "
+    "disconnects: its queued jobs are canceled; running ones 'finish' (default) or 'cancel'. [env: SDSERVE_ON_DISCONNECT]")]
 ImagesPerMinute = Annotated[Optional[float], typer.Option(
     "--images-per-minute", help="Images per caller per minute; n=8 counts 8. [env: SDSERVE_IMAGES_PER_MINUTE]")]
 
@@ -219,6 +222,7 @@ def serve(
     rate_limit: RateLimitOpt = None,
     rate_burst: RateBurst = None,
     images_per_minute: ImagesPerMinute = None,
+    on_disconnect: OnDisconnect = None,
     max_batch: MaxBatch = None,
     batch_wait_ms: BatchWait = None,
     optimize: Optimize = None,
@@ -239,7 +243,7 @@ def serve(
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
         sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize, storage=storage,
         queue=queue, lease_s=lease_s, name=name, rate_limit=rate_limit, rate_burst=rate_burst,
-        images_per_minute=images_per_minute,
+        images_per_minute=images_per_minute, on_disconnect=on_disconnect,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
@@ -262,6 +266,7 @@ def api(
     rate_limit: RateLimitOpt = None,
     rate_burst: RateBurst = None,
     images_per_minute: ImagesPerMinute = None,
+    on_disconnect: OnDisconnect = None,
     queue: QueueURL = None,
     storage: StorageURL = None,
 ) -> None:
@@ -269,7 +274,7 @@ def api(
     settings = _settings(
         host=host, port=port, models=model or None, data_dir=data_dir, api_keys=api_key or None, api_auth=api_auth,
         max_queue=max_queue, queue=queue, storage=storage, rate_limit=rate_limit, rate_burst=rate_burst,
-        images_per_minute=images_per_minute,
+        images_per_minute=images_per_minute, on_disconnect=on_disconnect,
     )
     if not model and "SDSERVE_MODELS" not in os.environ:
         settings.models = []  # not "demo": the API offers what the workers publish

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # GET /api/v1/images/{id} on a store with presigned URLs: redirect to one, or proxy the bytes.
     image_route: Literal["redirect", "proxy"] = "redirect"
 
+    # A synchronous call whose client disconnects: its queued jobs are canceled; running ones finish or are canceled.
+    on_disconnect: Literal["finish", "cancel"] = "finish"
+
     # Rate limits per caller (API key, Basic user, or client address with auth off); off when unset.
     rate_limit: str | None = Field(None, description="Submissions per caller, e.g. 5/s, 300/min.")
     rate_burst: float | None = Field(None, gt=0, description="Submissions a caller may make at once.")

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -30,7 +31,7 @@ from sdserve.core import RequestRejected
 from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.jobs.events import END_EVENTS
-from sdserve.jobs.queue import JobQueue, NotAccepting, StorageError
+from sdserve.jobs.queue import JobFinished, JobNotFound, JobQueue, NotAccepting, StorageError
 from sdserve.ratelimit import Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, open_store
@@ -49,6 +50,10 @@ A1111_OPTIONS = "a1111:options"
 REAP_INTERVAL_S = 0.5
 # A waiter gives up this long after a job's deadline, even if nothing could record its end.
 WAIT_GRACE_S = 15.0
+# How often a synchronous call checks that its client is still there.
+DISCONNECT_POLL_S = 0.2
+
+Disconnected = Callable[[], Awaitable[bool]]
 
 
 @dataclass
@@ -295,11 +300,30 @@ class Service:
         """`submit` off the event loop: it decodes images and writes to disk."""
         return await asyncio.to_thread(self.submit, request, source=source, idempotency_key=idempotency_key)
 
-    async def generate(self, request: GenerationRequest, *, source: str) -> tuple[Job, list[bytes]]:
+    async def generate(self, request: GenerationRequest, *, source: str,
+                       disconnected: Disconnected | None = None) -> tuple[Job, list[bytes]]:
         """Submit, await, and return the PNGs: the synchronous endpoints' whole path."""
         job, _ = await self.submit_async(request, source=source)
-        [(job, pngs)] = await self.results([job.id])
+        [(job, pngs)] = await self.results([job.id], disconnected)
         return job, pngs
+
+    async def _watch(self, job_ids: list[str], disconnected: Disconnected) -> None:
+        while not await disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        await asyncio.to_thread(self.abandon, job_ids)
+
+    def abandon(self, job_ids: list[str]) -> None:
+        """The client of a synchronous call went away: its jobs still queued are canceled; running ones finish
+        (their images stay in the job history) or, with `--on-disconnect cancel`, stop at their next step."""
+        for job_id in job_ids:
+            try:
+                job = self.queue.get(job_id)
+                if job.status is JobStatus.queued or (
+                        job.status is JobStatus.running and self.settings.on_disconnect == "cancel"):
+                    self.queue.cancel(job_id)
+                    log.info("job %s canceled: its client disconnected", job_id)
+            except (JobNotFound, JobFinished):
+                pass  # ended meanwhile
 
     async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
@@ -313,9 +337,16 @@ class Service:
         return [(await asyncio.to_thread(self.submit, r, source=source, inputs=i, charge=False))[0]
                 for r, i in zip(requests, inputs)]
 
-    async def results(self, job_ids: list[str]) -> list[tuple[Job, list[bytes]]]:
-        """Await every job's end; each with its PNGs (none unless it succeeded)."""
-        done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
+    async def results(self, job_ids: list[str], disconnected: Disconnected | None = None) -> list[tuple[Job, list[bytes]]]:
+        """Await every job's end; each with its PNGs (none unless it succeeded). `disconnected`: whether the
+        synchronous client has gone (Starlette's `request.is_disconnected`); if it goes, its jobs are
+        abandoned (`abandon`) rather than run for nobody."""
+        watcher = asyncio.create_task(self._watch(job_ids, disconnected)) if disconnected is not None else None
+        try:
+            done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         def read(job: Job) -> list[bytes]:
             return [self.images.get(ref.id) or b"" for ref in job.images]
 

@@ -100,7 +100,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
-        outcomes = await service.results(call.job_ids)
+        outcomes = await service.results(call.job_ids, request.is_disconnected)
     finally:
         await asyncio.to_thread(state.remove, call)
     done = [job for job, _ in outcomes]

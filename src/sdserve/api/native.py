@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
@@ -104,8 +104,8 @@ async def get_image(image_id: str, service: ServiceDep) -> Response:
 
 
 @router.post("/generate", summary="Submit, wait, and return the first image as PNG", responses=PNG)
-async def generate(body: GenerationRequest, service: ServiceDep) -> Response:
-    job, pngs = await service.generate(body, source="native")
+async def generate(body: GenerationRequest, request: Request, service: ServiceDep) -> Response:
+    job, pngs = await service.generate(body, source="native", disconnected=request.is_disconnected)
     return png_response(job, pngs)
 
 

@@ -28,7 +28,7 @@ def _check_n(n: int, service: Service) -> None:
 
 async def _respond(request: Request, service: Service, canonical: GenerationRequest, response_format: str | None) -> dict:
     try:
-        job, pngs = await service.generate(canonical, source=SOURCE)
+        job, pngs = await service.generate(canonical, source=SOURCE, disconnected=request.is_disconnected)
     except RequestRejected as exc:
         raise proto.OpenAIError(str(exc), exc.field) from None
     if job.status is not JobStatus.succeeded:

@@ -57,7 +57,7 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
         canonical = GenerationRequest(**body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    job, pngs = await service.generate(canonical, source="sagemaker")
+    job, pngs = await service.generate(canonical, source="sagemaker", disconnected=request.is_disconnected)
     if job.status is not JobStatus.succeeded:
         return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))
     if wants_png:

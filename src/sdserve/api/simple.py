@@ -7,7 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,7 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 
 @router.get("/", summary="With ?prompt=: generate and return a PNG. Without: the web UI.", responses=PNG)
 async def index(
+    http: Request,
     service: ServiceDep,
     prompt: str | None = None,
     negative_prompt: str | None = None,
@@ -39,7 +40,7 @@ async def index(
         return HTMLResponse((WEB / "index.html").read_text())
     request = build_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, width=width,
                             height=height, cfg_scale=scale, sampler=sampler, model=model)
-    job, pngs = await service.generate(request, source="simple")
+    job, pngs = await service.generate(request, source="simple", disconnected=http.is_disconnected)
     return png_response(job, pngs)
 
 

@@ -49,7 +49,7 @@ async def _predict(name: str, version: str | None, request: Request, service: Se
     except ValueError:
         raise TensorProtocolError("the body must be JSON") from None
     rows, columnar = proto.parse_predict(body, service.limits.max_images)
-    images = await tensors.generate(service, rows, known, SOURCE)
+    images = await tensors.generate(service, rows, known, SOURCE, request.is_disconnected)
     return proto.predictions([(base64.b64encode(png).decode(), seed) for png, seed in images], columnar)
 
 
