@@ -111,6 +111,14 @@ def test_cancel(queue):
         queue.cancel(running.id)
 
 
+def test_cancel_only_if_queued_leaves_a_running_job_alone(queue):
+    queued, running = submit(queue, "q"), submit(queue, "r", priority=5)
+    queue.claim(wait_s=0)
+    assert queue.cancel(running.id, running=False).status is JobStatus.running
+    assert queue.canceled([running.id]) == set()  # not even flagged: it finishes
+    assert queue.cancel(queued.id, running=False).status is JobStatus.canceled
+
+
 def test_expire_waiting_jobs(queue):
     job = queue.submit(JobRequest(prompt="x"), timeout_s=0.05)[0]
     time.sleep(0.1)

@@ -317,13 +317,11 @@ class Service:
         (their images stay in the job history) or, with `--on-disconnect cancel`, stop at their next step."""
         for job_id in job_ids:
             try:
-                job = self.queue.get(job_id)
-                if job.status is JobStatus.queued or (
-                        job.status is JobStatus.running and self.settings.on_disconnect == "cancel"):
-                    self.queue.cancel(job_id)
-                    log.info("job %s canceled: its client disconnected", job_id)
+                job = self.queue.cancel(job_id, running=self.settings.on_disconnect == "cancel")
             except (JobNotFound, JobFinished):
-                pass  # ended meanwhile
+                continue  # ended meanwhile
+            if job.status is not JobStatus.running or self.settings.on_disconnect == "cancel":
+                log.info("job %s canceled: its client disconnected", job_id)
 
     async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""

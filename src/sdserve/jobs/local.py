@@ -288,12 +288,14 @@ class SQLiteJobQueue(JobEnds):
         self._publish("queued", job)
         return job, True
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, running: bool = True) -> Job:
         with self._lock:
             row = self._row(job_id)
             status = JobStatus(row["status"])
             if status.terminal:
                 raise JobFinished(f"job {job_id} already {status.value}")
+            if status is JobStatus.running and not running:
+                return self._to_job(row)
             if status is JobStatus.running:
                 self._cancel.add(job_id)
                 with self._write():

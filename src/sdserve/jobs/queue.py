@@ -94,8 +94,9 @@ class JobQueue(Protocol):
 
     def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]: ...
 
-    def cancel(self, job_id: str) -> Job:
-        """Queued: canceled now. Running: flagged, and the runner stops it at its next step."""
+    def cancel(self, job_id: str, running: bool = True) -> Job:
+        """Queued: canceled now. Running: flagged, and the runner stops it at its next step; with `running`
+        False a running job is left to finish (atomically: a job claimed meanwhile is not touched)."""
 
     def depth(self) -> int: ...
 

@@ -442,16 +442,18 @@ class RedisJobQueue(JobEnds):
         self._publish("queued", job)
         return job, True
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, running: bool = True) -> Job:
         job = self.get(job_id)
         if job.status.terminal:
             raise JobFinished(f"job {job_id} already {job.status.value}")
         if job.status is JobStatus.running:
+            if not running:
+                return job
             with self._redis():
                 self.client.hset(f"{self.p}job:{job_id}", "cancel", 1)
             return self.get(job_id)
         ended = self.mark_canceled(job_id)
-        if ended.status is JobStatus.running:  # claimed in between: stop it at its next step instead
+        if ended.status is JobStatus.running and running:  # claimed in between: stop it at its next step instead
             with self._redis():
                 self.client.hset(f"{self.p}job:{job_id}", "cancel", 1)
         return ended
