@@ -59,6 +59,10 @@ class Hires(BaseModel):
     def latent(self) -> bool:
         return self.upscaler in LATENT_UPSCALERS
 
+    def settings(self) -> tuple:
+        """Everything but the prompts: what a batch shares (the prompts are per image)."""
+        return tuple(v for k, v in self.model_dump().items() if k not in ("prompt", "negative_prompt"))
+
 
 CONTROL_MODULES = ("none", "canny", "invert")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")

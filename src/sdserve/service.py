@@ -320,8 +320,8 @@ class Service:
                 job = self.queue.cancel(job_id, running=self.settings.on_disconnect == "cancel")
             except (JobNotFound, JobFinished):
                 continue  # ended meanwhile
-            if job.status is not JobStatus.running or self.settings.on_disconnect == "cancel":
-                log.info("job %s canceled: its client disconnected", job_id)
+            log.info("job %s (%s): its client disconnected; --on-disconnect %s", job_id, job.status.value,
+                     self.settings.on_disconnect)
 
     async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""

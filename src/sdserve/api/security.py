@@ -51,10 +51,15 @@ def _is_public(scope: Scope) -> bool:
 
 
 def caller_id(request: Request) -> str:
-    """Who is calling, for acting on "the caller's own" work (A1111 /interrupt): the API key (hashed, never
-    kept as is) or Basic user that auth accepted, else, with auth off, the client's address."""
-    caller = request.scope.get("state", {}).get("caller")
-    return caller or "addr:" + (request.client.host if request.client else "unknown")
+    """Who is calling, for acting on "the caller's own" work (A1111 /interrupt) and for rate limits."""
+    return _caller_of(request.scope)
+
+
+def _caller_of(scope: Scope) -> str:
+    """The API key (hashed, never kept as is) or Basic user that auth accepted, else, with auth off, the
+    client's address."""
+    client = scope.get("client")
+    return scope.get("state", {}).get("caller") or "addr:" + (client[0] if client else "unknown")
 
 
 class AuthMiddleware:
@@ -113,8 +118,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or not self.limiter.active or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        client = scope.get("client") or ("unknown", 0)
-        caller = scope.get("state", {}).get("caller") or f"addr:{client[0]}"
+        caller = _caller_of(scope)
         submission = scope["method"] == "POST" or (
             scope["path"] == "/" and "prompt" in QueryParams(scope.get("query_string", b"")))
         decision = await anyio.to_thread.run_sync(self.limiter.request, caller) if submission else None

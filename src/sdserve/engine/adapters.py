@@ -51,8 +51,7 @@ class AdapterState:
 
     loaded: OrderedDict[str, Loaded] = field(default_factory=OrderedDict)
     active: tuple[tuple[str, float], ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)  # last load / switch, seconds (for /metrics, bench)
-    embeddings: dict[str, float] = field(default_factory=dict)  # name -> file mtime, of those loaded
+    embeddings: set[str] = field(default_factory=set)  # names loaded (a file changed later keeps its first load)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it does not fit this model
     controlnets: OrderedDict[str, tuple[Any, float]] = field(default_factory=OrderedDict)  # name -> (model, mtime)
     control_pipes: dict[tuple, tuple[tuple, Any]] = field(default_factory=dict)  # (mode, names) -> (ids, pipe)
@@ -75,7 +74,6 @@ def apply(pipe: Any, state: AdapterState, refs: Sequence[LoraRef], catalog: Addo
     wanted = tuple((r.name, r.weight) for r in refs)
     if wanted == state.active:
         return
-    started = time.perf_counter()
     for name, _ in wanted:
         try:
             file = catalog.get(name)
@@ -90,7 +88,7 @@ def apply(pipe: Any, state: AdapterState, refs: Sequence[LoraRef], catalog: Addo
             pipe.delete_adapters(have.adapter)
             del state.loaded[name]
         adapter = _adapter_name(name, {a.adapter for a in state.loaded.values()})
-        load_started = time.perf_counter()
+        started = time.perf_counter()
         try:
             with warnings.catch_warnings():  # peft warns that a model holds several adapters: that is the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -99,8 +97,7 @@ def apply(pipe: Any, state: AdapterState, refs: Sequence[LoraRef], catalog: Addo
             _forget_partial(pipe, adapter)
             raise AddonError(f"LoRA {name!r} cannot be applied to this model: {' '.join(str(exc).split())[:300]}") from None
         state.loaded[name] = Loaded(adapter, mtime)
-        state.timings["load_s"] = time.perf_counter() - load_started
-        log.info("loaded LoRA %s in %.3f s", name, state.timings["load_s"])
+        log.info("loaded LoRA %s in %.3f s", name, time.perf_counter() - started)
     in_use = {n for n, _ in wanted}
     while len(state.loaded) > MAX_LOADED:
         oldest = next(n for n in state.loaded if n not in in_use)
@@ -111,7 +108,6 @@ def apply(pipe: Any, state: AdapterState, refs: Sequence[LoraRef], catalog: Addo
     elif state.loaded:
         pipe.disable_lora()
     state.active = wanted
-    state.timings["switch_s"] = time.perf_counter() - started
 
 
 def _forget_partial(pipe: Any, adapter: str) -> None:
@@ -161,11 +157,8 @@ def load_embeddings(pipe: Any, state: AdapterState, catalog: AddonCatalog) -> No
     from safetensors.torch import load_file
 
     for file in catalog.list():
-        mtime = file.path.stat().st_mtime
-        if state.embeddings.get(file.name) == mtime or file.name in state.skipped:
-            continue
-        if file.name in state.embeddings:  # changed on disk: the tokens exist already; keep the first load
-            continue
+        if file.name in state.embeddings or file.name in state.skipped:
+            continue  # no per-file I/O on the hot path: each file is read once
         try:
             tensors = load_file(str(file.path))
         except (OSError, ValueError, RuntimeError) as exc:
@@ -178,7 +171,7 @@ def load_embeddings(pipe: Any, state: AdapterState, catalog: AddonCatalog) -> No
             continue
         for vectors, tokenizer, encoder in pairs:
             pipe.load_textual_inversion(vectors, token=file.name, tokenizer=tokenizer, text_encoder=encoder)
-        state.embeddings[file.name] = mtime
+        state.embeddings.add(file.name)
         log.info("loaded embedding %s", file.name)
 
 

@@ -59,7 +59,7 @@ class BatchKey:
     clip_skip: int
     loras: tuple[tuple[str, float], ...] = ()  # one set of LoRAs and weights per pass
     vae: str | None = None
-    hires: tuple | None = None  # the hires fix's settings but its prompts (those are per image)
+    hires: tuple | None = None  # Hires.settings(): all but its prompts (those are per image)
     controlnet: tuple = ()  # each ControlNet unit's settings but its image (that is per job)
 
 
@@ -92,9 +92,7 @@ def batch_key(request: JobRequest) -> BatchKey:
     return BatchKey(request.model, request.mode, width, height, request.steps, sampler, schedule,
                     request.cfg_scale > 1, effective_strength(request), request.clip_skip,
                     tuple((r.name, r.weight) for r in request.loras), request.vae,
-                    None if request.hires is None else (request.hires.scale, request.hires.width, request.hires.height,
-                                                        request.hires.upscaler, request.hires.steps,
-                                                        request.hires.strength),
+                    None if request.hires is None else request.hires.settings(),
                     tuple(unit.settings() for unit in request.controlnet))
 
 
@@ -214,7 +212,7 @@ class Engine:
             own: list[GeneratedImage] = []
             for i in range(p.request.n):
                 pixels = output[row]
-                image = Image.fromarray((pixels * 255).round().clip(0, 255).astype("uint8"))
+                image = _to_image(pixels)
                 row += 1
                 if p.mask is not None and p.init_image is not None:
                     # A1111's overlay: outside the (blurred) mask, the original pixels are pasted back unchanged.
@@ -282,8 +280,7 @@ class Engine:
                                                              antialias=antialias)
         else:
             resample = Image.NEAREST if hires.upscaler == "Nearest" else Image.LANCZOS
-            image = [Image.fromarray((px * 255).round().clip(0, 255).astype("uint8")).resize((width, height), resample)
-                     for px in first]
+            image = [_to_image(px).resize((width, height), resample) for px in first]
         second = model.pipelines["img2img"]
         second.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
         adapters.choose_vae(second, model.adapters, key.vae, self.registry.vaes)
@@ -387,6 +384,11 @@ class PerImageGuidance(float):
         return other * rows.view(-1, *([1] * (other.ndim - 1)))
 
     __rmul__ = __mul__
+
+
+def _to_image(pixels: Any) -> Image.Image:
+    """A pipeline's float pixels (HxWx3 in 0..1) as an 8-bit picture."""
+    return Image.fromarray((pixels * 255).round().clip(0, 255).astype("uint8"))
 
 
 def _control_inputs(units: Sequence[Any], prepared: Sequence[_Prepared], mode: str) -> dict[str, Any]:

@@ -186,25 +186,28 @@ def control_units(body: Txt2ImgRequest) -> list[dict[str, Any]]:
         if module not in CONTROL_MODULES:
             raise TranslationError(f"{where}: module {module!r} is not available here; use one of "
                                    f"{', '.join(CONTROL_MODULES)}", where, 422)
-
-        def pick(value: Any, names: tuple[str, ...], default: str) -> Any:
-            if value is None:
-                return default
-            return names[value] if isinstance(value, int) and 0 <= value < len(names) else value
-
-        def number(key: str, default: float) -> float:
-            value = arg.get(key)
-            return default if value is None or (isinstance(value, (int, float)) and value < 0) else value
-
         units.append({
             "image": image, "module": module, "model": model, "weight": arg.get("weight", 1.0),
             "guidance_start": arg.get("guidance_start", 0.0), "guidance_end": arg.get("guidance_end", 1.0),
-            "control_mode": pick(arg.get("control_mode"), CONTROL_MODES, "Balanced"),
-            "resize_mode": pick(arg.get("resize_mode"), CONTROL_RESIZE, "Crop and Resize"),
-            "processor_res": number("processor_res", 512),
-            "threshold_a": number("threshold_a", 100.0), "threshold_b": number("threshold_b", 200.0),
+            "control_mode": _named(arg.get("control_mode"), CONTROL_MODES, "Balanced"),
+            "resize_mode": _named(arg.get("resize_mode"), CONTROL_RESIZE, "Crop and Resize"),
+            "processor_res": _setting(arg.get("processor_res"), 512),
+            "threshold_a": _setting(arg.get("threshold_a"), 100.0),
+            "threshold_b": _setting(arg.get("threshold_b"), 200.0),
         })
     return units
+
+
+def _named(value: Any, names: tuple[str, ...], default: str) -> Any:
+    """The extension's modes come as names or as their index."""
+    if value is None:
+        return default
+    return names[value] if isinstance(value, int) and 0 <= value < len(names) else value
+
+
+def _setting(value: Any, default: float) -> Any:
+    """A missing or negative (-1: "the module's default") number is the default."""
+    return default if value is None or (isinstance(value, (int, float)) and value < 0) else value
 
 
 def _snap(value: int | None) -> int | None:
