@@ -14,7 +14,7 @@ ARGS ?=
 # Extra flags for `make bench`, e.g.:  make bench BENCH_ARGS='throughput --size 512 --model models/sd15'
 BENCH_ARGS ?=
 
-.PHONY: install tools serve test bench bench-scaleout bench-demo bench-loras demo-model clean
+.PHONY: install tools serve test bench bench-scaleout bench-abuse bench-demo bench-loras demo-model clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ bench: install
 bench-scaleout: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/scaleout.py $(BENCH_ARGS)
+
+# Load (200 clients, 60 s, rate limits on), soak (10,000 jobs, short retention) and faults (kill -9 of the API,
+# a worker and Redis; S3 gone 10 s; a full disk): bench/results/abuse-*.json. The faults part mounts a tmpfs
+# (root). About 15 minutes on 2 cores, e.g.:  make bench-abuse BENCH_ARGS='faults'
+bench-abuse: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/abuse.py $(BENCH_ARGS)
 
 # What the demo model draws (docs/demo-grid.png), how often it follows the prompt, and how fast it is.
 bench-demo: install

@@ -31,6 +31,19 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+def fill_disk(folder: Path) -> Path:
+    """Write zeros into folder/filler until the file system is full; delete the file to free the space."""
+    filler = folder / "filler"
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
 def weed_binary() -> str | None:
     found = Path(sys.executable).parent / "weed"
     return str(found) if found.exists() else shutil.which("weed")
@@ -110,8 +123,10 @@ class SeaweedS3:
 class RedisServer:
     """`redis-server` on a free loopback port, its data (AOF) in `root`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *args: str) -> None:
+        """`args`: more redis-server flags, e.g. --appendfsync always."""
         self.root = root
+        self.args = args
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -127,7 +142,7 @@ class RedisServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(self.root),
-             "--save", "", "--protected-mode", "no"],
+             "--save", "", "--protected-mode", "no", *self.args],
             stdout=(self.root / "redis.log").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
@@ -153,6 +168,12 @@ class RedisServer:
         except redis.ConnectionError:
             pass
         if self.proc is not None:
+            self.proc.wait(20)
+
+    def kill(self) -> None:
+        """kill -9: a crash; start() again brings it back from its AOF, on the same port."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(20)
 
     def stop(self) -> None:

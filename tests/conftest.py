@@ -65,3 +65,21 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def roomy_queue(request, tmp_path):
+    """A job queue on each backend (a SQLite file; a flushed database on the real redis-server), room for
+    1000 jobs: for the fair-share and retention contracts."""
+    from sdserve.jobs.local import SQLiteJobQueue
+
+    if request.param == "sqlite":
+        queue = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=1000)
+    else:
+        from sdserve.jobs.redis import RedisJobQueue
+
+        server = request.getfixturevalue("redis_server")
+        server.client().flushdb()
+        queue = RedisJobQueue(server.url, max_queue=1000)
+    yield queue
+    queue.close()

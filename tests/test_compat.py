@@ -267,8 +267,8 @@ def test_sagemaker_mode_binds_env_port_and_loads_opt_ml_model(models_dir, tmp_pa
 # ---------------------------------------------------------------- every dialect through one queue
 def test_all_dialects_at_once_share_one_queue(server, a1111, oai):
     def metric(text, source):
-        line = next((l for l in text.splitlines() if l.startswith(f'sdserve_jobs_submitted_total{{source="{source}"}}')), None)
-        return float(line.split()[-1]) if line else 0.0
+        return sum(float(l.split()[-1]) for l in text.splitlines()
+                   if l.startswith("sdserve_jobs_submitted_total{") and f'source="{source}"' in l)
 
     headers = {"Authorization": f"Bearer {KEY}"}
     before = httpx.get(server.url + "/metrics", headers=headers).text

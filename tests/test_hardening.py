@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from components import fill_disk
 from server import ServerProcess, wait_for
 
 LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}  # seconds of work
@@ -472,18 +473,6 @@ def _mount_tmpfs(path: Path, size: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
 
 
-def _fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    with filler.open("wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
-    return filler
-
-
 @pytest.fixture()
 def full_disk_server(models_dir, tmp_path, request):
     """A server whose data dir (where=data) or only its image store (where=images) is a small tmpfs."""
@@ -512,7 +501,7 @@ def test_a_full_disk_fails_jobs_clearly_and_recovers(full_disk_server):
     server, mount = full_disk_server
     with server.client() as c:
         assert c.post("/api/v1/generate", json={"prompt": "x", "steps": 1}).status_code == 200
-        filler = _fill(mount)
+        filler = fill_disk(mount)
         answers = []
         for i in range(6):
             started = time.monotonic()

@@ -219,7 +219,7 @@ def test_hundred_concurrent_submissions_all_complete(server):
 def test_metrics(client):
     client.post("/api/v1/generate", json={"prompt": "m", "steps": 1})
     text = client.get("/metrics").text
-    for name in ("sdserve_requests_total{", "sdserve_queue_depth", "sdserve_jobs_total{status=\"succeeded\"}",
+    for name in ("sdserve_requests_total{", "sdserve_queue_depth", "sdserve_jobs_total{label=\"anonymous\",status=\"succeeded\"}",
                  "sdserve_job_queue_seconds_bucket", "sdserve_job_run_seconds_bucket", "sdserve_images_total",
                  "sdserve_batch_images_bucket"):
         assert name in text, name

@@ -58,6 +58,16 @@ def test_probe_passes_on_a_working_store(store):
     store.probe()
 
 
+def test_prune_deletes_what_was_stored_before_a_time(store):
+    keys = [store.put(b"old"), store.put(b"older", key=f"{uuid.uuid4().hex}-0")]
+    assert store.prune(time.time() - 3600) == 0  # nothing is an hour old
+    assert all(store.get(k) for k in keys)
+    time.sleep(1.1)  # S3 keeps LastModified to the second
+    assert store.prune(time.time()) == 2
+    assert [store.get(k) for k in keys] == [None, None]
+    assert store.prune(time.time()) == 0
+
+
 def test_urls(store):
     key = store.put(b"pixels")
     url = store.url(key, 60)

@@ -290,6 +290,36 @@ def test_queue_full_shows_retry_time(browser, tmp_path):
         server.terminate()
 
 
+def test_older_jobs_page_in_and_a_blocked_image_says_why(browser, tmp_path):
+    from test_moderation import Hook
+
+    hook = Hook()  # blocks images whose prompt says "forbidden"
+    server = ServerProcess(None, tmp_path, "--model", "demo", "--moderation", hook.url,
+                           env={"SDSERVE_ENGINE": "noop"}).start()
+    try:
+        with server.client() as c:
+            ids = [c.post("/api/v1/jobs", json={"prompt": f"job {i}", "steps": 1}).json()["id"] for i in range(44)]
+            ids.append(c.post("/api/v1/jobs", json={"prompt": "forbidden", "steps": 1}).json()["id"])
+            for job_id in ids:
+                wait_for(c, job_id)
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        cards = page.locator("#jobs .card")
+        assert cards.count() == 40 and page.is_visible("#older")
+        page.wait_for_selector("#jobs .card .thumbs .blocked")
+        assert latest_card(page).locator(".thumbs .blocked").inner_text() == "blocked: forbidden"
+        page.click("#older")
+        page.wait_for_function("() => document.querySelectorAll('#jobs .card').length === 45")
+        assert page.is_hidden("#older")
+        shown = cards.evaluate_all("cards => cards.map(c => c.dataset.jobId)")
+        assert shown == ids[::-1]  # newest first, each once
+        page.close()
+    finally:
+        server.terminate()
+        hook.close()
+
+
 def test_api_key_prompt(browser, tmp_path):
     server = ServerProcess(None, tmp_path, "--model", "demo", "--api-key", "let-me-in").start()
     try:

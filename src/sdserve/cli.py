@@ -87,6 +87,22 @@ OnDisconnect = Annotated[Optional[str], typer.Option(
 ImagesPerMinute = Annotated[Optional[float], typer.Option(
     "--images-per-minute", help="Images per caller per minute; n=8 counts 8. [env: SDSERVE_IMAGES_PER_MINUTE]")]
 
+KeysFile = Annotated[Optional[Path], typer.Option(
+    "--keys-file", help="TOML or YAML file of API keys with labels, limits, priorities and fair-share weights "
+    "(README: Many users). [env: SDSERVE_KEYS_FILE]")]
+Moderation = Annotated[Optional[str], typer.Option(
+    "--moderation", help="Check every image before it is visible: none, safety-checker, or an HTTP hook URL "
+    "that receives the PNG. [env: SDSERVE_MODERATION]")]
+SafetyChecker = Annotated[Optional[Path], typer.Option(
+    "--safety-checker", help="Folder with diffusers' StableDiffusionSafetyChecker weights and its feature_extractor "
+    "(for --moderation safety-checker). [env: SDSERVE_SAFETY_CHECKER]")]
+Blocklist = Annotated[Optional[Path], typer.Option(
+    "--blocklist", help="Words or phrases a prompt may not contain, one per line (# comments). [env: SDSERVE_BLOCKLIST]")]
+KeepJobsDays = Annotated[Optional[float], typer.Option(
+    "--keep-jobs-days", help="Delete ended jobs older than this (default 30; 0: keep). [env: SDSERVE_KEEP_JOBS_DAYS]")]
+KeepImagesDays = Annotated[Optional[float], typer.Option(
+    "--keep-images-days", help="Delete images older than this (default 30; 0: keep). [env: SDSERVE_KEEP_IMAGES_DAYS]")]
+
 
 def _settings(**overrides: object) -> Settings:
     """Environment first, then explicit flags on top (a flag left out keeps the environment's value)."""
@@ -223,6 +239,12 @@ def serve(
     rate_burst: RateBurst = None,
     images_per_minute: ImagesPerMinute = None,
     on_disconnect: OnDisconnect = None,
+    keys_file: KeysFile = None,
+    moderation: Moderation = None,
+    safety_checker: SafetyChecker = None,
+    blocklist: Blocklist = None,
+    keep_jobs_days: KeepJobsDays = None,
+    keep_images_days: KeepImagesDays = None,
     max_batch: MaxBatch = None,
     batch_wait_ms: BatchWait = None,
     optimize: Optimize = None,
@@ -243,7 +265,9 @@ def serve(
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
         sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize, storage=storage,
         queue=queue, lease_s=lease_s, name=name, rate_limit=rate_limit, rate_burst=rate_burst,
-        images_per_minute=images_per_minute, on_disconnect=on_disconnect,
+        images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, moderation=moderation,
+        safety_checker=safety_checker, blocklist=blocklist, keep_jobs_days=keep_jobs_days,
+        keep_images_days=keep_images_days,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
@@ -267,6 +291,10 @@ def api(
     rate_burst: RateBurst = None,
     images_per_minute: ImagesPerMinute = None,
     on_disconnect: OnDisconnect = None,
+    keys_file: KeysFile = None,
+    blocklist: Blocklist = None,
+    keep_jobs_days: KeepJobsDays = None,
+    keep_images_days: KeepImagesDays = None,
     queue: QueueURL = None,
     storage: StorageURL = None,
 ) -> None:
@@ -274,7 +302,8 @@ def api(
     settings = _settings(
         host=host, port=port, models=model or None, data_dir=data_dir, api_keys=api_key or None, api_auth=api_auth,
         max_queue=max_queue, queue=queue, storage=storage, rate_limit=rate_limit, rate_burst=rate_burst,
-        images_per_minute=images_per_minute, on_disconnect=on_disconnect,
+        images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, blocklist=blocklist,
+        keep_jobs_days=keep_jobs_days, keep_images_days=keep_images_days,
     )
     if not model and "SDSERVE_MODELS" not in os.environ:
         settings.models = []  # not "demo": the API offers what the workers publish
@@ -323,6 +352,8 @@ def worker(
     batch_wait_ms: BatchWait = None,
     optimize: Optimize = None,
     allow_pickle: AllowPickle = None,
+    moderation: Moderation = None,
+    safety_checker: SafetyChecker = None,
     metrics_port: Annotated[
         Optional[int], typer.Option(help="Serve /healthz, /readyz (model loaded) and /metrics on this port "
                                     "(on --host). [env: SDSERVE_METRICS_PORT]"),
@@ -338,7 +369,8 @@ def worker(
     settings = _settings(
         models=model or None, models_dir=models_dir, data_dir=data_dir, device=device, queue=queue, storage=storage,
         name=name, lease_s=lease_s, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize,
-        allow_pickle=allow_pickle, host=host, metrics_port=metrics_port,
+        allow_pickle=allow_pickle, host=host, metrics_port=metrics_port, moderation=moderation,
+        safety_checker=safety_checker,
     )
     try:
         service = Service(settings, "worker")

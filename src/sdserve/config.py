@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # Opt-in speed-ups: channels_last, compile, cuda_graphs (see engine/models.py OPTIMIZATIONS).
     optimize: Annotated[list[str], NoDecode] = Field(default_factory=list)
     engine: Literal["diffusers", "noop"] = Field("diffusers", description="noop: no generation, for benchmarks.")
+    noop_step_ms: float = Field(0.0, ge=0, le=10000, description="noop engine: how long each step takes.")
 
     # The job queue: sqlite:///path (default: <data dir>/jobs.db) or redis://host:port/db (shared by processes)
     queue: str | None = None
@@ -59,12 +60,33 @@ class Settings(BaseSettings):
     rate_limit: str | None = Field(None, description="Submissions per caller, e.g. 5/s, 300/min.")
     rate_burst: float | None = Field(None, gt=0, description="Submissions a caller may make at once.")
     images_per_minute: float | None = Field(None, gt=0, description="Images per caller per minute (n=8 is 8).")
+    # Keys with labels, their own limits, priorities and fair-share weights (TOML or YAML; keys.py).
+    keys_file: Path | None = None
+
+    # Moderation: every finished image is checked before it is visible (moderation.py); prompts at submission.
+    moderation: str = Field("none", description="none | safety-checker | http(s)://hook")
+    safety_checker: Path | None = Field(None, description="Folder of diffusers' StableDiffusionSafetyChecker "
+                                        "weights (with its feature_extractor), for --moderation safety-checker.")
+    moderation_timeout_s: float = Field(10.0, gt=0, le=300, description="How long the HTTP hook may take.")
+    blocklist: Path | None = Field(None, description="Words and phrases a prompt may not contain, one per line.")
+
+    # Retention: ended jobs and images older than this are deleted (0 keeps them forever).
+    keep_jobs_days: float = Field(30.0, ge=0)
+    keep_images_days: float = Field(30.0, ge=0)
+    prune_interval_s: float = Field(300.0, gt=0, description="How often the prune loop runs.")
 
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
     max_size: int = Field(2048, ge=64, le=2048)
     max_steps: int = Field(150, ge=1, le=150)
     max_images: int = Field(8, ge=1, le=8)
     max_body_mb: int = Field(20, ge=1)
+
+    @field_validator("moderation")
+    @classmethod
+    def _moderation(cls, value: str) -> str:
+        if value not in ("none", "safety-checker") and not value.startswith(("http://", "https://")):
+            raise ValueError("use none, safety-checker, or the URL of an HTTP hook (http://… or https://…)")
+        return value
 
     @field_validator("rate_limit")
     @classmethod

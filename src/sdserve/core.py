@@ -33,6 +33,11 @@ class RequestRejected(ValueError):
         self.field = field
 
 
+class ContentBlocked(RequestRejected):
+    """Moderation withheld it: a prompt on the blocklist, or an image a check blocked. 400 in every dialect
+    (OpenAI's code: content_policy_violation)."""
+
+
 # ----- failed jobs -------------------------------------------------------------------------------
 # error_kind -> the HTTP status a synchronous client gets, whatever its dialect.
 FAILURE_STATUS = {

@@ -61,6 +61,11 @@ def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def black_png(width: int, height: int) -> bytes:
+    """What stands in for an image moderation withheld, where a dialect answers with pictures (A1111 does this)."""
+    return encode_png(Image.new("RGB", (width, height)))
+
+
 def media_type(data: bytes) -> str:
     """The MIME type of stored image bytes, by their magic number (inputs keep the client's format)."""
     if data.startswith(b"\xff\xd8\xff"):

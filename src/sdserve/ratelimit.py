@@ -15,10 +15,15 @@ import math
 import re
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-# Who is calling, set by the rate-limit middleware for the request's task (and threads it starts), so the
-# service can charge a submission's images to the caller without every dialect passing it along.
-CALLER: ContextVar[str | None] = ContextVar("sdserve_caller", default=None)
+if TYPE_CHECKING:
+    from sdserve.keys import Caller
+
+# Who is calling (keys.Caller), set by the rate-limit middleware for the request's task (and threads it starts),
+# so the service can charge a submission's images to the caller, and label, prioritise and place its jobs,
+# without every dialect passing it along.
+CALLER: ContextVar[Caller | None] = ContextVar("sdserve_caller", default=None)
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
@@ -78,29 +83,28 @@ def decide(rate: Rate, allowed: bool, left: float, retry_s: float) -> Decision:
 
 
 class Limiter:
-    """The limits of one server; `store` is the job queue (its `take_tokens`)."""
+    """The limits of one server: its defaults, which a key's own limits (keys file) replace; `store` is the job
+    queue (its `take_tokens`)."""
 
     def __init__(self, store, requests: Rate | None = None, images: Rate | None = None) -> None:
         self.store = store
         self.requests = requests
         self.images = images
 
-    @property
-    def active(self) -> bool:
-        return self.requests is not None or self.images is not None
-
-    def _take(self, kind: str, rate: Rate, caller: str, n: float) -> Decision:
-        allowed, left, retry = self.store.take_tokens(f"ratelimit:{kind}:{caller}", rate.per_s, rate.burst, n)
+    def _take(self, kind: str, rate: Rate, caller: Caller, n: float) -> Decision:
+        allowed, left, retry = self.store.take_tokens(f"ratelimit:{kind}:{caller.id}", rate.per_s, rate.burst, n)
         return decide(rate, allowed, left, retry)
 
-    def request(self, caller: str) -> Decision | None:
-        return None if self.requests is None else self._take("requests", self.requests, caller, 1)
+    def request(self, caller: Caller) -> Decision | None:
+        rate = caller.requests or self.requests
+        return None if rate is None else self._take("requests", rate, caller, 1)
 
     def charge_images(self, n: int) -> None:
         """Charge n images to the current caller (CALLER); RateLimited when over the images limit."""
         caller = CALLER.get()
-        if self.images is None or caller is None:
+        rate = None if caller is None else caller.images or self.images
+        if rate is None or caller is None:
             return
-        decision = self._take("images", self.images, caller, n)
+        decision = self._take("images", rate, caller, n)
         if not decision.allowed:
             raise RateLimited("images", decision)

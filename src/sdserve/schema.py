@@ -187,8 +187,12 @@ class JobStatus(str, Enum):
 
 class ImageRef(BaseModel):
     id: str
-    url: str
+    url: str | None = Field(..., description="Where to fetch it; None when moderation blocked it.")
     seed: int
+    width: int | None = None
+    height: int | None = None
+    blocked: bool = Field(False, description="Moderation withheld this image: it was never stored.")
+    reason: str | None = Field(None, description="Why it was blocked.")
 
 
 class Job(BaseModel):
@@ -213,3 +217,5 @@ class Job(BaseModel):
     batch_id: str | None = Field(None, description="Jobs run in the same UNet pass share this id.")
     batch_images: int | None = Field(None, description="Images in that pass, this job's and its companions'.")
     worker: str | None = Field(None, description="The worker that ran it (or runs it now).")
+    label: str | None = Field(None, description="Who submitted it: its API key's label (keys file), the Basic "
+                              "user, or 'anonymous'; never the key itself.")

@@ -27,12 +27,20 @@ from typing import TYPE_CHECKING, Literal
 from sdserve import addons, catalog, core, loras
 from sdserve.catalog import ModelCatalog, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
-from sdserve.core import RequestRejected
+from sdserve.core import ContentBlocked, RequestRejected
 from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
+from sdserve.images import black_png
 from sdserve.jobs.events import END_EVENTS
-from sdserve.jobs.queue import JobFinished, JobNotFound, JobQueue, NotAccepting, StorageError
-from sdserve.ratelimit import Limiter, Rate
+from sdserve.jobs.queue import (
+    JobFinished,
+    JobNotFound,
+    JobQueue,
+    NotAccepting,
+    StorageError,
+)
+from sdserve.moderation import Blocklist, open_moderator
+from sdserve.ratelimit import CALLER, Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, open_store
 
@@ -50,6 +58,8 @@ A1111_OPTIONS = "a1111:options"
 REAP_INTERVAL_S = 0.5
 # A waiter gives up this long after a job's deadline, even if nothing could record its end.
 WAIT_GRACE_S = 15.0
+# Retention deletes ended jobs this many at a time.
+PRUNE_SLICE = 1000
 # How often a synchronous call checks that its client is still there.
 DISCONNECT_POLL_S = 0.2
 
@@ -92,6 +102,7 @@ class Service:
         if role != "serve" and not self.queue.shared:
             raise ValueError(f"sdserve {role} needs a queue other processes share: --queue redis://host:port/db")
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
+        self.blocklist = Blocklist.load(settings.blocklist)
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
         self.limiter = Limiter(
             self.queue,
@@ -109,6 +120,7 @@ class Service:
             self._build_runner(settings)
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
+        self._pruner = threading.Thread(target=self._prune_loop, name="sdserve-retention", daemon=True)
 
     def _build_runner(self, settings: Settings) -> None:
         """The engine side (imports torch): the local model registry, the engine, and the runner over them."""
@@ -127,13 +139,15 @@ class Service:
         self.vaes: addons.AddonCatalog = registry.vaes
         self.embeddings: addons.AddonCatalog = registry.embeddings
         self.controlnets: addons.AddonCatalog = registry.controlnets
-        engine = NoopEngine(registry) if settings.engine == "noop" else Engine(registry)
+        engine = (NoopEngine(registry, settings.noop_step_ms / 1000) if settings.engine == "noop"
+                  else Engine(registry))
         self.runner = Runner(
             engine, self.queue, self.images, self.health,
             default_model=settings.models[0] if settings.models else None,
             max_batch=settings.max_batch or default_max_batch(registry.device),
             batch_wait_s=settings.batch_wait_ms / 1000,
             name=settings.name or f"{socket.gethostname()}-{os.getpid()}", heartbeat_s=settings.lease_s / 3,
+            moderator=open_moderator(settings, registry.device),
         )
         # Once its model loads, a worker tells the API replicas (which have no model files) what it serves.
         self.runner.on_ready = lambda: catalog.publish(self.queue, registry.list(), registry.sha256)
@@ -163,6 +177,8 @@ class Service:
         if self.runner is not None:
             self.runner.start()
         self._reaper.start()
+        if self.role != "worker":  # the API side keeps history bounded; workers only make images
+            self._pruner.start()
 
     def stop_intake(self) -> None:
         self.queue.accepting = False
@@ -184,6 +200,41 @@ class Service:
                 self.health.failed(str(exc), full=exc.full)
             except Exception:
                 log.exception("reaper error")
+
+    # ----- retention ---------------------------------------------------------------------------
+    def prune(self) -> tuple[int, int]:
+        """Delete ended jobs older than --keep-jobs-days and images older than --keep-images-days (0: keep);
+        returns (jobs, images) deleted."""
+        now = time.time()
+        jobs = images = 0
+        if self.settings.keep_jobs_days:
+            while True:  # in slices, so the job store is never locked for long
+                deleted = self.queue.prune(now - self.settings.keep_jobs_days * 86400, PRUNE_SLICE)
+                jobs += deleted
+                if deleted < PRUNE_SLICE:
+                    break
+        if self.settings.keep_images_days:
+            images = self.images.prune(now - self.settings.keep_images_days * 86400)
+        return jobs, images
+
+    def _prune_loop(self) -> None:
+        """At start, then every --prune-interval-s. API replicas share one turn per interval (a token bucket in
+        the queue's store), so a cluster lists its bucket once, not once per replica."""
+        interval = self.settings.prune_interval_s
+        wait = min(5.0, interval)
+        while not self._stopped.wait(wait):
+            wait = interval
+            try:
+                # refilled a little sooner than the interval, so this replica's next turn is never a hair early
+                if not self.queue.take_tokens("retention", 1 / (0.9 * interval), 1, 1)[0]:
+                    continue
+                jobs, images = self.prune()
+                if jobs or images:
+                    log.info("retention: deleted %d job(s) and %d image(s)", jobs, images)
+            except (StorageError, OSError) as exc:
+                log.warning("retention: %s (will try again)", exc)
+            except Exception:
+                log.exception("retention error")
 
     def readiness(self) -> tuple[bool, str]:
         if self.runner is not None and self.runner.load_error:
@@ -218,6 +269,10 @@ class Service:
             if max(size) > limits.max_size:
                 raise RequestRejected(f"hires size {size[0]}x{size[1]} is over this server's limit of "
                                       f"{limits.max_size}", "hires")
+        for field, text in (("prompt", request.prompt), ("hires", request.hires.prompt if request.hires else "")):
+            term = self.blocklist.match(text)
+            if term is not None:
+                raise ContentBlocked(f"the prompt contains {term!r}, which this server does not accept", field)
         if request.n > limits.max_images:
             raise RequestRejected(f"n {request.n} is over this server's limit of {limits.max_images} images", "n")
         try:
@@ -269,8 +324,13 @@ class Service:
         except UnknownModelError as exc:  # no default anywhere yet (an API no worker has told of its models)
             raise NotAccepting(str(exc)) from None
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
+        caller = CALLER.get()
+        if caller is not None:  # the key's priority caps the job's (keys file)
+            queued.priority = caller.priority_for(request.priority, "priority" in request.model_fields_set)
         try:
-            return self.queue.submit(queued, source=source, idempotency_key=idempotency_key, fingerprint=fingerprint)
+            return self.queue.submit(queued, source=source, idempotency_key=idempotency_key, fingerprint=fingerprint,
+                                     owner=caller.id if caller else "", label=caller.label if caller else None,
+                                     weight=caller.weight if caller else 1.0)
         except StorageError as exc:
             self.health.failed(str(exc), full=exc.full)
             raise
@@ -335,17 +395,24 @@ class Service:
         return [(await asyncio.to_thread(self.submit, r, source=source, inputs=i, charge=False))[0]
                 for r, i in zip(requests, inputs)]
 
-    async def results(self, job_ids: list[str], disconnected: Disconnected | None = None) -> list[tuple[Job, list[bytes]]]:
+    async def results(self, job_ids: list[str], disconnected: Disconnected | None = None,
+                      blocked: Literal["refuse", "black"] = "refuse") -> list[tuple[Job, list[bytes]]]:
         """Await every job's end; each with its PNGs (none unless it succeeded). `disconnected`: whether the
         synchronous client has gone (Starlette's `request.is_disconnected`); if it goes, its jobs are
-        abandoned (`abandon`) rather than run for nobody."""
+        abandoned (`abandon`) rather than run for nobody. An image moderation blocked: ContentBlocked
+        (`refuse`), or a black picture of its size in its place (`black`, as A1111 answers)."""
         watcher = asyncio.create_task(self._watch(job_ids, disconnected)) if disconnected is not None else None
         try:
             done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
         finally:
             if watcher is not None:
                 watcher.cancel()
+        refused = [ref for job in done for ref in job.images if ref.blocked]
+        if refused and blocked == "refuse":
+            raise ContentBlocked(f"moderation blocked {len(refused)} of the images: {refused[0].reason}")
+
         def read(job: Job) -> list[bytes]:
-            return [self.images.get(ref.id) or b"" for ref in job.images]
+            return [black_png(ref.width or 64, ref.height or 64) if ref.blocked else self.images.get(ref.id) or b""
+                    for ref in job.images]
 
         return [(job, await asyncio.to_thread(read, job)) for job in done]

@@ -100,7 +100,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
-        outcomes = await service.results(call.job_ids, request.is_disconnected)
+        outcomes = await service.results(call.job_ids, request.is_disconnected, blocked="black")
     finally:
         await asyncio.to_thread(state.remove, call)
     done = [job for job, _ in outcomes]
@@ -109,7 +109,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         status = failure_status(failed[0].error_kind)
         return JSONResponse({"error": "GenerationError", "detail": failed[0].error, "errors": failed[0].error},
                             status_code=status)
-    images, seeds, texts, refs = [], [], [], []
+    images, seeds, texts, refs, nsfw = [], [], [], [], []
     width = height = 0
     for job, pngs in outcomes:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
         for ref, png in zip(job.images, pngs):
@@ -119,6 +119,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
             images.append(base64.b64encode(png).decode())
             seeds.append(ref.seed)
             refs.append(ref)
+            nsfw.append(ref.blocked)
     def describe_model() -> tuple[str, str | None]:
         model = service.models.info(done[0].request.model)
         return model.name, service.models.short_hash(model)
@@ -128,6 +129,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         body, seeds=seeds, infotexts=texts, width=width or (body.width or 0), height=height or (body.height or 0),
         model_name=model_name, model_hash=model_hash,
         sampler=samplers.resolve(canonical[0].sampler, canonical[0].scheduler).sampler.name, ignored=ignored,
+        nsfw=nsfw,
     )
     headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else None
     payload = {"images": images if body.send_images else [], "parameters": proto.echo_parameters(body), "info": info}

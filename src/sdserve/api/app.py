@@ -23,6 +23,7 @@ from sdserve.api.middleware import (
 from sdserve.api.security import AuthMiddleware, RateLimitMiddleware, parse_users
 from sdserve.config import Settings
 from sdserve.jobs.queue import StorageError
+from sdserve.keys import KeyBook
 from sdserve.service import Service
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -90,7 +91,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(JSONGuardMiddleware)
     app.add_middleware(RateLimitMiddleware, limiter=service.limiter)  # inside auth: it knows the caller
-    app.add_middleware(AuthMiddleware, keys=settings.api_keys, users=parse_users(settings.api_auth))
+    app.add_middleware(AuthMiddleware, keys=KeyBook(settings.api_keys, settings.keys_file),
+                       users=parse_users(settings.api_auth))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

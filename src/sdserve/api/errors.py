@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdserve.core import RequestRejected
+from sdserve.core import ContentBlocked, RequestRejected
 from sdserve.jobs.queue import (
     IdempotencyConflict,
     JobFinished,
@@ -56,6 +56,8 @@ def render(path: str, status: int, message: str, *, field: str | None = None, er
         body = {"error": error_type or "HTTPException", "detail": message, "body": None, "errors": message}
     else:
         body = {"detail": message}
+        if code is not None:
+            body["code"] = code
         if errors is not None or field is not None:
             body["errors"] = errors if errors is not None else [{"field": field, "message": message}]
     return JSONResponse(body, status_code=status, headers=headers)
@@ -87,6 +89,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestRejected)
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
         return render(request.url.path, 422, str(exc), field=exc.field,
+                      errors=[{"field": exc.field, "message": str(exc)}] if exc.field else [])
+
+    @app.exception_handler(ContentBlocked)
+    async def _blocked(request: Request, exc: ContentBlocked) -> JSONResponse:
+        return render(request.url.path, 400, str(exc), field=exc.field, code="content_policy_violation",
+                      error_type="content_policy_violation" if request.url.path.startswith("/sdapi/") else None,
                       errors=[{"field": exc.field, "message": str(exc)}] if exc.field else [])
 
     @app.exception_handler(OpenAIError)

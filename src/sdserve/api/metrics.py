@@ -32,38 +32,46 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.workers = Gauge("sdserve_workers", "Live workers (heartbeat within 3 intervals)", registry=self.registry)
         self.workers.set_function(live_workers)
-        self.jobs = Counter("sdserve_jobs", "Jobs whose end this process recorded, by status (a cluster: sum over API "
-                                          "replicas and workers)", ["status"], registry=self.registry)
+        self.jobs = Counter("sdserve_jobs", "Jobs whose end this process recorded, by status and caller label (a "
+                                          "cluster: sum over API replicas and workers)", ["status", "label"],
+                            registry=self.registry)
         self.queue_seconds = Histogram("sdserve_job_queue_seconds", "Time from submission to start",
                                        buckets=_SECONDS, registry=self.registry)
         self.run_seconds = Histogram("sdserve_job_run_seconds", "Time from start to end",
                                      buckets=_SECONDS, registry=self.registry)
-        self.images = Counter("sdserve_images", "Images generated", registry=self.registry)
+        self.images = Counter("sdserve_images", "Images generated and shown, by caller label", ["label"],
+                              registry=self.registry)
+        self.blocked = Counter("sdserve_images_blocked", "Images moderation withheld, by caller label", ["label"],
+                               registry=self.registry)
         self.batch_images = Histogram("sdserve_batch_images", "Images per UNet pass (dynamic batching)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect", ["source"],
-                                 registry=self.registry)
+        self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect and caller label",
+                                 ["source", "label"], registry=self.registry)
 
     def on_event(self, event: dict[str, Any]) -> None:
         """EventBus listener: count ends, observe durations, and write the one log line per job."""
         kind = event.get("type")
         if kind == "queued":
-            self.submitted.labels(event["source"]).inc()
+            self.submitted.labels(event["source"], event.get("label") or "").inc()
             return
         if kind == "started":
             self.queue_seconds.observe(_seconds(event["created_at"], event["started_at"]))
             return
         if kind not in ("succeeded", "failed", "canceled"):
             return
-        self.jobs.labels(kind).inc()
+        label = event.get("label") or ""
+        self.jobs.labels(kind, label).inc()
         run_s = _seconds(event["started_at"], event["finished_at"]) if event.get("started_at") else None
         if run_s is not None:
             self.run_seconds.observe(run_s)
         if kind == "succeeded":
-            self.images.inc(len(event["images"]))
+            blocked = sum(1 for image in event["images"] if image.get("blocked"))
+            self.images.labels(label).inc(len(event["images"]) - blocked)
+            if blocked:
+                self.blocked.labels(label).inc(blocked)
         request = event["request"]
         job_log.info(json.dumps({
-            "event": "job", "id": event["id"], "status": kind, "source": event["source"],
+            "event": "job", "id": event["id"], "status": kind, "source": event["source"], "label": label,
             "model": request.get("model"), "mode": "txt2img" if request.get("init_image") is None else "img2img",
             "size": f"{request['width']}x{request['height']}" if request.get("width") else "native",
             "steps": request["steps"], "n": request["n"],

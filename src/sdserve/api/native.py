@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -33,16 +34,20 @@ async def submit_job(
                         headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
-@router.get("/jobs", summary="Recent jobs, newest first", response_model=list[Job])
+@router.get("/jobs", summary="Recent jobs, newest first, a page at a time (Link: rel=next)", response_model=list[Job])
 async def list_jobs(
     service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     status: JobStatus | None = None,
-) -> list[dict[str, Any]]:
+) -> JSONResponse:
     jobs = await asyncio.to_thread(service.queue.list, limit=limit, offset=offset,
                                    status=status.value if status else None)
-    return [public_job(j) for j in jobs]
+    headers = {}
+    if len(jobs) == limit:  # a full page: there may be older ones (RFC 8288 Link, as GitHub's API pages)
+        query = urlencode({"limit": limit, "offset": offset + limit, **({"status": status.value} if status else {})})
+        headers["Link"] = f'</api/v1/jobs?{query}>; rel="next"'
+    return JSONResponse([public_job(j) for j in jobs], headers=headers)
 
 
 @router.get("/jobs/{job_id}", summary="A job's status, progress, queue position, ETA and images", response_model=Job)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 
 from sdserve.api.deps import ServiceDep
-from sdserve.core import RequestRejected, failure_status
+from sdserve.core import ContentBlocked, RequestRejected, failure_status
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.protocols import openai as proto
 from sdserve.schema import GenerationRequest, Job, JobStatus
@@ -30,7 +30,7 @@ async def _respond(request: Request, service: Service, canonical: GenerationRequ
     try:
         job, pngs = await service.generate(canonical, source=SOURCE, disconnected=request.is_disconnected)
     except RequestRejected as exc:
-        raise proto.OpenAIError(str(exc), exc.field) from None
+        raise proto.OpenAIError(str(exc), exc.field, code=_code(exc)) from None
     if job.status is not JobStatus.succeeded:
         raise _job_error(job)
     base = str(request.base_url).rstrip("/")
@@ -42,6 +42,10 @@ async def _respond(request: Request, service: Service, canonical: GenerationRequ
         for ref, png in zip(job.images, pngs)
     ]
     return {"created": int(time.time()), "data": data}
+
+
+def _code(exc: RequestRejected) -> str | None:
+    return "content_policy_violation" if isinstance(exc, ContentBlocked) else None
 
 
 def _job_error(job: Job) -> proto.OpenAIError:

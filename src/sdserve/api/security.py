@@ -1,11 +1,10 @@
-"""Auth: API keys (`Authorization: Bearer KEY` or `X-API-Key: KEY`) and, as A1111's `--api-auth` does,
-HTTP Basic users. Compared in constant time; never logged."""
+"""Auth: API keys (`Authorization: Bearer KEY` or `X-API-Key: KEY`, from `--api-key` and the keys file, see
+keys.py) and, as A1111's `--api-auth` does, HTTP Basic users. Compared in constant time; never logged."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from collections.abc import Iterable
 
@@ -15,6 +14,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
+from sdserve.keys import Caller, KeyBook, address_caller, user_caller
 from sdserve.ratelimit import CALLER, Limiter
 
 # Probes must work without a key (load balancers and kubelets do not carry one).
@@ -51,24 +51,24 @@ def _is_public(scope: Scope) -> bool:
 
 
 def caller_id(request: Request) -> str:
-    """Who is calling, for acting on "the caller's own" work (A1111 /interrupt) and for rate limits."""
-    return _caller_of(request.scope)
+    """Who is calling, for acting on "the caller's own" work (A1111 /interrupt)."""
+    return _caller_of(request.scope).id
 
 
-def _caller_of(scope: Scope) -> str:
+def _caller_of(scope: Scope) -> Caller:
     """The API key (hashed, never kept as is) or Basic user that auth accepted, else, with auth off, the
     client's address."""
     client = scope.get("client")
-    return scope.get("state", {}).get("caller") or "addr:" + (client[0] if client else "unknown")
+    return scope.get("state", {}).get("caller") or address_caller(client[0] if client else "unknown")
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str], users: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyBook, users: list[tuple[str, str]] | None = None) -> None:
         self.app = app
-        self.keys = [k for k in keys if k]
+        self.keys = keys
         self.users = [f"{u}:{p}" for u, p in users or []]
 
-    def _caller(self, headers: dict[str, str]) -> str | None:
+    def _caller(self, headers: dict[str, str]) -> Caller | None:
         """The accepted caller's identity, or None when the credentials are missing or wrong."""
         auth = headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
@@ -77,14 +77,12 @@ class AuthMiddleware:
                 credentials = base64.b64decode(value.strip()).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 return None
-            return "user:" + credentials.partition(":")[0] if key_matches(credentials, self.users) else None
+            return user_caller(credentials.partition(":")[0]) if key_matches(credentials, self.users) else None
         token = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
-        if not key_matches(token, self.keys):
-            return None
-        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+        return self.keys.lookup(token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not (self.keys or self.users) or _is_public(scope):
+        if scope["type"] != "http" or not (self.keys.active or self.users) or _is_public(scope):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -98,7 +96,7 @@ class AuthMiddleware:
             message, challenge = "Incorrect username or password", 'Basic realm="sdserve"'
         else:
             message = "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
-            challenge = 'Bearer realm="sdserve"' if self.keys else 'Basic realm="sdserve"'
+            challenge = 'Bearer realm="sdserve"' if self.keys.active else 'Basic realm="sdserve"'
         response = render(path, 401, message, headers={"WWW-Authenticate": challenge},
                           error_type="invalid_api_key" if path.startswith("/v1/") else None)
         await response(scope, receive, send)
@@ -108,14 +106,15 @@ class RateLimitMiddleware:
     """Per-caller submission limits (ratelimit.py): each POST, and `GET /?prompt=`, takes a token; over the
     limit, a 429 in the dialect's shape with Retry-After and RateLimit headers; under it, the RateLimit
     headers on the response. Runs inside auth, so the caller is the key or user auth accepted. Sets the
-    caller for the request (ratelimit.CALLER), so submissions charge their images to it."""
+    caller for the request (ratelimit.CALLER), so submissions charge their images to it and carry its label,
+    priority and fair-share turn."""
 
     def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
         self.app = app
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.limiter.active or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         caller = _caller_of(scope)

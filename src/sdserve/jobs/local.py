@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.core import public_job
+from sdserve.jobs import fairshare
 from sdserve.jobs.events import EventBus
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
@@ -56,7 +57,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     batch_id TEXT,
     batch_images INTEGER,
-    worker TEXT
+    worker TEXT,
+    owner TEXT NOT NULL DEFAULT '',  -- the caller (keys.Caller.id): whose fair-share turn it is
+    label TEXT,  -- the caller's label, shown in the job and metrics
+    weight REAL NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
@@ -105,6 +109,8 @@ class SQLiteJobQueue(JobEnds):
         self._cancel: set[str] = set()
         self._seconds_per_step: float | None = None
         self._workers: dict[str, dict[str, Any]] = {}  # this process's runner: the only worker of this queue
+        self._passes: dict[str, float] = {}  # fair share (jobs/fairshare.py): each caller's pass, and the
+        self._vt = 0.0  # virtual time
         # Queued jobs per priority: (count, work). Kept in step with the table so that a submission's
         # position and the queue-full check cost O(priorities), not a scan of the queue.
         self._queued: dict[int, list[int]] = {}
@@ -113,9 +119,14 @@ class SQLiteJobQueue(JobEnds):
     def _migrate(self) -> None:
         """Columns added after the first release of the table: add them to an older jobs.db in place."""
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER"), ("worker", "TEXT")):
+        for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER"), ("worker", "TEXT"),
+                             ("owner", "TEXT NOT NULL DEFAULT ''"), ("label", "TEXT"),
+                             ("weight", "REAL NOT NULL DEFAULT 1")):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        # Fair share reads each caller's oldest queued job; retention the oldest ended ones.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (status, priority, owner, seq)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL")
 
     def _recount(self) -> None:
         self._queued = {
@@ -205,6 +216,7 @@ class SQLiteJobQueue(JobEnds):
             batch_id=row["batch_id"],
             batch_images=row["batch_images"],
             worker=row["worker"],
+            label=row["label"],
         )
 
     def get(self, job_id: str) -> Job:
@@ -252,7 +264,8 @@ class SQLiteJobQueue(JobEnds):
 
     def submit(
         self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,
-        fingerprint: str | None = None, timeout_s: float | None = None,
+        fingerprint: str | None = None, timeout_s: float | None = None, owner: str = "", label: str | None = None,
+        weight: float = 1.0,
     ) -> tuple[Job, bool]:
         with self._lock:
             if idempotency_key is not None:
@@ -270,9 +283,9 @@ class SQLiteJobQueue(JobEnds):
             with self._write():
                 self._db.execute(
                     "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, "
-                    "idem_hash) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "idem_hash, owner, label, weight) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job_id, request.priority, work, request.model_dump_json(), source, now,
-                     now + timeout if timeout else None, idempotency_key, fingerprint),
+                     now + timeout if timeout else None, idempotency_key, fingerprint, owner, label, weight),
                 )
             # Ahead of a new job: every queued job of its priority or higher.
             ahead = [entry for prio, entry in self._queued.items() if prio >= request.priority]
@@ -283,7 +296,7 @@ class SQLiteJobQueue(JobEnds):
                 running_left = sum(max(0, n - s) for s, n in self._progress.values())
                 eta = round((ahead_work + running_left + work) * self._seconds_per_step, 2)
             job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=position,
-                      steps=request.steps, eta_s=eta, created_at=_ts(now))
+                      steps=request.steps, eta_s=eta, created_at=_ts(now), label=label)
             self._wakeup.notify_all()
         self._publish("queued", job)
         return job, True
@@ -315,9 +328,7 @@ class SQLiteJobQueue(JobEnds):
             chosen: list[Job] = []
             linger_until: float | None = None
             while True:
-                rows = self._db.execute(
-                    "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (CLAIM_WINDOW,)
-                ).fetchall()
+                rows = self._fair_window()
                 if rows:
                     candidates = [self._to_job(r, with_position=False) for r in rows]
                     chosen = list(select(candidates)) if select else candidates[:1]
@@ -341,13 +352,38 @@ class SQLiteJobQueue(JobEnds):
                         (now, batch_id, sum(j.request.n for j in chosen), worker, job.id),
                     )
             claimed = []
+            owners = {row["id"]: row for row in self._db.execute(
+                f"SELECT id, owner, weight FROM jobs WHERE id IN ({','.join('?' * len(chosen))})",
+                [j.id for j in chosen])}
             for job in chosen:
+                row = owners[job.id]
+                fairshare.charge(self._passes, self._vt, row["owner"], job.request.steps * job.request.n, row["weight"])
                 self._count(job.request.priority, job.request.steps * job.request.n, -1)
                 self._progress[job.id] = (0, job.request.steps)
                 claimed.append(self._to_job(self._row(job.id)))
         for job in claimed:
             self._publish("started", job)
         return claimed
+
+    def _fair_window(self) -> list[sqlite3.Row]:
+        """The queued jobs the selector sees: the head of the caller whose fair-share turn it is, then the
+        queue in order (to fill its batch from)."""
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (CLAIM_WINDOW,)
+        ).fetchall()
+        if not rows:
+            return rows
+        heads = self._db.execute(
+            "SELECT owner, MIN(seq) AS first FROM jobs WHERE status = 'queued' AND priority = ? GROUP BY owner "
+            "ORDER BY first", (rows[0]["priority"],)).fetchall()
+        if len(heads) < 2:
+            return rows
+        owner, self._vt = fairshare.pick([h["owner"] for h in heads], self._passes, self._vt)
+        first = next(h["first"] for h in heads if h["owner"] == owner)
+        head = self._db.execute("SELECT * FROM jobs WHERE seq = ?", (first,)).fetchone()
+        if len(self._passes) > 10_000:  # callers come and go: keep those with jobs queued
+            self._passes = {h["owner"]: self._passes[h["owner"]] for h in heads if h["owner"] in self._passes}
+        return [head, *(r for r in rows if r["seq"] != first)]
 
     def shared_get(self, table: str) -> dict[str, str]:
         with self._lock:
@@ -483,6 +519,12 @@ class SQLiteJobQueue(JobEnds):
                       "timeout")
             for r in rows
         ]
+
+    def prune(self, finished_before: float, limit: int = 1000) -> int:
+        with self._write():
+            return self._db.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ? "
+                "AND status IN ('succeeded', 'failed', 'canceled') LIMIT ?)", (finished_before, limit)).rowcount
 
     def _publish(self, kind: str, job: Job) -> None:
         self.events.publish(job.id, {"type": kind, **public_job(job)})

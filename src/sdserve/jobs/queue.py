@@ -1,6 +1,7 @@
 """The job queue and job store interface. Embedded: `jobs.local` (SQLite). Scale-out: Redis Streams.
 
-Order is priority first (higher first), then first-in-first-out. A claimed job is `running`;
+Order is priority first (higher first), then, across callers, fair share (jobs/fairshare.py), and within
+one caller first-in-first-out. A claimed job is `running`;
 a job's end is recorded once: finishing a job that already ended changes nothing and returns it.
 if the process dies, `recover()` on the next start puts it back in the queue, up to
 `MAX_ATTEMPTS` tries, after which it fails with its reason.
@@ -79,10 +80,12 @@ class JobQueue(Protocol):
 
     def submit(
         self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,
-        fingerprint: str | None = None, timeout_s: float | None = None,
+        fingerprint: str | None = None, timeout_s: float | None = None, owner: str = "", label: str | None = None,
+        weight: float = 1.0,
     ) -> tuple[Job, bool]:
         """Persist and enqueue; returns (job, created). Raises QueueFull, NotAccepting, IdempotencyConflict,
-        StorageError. With an idempotency key already used for the same fingerprint: that job, not created."""
+        StorageError. With an idempotency key already used for the same fingerprint: that job, not created.
+        `owner` and `weight`: the caller's fair-share turn (jobs/fairshare.py); `label`: what the job shows."""
 
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
         """The job submitted with this key, or None; IdempotencyConflict if it had another fingerprint."""
@@ -156,3 +159,7 @@ class JobQueue(Protocol):
     def expire(self) -> list[Job]: ...
 
     def record_speed(self, seconds_per_step: float) -> None: ...
+
+    def prune(self, finished_before: float, limit: int = 1000) -> int:
+        """Retention: delete up to `limit` jobs that ended before this unix time (their records, idempotency
+        keys and events); returns how many. Their images are the image store's to prune (by age)."""

@@ -7,7 +7,7 @@ then arrival), atomic across workers.
 
 Keys (after the prefix, `sdserve:` unless SDSERVE_QUEUE_PREFIX says otherwise): `job:{id}` a hash per job;
 `queued` (score: priority then sequence), `running` (score: lease expiry), `deadlines`, `all` (score: sequence,
-for listing) sorted sets; `idem:{key}`; `events:{id}` a stream per job (replayable after an event id, kept a
+for listing), `finished` (score: end time, for retention) sorted sets; `oq:{owner}`, `owners`, `fair`, `fair:vt` for fair share across callers; `idem:{key}`; `events:{id}` a stream per job (replayable after an event id, kept a
 day); `wake` a list claimers block on.
 
 The autoscaler's signal: `demand`, a stream with the consumer group `workers`, whose lag (XINFO GROUPS, what
@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sdserve.core import public_job
+from sdserve.jobs import fairshare
 from sdserve.jobs.events import Event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
@@ -89,7 +90,22 @@ for i = 1, queued do redis.call('XADD', p .. '{DEMAND}', '*', 'job', 'queued') e
 return 1
 """
 
-_SUBMIT = f"""
+# Fair share (jobs/fairshare.py): each caller's queued jobs in `oq:{owner}` (same score as `queued`), the callers
+# with jobs queued in the set `owners`, their passes in the hash `fair`, the virtual time in `fair:vt`.
+_OWNERS = """
+local function queue_owner(p, id, score)
+  local o = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
+  redis.call('ZADD', p .. 'oq:' .. o, score, id)
+  redis.call('SADD', p .. 'owners', o)
+end
+local function unqueue_owner(p, id)
+  local o = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
+  redis.call('ZREM', p .. 'oq:' .. o, id)
+  if redis.call('ZCARD', p .. 'oq:' .. o) == 0 then redis.call('SREM', p .. 'owners', o) end
+end
+"""
+
+_SUBMIT = _OWNERS + f"""
 local p = ARGV[1]
 local max_queue, id, idem_key = tonumber(ARGV[2]), ARGV[3], ARGV[4]
 if idem_key ~= '' then
@@ -103,6 +119,7 @@ local priority = fields['priority']
 for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
 redis.call('HSET', p .. 'job:' .. id, 'seq', seq)
 redis.call('ZADD', p .. 'queued', {_SCORE}, id)
+queue_owner(p, id, {_SCORE})
 redis.call('ZADD', p .. 'all', seq, id)
 if fields['deadline'] ~= '' then redis.call('ZADD', p .. 'deadlines', fields['deadline'], id) end
 if idem_key ~= '' then redis.call('SET', p .. 'idem:' .. idem_key, id) end
@@ -112,13 +129,21 @@ redis.call('LTRIM', p .. 'wake', 0, 0)
 return {{'ok', tostring(seq), tostring(redis.call('ZRANK', p .. 'queued', id))}}
 """
 
-# ARGV: prefix, now, lease expiry, worker, batch id, ids...
-_CLAIM = _CONSUME + """
+# ARGV: prefix, now, lease expiry, worker, batch id, virtual time, ids...
+_CLAIM = _CONSUME + _OWNERS + """
 local p = ARGV[1]
+local vt = tonumber(ARGV[6])
 local claimed = {}
-for i = 6, #ARGV do
+redis.call('SET', p .. 'fair:vt', ARGV[6])
+for i = 7, #ARGV do
   local id = ARGV[i]
   if redis.call('ZREM', p .. 'queued', id) == 1 then
+    unqueue_owner(p, id)
+    local job = redis.call('HMGET', p .. 'job:' .. id, 'owner', 'weight', 'work')
+    local owner = job[1] or ''
+    local pass = tonumber(redis.call('HGET', p .. 'fair', owner) or ARGV[6])
+    if pass < vt then pass = vt end
+    redis.call('HSET', p .. 'fair', owner, tostring(pass + (tonumber(job[3]) or 0) / (tonumber(job[2]) or 1)))
     redis.call('ZADD', p .. 'running', ARGV[3], id)
     redis.call('HINCRBY', p .. 'job:' .. id, 'attempts', 1)
     redis.call('HSET', p .. 'job:' .. id, 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[4],
@@ -131,7 +156,7 @@ return claimed
 """
 
 # ARGV: prefix, id, status, fields json. Returns the job's hash (flat), 0 if it had already ended, -1 if unknown.
-_FINISH = _CONSUME + """
+_FINISH = _CONSUME + _OWNERS + """
 local p, id = ARGV[1], ARGV[2]
 local status = redis.call('HGET', p .. 'job:' .. id, 'status')
 if not status then return -1 end
@@ -139,10 +164,37 @@ if status == 'succeeded' or status == 'failed' or status == 'canceled' then retu
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
 redis.call('HSET', p .. 'job:' .. id, 'status', ARGV[3])
-if redis.call('ZREM', p .. 'queued', id) == 1 then consume(p, 1) end
+if redis.call('ZREM', p .. 'queued', id) == 1 then
+  consume(p, 1)
+  unqueue_owner(p, id)
+end
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZREM', p .. 'deadlines', id)
+redis.call('ZADD', p .. 'finished', fields['finished_at'], id)
 return redis.call('HGETALL', p .. 'job:' .. id)
+"""
+
+# ARGV: prefix, finished before (unix time), limit. Retention: deletes ended jobs, their idempotency keys and events.
+_PRUNE = """
+local p = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', p .. 'finished', '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local idem = redis.call('HGET', p .. 'job:' .. id, 'idem_key')
+  if idem and idem ~= '' then redis.call('DEL', p .. 'idem:' .. idem) end
+  redis.call('DEL', p .. 'job:' .. id, p .. 'events:' .. id)
+  redis.call('ZREM', p .. 'all', id)
+  redis.call('ZREM', p .. 'finished', id)
+end
+-- fair share: a caller with nothing queued and a pass at or below the virtual time would come back at the
+-- virtual time anyway; forgetting it changes nothing and keeps the hash as small as the set of active callers
+local vt = tonumber(redis.call('GET', p .. 'fair:vt') or '0')
+local passes = redis.call('HGETALL', p .. 'fair')
+for i = 1, #passes, 2 do
+  if tonumber(passes[i + 1]) <= vt and redis.call('SISMEMBER', p .. 'owners', passes[i]) == 0 then
+    redis.call('HDEL', p .. 'fair', passes[i])
+  end
+end
+return #ids
 """
 
 # ARGV: prefix, id, count_attempt ('1' keeps the attempt: a lease ran out; '0' gives it back: graceful stop),
@@ -163,7 +215,7 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / rate * 1000) + 1000)
 return {taken, tostring(level), tostring(retry)}
 """
 
-_REQUEUE = f"""
+_REQUEUE = _OWNERS + f"""
 local p, id = ARGV[1], ARGV[2]
 if redis.call('HGET', p .. 'job:' .. id, 'status') ~= 'running' then return 0 end
 if ARGV[4] ~= '' then
@@ -176,6 +228,7 @@ local seq = redis.call('HGET', p .. 'job:' .. id, 'seq')
 redis.call('HSET', p .. 'job:' .. id, 'status', 'queued', 'started_at', '', 'worker', '', 'step', 0)
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZADD', p .. 'queued', {_SCORE}, id)
+queue_owner(p, id, {_SCORE})
 redis.call('XADD', p .. '{DEMAND}', '*', 'job', id)
 redis.call('LPUSH', p .. 'wake', 1)
 redis.call('LTRIM', p .. 'wake', 0, 0)
@@ -274,6 +327,7 @@ class RedisJobQueue(JobEnds):
         self._requeue = self.client.register_script(_REQUEUE)
         self._ensure_demand = self.client.register_script(_ENSURE_DEMAND)
         self._take_tokens = self.client.register_script(_TAKE_TOKENS)
+        self._prune = self.client.register_script(_PRUNE)
         self._demand_ensured = False
         self._speed_read: tuple[float, float | None] = (-1e9, None)
 
@@ -330,6 +384,7 @@ class RedisJobQueue(JobEnds):
             batch_id=h.get("batch_id") or None,
             batch_images=int(h["batch_images"]) if h.get("batch_images") else None,
             worker=h.get("worker") or None,
+            label=h.get("label") or None,
         )
 
     def _hash(self, job_id: str) -> dict[str, str]:
@@ -415,7 +470,8 @@ class RedisJobQueue(JobEnds):
 
     def submit(
         self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,
-        fingerprint: str | None = None, timeout_s: float | None = None,
+        fingerprint: str | None = None, timeout_s: float | None = None, owner: str = "", label: str | None = None,
+        weight: float = 1.0,
     ) -> tuple[Job, bool]:
         if not self.accepting:
             raise NotAccepting("the server is shutting down or not ready; retry shortly")
@@ -426,7 +482,7 @@ class RedisJobQueue(JobEnds):
             "id": job_id, "status": "queued", "priority": request.priority, "work": request.steps * request.n,
             "request": request.model_dump_json(), "source": source, "created_at": now,
             "deadline": now + timeout if timeout else "", "attempts": 0, "steps": request.steps,
-            "idem_hash": fingerprint or "", "images": "[]",
+            "idem_hash": fingerprint or "", "idem_key": idempotency_key or "", "images": "[]", "owner": owner, "label": label or "", "weight": weight,
         }
         with self._redis():
             result = self._submit(args=[self.p, self.max_queue, job_id, idempotency_key or "", json.dumps(fields)])
@@ -438,7 +494,7 @@ class RedisJobQueue(JobEnds):
         if result[0] == "full":
             raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s())
         job = Job(id=job_id, status=JobStatus.queued, request=request, source=source,
-                  queue_position=int(result[2]), steps=request.steps, created_at=_ts(str(now)))
+                  queue_position=int(result[2]), steps=request.steps, created_at=_ts(str(now)), label=label)
         self._publish("queued", job)
         return job, True
 
@@ -466,8 +522,7 @@ class RedisJobQueue(JobEnds):
         deadline = time.monotonic() + wait_s
         linger_until: float | None = None
         while True:
-            with self._redis():
-                ids = self.client.zrange(f"{self.p}queued", 0, CLAIM_WINDOW - 1)
+            ids, vt = self._fair_window()
             candidates = self._jobs(ids, with_position=False) if ids else []
             candidates = [j for j in candidates if j.status is JobStatus.queued]
             if candidates:
@@ -475,7 +530,7 @@ class RedisJobQueue(JobEnds):
                 if linger_until is None:
                     linger_until = time.monotonic() + linger_s
                 if full is None or full(chosen) or time.monotonic() >= linger_until:
-                    claimed = self._claim_ids(chosen, worker)
+                    claimed = self._claim_ids(chosen, worker, vt)
                     if claimed:
                         return claimed
                     linger_until = None  # another worker took them: look again
@@ -487,17 +542,43 @@ class RedisJobQueue(JobEnds):
                 return []
             self._wait(min(remaining, 0.25))
 
+    def _fair_window(self) -> tuple[list[str], float]:
+        """The queued job ids the selector sees: the head of the caller whose fair-share turn it is, then the
+        queue in order (to fill its batch from); and the virtual time after this turn."""
+        with self._redis():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrange(f"{self.p}queued", 0, CLAIM_WINDOW - 1, withscores=True)
+            pipe.smembers(f"{self.p}owners")
+            pipe.hgetall(f"{self.p}fair")
+            pipe.get(f"{self.p}fair:vt")
+            window, owners, passes, vt_text = pipe.execute()
+            vt = float(vt_text or 0)
+            if not window or len(owners) < 2:
+                return [i for i, _ in window], vt
+            pipe = self.client.pipeline(transaction=False)
+            for owner in owners:
+                pipe.zrange(f"{self.p}oq:{owner}", 0, 0, withscores=True)
+            heads = [(found[0][1], found[0][0], owner) for owner, found in zip(owners, pipe.execute()) if found]
+        band = window[0][1] // 1e12  # the top priority (see _SCORE)
+        heads = sorted(h for h in heads if h[0] // 1e12 == band)
+        if len(heads) < 2:
+            return [i for i, _ in window], vt
+        owner, vt = fairshare.pick([o for _, _, o in heads], {k: float(v) for k, v in passes.items()}, vt)
+        head = next(job_id for _, job_id, o in heads if o == owner)
+        return [head, *(i for i, _ in window if i != head)], vt
+
     def _wait(self, seconds: float) -> None:
         if seconds <= 0:
             return
         with self._redis():
             self.client.blpop([f"{self.p}wake"], timeout=max(0.01, seconds))
 
-    def _claim_ids(self, chosen: Sequence[Job], worker: str | None) -> list[Job]:
+    def _claim_ids(self, chosen: Sequence[Job], worker: str | None, vt: float) -> list[Job]:
         now = time.time()
         batch_id = uuid.uuid4().hex[:12]
         with self._redis():
-            ids = self._claim(args=[self.p, now, now + self.lease_s, worker or "", batch_id, *[j.id for j in chosen]])
+            ids = self._claim(args=[self.p, now, now + self.lease_s, worker or "", batch_id, repr(vt),
+                                    *[j.id for j in chosen]])
             if not ids:
                 return []
             images = sum(j.request.n for j in chosen if j.id in set(ids))
@@ -652,6 +733,10 @@ class RedisJobQueue(JobEnds):
             elif job.status is JobStatus.running and deadline < now - RUNNING_GRACE_S:
                 ended.append(self.fail(job.id, f"timed out after {limit:.0f} s (waiting and running)", "timeout"))
         return ended
+
+    def prune(self, finished_before: float, limit: int = 1000) -> int:
+        with self._redis():
+            return int(self._prune(args=[self.p, repr(finished_before), limit]))
 
     def _publish(self, kind: str, job: Job) -> None:
         self.events.publish(job.id, {"type": kind, **public_job(job)})

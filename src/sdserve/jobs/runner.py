@@ -19,15 +19,24 @@ from contextlib import contextmanager
 from PIL import Image
 
 from sdserve.engine.models import ModelError
-from sdserve.engine.pipeline import Cancelled, Engine, InvalidRequestError
+from sdserve.engine.pipeline import (
+    Cancelled,
+    Engine,
+    GeneratedImage,
+    InvalidRequestError,
+)
 from sdserve.health import WriteHealth
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.jobs import batcher
 from sdserve.jobs.queue import JobQueue, StorageError
+from sdserve.moderation import ModerationUnavailable, Moderator, NoModeration, Verdict
 from sdserve.schema import ImageRef, Job
-from sdserve.storage import ImageStore
+from sdserve.storage import ImageStore, StoreError
 
 log = logging.getLogger(__name__)
+
+# How long a batch's images wait for an unreachable image store before their jobs fail.
+STORE_RETRY_S = 60.0
 
 
 class _Stop(Cancelled):
@@ -38,8 +47,9 @@ class Runner:
     def __init__(
         self, engine: Engine, queue: JobQueue, images: ImageStore, health: WriteHealth, *,
         default_model: str | None = None, max_batch: int = 1, batch_wait_s: float = 0.0,
-        name: str | None = None, heartbeat_s: float = 10.0,
+        name: str | None = None, heartbeat_s: float = 10.0, moderator: Moderator | None = None,
     ) -> None:
+        self.moderator: Moderator = moderator or NoModeration()
         self.name = name or "local"
         self.heartbeat_s = heartbeat_s
         self._batch: list[str] = []
@@ -182,6 +192,33 @@ class Runner:
             except StorageError as exc:
                 self.health.failed(str(exc), full=exc.full)
 
+    def _keep(self, job: Job, i: int, generated: GeneratedImage, png: bytes, verdict: Verdict) -> ImageRef:
+        """Store an image moderation allowed; one it blocked is never stored, only recorded as blocked."""
+        width, height = generated.image.size
+        if not verdict.allowed:
+            log.info("job %s: image %d blocked by moderation: %s", job.id, i, verdict.reason)
+            return ImageRef(id=f"{job.id}-{i}", url=None, seed=generated.seed, width=width, height=height,
+                            blocked=True, reason=verdict.reason)
+        # Keys are the job's: a job run twice (a worker died after storing) stores each image once.
+        key = self._put(png, f"{job.id}-{i}")
+        return ImageRef(id=key, url=f"/api/v1/images/{key}", seed=generated.seed, width=width, height=height)
+
+    def _put(self, png: bytes, key: str) -> str:
+        """Store, riding out a store that is briefly unreachable (S3 restarting, a network blip): retried with
+        backoff for up to STORE_RETRY_S while the job's lease is kept, then the job fails clearly. A full disk
+        or a refused write is not waited out: it fails at once (507 when full), and readiness says why."""
+        deadline = time.monotonic() + STORE_RETRY_S
+        pause = 0.25
+        while True:
+            try:
+                return self.images.put(png, key=key)
+            except StoreError as exc:
+                if not exc.transient or time.monotonic() + pause > deadline or self._abort.is_set():
+                    raise
+                log.warning("image store: %s; retrying in %.2g s", exc, pause)
+                time.sleep(pause)
+                pause = min(4.0, pause * 2)
+
     def _run(self, jobs: Sequence[Job]) -> None:
         with self._leased(jobs):
             self._run_leased(jobs)
@@ -256,13 +293,15 @@ class Runner:
                 if job.id not in dropped:
                     self._record(self.queue.mark_canceled, job.id)
                 continue
+            pngs = [encode_png(g.image, g.infotext) for g in generated]
             try:
-                # Keys are the job's: a job run twice (a worker died after storing) stores each image once.
-                refs = [
-                    ImageRef(id=(key := self.images.put(encode_png(g.image, g.infotext), key=f"{job.id}-{i}")),
-                             url=f"/api/v1/images/{key}", seed=g.seed)
-                    for i, g in enumerate(generated)
-                ]
+                verdicts = self.moderator.check([g.image for g in generated], pngs, job_id=job.id, label=job.label)
+            except ModerationUnavailable as exc:
+                self._record(self.queue.fail, job.id, str(exc), "unavailable")
+                continue
+            try:
+                refs = [self._keep(job, i, g, png, verdict)
+                        for i, (g, png, verdict) in enumerate(zip(generated, pngs, verdicts))]
             except OSError as exc:
                 self.health.failed(f"image store: {exc}", full=exc.errno == errno.ENOSPC)
                 self._record(self.queue.fail, job.id, f"could not store the images: {exc.strerror or exc}", "storage")

@@ -286,7 +286,7 @@ def echo_parameters(body: Txt2ImgRequest) -> dict[str, Any]:
 
 def info_json(
     body: Txt2ImgRequest, *, seeds: list[int], infotexts: list[str], width: int, height: int, model_name: str,
-    model_hash: str | None, sampler: str, ignored: list[str],
+    model_hash: str | None, sampler: str, ignored: list[str], nsfw: list[bool] | None = None,
 ) -> str:
     """`info`: a JSON *string*, as A1111 returns it (clients json.loads it)."""
     n = len(seeds)
@@ -324,6 +324,9 @@ def info_json(
         "is_using_inpainting_conditioning": False,
         "version": f"sdserve {__version__}",
         "ignored_fields": ignored,
+        # Which images moderation withheld (each a black picture in `images`), as A1111's safety-checker
+        # extensions mark them.
+        "nsfw": nsfw if nsfw is not None else [False] * n,
     }
     return json.dumps(info)
 

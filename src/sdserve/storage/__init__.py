@@ -21,7 +21,10 @@ def valid_key(key: str) -> bool:
 
 
 class StoreError(OSError):
-    """The store refused or failed a write or a read (disk full, bucket unreachable, ...)."""
+    """The store refused or failed a write or a read (disk full, bucket unreachable, ...). `transient`: it may
+    work if tried again shortly (the server could not be reached, or answered 5xx)."""
+
+    transient = False
 
 
 class ImageStore(Protocol):
@@ -42,6 +45,9 @@ class ImageStore(Protocol):
 
     def probe(self) -> None:
         """Raise StoreError if the store cannot take a write now."""
+
+    def prune(self, before: float) -> int:
+        """Retention: delete the images (outputs and inputs) stored before this unix time; returns how many."""
 
 
 def open_store(url: str | None, data_dir: Path) -> ImageStore:

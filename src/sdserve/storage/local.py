@@ -53,6 +53,20 @@ class LocalImageStore:
     def uri(self, key: str) -> str | None:
         return None
 
+    def prune(self, before: float) -> int:
+        deleted = 0
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in folder.glob("*.png"):
+                try:
+                    if path.stat().st_mtime < before:
+                        path.unlink()
+                        deleted += 1
+                except FileNotFoundError:
+                    pass  # another process pruned it
+        return deleted
+
     def probe(self) -> None:
         try:
             probe_folder(self.root)

@@ -40,9 +40,13 @@ class S3ImageStore:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":  # else: stored already
-                raise StoreError(f"{self.location}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StoreError(f"{self.location}: {exc}") from exc
+                error = StoreError(f"{self.location}: {exc}")
+                error.transient = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+                raise error from exc
+        except BotoCoreError as exc:  # unreachable, timed out
+            error = StoreError(f"{self.location}: {exc}")
+            error.transient = True
+            raise error from exc
         return key
 
     def get(self, key: str) -> bytes | None:
@@ -65,6 +69,24 @@ class S3ImageStore:
 
     def uri(self, key: str) -> str | None:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def prune(self, before: float) -> int:
+        """Lists the prefix and deletes what is older. A bucket lifecycle rule (README: Retention) does the
+        same without listing; with one in place, `--keep-images-days 0` leaves it to the rule."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        deleted = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                old = [{"Key": o["Key"]} for o in page.get("Contents", [])
+                       if o["Key"].endswith(".png") and o["LastModified"].timestamp() < before]
+                for i in range(0, len(old), 1000):
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": old[i:i + 1000], "Quiet": True})
+                    deleted += len(old[i:i + 1000])
+        except (BotoCoreError, ClientError) as exc:
+            raise StoreError(f"{self.location}: {exc}") from exc
+        return deleted
 
     def probe(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -43,7 +43,7 @@ export const api = {
   samplers: () => request("GET", "/api/v1/samplers"),
   loras: () => request("GET", "/api/v1/loras"),
   controlnets: () => request("GET", "/api/v1/controlnets"),
-  jobs: (limit = 40) => request("GET", `/api/v1/jobs?limit=${limit}`),
+  jobs: (limit = 40, offset = 0) => request("GET", `/api/v1/jobs?limit=${limit}&offset=${offset}`),
   job: (id) => request("GET", `/api/v1/jobs/${id}`),
   submit: (body) => request("POST", "/api/v1/jobs", body),
   cancel: (id) => request("DELETE", `/api/v1/jobs/${id}`),

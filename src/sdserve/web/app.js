@@ -310,6 +310,13 @@ function render(card, state) {
 async function showThumbs(card, job) {
   const box = card.querySelector(".thumbs");
   for (const ref of job.images) {
+    if (ref.blocked) {  // moderation withheld it: there is nothing to show
+      const note = document.createElement("span");
+      note.className = "blocked";
+      note.textContent = `blocked: ${ref.reason || "moderation"}`;
+      box.append(note);
+      continue;
+    }
     const button = document.createElement("button");
     button.type = "button";
     button.title = `Seed ${ref.seed}: click to enlarge`;
@@ -344,12 +351,18 @@ async function follow(id) {
   }
 }
 
+const PAGE = 40;
+let historyOffset = 0;
+
+// The history, a page at a time (older pages on demand); jobs past the retention period are gone.
 async function loadHistory() {
-  const jobs = await withAuth(() => api.jobs(40));
+  const jobs = await withAuth(() => api.jobs(PAGE, historyOffset));
+  historyOffset += jobs.length;
   for (const job of jobs) {
     upsertCard(job);
     if (["queued", "running"].includes(job.status)) follow(job.id);
   }
+  $("older").hidden = jobs.length < PAGE;
 }
 
 // ---------------------------------------------------------------- viewer, reuse parameters
@@ -408,6 +421,9 @@ $("viewer-img2img").addEventListener("click", async () => {
   await sendToImg2img(viewerImage.ref.url);
 });
 $("key-button").addEventListener("click", () => askForKey());
+$("older").addEventListener("click", async () => {
+  try { await loadHistory(); } catch (err) { showFormError(explain(err).message); }
+});
 
 // ---------------------------------------------------------------- start
 async function start() {
