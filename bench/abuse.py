@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -95,7 +96,8 @@ async def _clients(url: str, keys: list[str], clients: int, seconds: float, code
                     r = await asyncio.wait_for(c.request(method, path, json=body, params=query, headers=headers),
                                                max(0.1, stop - time.monotonic()))
                     codes[r.status_code] += 1
-                    if r.status_code == 429:
+                    if r.status_code == 429:  # a caller over its limit, or the queue full for everyone
+                        codes["429 rate limit" if "RateLimit-Limit" in r.headers else "429 queue full"] += 1
                         await asyncio.sleep(0.2)  # an impatient client: it does not wait for Retry-After
                 except asyncio.TimeoutError:
                     codes["cut at the end"] += 1  # its synchronous call was still waiting when the run ended
@@ -105,19 +107,22 @@ async def _clients(url: str, keys: list[str], clients: int, seconds: float, code
         await asyncio.gather(*(client(i) for i in range(clients)))
 
 
-async def _probe(url: str, seconds: float, latencies: list[float], failures: list[str]) -> None:
+def _probe(url: str, seconds: float, out) -> None:
+    """A kubelet's view: /healthz every 100 ms from a process of its own (not queued behind the load
+    generator's own event loop), a fresh connection each time. Sends (latencies, failures) back."""
+    latencies, failures = [], []
     stop = time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=10) as c:
-        while time.monotonic() < stop:
-            started = time.perf_counter()
-            try:
-                r = await c.get("/healthz")
-                if r.status_code != 200:
-                    failures.append(str(r.status_code))
-            except httpx.HTTPError as exc:
-                failures.append(type(exc).__name__)
-            latencies.append(time.perf_counter() - started)
-            await asyncio.sleep(0.1)
+    while time.monotonic() < stop:
+        started = time.perf_counter()
+        try:
+            r = httpx.get(url + "/healthz", timeout=10)
+            if r.status_code != 200:
+                failures.append(str(r.status_code))
+        except httpx.HTTPError as exc:
+            failures.append(type(exc).__name__)
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.1)
+    out.send((latencies, failures))
 
 
 def load(args, work: Path) -> dict:
@@ -136,8 +141,6 @@ def load(args, work: Path) -> dict:
     time.sleep(2)
     before = rss_mb(server.proc.pid)
     codes: Counter = Counter()
-    latencies: list[float] = []
-    failures: list[str] = []
     peak = [before]
     done = threading.Event()
 
@@ -150,11 +153,12 @@ def load(args, work: Path) -> dict:
     print(f"  load: {args.clients} clients for {args.seconds:.0f} s", flush=True)
     started = time.perf_counter()
 
-    async def both() -> None:
-        await asyncio.gather(_clients(server.url, keys, args.clients, args.seconds, codes),
-                             _probe(server.url, args.seconds, latencies, failures))
-
-    asyncio.run(both())
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    probe = multiprocessing.Process(target=_probe, args=(server.url, args.seconds, sender))
+    probe.start()
+    asyncio.run(_clients(server.url, keys, args.clients, args.seconds, codes))
+    latencies, failures = receiver.recv()
+    probe.join()
     wall = time.perf_counter() - started
     wait_drained(server.url, headers)
     time.sleep(5)
@@ -170,13 +174,14 @@ def load(args, work: Path) -> dict:
         "limits": {"rate_limit": args.rate_limit, "rate_burst": args.rate_burst,
                    "images_per_minute": args.images_per_minute},
         "responses": counts, "5xx": server_errors, "429": codes.get(429, 0),
+        "429_rate_limit": codes.get("429 rate limit", 0), "429_queue_full": codes.get("429 queue full", 0),
         "ok": sum(v for k, v in codes.items() if isinstance(k, int) and 200 <= k < 300),
         "healthz_p50_ms": statistics.median(latencies) * 1000, "healthz_p99_ms": pct(latencies, 0.99) * 1000,
         "healthz_max_ms": max(latencies) * 1000, "healthz_samples": len(latencies), "healthz_failures": failures,
         "rss_before_mb": before, "rss_peak_mb": peak[0], "rss_after_drain_mb": after,
         "rss_growth": after / before - 1, "images_made": images,
     }
-    print(f"  load: {result['ok']} ok, {result['429']} x 429, {server_errors} x 5xx; /healthz p50 "
+    print(f"  load: {result['ok']} ok, {result['429']} x 429 ({result['429_rate_limit']} rate limit), {server_errors} x 5xx; /healthz p50 "
           f"{result['healthz_p50_ms']:.1f} ms, p99 {result['healthz_p99_ms']:.1f} ms; RSS {before:.0f} -> peak "
           f"{peak[0]:.0f} -> {after:.0f} MB after drain ({result['rss_growth']:+.1%})", flush=True)
     return result
@@ -409,6 +414,13 @@ def faults(args, work: Path) -> dict:
                 apis[0].start()
                 apis[0].wait_ready()
             elif scenario == "worker":  # kill -9 a worker mid-batch; its jobs come back after the 5 s lease
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not any(
+                        j["worker"] == "w0" for j in httpx.get(urls[1] + "/api/v1/jobs",
+                                                               params={"status": "running"}).json()):
+                    time.sleep(0.01)
+                extra["killed_holding"] = [j["id"] for j in httpx.get(
+                    urls[1] + "/api/v1/jobs", params={"status": "running"}).json() if j["worker"] == "w0"]
                 workers[0].proc.kill()
                 workers[0].proc.wait()
                 time.sleep(3)
@@ -481,7 +493,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, part in zip(axes[0], panels):
         r = results[part]
         if part == "load":
-            codes = {k: v for k, v in r["responses"].items()}
+            codes = {k: v for k, v in r["responses"].items() if not k.startswith("429 ")}
             ax.bar(list(codes), list(codes.values()), color=["#c33" if k.startswith("5") else
                                                              "#e90" if k == "429" else "#38c" for k in codes])
             ax.set_yscale("log")
@@ -526,7 +538,7 @@ def main() -> None:
     parser.add_argument("--soak-model", default="noop", help="noop (the control plane) or a model, e.g. demo")
     parser.add_argument("--keep-s", type=float, default=20, help="the soak's retention, seconds")
     parser.add_argument("--fault-rate", type=float, default=10, help="jobs/s submitted during each fault")
-    parser.add_argument("--name", default=None)
+    parser.add_argument("--name", default=None, help="results file name; an existing file keeps the parts not run")
     args = parser.parse_args()
     parts = {"load", "soak", "faults"}
     args.parts = args.parts or ["load", "soak", "faults"]
@@ -540,6 +552,8 @@ def main() -> None:
     name = args.name or "abuse-" + re.sub(r"[^a-z0-9]+", "-", results["machine"]["label"].lower()).strip("-")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    if path.exists():  # a part run again replaces its own figures only
+        results = {**json.loads(path.read_text()), **results}
     path.write_text(json.dumps(results, indent=2))
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and .png")
