@@ -6,6 +6,8 @@
   overhead       at one client, latency of (b) over (a).
   coldstart      seconds from launching `sdserve serve` to the first image.
   controlplane   jobs/s through queue, store and HTTP with a no-op engine.
+  peers          sdserve beside a bare FastAPI loop, LitServe and Ray Serve (bench/peers.py; run on its own:
+                 `make bench BENCH_ARGS=peers`).
   mixedcfg       (c) at 16 clients, every client at CFG 7 vs each client at its own CFG (2..12): guidance is per
                  image, so mixed CFG still batches; mixed/same should be ~1.
 
@@ -158,13 +160,11 @@ def throughput(args, data_dir: Path, model_args: list[str], model_path: Path) ->
     levels = [int(c) for c in args.clients.split(",")]
     result: dict = {"settings": body, "levels": levels, "a": floor(model_path, args.size, args.steps, args.requests, args.device)}
     print(f"  (a) diffusers loop: {result['a']['images_per_s']:.2f} img/s, p50 {result['a']['p50_s']:.3f} s", flush=True)
-    from sdserve.engine.pipeline import CPU_PARALLEL_MIN_WORK
-
-    if result["a"]["threads"] > 1 and (args.size // 8) ** 2 < CPU_PARALLEL_MIN_WORK and args.device in ("auto", "cpu"):
-        # sdserve's engine runs this small a batch on one CPU thread; the same choice for the floor
-        # separates the server's own overhead from that tuning.
+    if result["a"]["threads"] > 1 and args.device in ("auto", "cpu"):
+        # sdserve's engine measures which thread count runs each batch shape faster (engine/threads.py); the
+        # floor on one thread too separates the server's own overhead from that tuning.
         result["a_same_threads"] = floor(model_path, args.size, args.steps, args.requests, args.device, threads=1)
-        print(f"  (a') diffusers loop, 1 thread as the engine picks: {result['a_same_threads']['images_per_s']:.2f} img/s, "
+        print(f"  (a') diffusers loop, 1 thread: {result['a_same_threads']['images_per_s']:.2f} img/s, "
               f"p50 {result['a_same_threads']['p50_s']:.3f} s", flush=True)
     for name, extra in (("b", ["--max-batch", "1"]), ("c", args.batch_args.split())):
         server = Server(data_dir, *model_args, "--device", args.device, "--max-queue", "4096", *extra).start()
@@ -360,6 +360,11 @@ def machine(device: str) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["peers"]:  # sdserve beside the bare loop, LitServe and Ray Serve: bench/peers.py
+        import peers
+
+        peers.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", metavar="PART",
                         help="throughput, coldstart, controlplane, mixedcfg (default: all)")

@@ -31,6 +31,24 @@ def test_shape_changes_split(change):
     assert batcher.batch_key(JobRequest(prompt="a")) != batcher.batch_key(JobRequest(prompt="a", **change))
 
 
+def test_a_batch_lingers_only_for_companions_that_can_come():
+    from datetime import timedelta
+
+    from sdserve.jobs.runner import Runner
+
+    runner = Runner(None, None, None, None, max_batch=16)
+    assert runner._companions([job(0)]) == 16  # before any batch: wait for the most
+    ended = NOW.timestamp()
+    runner._last_batch = (1, ended)
+    later = job(1).model_copy(update={"created_at": NOW + timedelta(seconds=1)})
+    assert runner._companions([later]) == 1  # a lone client's next job: nobody to wait for
+    during = job(2).model_copy(update={"created_at": NOW - timedelta(seconds=0.1)})
+    assert runner._companions([during]) == 2  # another client arrived while it ran: its first client may be back
+    runner._last_batch = (16, ended)
+    assert runner._companions([later]) == 16  # sixteen clients in step
+    assert runner._companions([job(3, n=8).model_copy(update={"created_at": NOW - timedelta(seconds=1)})]) == 16
+
+
 def test_aliases_and_legacy_names_batch_together():
     plain = JobRequest(prompt="a", sampler="DPM++ 2M", scheduler="karras")
     legacy = JobRequest(prompt="b", sampler="DPM++ 2M Karras")
@@ -149,3 +167,27 @@ def test_fair_share_splits_the_queue_between_idle_workers():
     assert batcher.fair_share(jobs, 4, 2) == 4  # never past the batch limit
     assert batcher.fair_share(jobs[:1], 16, 3) == 1  # at least one
     assert batcher.fair_share(jobs, 16, 0) == 10  # no registrations seen yet: as if alone
+
+
+def test_the_thread_count_is_measured_per_batch_shape():
+    from sdserve.engine.threads import TRIALS, ThreadTuner
+
+    tuner = ThreadTuner(4)
+    small, large = ("m", (64, 64), 1), ("m", (64, 64), 16)
+    assert tuner.choose(small) == 4
+    tuner.record(small, 4, 9.0)  # the warm-up batch: not counted, however slow
+    speeds = {1: 0.10, 4: 0.20}  # this shape runs faster on one thread
+    for _ in range(2 * TRIALS):
+        threads = tuner.choose(small)
+        tuner.record(small, threads, speeds[threads])
+    assert tuner.choose(small) == 1 and tuner.decided() == {small: 1}
+    tuner.record(large, 4, 1.0)
+    for _ in range(2 * TRIALS):
+        threads = tuner.choose(large)
+        tuner.record(large, threads, {1: 0.8, 4: 0.3}[threads])
+    assert tuner.choose(large) == 4  # each shape decides on its own
+    assert ThreadTuner(1).choose(small) == 1
+    for _ in range(200):  # conditions change (another process takes a core): the choice follows
+        threads = tuner.choose(small)
+        tuner.record(small, threads, {1: 0.30, 4: 0.10}[threads])
+    assert tuner.choose(small) == 4

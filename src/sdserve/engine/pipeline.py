@@ -9,6 +9,7 @@ must share a `batch_key`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,6 +19,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sdserve import __version__, controlnet, loras
 from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
+from sdserve.engine.threads import ThreadTuner
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
 log = logging.getLogger(__name__)
@@ -108,16 +110,12 @@ class _Prepared:
     controls: list[Image.Image] = field(default_factory=list)  # one control map per ControlNet unit
 
 
-# Below this much work per denoising step (latent pixels x images), one CPU thread beats all of
-# them: OpenMP's fork/join per op costs more than it saves. Measured on a 2-core x86 machine:
-# 64x64 x1 image 201 ms with 1 thread vs 256 ms with 2; 64x64 x8 images 338 vs 249 ms.
-CPU_PARALLEL_MIN_WORK = 512
 
 
 class Engine:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self._cpu_threads: int | None = None
+        self._threads: ThreadTuner | None = None  # CPU only: made on first use (engine/threads.py)
 
     @property
     def device(self) -> str:
@@ -250,10 +248,20 @@ class Engine:
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
-        if model.device == "cpu":
-            self._set_cpu_threads(size, len(texts), getattr(pipe, "vae_scale_factor", 8))
+        if model.device != "cpu":
+            with torch.inference_mode():
+                return pipe(**kwargs).images
+        if self._threads is None:
+            self._threads = ThreadTuner(torch.get_num_threads())  # what the process was given (OMP_NUM_THREADS)
+        shape = (model.info.name, size, len(texts))
+        threads = self._threads.choose(shape)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
         with torch.inference_mode():
-            return pipe(**kwargs).images
+            images = pipe(**kwargs).images
+        self._threads.record(shape, threads, (time.perf_counter() - started) / max(1, steps))
+        return images
 
     def _hires_fix(
         self, model: LoadedModel, pipe: Any, key: BatchKey, resolved: samplers.ResolvedSampler, hires: Hires,
@@ -290,16 +298,6 @@ class Engine:
         return self._denoise(model, second, second_steps, key.clip_skip, hr_texts, hr_negatives, scales, seeds,
                              {"image": image, "strength": strength}, (width, height), on_step, "np",
                              (key.steps, total))
-
-    def _set_cpu_threads(self, size: tuple[int, int], images: int, vae_scale: int) -> None:
-        import torch
-
-        if self._cpu_threads is None:
-            self._cpu_threads = torch.get_num_threads()  # what the process was given (OMP_NUM_THREADS or cores)
-        work = (size[0] // vae_scale) * (size[1] // vae_scale) * images
-        wanted = 1 if work < CPU_PARALLEL_MIN_WORK else self._cpu_threads
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
 
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         seed = request.with_seed().seed

@@ -62,6 +62,8 @@ class Runner:
         self.max_batch = max(1, max_batch)
         self.batch_wait_s = max(0.0, batch_wait_s)
         self._loaded = False
+        # (images, when the engine finished it, before any of its clients was told): see _companions
+        self._last_batch: tuple[int, float] | None = None
         self.load_error: str | None = None
         self._stopping = threading.Event()
         self._abort = threading.Event()
@@ -102,11 +104,12 @@ class Runner:
                 enough = [self.max_batch]  # a batch this big is claimed at once; a smaller one lingers first
 
                 def select(candidates: Sequence[Job]) -> list[Job]:
+                    enough[0] = self._companions(candidates)
                     limit = self.max_batch
                     if self.queue.shared:  # other workers take from this queue: take a share of it
                         idle = max(1, sum(1 for w in self.queue.workers() if w.get("ready") and not w.get("batch")))
                         limit = batcher.fair_share(candidates, self.max_batch, idle)
-                        enough[0] = math.ceil(self.max_batch / idle)
+                        enough[0] = min(enough[0], math.ceil(self.max_batch / idle))
                     return batcher.select(candidates, limit)
 
                 jobs = self.queue.claim(
@@ -124,6 +127,17 @@ class Runner:
             except Exception:  # keep the runner alive whatever one batch does
                 log.exception("runner loop error")
                 time.sleep(0.5)
+
+    def _companions(self, candidates: Sequence[Job]) -> int:
+        """How many images a batch may wait `--batch-wait-ms` to gather: as many as can come. Those of the last
+        batch (its clients may send their next request as soon as they have their answer) plus those that
+        arrived while it ran (other clients, out of step). A lone client's next job has no companion to wait
+        for, so it runs at once; sixteen clients in step wait for each other. Before any batch: the most."""
+        if self._last_batch is None:
+            return self.max_batch
+        images, ended = self._last_batch
+        meanwhile = sum(job.request.n for job in candidates if job.created_at.timestamp() < ended)
+        return max(1, min(self.max_batch, images + meanwhile))
 
     def _register(self) -> None:
         """Tell the queue this worker is alive, what it serves and what it runs (GET /api/v1/workers)."""
@@ -255,6 +269,7 @@ class Runner:
         try:
             inputs = self._inputs(jobs)
             results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
+            generated_at = time.time()  # before any client hears of its result (see _companions)
         except _Stop:
             for job in live():
                 self._record(self.queue.requeue, job.id)
@@ -283,6 +298,7 @@ class Runner:
             for job in live():
                 self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
+        self._last_batch = (batcher.images_in(jobs), generated_at)
         elapsed = time.monotonic() - started
         if steps_done:
             # Seconds per denoising step of one image, so ETAs scale with queued work.
