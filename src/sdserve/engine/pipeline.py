@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sdserve import __version__, controlnet, loras
 from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
-from sdserve.engine.threads import ThreadTuner
+from sdserve.engine.threads import ThreadTuner, shape_of
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class Engine:
                 return pipe(**kwargs).images
         if self._threads is None:
             self._threads = ThreadTuner(torch.get_num_threads())  # what the process was given (OMP_NUM_THREADS)
-        shape = (model.info.name, size, len(texts))
+        shape = shape_of(model.info.name, size, len(texts))
         threads = self._threads.choose(shape)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
