@@ -161,8 +161,8 @@ def throughput(args, data_dir: Path, model_args: list[str], model_path: Path) ->
     result: dict = {"settings": body, "levels": levels, "a": floor(model_path, args.size, args.steps, args.requests, args.device)}
     print(f"  (a) diffusers loop: {result['a']['images_per_s']:.2f} img/s, p50 {result['a']['p50_s']:.3f} s", flush=True)
     if result["a"]["threads"] > 1 and args.device in ("auto", "cpu"):
-        # sdserve's engine measures which thread count runs each batch shape faster (engine/threads.py); the
-        # floor on one thread too separates the server's own overhead from that tuning.
+        # The floor on one thread too: on small models one thread can beat two (sdserve runs on the process's
+        # threads; OMP_NUM_THREADS=1 gives it one).
         result["a_same_threads"] = floor(model_path, args.size, args.steps, args.requests, args.device, threads=1)
         print(f"  (a') diffusers loop, 1 thread: {result['a_same_threads']['images_per_s']:.2f} img/s, "
               f"p50 {result['a_same_threads']['p50_s']:.3f} s", flush=True)

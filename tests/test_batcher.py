@@ -168,27 +168,3 @@ def test_fair_share_splits_the_queue_between_idle_workers():
     assert batcher.fair_share(jobs[:1], 16, 3) == 1  # at least one
     assert batcher.fair_share(jobs, 16, 0) == 10  # no registrations seen yet: as if alone
 
-
-def test_the_thread_count_is_measured_per_batch_shape():
-    from sdserve.engine.threads import EXPLORE, ThreadTuner, shape_of
-
-    assert shape_of("m", (64, 64), 5) == shape_of("m", (64, 64), 8) != shape_of("m", (64, 64), 9)
-    assert shape_of("m", (64, 64), 1) != shape_of("m", (64, 64), 2)
-
-    def run(tuner, shape, speeds, batches):
-        used = []
-        for _ in range(batches):
-            threads = tuner.choose(shape)
-            tuner.record(shape, threads, speeds[threads])
-            used.append(threads)
-        return used
-
-    tuner = ThreadTuner(4)
-    small, large = shape_of("m", (64, 64), 1), shape_of("m", (64, 64), 16)
-    used = run(tuner, large, {1: 0.8, 4: 0.3}, 5 * EXPLORE)
-    assert used.count(1) == 5 and tuner.choose(large) == 4  # all threads by default; one batch in EXPLORE tries 1
-    used = run(tuner, small, {1: 0.10, 4: 0.20}, 3 * EXPLORE)
-    assert tuner.decided()[small] == 1 and used[-EXPLORE:].count(1) == EXPLORE - 1  # one thread wins here
-    run(tuner, small, {1: 0.30, 4: 0.10}, 20 * EXPLORE)  # conditions change: the choice follows
-    assert tuner.decided()[small] == 4
-    assert ThreadTuner(1).choose(small) == 1

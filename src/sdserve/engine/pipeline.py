@@ -9,7 +9,6 @@ must share a `batch_key`.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,7 +18,6 @@ from PIL import Image, ImageFilter, ImageOps
 from sdserve import __version__, controlnet, loras
 from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
-from sdserve.engine.threads import ThreadTuner, shape_of
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
 log = logging.getLogger(__name__)
@@ -115,7 +113,6 @@ class _Prepared:
 class Engine:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self._threads: ThreadTuner | None = None  # CPU only: made on first use (engine/threads.py)
 
     @property
     def device(self) -> str:
@@ -248,20 +245,10 @@ class Engine:
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
-        if model.device != "cpu":
-            with torch.inference_mode():
-                return pipe(**kwargs).images
-        if self._threads is None:
-            self._threads = ThreadTuner(torch.get_num_threads())  # what the process was given (OMP_NUM_THREADS)
-        shape = shape_of(model.info.name, size, len(texts))
-        threads = self._threads.choose(shape)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        started = time.perf_counter()
+        # Whatever threads the process was given (torch's default), every batch: a fixed count keeps a seed's
+        # pixels reproducible to the bit (the summation order follows the thread count).
         with torch.inference_mode():
-            images = pipe(**kwargs).images
-        self._threads.record(shape, threads, (time.perf_counter() - started) / max(1, steps))
-        return images
+            return pipe(**kwargs).images
 
     def _hires_fix(
         self, model: LoadedModel, pipe: Any, key: BatchKey, resolved: samplers.ResolvedSampler, hires: Hires,
