@@ -127,7 +127,7 @@ class KeyBook:
 
     plain: list[str] = field(default_factory=list)
     path: Path | None = None
-    _entries: list[KeyEntry] = field(default_factory=list)
+    _entries: list[tuple[str, Caller]] = field(default_factory=list)  # (key digest, its caller), made once
     _mtime: float = -1.0
     _checked: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -143,9 +143,9 @@ class KeyBook:
     def _load(self) -> None:
         assert self.path is not None
         mtime = self.path.stat().st_mtime
-        self._entries, self._mtime = read_keys_file(self.path), mtime
+        self._entries, self._mtime = [(e.digest, e.caller()) for e in read_keys_file(self.path)], mtime
 
-    def _fresh(self) -> list[KeyEntry]:
+    def _fresh(self) -> list[tuple[str, Caller]]:
         """The keys file's entries, read again (at most once a second) when it changed; a broken edit keeps the
         last good entries."""
         if self.path is None:
@@ -171,9 +171,9 @@ class KeyBook:
             return None
         digest = key_hash(candidate)
         found: Caller | None = None
-        for entry in self._fresh():
-            if hmac.compare_digest(digest, entry.digest):
-                found = entry.caller()
+        for entry_digest, caller in self._fresh():
+            if hmac.compare_digest(digest, entry_digest):
+                found = caller
         for key in self.plain:
             if hmac.compare_digest(candidate.encode(), key.encode()) and found is None:
                 found = Caller(id=key_caller_id(key), label="key-" + digest[:8])

@@ -352,9 +352,7 @@ class SQLiteJobQueue(JobEnds):
                         (now, batch_id, sum(j.request.n for j in chosen), worker, job.id),
                     )
             claimed = []
-            owners = {row["id"]: row for row in self._db.execute(
-                f"SELECT id, owner, weight FROM jobs WHERE id IN ({','.join('?' * len(chosen))})",
-                [j.id for j in chosen])}
+            owners = {row["id"]: row for row in rows}  # the window the selection was made from
             for job in chosen:
                 row = owners[job.id]
                 fairshare.charge(self._passes, self._vt, row["owner"], job.request.steps * job.request.n, row["weight"])
