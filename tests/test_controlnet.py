@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webuiapi
 from PIL import Image, ImageDraw
-from server import ServerProcess
+from server import ServerProcess, wait_for
 from tinymodels import save_controlnet, save_diffusers
 
 from sdserve import controlnet, core
@@ -164,11 +164,6 @@ def test_native_controlnet_and_errors(cn_server):
                                                        "modules": ["none", "canny", "invert"]}
         job = c.post("/api/v1/jobs", json={"prompt": "x", "steps": 2, "controlnet": [unit()]}).json()
         assert len(job["request"]["controlnet"][0]["image"]) < 100  # an image store key, not the image
-        done = c.get(f"/api/v1/jobs/{job['id']}").json()
-        for _ in range(200):
-            if done["status"] in ("succeeded", "failed"):
-                break
-            done = c.get(f"/api/v1/jobs/{job['id']}").json()
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "alwayson_scripts": {"controlnet": {
             "args": [{"image": b64(drawing()), "module": "depth_midas", "model": "tiny-canny"}]}}})
         assert r.status_code == 422 and "depth_midas" in r.json()["detail"]
@@ -177,4 +172,4 @@ def test_native_controlnet_and_errors(cn_server):
         assert r.status_code == 422 and "needs an image" in r.json()["detail"]
         r = c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": ["nope"]})
         assert r.status_code == 422
-    assert done["status"] == "succeeded"
+        assert wait_for(c, job["id"])["status"] == "succeeded"
