@@ -74,3 +74,23 @@ def test_static_schedule_table_matches_the_diffusers_scheduler(sampler):
             assert type(built).__name__ == sampler.scheduler_class
             for knob, value in resolved.schedule.overrides.items():
                 assert built.config[knob] == value
+
+
+def test_automatic_on_a_zero_terminal_snr_model_spaces_evenly_from_pure_noise():
+    from sdserve.engine import train_demo
+
+    demo = {"_class_name": "EulerDiscreteScheduler", **train_demo.noise_config(), "timestep_spacing": "trailing"}
+    sd15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    assert samplers.zero_terminal_snr(demo) and samplers.zero_terminal_snr({"rescale_betas_zero_snr": True})
+    assert not samplers.zero_terminal_snr(sd15)
+    # Karras from the demo model's last sigma (4096) would spend most of 20 steps on pure noise
+    assert samplers.resolve("DPM++ 2M", None, zero_snr=True).schedule.label == "SGM Uniform"
+    assert samplers.resolve("DPM++ 2M SDE", "automatic", zero_snr=True).schedule.label == "SGM Uniform"
+    # a schedule the client names is kept; a sampler without timestep spacing keeps its own default
+    assert samplers.resolve("DPM++ 2M Karras", None, zero_snr=True).schedule.label == "Karras"
+    assert samplers.resolve("DPM++ 2M", "karras", zero_snr=True).schedule.label == "Karras"
+    assert samplers.resolve("DPM++ SDE", None, zero_snr=True).schedule.label == "Karras"
+    assert samplers.resolve("DPM++ 2M", None).schedule.label == "Karras"
+    sched = samplers.make_scheduler(samplers.resolve("DPM++ 2M", None, zero_snr=True), demo)
+    sched.set_timesteps(20)
+    assert int(sched.timesteps[0]) == 999 and sched.config.prediction_type == "v_prediction"

@@ -86,6 +86,8 @@ def batch_key(request: JobRequest) -> BatchKey:
     try:
         resolved = samplers.resolve(request.sampler, request.scheduler)
         sampler, schedule = resolved.sampler.name, resolved.schedule.name
+        if resolved.automatic:  # what "Automatic" means depends on the model (samplers.resolve)
+            schedule = "automatic"
     except samplers.UnknownSamplerError:
         sampler, schedule = request.sampler, request.scheduler  # fails in the engine, alone
     width, height = requested_size(request)
@@ -128,9 +130,10 @@ class Engine:
         return width or model.default_width, height or model.default_height
 
     @staticmethod
-    def _resolve_sampler(request: GenerationRequest) -> samplers.ResolvedSampler:
+    def _resolve_sampler(request: GenerationRequest, model: LoadedModel) -> samplers.ResolvedSampler:
         try:
-            return samplers.resolve(request.sampler, request.scheduler)
+            return samplers.resolve(request.sampler, request.scheduler,
+                                    zero_snr=samplers.zero_terminal_snr(model.scheduler_config))
         except samplers.UnknownSamplerError as exc:
             raise InvalidRequestError(str(exc)) from None
 
@@ -149,7 +152,7 @@ class Engine:
         if len(keys) != 1:
             raise ValueError(f"requests in one batch must share model, mode, size, steps and sampler: {keys}")
         model = self.registry.load(requests[0].model)
-        resolved = self._resolve_sampler(requests[0])
+        resolved = self._resolve_sampler(requests[0], model)
         width, height = self.resolve_size(requests[0], model)
         key = replace(keys.pop(), model=model.info.name, width=width, height=height)
         units = requests[0].controlnet

@@ -113,22 +113,45 @@ def find_sampler(name: str) -> tuple[Sampler, Schedule | None]:
 class ResolvedSampler:
     sampler: Sampler
     schedule: Schedule  # never "automatic" unless the sampler has no special default
+    automatic: bool = False  # the client left the schedule to the sampler (and the model)
 
 
-def resolve(sampler: str, schedule: str | None = None) -> ResolvedSampler:
-    """Validate a sampler/schedule pair and resolve "Automatic" to A1111's default for the sampler."""
+def zero_terminal_snr(scheduler_config: dict[str, Any]) -> bool:
+    """Whether the model was trained on a noise schedule whose last step is pure noise (zero terminal SNR: the
+    demo model, SD 2.x-style "ztsnr" models): diffusers' flag, or `trained_betas` that end there."""
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        return True
+    betas = scheduler_config.get("trained_betas")
+    if not betas:
+        return False
+    remaining = 1.0
+    for beta in betas:
+        remaining *= 1.0 - beta
+    return remaining < 1e-4
+
+
+def resolve(sampler: str, schedule: str | None = None, zero_snr: bool = False) -> ResolvedSampler:
+    """Validate a sampler/schedule pair and resolve "Automatic" to A1111's default for the sampler, except on a
+    zero-terminal-SNR model (`zero_snr`): there Karras and exponential spacing start from the model's last
+    sigma, which is huge (4096 for the demo model), and spend most of the steps on pure noise, so "Automatic"
+    takes SGM Uniform (even steps from the last, pure-noise timestep) where the sampler has it. A schedule
+    the client names is always the one used."""
     found, legacy_schedule = find_sampler(sampler)
     chosen = find_schedule(schedule)
     if chosen.name == "automatic" and legacy_schedule is not None:
         chosen = legacy_schedule
-    if chosen.name == "automatic":
-        chosen = find_schedule(found.default_schedule)
+    automatic = chosen.name == "automatic"
+    if automatic:
+        default = found.default_schedule
+        if zero_snr and default in ("karras", "exponential") and "sgm_uniform" in found.schedules:
+            default = "sgm_uniform"
+        chosen = find_schedule(default)
     if chosen.name not in found.schedules:
         raise UnknownSamplerError(
             f"schedule type {chosen.name!r} is not available for sampler {found.name!r}; "
             f"valid: {', '.join(found.schedules)}"
         )
-    return ResolvedSampler(found, chosen)
+    return ResolvedSampler(found, chosen, automatic)
 
 
 @cache
