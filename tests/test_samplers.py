@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sdserve.engine import samplers
 
@@ -77,13 +78,17 @@ def test_static_schedule_table_matches_the_diffusers_scheduler(sampler):
 
 
 def test_automatic_on_a_zero_terminal_snr_model_spaces_evenly_from_pure_noise():
-    from sdserve.engine import train_demo
+    from diffusers import EulerDiscreteScheduler
 
-    demo = {"_class_name": "EulerDiscreteScheduler", **train_demo.noise_config(), "timestep_spacing": "trailing"}
-    sd15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    assert samplers.zero_terminal_snr(demo) and samplers.zero_terminal_snr({"rescale_betas_zero_snr": True})
-    assert not samplers.zero_terminal_snr(sd15)
-    # Karras from the demo model's last sigma (4096) would spend most of 20 steps on pure noise
+    sd15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    ztsnr = {"_class_name": "EulerDiscreteScheduler", **sd15, "rescale_betas_zero_snr": True,
+             "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    # the same schedule written out as trained_betas (what a sampler without diffusers' flag can still take)
+    alphas_bar = EulerDiscreteScheduler.from_config(ztsnr).alphas_cumprod.double()
+    betas = (1 - alphas_bar / torch.cat([torch.ones(1, dtype=torch.float64), alphas_bar[:-1]])).tolist()
+    assert samplers.zero_terminal_snr(ztsnr) and samplers.zero_terminal_snr({"trained_betas": betas})
+    assert not samplers.zero_terminal_snr(sd15) and not samplers.zero_terminal_snr({"trained_betas": [0.005] * 1000})
+    # Karras from such a model's last sigma (4096) would spend most of 20 steps on pure noise
     assert samplers.resolve("DPM++ 2M", None, zero_snr=True).schedule.label == "SGM Uniform"
     assert samplers.resolve("DPM++ 2M SDE", "automatic", zero_snr=True).schedule.label == "SGM Uniform"
     # a schedule the client names is kept; a sampler without timestep spacing keeps its own default
@@ -91,6 +96,6 @@ def test_automatic_on_a_zero_terminal_snr_model_spaces_evenly_from_pure_noise():
     assert samplers.resolve("DPM++ 2M", "karras", zero_snr=True).schedule.label == "Karras"
     assert samplers.resolve("DPM++ SDE", None, zero_snr=True).schedule.label == "Karras"
     assert samplers.resolve("DPM++ 2M", None).schedule.label == "Karras"
-    sched = samplers.make_scheduler(samplers.resolve("DPM++ 2M", None, zero_snr=True), demo)
+    sched = samplers.make_scheduler(samplers.resolve("DPM++ 2M", None, zero_snr=True), ztsnr)
     sched.set_timesteps(20)
     assert int(sched.timesteps[0]) == 999 and sched.config.prediction_type == "v_prediction"
