@@ -54,8 +54,8 @@ def test_aliases_and_legacy_names_batch_together():
     legacy = JobRequest(prompt="b", sampler="DPM++ 2M Karras")
     alias = JobRequest(prompt="c", sampler="k_dpmpp_2m", scheduler="Karras")
     assert batcher.batch_key(plain) == batcher.batch_key(legacy) == batcher.batch_key(alias)
-    # "Automatic" is Karras for this sampler, but SGM Uniform on a zero-terminal-SNR model (the demo): which
-    # one only the model says, so it never shares a pass with an explicit Karras
+    # "Automatic" is Karras for this sampler, but SGM Uniform on a zero-terminal-SNR model: which one only the
+    # model says, so it never shares a pass with an explicit Karras
     automatic = JobRequest(prompt="d", sampler="k_dpmpp_2m")
     assert batcher.batch_key(automatic) == batcher.batch_key(JobRequest(prompt="e")) != batcher.batch_key(plain)
 

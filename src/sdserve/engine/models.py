@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.catalog import Arch, Kind, ModelError, ModelInfo, UnknownModelError, find
-from sdserve.engine import demo, quiet_libraries
+from sdserve.engine import demo, quiet_libraries, samplers
 from sdserve.engine.adapters import AdapterState
 from sdserve import addons
 
@@ -43,6 +43,7 @@ class LoadedModel:
     default_width: int
     default_height: int
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    zero_snr: bool = False  # trained to zero terminal SNR (samplers.zero_terminal_snr): "Automatic" differs
     device: str = "cpu"
     adapters: AdapterState = field(default_factory=AdapterState)  # its LoRAs, loaded and active
 
@@ -281,6 +282,7 @@ class ModelRegistry:
             default_width=size * vae_scale,
             default_height=size * vae_scale,
             scheduler_config=dict(txt2img.scheduler.config),
+            zero_snr=samplers.zero_terminal_snr(txt2img.scheduler.config),
             device=self.device,
         )
 

@@ -132,8 +132,7 @@ class Engine:
     @staticmethod
     def _resolve_sampler(request: GenerationRequest, model: LoadedModel) -> samplers.ResolvedSampler:
         try:
-            return samplers.resolve(request.sampler, request.scheduler,
-                                    zero_snr=samplers.zero_terminal_snr(model.scheduler_config))
+            return samplers.resolve(request.sampler, request.scheduler, zero_snr=model.zero_snr)
         except samplers.UnknownSamplerError as exc:
             raise InvalidRequestError(str(exc)) from None
 

@@ -8,6 +8,7 @@ A1111 itself uses for that sampler, so the same settings mean the same thing her
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -117,23 +118,18 @@ class ResolvedSampler:
 
 
 def zero_terminal_snr(scheduler_config: dict[str, Any]) -> bool:
-    """Whether the model was trained on a noise schedule whose last step is pure noise (zero terminal SNR: the
-    demo model, SD 2.x-style "ztsnr" models): diffusers' flag, or `trained_betas` that end there."""
+    """Whether the model was trained on a noise schedule whose last step is pure noise (zero terminal SNR, as
+    SD 2.x-style "ztsnr" models): diffusers' flag, or `trained_betas` whose cumulative alpha ends near zero."""
     if scheduler_config.get("rescale_betas_zero_snr"):
         return True
     betas = scheduler_config.get("trained_betas")
-    if not betas:
-        return False
-    remaining = 1.0
-    for beta in betas:
-        remaining *= 1.0 - beta
-    return remaining < 1e-4
+    return bool(betas) and math.prod(1.0 - beta for beta in betas) < 1e-4
 
 
 def resolve(sampler: str, schedule: str | None = None, zero_snr: bool = False) -> ResolvedSampler:
     """Validate a sampler/schedule pair and resolve "Automatic" to A1111's default for the sampler, except on a
     zero-terminal-SNR model (`zero_snr`): there Karras and exponential spacing start from the model's last
-    sigma, which is huge (4096 for the demo model), and spend most of the steps on pure noise, so "Automatic"
+    sigma, which is huge (4096 with diffusers' rescaling), and spend most of the steps on pure noise, so "Automatic"
     takes SGM Uniform (even steps from the last, pure-noise timestep) where the sampler has it. A schedule
     the client names is always the one used."""
     found, legacy_schedule = find_sampler(sampler)
