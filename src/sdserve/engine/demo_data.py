@@ -109,25 +109,35 @@ def prompt(scene: Scene) -> str:
     return f"a {scene.size} {scene.colour} {scene.shape} {REGIONS[scene.region][0]} on a {scene.background} background"
 
 
-def caption(scene: Scene, rng: random.Random, keep: float = 0.6) -> str:
-    """A caption of the scene in one of several phrasings; size, region and background each kept with
-    probability `keep` (the picture has them anyway: the model learns what an omitted part may be)."""
+def caption(scene: Scene, rng: random.Random, keep: float = 0.6, region_keep: float = 0.9,
+            fragment: float = 0.15) -> str:
+    """A caption of the scene in one of several phrasings. Size and background are each kept with probability
+    `keep` (the picture has them anyway: the model learns what an omitted part may be), the region with
+    `region_keep` (where a shape is takes the most showing to learn), colour and shape with 0.9. A `fragment`
+    of captions name one part alone ("red", "a circle", "on the left"), so that any short text, a negative
+    prompt especially, means what it says instead of derailing the model."""
+    if rng.random() < fragment:
+        return rng.choice([scene.colour, f"a {scene.shape}", scene.shape, f"{scene.size} shape",
+                           REGIONS[scene.region][0], f"{scene.background} background"])
+    colour = scene.colour if rng.random() < 0.9 else None
+    shape = scene.shape if rng.random() < 0.9 else None
     size = scene.size if rng.random() < keep else None
-    region = REGIONS[scene.region][0] if rng.random() < keep else None
+    region = REGIONS[scene.region][0] if rng.random() < region_keep else None
     background = scene.background if rng.random() < keep else None
-    thing = " ".join(filter(None, [size, scene.colour, scene.shape]))
+    thing = " ".join(filter(None, [size, colour, shape or ("shape" if colour or size else None)]))
+    a_thing = "a " + thing if thing else None
     form = rng.randrange(6)
     if form == 0:  # the grammar itself
-        parts = ["a " + thing, region, f"on a {background} background" if background else None]
+        parts = [a_thing, region, f"on a {background} background" if background else None]
     elif form == 1:  # no article
         parts = [thing, region, f"on a {background} background" if background else None]
-    elif form == 2:  # "a circle, red"
-        parts = [f"a {' '.join(filter(None, [size, scene.shape]))}, {scene.colour}", region,
+    elif form == 2 and colour and shape:  # "a circle, red"
+        parts = [f"a {' '.join(filter(None, [size, shape]))}, {colour}", region,
                  f"{background} background" if background else None]
     elif form == 3:  # background first
-        parts = [f"{background} background," if background else None, "a " + thing, region]
+        parts = [f"{background} background," if background else None, a_thing, region]
     elif form == 4:  # region first
-        parts = [region, "a " + thing, f"on {background}" if background else None]
+        parts = [region, a_thing, f"on {background}" if background else None]
     else:
         parts = [thing, f"on a {background} background" if background else None, region]
     return " ".join(p for p in parts if p)

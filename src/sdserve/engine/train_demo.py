@@ -6,8 +6,9 @@ SD's 8x latent factor and 4 latent channels, a UNet2DConditionModel, and SD 1.5'
 `demo_data`'s captioned shapes, made here from the seed. Two stages on the CPU:
 
 1. the VAE learns to reconstruct the pictures (L1 + a small KL term); its latents' spread sets `scaling_factor`;
-2. the UNet and the text encoder learn to predict the noise on those latents from the captions (10% empty,
-   so classifier-free guidance works), with SD's epsilon objective.
+2. the UNet and the text encoder learn to denoise those latents from the captions (10% empty, so
+   classifier-free guidance works; 15% a single part, so a short negative prompt means what it says), with
+   v-prediction on SD's noise schedule rescaled to zero terminal SNR (`noise_betas`).
 
 Deterministic from --seed (torch's CPU kernels, one thread per process set here). Writes a diffusers folder
 (safetensors) and the loss curves as a PNG.
@@ -82,7 +83,7 @@ def clip_tokenizer(words=()):
 
 
 # ----- models ------------------------------------------------------------------------------------
-def build_models(tokenizer, seed: int):
+def build_models(tokenizer, seed: int, conv_in_kernel: int = 7):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -102,22 +103,49 @@ def build_models(tokenizer, seed: int):
         pad_token_id=vocab["<|endoftext|>"], projection_dim=64,
     ))
     # Two levels on the 8x8 latent (8x8, 4x4), cross-attention to the caption on both. Eight channels per
-    # GroupNorm group, so a flat region's latent is not normalised away.
+    # GroupNorm group, so a flat region's latent is not normalised away. Nothing in SD's UNet says where a cell
+    # is but the zero padding of its convolutions; a 7x7 first convolution lets one layer tell a cell 3 from
+    # the left border from one 3 from the right, so "on the left" has somewhere to attach.
     unet = UNet2DConditionModel(
         sample_size=demo_data.SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=8, conv_in_kernel=conv_in_kernel,
     )
     return vae, text_encoder, unet
 
 
-def scheduler():
-    """SD 1.5's scheduler config, so every sampler sees SD's real noise schedule."""
-    from diffusers import PNDMScheduler
+def noise_betas() -> list[float]:
+    """SD 1.5's noise schedule (scaled linear, 0.00085..0.012, 1000 steps) rescaled to zero terminal SNR (Lin et
+    al., "Common Diffusion Noise Schedules and Sample Steps are Flawed"), the last cumulative alpha set to 2**-24
+    as diffusers does so that sigma stays finite. With SD's own schedule the noisiest training input still holds
+    7% of the picture: the model learnt to take the shape's place from that rather than from "on the left", and
+    at sampling time it read a place out of pure noise. Written into the scheduler config as `trained_betas`,
+    so every sampler (including those without diffusers' `rescale_betas_zero_snr`) sees this schedule."""
+    import torch
 
-    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_bar_sqrt = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas_bar[-1] = 2.0 ** -24
+    betas = 1 - alphas_bar / torch.cat([torch.ones(1, dtype=torch.float64), alphas_bar[:-1]])
+    return [round(float(b), 10) for b in betas]
+
+
+def noise_config() -> dict:
+    """The training noise schedule and objective: v-prediction, as SD 2.x's v models (at zero terminal SNR
+    epsilon-prediction is undefined at the last step)."""
+    return {"num_train_timesteps": 1000, "trained_betas": noise_betas(), "prediction_type": "v_prediction"}
+
+
+def scheduler():
+    """The shipped scheduler config: every sampler is built from it (`samplers.make_scheduler`), so all see the
+    schedule the model was trained on; "trailing" spacing makes a run start at the last, pure-noise step."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**noise_config(), timestep_spacing="trailing")
 
 
 # ----- data --------------------------------------------------------------------------------------
@@ -201,8 +229,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps: int, batch
     import torch
     from diffusers import DDPMScheduler
 
-    noise_schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   num_train_timesteps=1000)
+    noise_schedule = DDPMScheduler(**noise_config())
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -217,10 +244,14 @@ def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps: int, batch
                         return_tensors="pt").input_ids
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=g)
+        # Half the batch at the noisiest 40% of the schedule: where the shape goes is decided there, from the
+        # caption alone, and a uniform draw spends too few steps on it for "on the left" to be learnt.
         t = torch.randint(0, 1000, (batch,), generator=g)
+        t[: batch // 2] = torch.randint(600, 1000, (batch // 2,), generator=g)
         zt = noise_schedule.add_noise(z0, noise, t)
         context = text_encoder(ids)[0]
-        loss = torch.nn.functional.mse_loss(unet(zt, t, context).sample, noise)
+        target = noise_schedule.get_velocity(z0, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(zt, t, context).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -248,8 +279,9 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.2))
-    for ax, (name, values) in zip(axes, curves.items()):
+    curves = {name: values for name, values in curves.items() if values}
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
         window = max(1, len(values) // 100)
         smooth = [sum(values[i:i + window]) / window for i in range(0, len(values) - window + 1, window)]
         ax.plot([i * window for i in range(len(smooth))], smooth)
@@ -261,9 +293,10 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
 
 
 def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500, unet_steps: int = 5000,
-          vae_batch: int = 32, batch: int = 64, threads: int | None = None) -> dict:
+          vae_batch: int = 32, batch: int = 64, threads: int | None = None, vae_from: Path | None = None) -> dict:
     """Train both stages into `out`. The VAE stage is kept in `out/vae` with its record as soon as it ends, and
-    a later run with the same seed, pictures and VAE steps starts from it (the same weights it would make)."""
+    a later run with the same seed, pictures and VAE steps starts from it (the same weights it would make).
+    `vae_from`: a trained VAE folder to use instead of the first stage (to retrain only the UNet stage)."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -280,7 +313,12 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
     stage = {"seed": seed, "pictures": pictures, "vae_steps": vae_steps, "vae_batch": vae_batch}
     stage_file = out / "vae" / "stage.json"
     record = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
-    if record.get("stage") == stage:
+    if vae_from is not None:
+        vae = AutoencoderKL.from_pretrained(vae_from, torch_dtype=torch.float32)
+        record = {"minutes": 0.0, "curve": []}
+        stage["vae_from"] = str(vae_from)
+        print(f"vae: the one in {vae_from}", flush=True)
+    elif record.get("stage") == stage:
         vae = AutoencoderKL.from_pretrained(out / "vae")
         print(f"vae: reusing the stage saved in {out / 'vae'}", flush=True)
     else:
@@ -304,7 +342,7 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
                                    scheduler=scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     save(pipe, out)
-    stage_file.unlink()
+    stage_file.unlink(missing_ok=True)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in
               (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
     report = {**stage, "unet_steps": unet_steps, "batch": batch, "parameters": params,
@@ -328,9 +366,11 @@ def main() -> None:
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64, help="the UNet stage's batch")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="a trained VAE folder (e.g. the shipped model's vae/): retrain only the UNet stage")
     args = parser.parse_args()
     print(json.dumps(train(args.out, args.seed, args.pictures, args.vae_steps, args.unet_steps, args.vae_batch,
-                           args.batch, args.threads), indent=1))
+                           args.batch, args.threads, args.vae_from), indent=1))
 
 
 if __name__ == "__main__":
