@@ -243,7 +243,7 @@ def test_history_survives_reload_and_reuse_parameters(page, server):
     page.wait_for_selector("#viewer:not([open])", state="attached")
     assert page.input_value("#prompt") == "remember me"
     assert page.input_value("#seed") == "77" and page.input_value("#steps") == "6"
-    assert page.input_value("#scheduler") == "karras"  # "Schedule type: Karras" mapped back to its name
+    assert page.input_value("#scheduler") == "sgm_uniform"  # "Schedule type: SGM Uniform" mapped back to its name
 
 
 def test_send_result_to_img2img(page):

@@ -2,13 +2,14 @@
 
 Stable Diffusion's own classes, small: a CLIP tokenizer whose BPE merges make each word of the demo
 vocabulary one token (any other text still tokenizes, byte by byte), a CLIPTextModel, an AutoencoderKL with
-SD's 8x latent factor and 4 latent channels, a UNet2DConditionModel, and SD 1.5's noise schedule. Data:
-`demo_data`'s captioned shapes, made here from the seed. Two stages on the CPU:
+SD's 8x latent factor and 4 latent channels, a UNet2DConditionModel, and SD 1.5's noise schedule rescaled to
+zero terminal SNR. Data: `demo_data`'s captioned shapes, made here from the seed. Two stages on the CPU:
 
 1. the VAE learns to reconstruct the pictures (L1 + a small KL term); its latents' spread sets `scaling_factor`;
 2. the UNet and the text encoder learn to denoise those latents from the captions (10% empty, so
    classifier-free guidance works; 15% a single part, so a short negative prompt means what it says), with
-   v-prediction on SD's noise schedule rescaled to zero terminal SNR (`noise_betas`).
+   v-prediction on that schedule (`noise_betas`); half of each batch at the noisiest timesteps for the first
+   45% of the run, where the shape's place is decided, then uniform.
 
 Deterministic from --seed (torch's CPU kernels, one thread per process set here). Writes a diffusers folder
 (safetensors) and the loss curves as a PNG.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -225,7 +227,7 @@ def encode_all(vae, pictures, batch: int = 256):
 
 
 def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps: int, batch: int, seed: int,
-               log: list[float]) -> None:
+               log: list[float], noisy_until: float = 0.45) -> None:
     import torch
     from diffusers import DDPMScheduler
 
@@ -244,10 +246,13 @@ def train_unet(unet, text_encoder, tokenizer, latents, scenes, steps: int, batch
                         return_tensors="pt").input_ids
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=g)
-        # Half the batch at the noisiest 40% of the schedule: where the shape goes is decided there, from the
-        # caption alone, and a uniform draw spends too few steps on it for "on the left" to be learnt.
+        # For the first `noisy_until` of the run, half the batch at the noisiest 40% of the schedule: where the
+        # shape goes is decided there, from the caption alone, and a uniform draw spends too few steps on it for
+        # "on the left" to be learnt. Then uniform, so the quieter steps that draw the shape's outline get their
+        # share back.
         t = torch.randint(0, 1000, (batch,), generator=g)
-        t[: batch // 2] = torch.randint(600, 1000, (batch // 2,), generator=g)
+        if step < noisy_until * steps:
+            t[: batch // 2] = torch.randint(600, 1000, (batch // 2,), generator=g)
         zt = noise_schedule.add_noise(z0, noise, t)
         context = text_encoder(ids)[0]
         target = noise_schedule.get_velocity(z0, noise, t)
@@ -292,11 +297,13 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500, unet_steps: int = 5000,
+def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500, unet_steps: int = 5600,
           vae_batch: int = 32, batch: int = 64, threads: int | None = None, vae_from: Path | None = None) -> dict:
     """Train both stages into `out`. The VAE stage is kept in `out/vae` with its record as soon as it ends, and
     a later run with the same seed, pictures and VAE steps starts from it (the same weights it would make).
-    `vae_from`: a trained VAE folder to use instead of the first stage (to retrain only the UNet stage)."""
+    `vae_from`: a model folder this script trained (the shipped demo model, say): its VAE stands in for the
+    first stage, to retrain only the UNet stage; the report then counts that VAE's minutes as measured when it
+    was trained."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -314,9 +321,10 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
     stage_file = out / "vae" / "stage.json"
     record = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
     if vae_from is not None:
-        vae = AutoencoderKL.from_pretrained(vae_from, torch_dtype=torch.float32)
-        record = {"minutes": 0.0, "curve": []}
-        stage["vae_from"] = str(vae_from)
+        source = json.loads((vae_from / demo.MARKER).read_text())
+        vae = AutoencoderKL.from_pretrained(vae_from / "vae", torch_dtype=torch.float32)
+        record = {"minutes": source["vae_minutes"], "curve": [], "final_vae_loss": source["final_vae_loss"]}
+        stage = {**{k: source[k] for k in stage}, "vae_from": str(vae_from)}
         print(f"vae: the one in {vae_from}", flush=True)
     elif record.get("stage") == stage:
         vae = AutoencoderKL.from_pretrained(out / "vae")
@@ -347,9 +355,9 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
               (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
     report = {**stage, "unet_steps": unet_steps, "batch": batch, "parameters": params,
               "vae_minutes": round(record["minutes"], 1), "unet_minutes": round(unet_minutes, 1),
-              "run_minutes": round((time.monotonic() - started) / 60, 1),
-              "final_vae_loss": round(sum(curves["vae"][-100:]) / len(curves["vae"][-100:]), 4),
-              "final_unet_loss": round(sum(curves["unet"][-100:]) / len(curves["unet"][-100:]), 4),
+              "run_minutes": round((time.monotonic() - started) / 60 + (record["minutes"] if vae_from else 0), 1),
+              "final_vae_loss": record.get("final_vae_loss") or round(statistics.fmean(curves["vae"][-100:]), 4),
+              "final_unet_loss": round(statistics.fmean(curves["unet"][-100:]), 4),
               "vae_reconstruction": recon, "weights": "float16", "torch": torch.__version__}
     (out / demo.MARKER).write_text(json.dumps(report, indent=1) + "\n")
     plot(curves, out / "loss.png")
@@ -362,12 +370,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pictures", type=int, default=12000)
     parser.add_argument("--vae-steps", type=int, default=3500)
-    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--unet-steps", type=int, default=5600)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64, help="the UNet stage's batch")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--vae-from", type=Path, default=None,
-                        help="a trained VAE folder (e.g. the shipped model's vae/): retrain only the UNet stage")
+                        help="a model folder this script made (e.g. the shipped one): keep its VAE, retrain the UNet stage")
     args = parser.parse_args()
     print(json.dumps(train(args.out, args.seed, args.pictures, args.vae_steps, args.unet_steps, args.vae_batch,
                            args.batch, args.threads, args.vae_from), indent=1))
