@@ -3,6 +3,8 @@
 - adherence: 50 seeded prompts in the full grammar (demo_data.test_scenes), read back with demo_data.read, at
   CFG 7 and CFG 1: the fraction with the prompted colour, shape, region and background (tests/test_demo_model.py
   holds the bars);
+- guidance: the prompted colour's hit rate on colour-only prompts ("a red shape"), CFG 7 against CFG 1;
+- negative prompt: the red share of "a large red circle ..." without and with the negative prompt "red";
 - speed: a 20-step image at the native 64x64, batch 1, through the engine (median of 15 after a warm-up);
 - a grid of prompts and outputs, docs/demo-grid.png.
 
@@ -62,6 +64,30 @@ def adherence(eng) -> dict:
     return out
 
 
+def guidance(eng) -> dict:
+    """Colour adherence on colour-only prompts ("a red shape", 50), at CFG 7 and CFG 1."""
+    from sdserve.engine import demo_data
+
+    prompts, seeds, colours = demo_data.colour_only_prompts()
+    out = {}
+    for cfg in (7.0, 1.0):
+        images = generate(eng, prompts, seeds, cfg_scale=cfg)
+        out[f"cfg{cfg:g}"] = sum(demo_data.read(im).colour == c for im, c in zip(images, colours)) / len(colours)
+    return out
+
+
+def negative(eng) -> dict:
+    """The red share of the negative-prompt probe's pictures, without and with the negative prompt "red"."""
+    from sdserve.engine import demo_data
+
+    prompt, negative_prompt, seeds = demo_data.NEGATIVE_PROBE
+    share = {}
+    for name, fields in (("without", {}), ("with", {"negative_prompt": negative_prompt})):
+        images = generate(eng, [prompt] * len(seeds), seeds, **fields)
+        share[name] = round(statistics.fmean(demo_data.read(im).share["red"] for im in images), 4)
+    return {**share, "ratio": round(share["with"] / share["without"], 3)}
+
+
 def speed(eng, repeats: int = 15) -> dict:
     generate(eng, ["a red circle"], [0])
     times = []
@@ -91,7 +117,7 @@ def grid(eng, path: Path, seeds=(1, 2, 3, 4)) -> None:
                 ax.set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=8)
             if row == 0:
                 ax.set_title(f"seed {seeds[col]}", fontsize=8)
-    fig.suptitle("sdserve's demo model: 64x64, 20 steps of DPM++ 2M, CFG 7", fontsize=9)
+    fig.suptitle("sdserve's demo model: 64x64, 20 steps of DPM++ 2M (SGM Uniform), CFG 7", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -109,7 +135,8 @@ def main() -> None:
     report = json.loads((demo.DEMO_PATH / demo.MARKER).read_text())
     size = sum(p.stat().st_size for p in demo.DEMO_PATH.rglob("*") if p.is_file())
     results = {"command": " ".join(["bench/demo_model.py", *sys.argv[1:]]), "torch": torch.__version__,
-               "model_bytes": size, "training": report, "speed": speed(eng), "adherence": adherence(eng)}
+               "model_bytes": size, "training": report, "speed": speed(eng), "adherence": adherence(eng),
+               "guidance_colour_only": guidance(eng), "negative_prompt_red_share": negative(eng)}
     grid(eng, args.grid)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -65,20 +65,19 @@ def test_samples_draw_the_prompted_colour_shape_region_and_background(samples):
 
 
 def test_guidance_raises_adherence(demo_engine):
-    """Full prompts are drawn right at any CFG (the bench prints both); guidance shows where the text alone
-    says little: "a red shape", five seeds per colour."""
-    colours = list(demo_data.COLOURS)
-    prompts, seeds = [f"a {c} shape" for c in colours] * 5, list(range(7000, 7000 + 5 * len(colours)))
+    """Full prompts are drawn right at any CFG (bench/demo_model.py prints both); guidance shows where the text
+    alone says little, "a red shape"."""
+    prompts, seeds, colours = demo_data.colour_only_prompts()
     hits = {cfg: np.mean([read(im).colour == c for im, c in
-                          zip(generate(demo_engine, prompts, seeds, cfg_scale=cfg), colours * 5)]) for cfg in (7.0, 1.0)}
+                          zip(generate(demo_engine, prompts, seeds, cfg_scale=cfg), colours)]) for cfg in (7.0, 1.0)}
     assert hits[7.0] >= hits[1.0] + 0.1, hits
 
 
 def test_negative_prompt_of_the_colour_lowers_its_share(demo_engine):
-    prompts = ["a large red circle in the middle on a white background"] * 12
-    seeds = list(range(2000, 2012))
-    plain = [read(im).share["red"] for im in generate(demo_engine, prompts, seeds)]
-    negative = [read(im).share["red"] for im in generate(demo_engine, prompts, seeds, negative_prompt="red")]
+    prompt, negative_prompt, seeds = demo_data.NEGATIVE_PROBE
+    plain = [read(im).share["red"] for im in generate(demo_engine, [prompt] * len(seeds), seeds)]
+    negative = [read(im).share["red"] for im in
+                generate(demo_engine, [prompt] * len(seeds), seeds, negative_prompt=negative_prompt)]
     assert np.mean(negative) < 0.6 * np.mean(plain), (np.mean(negative), np.mean(plain))
 
 

@@ -210,6 +210,17 @@ def test_scenes(count: int, seed: int = 12) -> list[Scene]:
             for i in range(count)]
 
 
+def colour_only_prompts(repeats: int = 5) -> tuple[list[str], list[int], list[str]]:
+    """"a red shape" for every colour, `repeats` seeds each: prompts, seeds and the colour each asks for. Full
+    prompts are drawn right at any CFG; where the text says this little, guidance shows."""
+    colours = list(COLOURS) * repeats
+    return [f"a {c} shape" for c in colours], list(range(7000, 7000 + len(colours))), colours
+
+
+# A negative prompt naming the prompt's colour: the red share of 12 seeded pictures, with and without it.
+NEGATIVE_PROBE = ("a large red circle in the middle on a white background", "red", list(range(2000, 2012)))
+
+
 def adherence(scenes: list[Scene], readings: list[Reading]) -> dict[str, float]:
     """The fraction of pictures whose reading matches the scene, per part, and their mean."""
     parts = ("colour", "shape", "region", "background")
