@@ -238,7 +238,12 @@ def save_controlnet(pipe, path: Path, seed: int = 3) -> Path:
     so the control map actually steers. Saved as a diffusers folder."""
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 32, 32),
+                                    load_weights_from_unet=False)
+    # The copy of the UNet's encoder, layer by layer where the shapes agree: ControlNetModel's first convolution
+    # is always 3x3, so a UNet with a wider one (the demo model's 7x7) leaves the ControlNet its own.
+    own, unet = net.state_dict(), pipe.unet.state_dict()
+    net.load_state_dict({k: v for k, v in unet.items() if k in own and own[k].shape == v.shape}, strict=False)
     g = torch.Generator().manual_seed(seed)
     embedding = net.controlnet_cond_embedding
     zero = [embedding.conv_out, net.controlnet_mid_block, *net.controlnet_down_blocks]
