@@ -144,10 +144,12 @@ def noise_config() -> dict:
 
 def scheduler():
     """The shipped scheduler config: every sampler is built from it (`samplers.make_scheduler`), so all see the
-    schedule the model was trained on; "trailing" spacing makes a run start at the last, pure-noise step."""
+    schedule the model was trained on; "trailing" spacing makes a run start at the last, pure-noise step.
+    `steps_offset=1` is what StableDiffusionPipeline sets (with a warning) on every load otherwise; "trailing"
+    spacing does not use it."""
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler(**noise_config(), timestep_spacing="trailing")
+    return EulerDiscreteScheduler(**noise_config(), timestep_spacing="trailing", steps_offset=1)
 
 
 # ----- data --------------------------------------------------------------------------------------
