@@ -335,7 +335,8 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
         vae_started = time.monotonic()
         curve: list[float] = []
         train_vae(vae, x, vae_steps, vae_batch, seed + 1, curve)
-        record = {"stage": stage, "minutes": (time.monotonic() - vae_started) / 60, "curve": curve}
+        record = {"stage": stage, "minutes": (time.monotonic() - vae_started) / 60, "curve": curve,
+                  "final_vae_loss": round(statistics.fmean(curve[-100:]), 4)}
         vae.save_pretrained(out / "vae", safe_serialization=True)
         stage_file.write_text(json.dumps(record))
     vae.eval()
@@ -358,7 +359,7 @@ def train(out: Path, seed: int = 0, pictures: int = 12000, vae_steps: int = 3500
     report = {**stage, "unet_steps": unet_steps, "batch": batch, "parameters": params,
               "vae_minutes": round(record["minutes"], 1), "unet_minutes": round(unet_minutes, 1),
               "run_minutes": round((time.monotonic() - started) / 60 + (record["minutes"] if vae_from else 0), 1),
-              "final_vae_loss": record.get("final_vae_loss") or round(statistics.fmean(curves["vae"][-100:]), 4),
+              "final_vae_loss": record["final_vae_loss"],
               "final_unet_loss": round(statistics.fmean(curves["unet"][-100:]), 4),
               "vae_reconstruction": recon, "weights": "float16", "torch": torch.__version__}
     (out / demo.MARKER).write_text(json.dumps(report, indent=1) + "\n")
