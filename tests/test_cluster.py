@@ -321,3 +321,76 @@ def test_a_worker_process_joins_and_hands_back_its_batch_on_sigterm(models_dir, 
             worker.kill()
         log.close()
         api.kill()
+
+
+def test_memory_on_an_api_replica_needs_no_torch(cluster):
+    """The api role cannot import torch (tests/no_engine): /sdapi/v1/memory answers with RAM and says where the
+    GPUs are, instead of a 500."""
+    r = httpx.get(f"{cluster.a.url}/sdapi/v1/memory")
+    assert r.status_code == 200 and r.json()["ram"]["total"] > 0 and "workers" in r.json()["cuda"]["error"], r.text
+
+
+def readyz_reason(server: ServerProcess) -> str:
+    try:
+        r = httpx.get(server.url + "/readyz", timeout=5)
+    except httpx.HTTPError as exc:  # not listening yet
+        return f"unreachable: {exc}"
+    return "ready" if r.status_code == 200 else r.json()["reason"]
+
+
+def until(condition, what: str, timeout: float = 60, *processes: ServerProcess):
+    """Wait by deadline until `condition()` is truthy (and every process still runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        for p in processes:
+            assert p.proc.poll() is None, f"{p.cmd[3]} exited:\n{p.log()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+
+
+def test_every_role_starts_before_its_stores_and_an_empty_redis_is_restocked(models_dir, tmp_path):
+    """api and worker start while neither S3 nor Redis answers: /readyz says which one they wait for, nothing exits,
+    and they serve once both are up. A Redis that comes back empty gets the workers' models and the autoscaler's
+    stream and group again."""
+    from components import RedisServer, SeaweedS3
+
+    redis_server, s3 = RedisServer(tmp_path / "redis"), SeaweedS3(tmp_path / "s3")  # ports chosen, not started
+    storage = f"s3://late/images?endpoint_url={s3.endpoint}&region=us-east-1"
+    common = ("--queue", redis_server.url, "--storage", storage)
+    worker = ServerProcess(models_dir, tmp_path / "w", *common, "--lease-s", "3", "--name", "W", role="worker",
+                           env=s3.env).launch()
+    api = ServerProcess(None, tmp_path / "a", *common, role="api", env=s3.env).launch()
+    try:
+        for p in (api, worker):
+            until(lambda: "the image store" in readyz_reason(p), "waiting for S3", 60, api, worker)
+        s3.start()
+        s3.bucket("late")
+        for p in (api, worker):
+            until(lambda: "Redis" in readyz_reason(p), "waiting for Redis", 60, api, worker)
+        assert httpx.post(f"{api.url}/api/v1/jobs", json={"prompt": "x"}).status_code == 503
+        redis_server.start()
+        for p in (api, worker):
+            until(lambda: readyz_reason(p) == "ready", "ready", 60, api, worker)
+        job = httpx.post(f"{api.url}/api/v1/jobs", json={"prompt": "x", "steps": 2}).json()
+        with api.client() as c:
+            assert wait_for(c, job["id"])["status"] == "succeeded"
+        assert "Traceback" not in worker.log() + api.log()
+
+        client = redis_server.client()
+        client.flushall()  # as a Redis restarted without its data
+        until(lambda: "tiny" in client.hgetall("sdserve:shared:models"), "models published again", 30, api, worker)
+        until(lambda: client.exists("sdserve:demand") and any(
+            g["name"] == "workers" for g in client.xinfo_groups("sdserve:demand")), "autoscaler stream", 30, api, worker)
+        until(lambda: [w["name"] for w in httpx.get(f"{api.url}/api/v1/workers").json()] == ["W"],
+              "worker registered again", 30, api, worker)
+        job = httpx.post(f"{api.url}/api/v1/jobs", json={"prompt": "y", "steps": 2}).json()
+        with api.client() as c:
+            assert wait_for(c, job["id"])["status"] == "succeeded"
+    finally:
+        for p in (api, worker):
+            p.kill()
+        redis_server.stop()
+        s3.stop()

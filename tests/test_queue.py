@@ -133,7 +133,7 @@ def test_succeed_records_images_and_progress(queue):
     other = submit(queue, "y", steps=4)
     queue.claim(wait_s=0)
     queue.cancel(other.id)
-    assert queue.progress([job.id, other.id], 2, 4) == {other.id}  # a step reports who was canceled meanwhile
+    assert queue.progress([job.id, other.id], 2, 4).canceled == {other.id}  # a step reports who was canceled
     assert (queue.get(job.id).step, queue.get(job.id).progress) == (2, 0.5)
     assert queue.get(other.id).step == 0
     done = queue.succeed(job.id, [ImageRef(id="a" * 32, url="/api/v1/images/" + "a" * 32, seed=1)])

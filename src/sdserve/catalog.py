@@ -38,6 +38,14 @@ class UnknownModelError(ModelError, LookupError):
     pass
 
 
+class ModelFailedError(ModelError):
+    """The model exists but cannot load (a broken file, a missing config): `info.error` says why."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        super().__init__(f"model {info.name!r} failed to load: {info.error}")
+        self.info = info
+
+
 @dataclass
 class ModelInfo:
     name: str
@@ -46,6 +54,9 @@ class ModelInfo:
     arch: Arch | None = None
     size_bytes: int | None = None
     inpainting: bool = False  # a 9-channel inpainting UNet
+    # Why it cannot load (the file and the reason), once that is known: listed as failed, refuses jobs (503 as the
+    # default, 404 when named), and is tried again only when its file changes.
+    error: str | None = None
 
     @property
     def path(self) -> Path:
@@ -103,9 +114,14 @@ def find(models: Iterable[ModelInfo], name: str, aliases: dict[str, str],
 
 
 def publish(queue: JobQueue, models: list[ModelInfo], sha256: Callable[[ModelInfo], str | None]) -> None:
-    """A worker tells every API replica what it serves (they keep it after the worker stops)."""
+    """A worker tells every API replica what it serves (they keep it after the worker stops). Called on every
+    heartbeat: it writes only what the table lacks or holds otherwise, so a Redis that came back empty has the
+    models again within a heartbeat."""
+    published = queue.shared_get(MODELS)
     for info in models:
-        queue.shared_put(MODELS, info.name, json.dumps({**asdict(info), "sha256": sha256(info)}))
+        entry = json.dumps({**asdict(info), "sha256": None if info.error else sha256(info)})
+        if published.get(info.name) != entry:
+            queue.shared_put(MODELS, info.name, entry)
 
 
 class SharedCatalog:

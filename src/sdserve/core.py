@@ -33,6 +33,15 @@ class RequestRejected(ValueError):
         self.field = field
 
 
+class ModelUnavailable(Exception):
+    """The model a job would run on failed to load (the message names its file and why): 404 in the dialect's
+    shape when the request named it, 503 with Retry-After when it is the server's default. Other models work."""
+
+    def __init__(self, message: str, named: bool) -> None:
+        super().__init__(message)
+        self.named = named
+
+
 class ContentBlocked(RequestRejected):
     """Moderation withheld it: a prompt on the blocklist, or an image a check blocked. 400 in every dialect
     (OpenAI's code: content_policy_violation)."""

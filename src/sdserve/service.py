@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from sdserve import addons, catalog, core, loras
-from sdserve.catalog import ModelCatalog, SharedCatalog, UnknownModelError
+from sdserve.catalog import ModelCatalog, ModelFailedError, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
-from sdserve.core import ContentBlocked, RequestRejected
+from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
 from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.images import black_png
@@ -42,7 +42,7 @@ from sdserve.jobs.queue import (
 from sdserve.moderation import Blocklist, open_moderator
 from sdserve.ratelimit import CALLER, Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
-from sdserve.storage import ImageStore, open_store
+from sdserve.storage import ImageStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from sdserve.jobs.runner import Runner
@@ -118,6 +118,8 @@ class Service:
             self.controlnets = addons.controlnets(settings.models_dir)
         else:
             self._build_runner(settings)
+        self.queue.accepting = False  # until start() has reached the job store and recovered it
+        self.waiting_for: str | None = None  # why start() is still waiting for the job store
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
         self._pruner = threading.Thread(target=self._prune_loop, name="sdserve-retention", daemon=True)
@@ -170,15 +172,52 @@ class Service:
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        requeued = self.queue.recover()
-        if requeued:
-            log.info("resuming %d job(s) that were running when the server stopped", requeued)
-        self.queue.accepting = True
-        if self.runner is not None:
-            self.runner.start()
+        """Start with whatever is up yet. The job store may not answer (Redis starting beside this process):
+        then readiness says so, submissions get 503, and a thread keeps trying with backoff; recovery, intake
+        and the runner begin once it answers. Never an exit with a traceback."""
         self._reaper.start()
         if self.role != "worker":  # the API side keeps history bounded; workers only make images
             self._pruner.start()
+        if not self._connect():
+            threading.Thread(target=self._keep_connecting, name="sdserve-connect", daemon=True).start()
+
+    def _connect(self) -> bool:
+        """Reach the image store, recover what the last run left running, then take jobs: False while either
+        store cannot be reached. A store that answers but refuses writes (a full disk) is not waited for: the
+        write health check reports it, as it does later."""
+        try:
+            self.images.probe()
+        except StoreError as exc:
+            if exc.transient:
+                return self._waiting(f"the image store: {exc}")
+            self.health.failed(f"image store: {exc}", full=exc.errno == errno.ENOSPC)
+        try:
+            requeued = self.queue.recover()
+        except StorageError as exc:
+            return self._waiting(str(exc))
+        if self.waiting_for is not None:
+            log.info("the stores answer: starting")
+        self.waiting_for = None
+        if requeued:
+            log.info("resuming %d job(s) that were running when the server stopped", requeued)
+        if not self._stopped.is_set():
+            self.queue.accepting = True
+            if self.runner is not None:
+                self.runner.start()
+        return True
+
+    def _waiting(self, reason: str) -> bool:
+        if self.waiting_for != reason:
+            log.warning("waiting for %s (retrying)", reason)
+        self.waiting_for = reason
+        return False
+
+    def _keep_connecting(self) -> None:
+        pause = 0.25
+        while not self._stopped.wait(pause):
+            if self._connect():
+                return
+            pause = min(5.0, pause * 2)
 
     def stop_intake(self) -> None:
         self.queue.accepting = False
@@ -237,6 +276,8 @@ class Service:
                 log.exception("retention error")
 
     def readiness(self) -> tuple[bool, str]:
+        if self.waiting_for is not None:
+            return False, f"starting: waiting for {self.waiting_for}"
         if self.runner is not None and self.runner.load_error:
             return False, f"model failed to load: {self.runner.load_error}"
         if self.runner is not None and not self.runner.ready:
@@ -269,6 +310,9 @@ class Service:
             if max(size) > limits.max_size:
                 raise RequestRejected(f"hires size {size[0]}x{size[1]} is over this server's limit of "
                                       f"{limits.max_size}", "hires")
+            if hires.steps > limits.max_steps:
+                raise RequestRejected(f"hires steps {hires.steps} is over this server's limit of {limits.max_steps}",
+                                      "hires.steps")
         for field, text in (("prompt", request.prompt), ("hires", request.hires.prompt if request.hires else "")):
             term = self.blocklist.match(text)
             if term is not None:
@@ -285,9 +329,11 @@ class Service:
             raise RequestRejected(str(exc), "prompt") from None
         if request.model is not None:
             try:
-                self.models.info(request.model)
+                info = self.models.info(request.model)
             except UnknownModelError as exc:
                 raise RequestRejected(str(exc), "model") from None
+            if info.error is not None:
+                raise ModelUnavailable(str(ModelFailedError(info)), named=True)
 
     def submit(
         self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
@@ -296,8 +342,6 @@ class Service:
         """Validate, charge the images to the caller's rate limit, move the input images to the image store,
         pin seed and model, and queue. `inputs`: the request's images if already read by `core.read_inputs`
         (so they are decoded once); `charge` False: the caller paid already (`submit_all`)."""
-        if self.runner is not None and self.runner.load_error:
-            raise NotAccepting(f"no model can run jobs here: {self.runner.load_error}")
         write_error = self.health.check()
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
@@ -320,9 +364,12 @@ class Service:
         init = inputs.get("init_image")
         # Pin the model now: a later change of the default does not change what this job draws.
         try:
-            model = self.models.info(request.model or self.default_model).name
+            info = self.models.info(request.model or self.default_model)
         except UnknownModelError as exc:  # no default anywhere yet (an API no worker has told of its models)
             raise NotAccepting(str(exc)) from None
+        if info.error is not None:  # the default failed to load (a named one was refused by validate)
+            raise ModelUnavailable(str(ModelFailedError(info)), named=False)
+        model = info.name
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
         caller = CALLER.get()
         if caller is not None:  # the key's priority caps the job's (keys file)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdserve.core import ContentBlocked, RequestRejected
+from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
 from sdserve.jobs.queue import (
     IdempotencyConflict,
     JobFinished,
@@ -90,6 +90,12 @@ def install(app: FastAPI) -> None:
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
         return render(request.url.path, 422, str(exc), field=exc.field,
                       errors=[{"field": exc.field, "message": str(exc)}] if exc.field else [])
+
+    @app.exception_handler(ModelUnavailable)
+    async def _model_unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:
+        if exc.named:
+            return render(request.url.path, 404, str(exc), field="model")
+        return render(request.url.path, 503, str(exc), headers={"Retry-After": "30"})
 
     @app.exception_handler(ContentBlocked)
     async def _blocked(request: Request, exc: ContentBlocked) -> JSONResponse:

@@ -129,7 +129,7 @@ async def workers(service: ServiceDep) -> list[dict[str, Any]]:
     return await asyncio.to_thread(service.queue.workers)
 
 
-@router.get("/models", summary="Models the server can load")
+@router.get("/models", summary="Models the server can load; status loaded|available|failed, with the error")
 async def models(service: ServiceDep) -> list[dict[str, Any]]:
     def read() -> tuple[list, str | None, list[str]]:
         infos = service.models.list()
@@ -142,7 +142,8 @@ async def models(service: ServiceDep) -> list[dict[str, Any]]:
     infos, default, loaded = await asyncio.to_thread(read)
     return [
         {"name": m.name, "kind": m.kind, "arch": m.arch, "size_bytes": m.size_bytes, "demo": m.is_demo,
-         "default": m.name == default, "loaded": m.name in loaded}
+         "default": m.name == default, "loaded": m.name in loaded,
+         "status": "failed" if m.error else "loaded" if m.name in loaded else "available", "error": m.error}
         for m in infos
     ]
 

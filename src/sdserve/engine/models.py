@@ -20,11 +20,11 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdserve.catalog import Arch, Kind, ModelError, ModelInfo, UnknownModelError, find
+from sdserve.catalog import Arch, Kind, ModelError, ModelFailedError, ModelInfo, UnknownModelError, find
 from sdserve.engine import demo, quiet_libraries, samplers
 from sdserve.engine.adapters import AdapterState
 from sdserve import addons
@@ -65,12 +65,33 @@ def _dir_size(path: Path) -> int:
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Tensor names and shapes from the file header, without reading the weights."""
-    with path.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > 100_000_000:
-            raise ModelError(f"{path.name}: not a safetensors file (header of {length} bytes)")
-        return json.loads(fh.read(length))
+    """Tensor names and shapes from the file header, without reading the weights. ModelError names the file and
+    what is wrong with it."""
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100_000_000:
+                raise ModelError(f"{path}: not a safetensors file (header of {length} bytes)")
+            header = json.loads(fh.read(length))
+    except struct.error:
+        raise ModelError(f"{path}: not a safetensors file (shorter than its 8-byte header length)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelError(f"{path}: not a safetensors file (its header is not JSON: {exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """What changes when a model's file is replaced: (size, mtime) of the file, or of a folder's index."""
+    target = path / "model_index.json" if path.is_dir() else path
+    try:
+        stat = target.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def detect_arch(header: dict[str, Any]) -> tuple[Arch | None, bool]:
@@ -118,18 +139,16 @@ class ModelRegistry:
         self._hash_cache_path = self.data_dir / "hashes.json"
         self._models: dict[str, ModelInfo] | None = None
         self._aliases: dict[str, str] = {}
+        # Models that failed to load: name -> (their file's signature then, the reason). A changed file is tried again.
+        self._failures: dict[str, tuple[tuple[int, int] | None, str]] = {}
 
     # ----- discovery -------------------------------------------------------------------------
-    @property
-    def default_model(self) -> str:
-        return self.info(self.extra[0]).name if self.extra else self.list()[0].name
-
     def refresh(self) -> list[ModelInfo]:
         with self._lock:
             found: dict[str, ModelInfo] = {}
             aliases: dict[str, str] = {}
             for spec in self.extra:
-                info = self._describe(spec)
+                info = self._described(spec)
                 found.setdefault(info.name, info)
                 aliases[spec] = info.name  # the operator's own words for it: a path, a hub id
             if self.models_dir.is_dir():
@@ -137,14 +156,38 @@ class ModelRegistry:
                     if entry.name.startswith(".") or entry.name == "configs":
                         continue
                     if (entry / "model_index.json").is_file() or entry.suffix.lower() in WEIGHT_SUFFIXES:
-                        info = self._describe(str(entry))
+                        info = self._described(str(entry))
                         found.setdefault(info.name, info)
             self._models, self._aliases = found, aliases
-            return list(found.values())
+            return self.list()
 
     def list(self) -> list[ModelInfo]:
+        """Every model, a failed one with its `error` (one whose file changed since is offered again)."""
         with self._lock:
-            return list(self._models.values()) if self._models is not None else self.refresh()
+            if self._models is None:
+                return self.refresh()
+            return [self._with_failure(info) for info in self._models.values()]
+
+    def _with_failure(self, info: ModelInfo) -> ModelInfo:
+        if info.error is not None or info.name not in self._failures:
+            return info
+        signature, reason = self._failures[info.name]
+        if info.kind != "hub" and signature != _signature(info.path):
+            del self._failures[info.name]  # replaced since: try it again
+            return info
+        return replace(info, error=reason)
+
+    def _described(self, spec: str) -> ModelInfo:
+        """`_describe`, or for a model that cannot even be described (a corrupt file, a folder without its
+        index, a path that is gone), a failed entry that says so: one bad file never hides the others."""
+        try:
+            return self._describe(spec)
+        except ModelError as exc:
+            path = Path(spec).expanduser()
+            kind: Kind = "single-file" if path.suffix.lower() == ".safetensors" else "diffusers"
+            name = path.stem if path.suffix.lower() in WEIGHT_SUFFIXES else path.name or spec
+            log.error("model %s: %s", name, exc)
+            return ModelInfo(name, kind, str(path.resolve()) if path.exists() else spec, error=str(exc))
 
     def info(self, name: str | None) -> ModelInfo:
         """Find one of the models the operator configured or the models folder holds, by name, filename,
@@ -187,7 +230,7 @@ class ModelRegistry:
 
     # ----- hashes (A1111 "Model hash" = first 10 hex digits of the file's sha256) -------------
     def sha256(self, info: ModelInfo) -> str | None:
-        if info.kind == "hub":
+        if info.kind == "hub" or not info.path.exists():
             return None
         files = [info.path] if info.path.is_file() else sorted(p for p in info.path.rglob("*") if p.is_file())
         stat_key = [(str(p.relative_to(info.path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -231,8 +274,11 @@ class ModelRegistry:
             return list(self._loaded)
 
     def load(self, name: str | None = None) -> LoadedModel:
-        """The loaded model, loading it (and evicting the least recently used) when needed."""
+        """The loaded model, loading it (and evicting the least recently used) when needed. A model that failed
+        raises ModelFailedError at once, until its file changes."""
         info = self.info(name)
+        if info.error is not None:
+            raise ModelFailedError(info)
         with self._lock:
             if info.name in self._loaded:
                 self._loaded.move_to_end(info.name)
@@ -242,7 +288,12 @@ class ModelRegistry:
                 log.info("evicting model %s", evicted_name)
                 del evicted
                 self._free_memory()
-            model = self._load(info)
+            try:
+                model = self._load(info)
+            except ModelError as exc:
+                log.error("model %s failed to load: %s", info.name, exc)
+                self._failures[info.name] = (_signature(info.path) if info.kind != "hub" else None, str(exc))
+                raise ModelFailedError(replace(info, error=str(exc))) from exc
             self._loaded[info.name] = model
             return model
 

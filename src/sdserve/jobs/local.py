@@ -31,6 +31,7 @@ from sdserve.jobs.queue import (
     QueueFull,
     Selector,
     StorageError,
+    Stops,
 )
 from sdserve.ratelimit import Rate, refill
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
@@ -425,7 +426,8 @@ class SQLiteJobQueue(JobEnds):
     def canceled(self, job_ids: Sequence[str]) -> set[str]:
         return {job_id for job_id in job_ids if job_id in self._cancel}
 
-    def progress(self, job_ids: Sequence[str], step: int, steps: int) -> set[str]:
+    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
+        """No leases here (one process owns the queue and its runner), so no job is lost to another worker."""
         canceled = self.canceled(job_ids)
         for job_id in job_ids:
             if job_id in canceled:
@@ -439,7 +441,7 @@ class SQLiteJobQueue(JobEnds):
                 "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
                 "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
             })
-        return canceled
+        return Stops(canceled, set())
 
     def record_speed(self, seconds_per_step: float) -> None:
         with self._lock:

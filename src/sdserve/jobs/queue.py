@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sdserve.jobs.events import EventBus
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
@@ -54,6 +54,15 @@ class StorageError(QueueError):
     def __init__(self, message: str, full: bool = False) -> None:
         super().__init__(message)
         self.full = full  # out of space: 507 rather than 503
+
+
+class Stops(NamedTuple):
+    """What one step's `progress` call found among the batch's jobs."""
+
+    canceled: set[str]  # cancellation was requested: the runner ends them canceled
+    # No longer this batch's to finish: it ended elsewhere, or its lease ran out (the job store was away) and
+    # another worker holds it now. The runner drops it without recording anything: its end is the holder's.
+    lost: set[str]
 
 
 class JobEnds:
@@ -140,10 +149,10 @@ class JobQueue(Protocol):
     def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         """Each job's unix time after which it fails with a timeout, or None (one round trip)."""
 
-    def progress(self, job_ids: Sequence[str], step: int, steps: int) -> set[str]:
-        """One denoising step of a batch: record each job's progress (and tell its watchers), and return the
-        jobs whose cancellation was requested, whose progress is not recorded. One round trip on Redis: the
-        runner calls it on every step, between two UNet passes."""
+    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
+        """One denoising step of batch `batch_id`: record each job's progress (and tell its watchers), and return
+        the jobs to stop (`Stops`), whose progress is not recorded. Few round trips on Redis: the runner calls it
+        on every step, between two UNet passes."""
 
     def succeed(self, job_id: str, images: list[ImageRef]) -> Job: ...
 

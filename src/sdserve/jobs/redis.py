@@ -47,6 +47,7 @@ from sdserve.jobs.queue import (
     QueueFull,
     Selector,
     StorageError,
+    Stops,
 )
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
@@ -60,6 +61,9 @@ _SCORE = "(100 - tonumber(priority)) * 1e12 + tonumber(seq)"
 
 DEMAND = "demand"  # the stream's key after the prefix (the scripts below use it too): KEDA's trigger names it
 DEMAND_GROUP = "workers"
+# How often recovery (every replica's reaper) checks that the stream and group exist: a Redis that restarted
+# empty (no AOF) gets them back within this long, so KEDA keeps its trigger.
+DEMAND_CHECK_S = 2.0
 
 # Lua: take n entries off the demand stream (each one a queued job that left the queue). pcall: a missing group
 # (Redis lost its data) must not stop jobs; ensure_demand restores it.
@@ -240,6 +244,18 @@ def _ts(value: str | None) -> datetime | None:
     return None if not value else datetime.fromtimestamp(float(value), tz=timezone.utc)
 
 
+@contextmanager
+def _guard() -> Iterator[None]:
+    """Every Redis call goes through this: an unreachable or failing Redis is a StorageError, which callers ride
+    out (the runner keeps computing, readiness says why); never a raw redis error that reads as a bug."""
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise StorageError(f"the job store (Redis) failed: {exc}") from None
+
+
 class RedisEventBus:
     """Job events in a Redis stream per job: any process publishes, any process subscribes, and a subscriber
     can resume after an event id (SSE's Last-Event-ID). Listeners see this process's own publishes (metrics)."""
@@ -265,10 +281,12 @@ class RedisEventBus:
         pipe.xadd(key, {"data": json.dumps(event)}, maxlen=1000, approximate=True)
         pipe.expire(key, EVENTS_TTL_S)
         if own:
-            pipe.execute()
+            with _guard():
+                pipe.execute()
 
     def last_id(self, job_id: str) -> str:
-        newest = self.client.xrevrange(f"{self.p}events:{job_id}", count=1)
+        with _guard():
+            newest = self.client.xrevrange(f"{self.p}events:{job_id}", count=1)
         return newest[0][0] if newest else "0-0"
 
     @contextmanager
@@ -328,17 +346,12 @@ class RedisJobQueue(JobEnds):
         self._ensure_demand = self.client.register_script(_ENSURE_DEMAND)
         self._take_tokens = self.client.register_script(_TAKE_TOKENS)
         self._prune = self.client.register_script(_PRUNE)
-        self._demand_ensured = False
+        self._demand_ensured = -1e9  # when ensure_demand last ran (monotonic)
         self._speed_read: tuple[float, float | None] = (-1e9, None)
 
-    @contextmanager
-    def _redis(self) -> Iterator[None]:
-        import redis
-
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise StorageError(f"the job store (Redis) failed: {exc}") from None
+    @staticmethod
+    def _redis() -> Any:
+        return _guard()
 
     def ping(self) -> None:
         """Reachable, and the autoscaler's stream and group exist (recreated if Redis lost them)."""
@@ -447,7 +460,8 @@ class RedisJobQueue(JobEnds):
         """Seconds per denoising step of one image, shared by the workers; read at most once a second."""
         now = time.monotonic()
         if now - self._speed_read[0] > 1.0:
-            value = self.client.get(f"{self.p}speed")
+            with self._redis():
+                value = self.client.get(f"{self.p}speed")
             self._speed_read = (now, float(value) if value else None)
         return self._speed_read[1]
 
@@ -650,14 +664,24 @@ class RedisJobQueue(JobEnds):
     def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         return {job_id: float(v) if v else None for job_id, v in zip(job_ids, self._fields(job_ids, "deadline"))}
 
-    def progress(self, job_ids: Sequence[str], step: int, steps: int) -> set[str]:
+    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
         speed = self._speed()
         eta = max(0, steps - step) * speed if speed else None
-        canceled = self.canceled(job_ids)
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
             for job_id in job_ids:
-                if job_id in canceled:
+                pipe.hmget(f"{self.p}job:{job_id}", "cancel", "status", "batch_id")
+            states = pipe.execute()
+        stops = Stops(set(), set())
+        for job_id, (cancel, status, held_by) in zip(job_ids, states):
+            if status != "running" or (batch_id is not None and held_by != batch_id):
+                stops.lost.add(job_id)
+            elif cancel == "1":
+                stops.canceled.add(job_id)
+        with self._redis():
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in job_ids:
+                if job_id in stops.canceled or job_id in stops.lost:
                     continue
                 pipe.hset(f"{self.p}job:{job_id}", mapping={"step": step, "steps": steps})
                 self.events.publish(job_id, {
@@ -665,7 +689,7 @@ class RedisJobQueue(JobEnds):
                     "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
                 }, pipe)
             pipe.execute()
-        return canceled
+        return stops
 
     def record_speed(self, seconds_per_step: float) -> None:
         old = self._speed()
@@ -694,13 +718,13 @@ class RedisJobQueue(JobEnds):
 
     def recover(self) -> int:
         """Jobs whose lease ran out (their worker died) go back to the queue, or fail after MAX_ATTEMPTS
-        deliveries. Jobs other workers hold with a live lease are left alone. At start-up it also creates the
-        autoscaler's stream and group."""
+        deliveries. Jobs other workers hold with a live lease are left alone. It also (re)creates the autoscaler's
+        stream and group when they are missing, at most every DEMAND_CHECK_S."""
         now = time.time()
         with self._redis():
-            if not self._demand_ensured:
+            if time.monotonic() - self._demand_ensured > DEMAND_CHECK_S:  # a Redis that came back empty
                 self._ensure_demand(args=[self.p])
-                self._demand_ensured = True
+                self._demand_ensured = time.monotonic()
             expired = self.client.zrangebyscore(f"{self.p}running", "-inf", now)
         requeued = 0
         for job_id in expired:

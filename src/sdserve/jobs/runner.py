@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 from PIL import Image
 
@@ -28,19 +29,84 @@ from sdserve.engine.pipeline import (
 from sdserve.health import WriteHealth
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.jobs import batcher
-from sdserve.jobs.queue import JobQueue, StorageError
+from sdserve.jobs.queue import JobQueue, StorageError, Stops
 from sdserve.moderation import ModerationUnavailable, Moderator, NoModeration, Verdict
 from sdserve.schema import ImageRef, Job
 from sdserve.storage import ImageStore, StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # How long a batch's images wait for an unreachable image store before their jobs fail.
 STORE_RETRY_S = 60.0
+# How long a running batch rides out an unreachable job store (Redis restarting, a network blip) before it is
+# left to its leases: the batch keeps computing meanwhile, and its progress, cancel checks and end are tried
+# again. Past this, another worker re-runs its jobs once the store is back (on a queue with leases).
+QUEUE_RETRY_S = 60.0
+# How often a worker whose default model failed to load tries again (free until the model's file changes).
+WARM_UP_RETRY_S = 5.0
 
 
 class _Stop(Cancelled):
     """Shutdown ran out of grace time: put the batch back for the next start."""
+
+
+class _LeftToLeases(Cancelled):
+    """The job store stayed away past QUEUE_RETRY_S: nothing more is recorded for this batch; its leases run
+    out and a worker re-runs its jobs once the store is back. Never a failure: the jobs did nothing wrong."""
+
+
+class _Outage:
+    """The job store as one running batch sees it: each call that fails for the store's sake is ridden out (a
+    step's progress is skipped, an end is retried with backoff), and after QUEUE_RETRY_S of failures the batch
+    is left to its leases (`_LeftToLeases`). A queue without leases (the embedded one) has nobody to hand the
+    batch to: its ends are retried until shutdown instead."""
+
+    def __init__(self, health: WriteHealth, stopping: threading.Event, leases: bool) -> None:
+        self.health = health
+        self.stopping = stopping
+        self.leases = leases
+        self.since: float | None = None
+
+    def _failed(self, exc: StorageError) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            log.warning("job store unreachable during a batch; the batch goes on: %s", exc)
+        self.health.failed(str(exc), full=exc.full)
+        if self.leases and now - self.since > QUEUE_RETRY_S:
+            raise _LeftToLeases()
+
+    def _ok(self) -> None:
+        if self.since is not None:
+            log.info("job store reachable again after %.1f s", time.monotonic() - self.since)
+            self.since = None
+
+    def attempt(self, call: Callable[..., T], *args: object, default: T) -> T:
+        """One try: `default` if the store failed (for what can be skipped, such as one step's progress)."""
+        try:
+            result = call(*args)
+        except StorageError as exc:
+            self._failed(exc)
+            return default
+        self._ok()
+        return result
+
+    def record(self, call: Callable[..., object], *args: object) -> None:
+        """Until it is recorded (with backoff), the bound passes (`_LeftToLeases`) or shutdown."""
+        pause = 0.25
+        while True:
+            try:
+                call(*args)
+            except StorageError as exc:
+                self._failed(exc)
+                if self.stopping.wait(pause):
+                    raise _LeftToLeases() from None
+                pause = min(2.0, pause * 2)
+                continue
+            self._ok()
+            return
 
 
 class Runner:
@@ -65,13 +131,16 @@ class Runner:
         # (images, when the engine finished it, before any of its clients was told): see _companions
         self._last_batch: tuple[int, float] | None = None
         self.load_error: str | None = None
+        self._warmed_at = 0.0
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
         self.on_batch: Callable[[int], None] | None = None  # told the images of each batch (metrics)
-        # Called once the default model has loaded, before the worker counts as ready (retried until it succeeds).
+        # Called on each registration once the default model has loaded; the worker counts as ready after the
+        # first call succeeds.
         self.on_ready: Callable[[], None] | None = None
         self._told_ready = False
+        self._published = -1e9  # when on_ready last ran (monotonic)
 
     @property
     def ready(self) -> bool:
@@ -84,21 +153,36 @@ class Runner:
     def stop(self, grace_s: float = 25.0) -> None:
         """Finish the running batch (within `grace_s`, else stop it and requeue), then exit."""
         self._stopping.set()
+        if not self._thread.is_alive():  # never started (the job store never answered), or ended
+            return
         self._thread.join(grace_s)
         if self._thread.is_alive():
             self._abort.set()
             self._thread.join(30)
 
-    def _loop(self) -> None:
+    def _warm_up(self) -> None:
+        """Load the default model. If it fails, keep running: the model is listed as failed with the reason,
+        jobs on it are refused, other models' jobs run, and this is tried again every WARM_UP_RETRY_S (at no
+        cost until the model's file changes: the registry remembers the failure)."""
+        self._warmed_at = time.monotonic()
         try:
             self.engine.warm_up(self.default_model)
-            self._loaded = True
         except ModelError as exc:
-            # Keep running: the service refuses new jobs with this error, and queued ones fail with it.
+            if self.load_error != str(exc):
+                log.error("cannot load the default model: %s", exc)
             self.load_error = str(exc)
-            log.error("cannot load the default model: %s", exc)
+            return
+        if self.load_error is not None:
+            log.info("the default model loads now")
+        self.load_error = None
+        self._loaded = True
+
+    def _loop(self) -> None:
+        self._warm_up()
         while not self._stopping.is_set():
             try:
+                if not self._loaded and time.monotonic() - self._warmed_at >= WARM_UP_RETRY_S:
+                    self._warm_up()
                 if time.monotonic() - self._registered >= self.heartbeat_s:
                     self._register()
                 enough = [self.max_batch]  # a batch this big is claimed at once; a smaller one lingers first
@@ -141,26 +225,15 @@ class Runner:
 
     def _register(self) -> None:
         """Tell the queue this worker is alive, what it serves and what it runs (GET /api/v1/workers)."""
-        self._registered = time.monotonic()
-        if self._loaded and not self._told_ready and self.on_ready is not None:
-            self.on_ready()
+        self._registered = now = time.monotonic()
+        if self._loaded and self.on_ready is not None and now - self._published >= self.heartbeat_s:
+            self.on_ready()  # again each heartbeat: a Redis that restarted empty learns again what this serves
             self._told_ready = True
+            self._published = now
         self.queue.register_worker({
             "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
             "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
         }, ttl_s=3 * self.heartbeat_s)
-
-    def _record(self, end: Callable[..., object], *args: object) -> None:
-        """Record a job's end. If the job store cannot write, retry until it can (or shutdown): the job stays
-        running meanwhile, and a restart re-runs it; readiness says why."""
-        while True:
-            try:
-                end(*args)
-                return
-            except StorageError as exc:
-                self.health.failed(str(exc), full=exc.full)
-                if self._stopping.wait(1.0):
-                    return
 
     def _inputs(self, jobs: Sequence[Job]) -> dict[str, Image.Image]:
         inputs: dict[str, Image.Image] = {}
@@ -185,15 +258,22 @@ class Runner:
         ids = [job.id for job in jobs]
 
         def heartbeat() -> None:
-            while not done.wait(self.heartbeat_s):
+            wait = self.heartbeat_s
+            while not done.wait(wait):
                 try:
                     self.queue.heartbeat(ids)  # a job that already ended has no lease: a no-op for it
                     self._register()
+                    wait = self.heartbeat_s
+                except StorageError:
+                    wait = min(0.5, self.heartbeat_s)  # renew the lease as soon as the store is back
                 except Exception:
                     log.exception("heartbeat failed")
 
         self._batch = ids
-        self._register()
+        try:
+            self._register()
+        except StorageError as exc:  # the heartbeat tries again; the batch runs either way
+            self.health.failed(str(exc), full=exc.full)
         beater = threading.Thread(target=heartbeat, name="sdserve-heartbeat", daemon=True)
         beater.start()
         try:
@@ -234,11 +314,18 @@ class Runner:
                 pause = min(4.0, pause * 2)
 
     def _run(self, jobs: Sequence[Job]) -> None:
-        with self._leased(jobs):
-            self._run_leased(jobs)
+        outage = _Outage(self.health, self._stopping, leases=self.queue.shared)
+        try:
+            with self._leased(jobs):
+                self._run_leased(jobs, outage)
+        except _LeftToLeases:
+            log.warning("job store away for over %.0f s: jobs %s are left to their leases, to run again once it "
+                        "is back", QUEUE_RETRY_S, [job.id for job in jobs])
 
-    def _run_leased(self, jobs: Sequence[Job]) -> None:
-        deadlines = self.queue.deadlines([job.id for job in jobs])
+    def _run_leased(self, jobs: Sequence[Job], outage: _Outage) -> None:
+        deadlines: dict[str, float | None] = {}
+        outage.record(lambda: deadlines.update(self.queue.deadlines([job.id for job in jobs])))
+        batch_id = jobs[0].batch_id
         dropped: set[str] = set()
         started = time.monotonic()
         steps_done = 0
@@ -253,13 +340,19 @@ class Runner:
             now = time.time()
             for job in live():
                 if deadlines[job.id] is not None and now > deadlines[job.id]:
-                    dropped.add(job.id)
                     limit = deadlines[job.id] - job.created_at.timestamp()
-                    self.queue.fail(job.id, f"timed out: its {limit:.0f} s limit (waiting and running) passed",
-                                    "timeout")
-            for job_id in self.queue.progress([job.id for job in live()], step, steps):
+                    outage.record(self.queue.fail, job.id,
+                                  f"timed out: its {limit:.0f} s limit (waiting and running) passed", "timeout")
+                    dropped.add(job.id)
+            # The store away: this step's progress is skipped and the batch goes on (see _Outage).
+            stops = outage.attempt(self.queue.progress, [job.id for job in live()], step, steps, batch_id,
+                                   default=Stops(set(), set()))
+            for job_id in stops.lost:
+                log.info("job %s is no longer this batch's (it ended, or another worker holds it): dropped", job_id)
                 dropped.add(job_id)
-                self.queue.mark_canceled(job_id)
+            for job_id in stops.canceled:
+                dropped.add(job_id)
+                outage.record(self.queue.mark_canceled, job_id)
             if len(dropped) == len(jobs):
                 raise Cancelled()  # nobody is left to generate for
 
@@ -270,56 +363,58 @@ class Runner:
             inputs = self._inputs(jobs)
             results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
             generated_at = time.time()  # before any client hears of its result (see _companions)
+        except (_LeftToLeases, StorageError):
+            raise
         except _Stop:
             for job in live():
-                self._record(self.queue.requeue, job.id)
+                outage.record(self.queue.requeue, job.id)
             return
         except Cancelled:
             for job in live():
-                self._record(self.queue.mark_canceled, job.id)
+                outage.record(self.queue.mark_canceled, job.id)
             return
         except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
             for job in live():
-                self._record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
+                outage.record(self.queue.fail, job.id, f"model unavailable: {exc}", "unavailable")
             return
         except InvalidRequestError as exc:
             if len(jobs) > 1:
                 # One bad request must not fail its companions: run each alone to find it.
                 for job in live():
-                    self._run([job])
+                    self._run_leased([job], outage)
                 return
             for job in live():
-                self._record(self.queue.fail, job.id, str(exc), "invalid")
+                outage.record(self.queue.fail, job.id, str(exc), "invalid")
             return
-        except StorageError:
-            raise
         except Exception as exc:
             log.exception("generation failed for jobs %s", [j.id for j in jobs])
             for job in live():
-                self._record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
+                outage.record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
         self._last_batch = (batcher.images_in(jobs), generated_at)
         elapsed = time.monotonic() - started
         if steps_done:
-            # Seconds per denoising step of one image, so ETAs scale with queued work.
-            self.queue.record_speed(elapsed / steps_done / max(1, batcher.images_in(jobs)))
-        canceled = self.queue.canceled([job.id for job in live()])
+            # Seconds per denoising step of one image, so ETAs scale with queued work (skipped if the store is away).
+            outage.attempt(self.queue.record_speed, elapsed / steps_done / max(1, batcher.images_in(jobs)),
+                           default=None)
+        canceled: set[str] = set()
+        outage.record(lambda: canceled.update(self.queue.canceled([job.id for job in live()])))
         for job, generated in zip(jobs, results):
             if job.id in dropped or job.id in canceled:
                 if job.id not in dropped:
-                    self._record(self.queue.mark_canceled, job.id)
+                    outage.record(self.queue.mark_canceled, job.id)
                 continue
             pngs = [encode_png(g.image, g.infotext) for g in generated]
             try:
                 verdicts = self.moderator.check([g.image for g in generated], pngs, job_id=job.id, label=job.label)
             except ModerationUnavailable as exc:
-                self._record(self.queue.fail, job.id, str(exc), "unavailable")
+                outage.record(self.queue.fail, job.id, str(exc), "unavailable")
                 continue
             try:
                 refs = [self._keep(job, i, g, png, verdict)
                         for i, (g, png, verdict) in enumerate(zip(generated, pngs, verdicts))]
             except OSError as exc:
                 self.health.failed(f"image store: {exc}", full=exc.errno == errno.ENOSPC)
-                self._record(self.queue.fail, job.id, f"could not store the images: {exc.strerror or exc}", "storage")
+                outage.record(self.queue.fail, job.id, f"could not store the images: {exc.strerror or exc}", "storage")
                 continue
-            self._record(self.queue.succeed, job.id, refs)
+            outage.record(self.queue.succeed, job.id, refs)

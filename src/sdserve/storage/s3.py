@@ -93,5 +93,11 @@ class S3ImageStore:
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
-            raise StoreError(f"{self.location}: {exc}") from exc
+        except ClientError as exc:
+            error = StoreError(f"{self.location}: {exc}")
+            error.transient = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+            raise error from exc
+        except BotoCoreError as exc:  # unreachable, timed out
+            error = StoreError(f"{self.location}: {exc}")
+            error.transient = True
+            raise error from exc
