@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import io
 import json
@@ -228,14 +229,33 @@ def test_metrics(client):
     assert float(line.split()[-1]) >= 1
 
 
+def job_log_line(server, job_id: str, status: str, timeout: float = 30) -> dict:
+    """The structured log line of a job's end, once the server has written it (by deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.log().splitlines():
+            if "sdserve.jobs: " in line:
+                entry = json.loads(line.split("sdserve.jobs: ", 1)[1])
+                if entry["id"] == job_id and entry["status"] == status:
+                    return entry
+        assert time.monotonic() < deadline, f"no log line for job {job_id}"
+        time.sleep(0.05)
+
+
 def test_structured_job_log(server, client):
     job_id = client.post("/api/v1/jobs", json={"prompt": "log me", "steps": 2}).json()["id"]
     wait_for(client, job_id)
-    time.sleep(0.2)
-    lines = [json.loads(l.split("sdserve.jobs: ", 1)[1]) for l in server.log().splitlines() if "sdserve.jobs: " in l]
-    mine = next(l for l in lines if l["id"] == job_id)
-    assert mine["model"] == "tiny" and mine["steps"] == 2 and mine["status"] == "succeeded"
+    mine = job_log_line(server, job_id, "succeeded")
+    assert mine["model"] == "tiny" and mine["steps"] == 2 and mine["mode"] == "txt2img"
     assert mine["queue_wait_s"] is not None and mine["run_s"] > 0
+    image = base64.b64encode(client.get(client.get(f"/api/v1/jobs/{job_id}").json()["images"][0]["url"]).content)
+    modes = {}
+    for mode, extra in (("img2img", {}), ("inpaint", {"mask": image.decode()})):
+        job = client.post("/api/v1/jobs", json={"prompt": mode, "steps": 2, "init_image": image.decode(), **extra})
+        modes[mode] = job.json()["id"]
+    for mode, mode_job in modes.items():
+        wait_for(client, mode_job)
+        assert job_log_line(server, mode_job, "succeeded")["mode"] == mode
 
 
 def test_readyz_and_openapi(client):

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from sdserve.api import errors
 from sdserve.api.deps import ServiceDep
 from sdserve.api.security import caller_id
 from sdserve.catalog import ModelInfo, UnknownModelError
@@ -94,7 +96,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     try:
         canonical = proto.to_requests(body, await asyncio.to_thread(state.options))
     except proto.TranslationError as exc:
-        return JSONResponse({"error": "HTTPException", "detail": str(exc), "errors": str(exc)}, status_code=exc.status)
+        return errors.render(request.url.path, exc.status, str(exc))
     ignored = proto.ignored_fields(body)
     jobs = await service.submit_all(canonical, source=SOURCE)
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
@@ -107,8 +109,8 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     failed = [j for j in done if j.status is JobStatus.failed]
     if failed:
         status = failure_status(failed[0].error_kind)
-        return JSONResponse({"error": "GenerationError", "detail": failed[0].error, "errors": failed[0].error},
-                            status_code=status)
+        return errors.render(request.url.path, status, failed[0].error or "generation failed",
+                             error_type="GenerationError")
     images, seeds, texts, refs, nsfw = [], [], [], [], []
     width = height = 0
     for job, pngs in outcomes:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
@@ -249,7 +251,7 @@ async def set_options(body: dict[str, Any], request: Request, service: ServiceDe
         try:
             info = await asyncio.to_thread(service.models.info, str(values["sd_model_checkpoint"]))
         except UnknownModelError as exc:
-            return JSONResponse({"error": "RuntimeError", "detail": str(exc), "errors": str(exc)}, status_code=422)
+            return errors.render(request.url.path, 422, str(exc), error_type="RuntimeError")
         values["sd_model_checkpoint"] = info.name  # every replica's default from now on
     await asyncio.to_thread(_state(request).set_options, values)
     return None
@@ -327,9 +329,10 @@ async def memory() -> dict[str, Any]:
     page = os.sysconf("SC_PAGE_SIZE")
     total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     result: dict[str, Any] = {"ram": {"free": free, "used": total - free, "total": total}}
-    import torch
-
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # loaded only where this process runs the engine: never imported here
+    if torch is None:
+        result["cuda"] = {"error": "this process runs no engine (an API replica): the GPUs are the workers'"}
+    elif torch.cuda.is_available():
         free_c, total_c = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
         result["cuda"] = {

@@ -15,6 +15,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from sdserve.schema import GenerationRequest
+
 # `*_created` series double the output and no dashboard reads them.
 disable_created_metrics()
 
@@ -72,13 +74,18 @@ class Metrics:
         request = event["request"]
         job_log.info(json.dumps({
             "event": "job", "id": event["id"], "status": kind, "source": event["source"], "label": label,
-            "model": request.get("model"), "mode": "txt2img" if request.get("init_image") is None else "img2img",
+            "model": request.get("model"), "mode": _mode(request),
             "size": f"{request['width']}x{request['height']}" if request.get("width") else "native",
             "steps": request["steps"], "n": request["n"],
             "queue_wait_s": round(_seconds(event["created_at"], event["started_at"]), 3) if event.get("started_at") else None,
             "run_s": round(run_s, 3) if run_s is not None else None,
             "error": event.get("error"),
         }))
+
+
+def _mode(request: dict) -> str:
+    """GenerationRequest.mode (the one rule) on the event's plain request, without validating it again."""
+    return GenerationRequest.model_construct(init_image=request.get("init_image"), mask=request.get("mask")).mode
 
 
 def _seconds(start: str, end: str) -> float:
