@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
+import tolerance
 from server import ServerProcess, wait_for
 
 from sdserve.jobs import batcher
@@ -113,7 +114,7 @@ def test_batched_images_equal_the_job_run_alone(engine, sampler):
         alone = engine.run([request])[0]
         assert [g.seed for g in batched] == [g.seed for g in alone] == list(range(request.seed, request.seed + request.n))
         for b, a in zip(batched, alone):
-            assert np.abs(b.pixels - a.pixels).max() <= 1e-4
+            assert np.abs(b.pixels - a.pixels).max() <= tolerance.FLOAT
             assert b.infotext == a.infotext
 
 

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 import pytest
+import tolerance
 import webuiapi
 from PIL import Image, ImageDraw
 from server import ServerProcess, wait_for
@@ -111,7 +112,7 @@ def test_two_units_and_a_batch_of_different_maps(cn_engine):
     together = generate(cn_engine, {"controlnet": [unit()]}, {"controlnet": [unit("bar")], "cfg_scale": 4})
     alone = [generate(cn_engine, {"controlnet": [unit()]})[0],
              generate(cn_engine, {"controlnet": [unit("bar")], "cfg_scale": 4})[0]]
-    assert all(diff(t, a) <= 1e-4 for t, a in zip(together, alone))
+    assert all(diff(t, a) <= tolerance.FLOAT for t, a in zip(together, alone))
 
 
 def test_img2img_with_controlnet(cn_engine):
