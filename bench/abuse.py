@@ -273,44 +273,68 @@ class Submitter:
     submission that fails (connection refused, 5xx, 503) is retried with the same key, on the next replica,
     until accepted, as a careful client does. Accepted: the key got a 2xx."""
 
-    def __init__(self, urls: list[str], rate: float) -> None:
+    def __init__(self, urls: list[str], rate: float, clients: int = 0, body: dict | None = None) -> None:
+        """`clients` > 0: that many closed-loop clients instead of a steady rate, each submitting its next job
+        once its last one ended (as 16 people at a UI do), so batches form on the real engine."""
         self.urls = urls
         self.rate = rate
+        self.clients = clients
+        self.body = body or {"steps": 10}
         self.accepted: dict[str, str] = {}  # idempotency key -> job id
         self.retries = Counter()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(max(1, clients))]
+        self._turn = 0
 
     def start(self) -> Submitter:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(120)
+        for thread in self._threads:
+            thread.join(120)
 
-    def _run(self) -> None:
-        turn = 0
+    def _submit(self, c: httpx.Client, key: str) -> str | None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            url = self.urls[self._turn % len(self.urls)]
+            self._turn += 1
+            try:
+                r = c.post(url + "/api/v1/jobs", json={"prompt": key, **self.body}, headers={"Idempotency-Key": key})
+                if r.status_code in (200, 202):
+                    self.accepted[key] = r.json()["id"]
+                    return self.accepted[key]
+                self.retries[str(r.status_code)] += 1
+            except httpx.HTTPError as exc:
+                self.retries[type(exc).__name__] += 1
+            time.sleep(0.2)
+        return None
+
+    def _until_ended(self, c: httpx.Client, job_id: str) -> None:
+        deadline = time.monotonic() + 300
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            url = self.urls[self._turn % len(self.urls)]
+            self._turn += 1
+            try:
+                if c.get(f"{url}/api/v1/jobs/{job_id}").json().get("status") in TERMINAL:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.1)
+
+    def _run(self, client: int) -> None:
         with httpx.Client(timeout=10) as c:
             n = 0
             while not self._stop.is_set():
-                key = f"fault-{n:05d}-{os.urandom(3).hex()}"
+                key = f"fault-{client:02d}-{n:05d}-{os.urandom(3).hex()}"
                 n += 1
-                deadline = time.monotonic() + 90
-                while time.monotonic() < deadline:
-                    url = self.urls[turn % len(self.urls)]
-                    turn += 1
-                    try:
-                        r = c.post(url + "/api/v1/jobs", json={"prompt": key, "steps": 10},
-                                   headers={"Idempotency-Key": key})
-                        if r.status_code in (200, 202):
-                            self.accepted[key] = r.json()["id"]
-                            break
-                        self.retries[str(r.status_code)] += 1
-                    except httpx.HTTPError as exc:
-                        self.retries[type(exc).__name__] += 1
-                    time.sleep(0.2)
-                time.sleep(1 / self.rate)
+                job_id = self._submit(c, key)
+                if self.clients and job_id is not None:
+                    self._until_ended(c, job_id)
+                elif not self.clients:
+                    time.sleep(1 / self.rate)
 
 
 def settle(urls: list[str], accepted: dict[str, str], timeout: float = 180) -> dict[str, dict]:
@@ -386,7 +410,13 @@ def faults(args, work: Path) -> dict:
     bucket = s3.bucket("abuse")
     noop = {"SDSERVE_ENGINE": "noop", "SDSERVE_NOOP_STEP_MS": "50", **s3.env}
     try:
-        for db, scenario in enumerate(("api", "worker", "redis", "s3"), start=1):
+        for db, scenario in enumerate(("api", "worker", "redis", "s3", "redis-real"), start=1):
+            if args.scenarios and scenario not in args.scenarios:
+                continue
+            # redis-real: the demo model on the real engine, 16 closed-loop clients, so batches are computing
+            # when Redis dies (the no-op engine's steps are too short to meet the outage).
+            real = scenario == "redis-real"
+            env = {**s3.env} if real else noop
             prefix = f"{scenario}/images"
             common = ("--queue", redis.url.rsplit("/", 1)[0] + f"/{db}",
                       "--storage", f"s3://{bucket}/{prefix}?endpoint_url={s3.endpoint}&region=us-east-1")
@@ -396,15 +426,16 @@ def faults(args, work: Path) -> dict:
                 path.mkdir(exist_ok=True)
                 return path
 
-            apis = [Server(folder(f"api{i}"), *common, role="api", env=noop) for i in range(2)]
-            workers = [Server(folder(f"w{i}"), *common, "--name", f"w{i}", "--lease-s", "5", "--max-batch", "8",
-                              role="worker", env=noop) for i in range(2)]
+            apis = [Server(folder(f"api{i}"), *common, role="api", env=env) for i in range(2)]
+            workers = [Server(folder(f"w{i}"), *common, "--name", f"w{i}", "--lease-s", "5",
+                              "--max-batch", "16" if real else "8", role="worker", env=env) for i in range(2)]
             for p in (*apis, *workers):
                 p.start()
             for p in (*apis, *workers):
                 p.wait_ready()
             urls = [a.url for a in apis]
-            submitter = Submitter(urls, args.fault_rate).start()
+            submitter = (Submitter(urls, 0, clients=16, body={"steps": 30}) if real
+                         else Submitter(urls, args.fault_rate)).start()
             time.sleep(5)
             extra: dict = {}
             if scenario == "api":  # kill -9 one replica, bring it back 3 s later
@@ -425,7 +456,15 @@ def faults(args, work: Path) -> dict:
                 workers[0].proc.wait()
                 time.sleep(3)
                 workers[0].start()
-            elif scenario == "redis":  # kill -9 Redis; 3 s later it restarts from its AOF (appendfsync always)
+            elif scenario in ("redis", "redis-real"):  # kill -9 Redis; 3 s later it restarts from its AOF
+                if real:  # while batches compute: wait for a job past its first step
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline and not any(
+                            j["step"] >= 1 for j in httpx.get(urls[0] + "/api/v1/jobs",
+                                                              params={"status": "running"}).json()):
+                        time.sleep(0.05)
+                    extra["running_at_kill"] = len(httpx.get(urls[0] + "/api/v1/jobs",
+                                                             params={"status": "running"}).json())
                 redis.kill()
                 time.sleep(3)
                 redis.start()
@@ -443,7 +482,8 @@ def faults(args, work: Path) -> dict:
             for p in (*workers, *apis):
                 if p.proc.poll() is None:
                     p.stop()
-        out["disk_full"] = disk_full(args, work)
+        if not args.scenarios or "disk_full" in args.scenarios:
+            out["disk_full"] = disk_full(args, work)
     finally:
         s3.stop()
         redis.stop()
@@ -538,6 +578,8 @@ def main() -> None:
     parser.add_argument("--soak-model", default="noop", help="noop (the control plane) or a model, e.g. demo")
     parser.add_argument("--keep-s", type=float, default=20, help="the soak's retention, seconds")
     parser.add_argument("--fault-rate", type=float, default=10, help="jobs/s submitted during each fault")
+    parser.add_argument("--scenarios", nargs="*", default=None,
+                        help="faults to run (api worker redis s3 redis-real; default: all, then the full disk)")
     parser.add_argument("--name", default=None, help="results file name; an existing file keeps the parts not run")
     args = parser.parse_args()
     parts = {"load", "soak", "faults"}
@@ -552,8 +594,11 @@ def main() -> None:
     name = args.name or "abuse-" + re.sub(r"[^a-z0-9]+", "-", results["machine"]["label"].lower()).strip("-")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    if path.exists():  # a part run again replaces its own figures only
-        results = {**json.loads(path.read_text()), **results}
+    if path.exists():  # a part run again replaces its own figures only (a fault: its own scenario's)
+        earlier = json.loads(path.read_text())
+        if "faults" in results and "faults" in earlier:
+            results["faults"] = {**earlier["faults"], **results["faults"]}
+        results = {**earlier, **results}
     path.write_text(json.dumps(results, indent=2))
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and .png")
