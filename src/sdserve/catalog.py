@@ -39,10 +39,11 @@ class UnknownModelError(ModelError, LookupError):
 
 
 class ModelFailedError(ModelError):
-    """The model exists but cannot load (a broken file, a missing config): `info.error` says why."""
+    """The model exists but cannot load (a broken file, a missing config): the message is `info.error`, the file
+    and why."""
 
     def __init__(self, info: ModelInfo) -> None:
-        super().__init__(f"model {info.name!r} failed to load: {info.error}")
+        super().__init__(info.error or f"model {info.name!r} cannot load")
         self.info = info
 
 

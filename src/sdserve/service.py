@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from sdserve import addons, catalog, core, loras
-from sdserve.catalog import ModelCatalog, ModelFailedError, SharedCatalog, UnknownModelError
+from sdserve.catalog import ModelCatalog, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
 from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
 from sdserve.engine import samplers
@@ -333,7 +333,7 @@ class Service:
             except UnknownModelError as exc:
                 raise RequestRejected(str(exc), "model") from None
             if info.error is not None:
-                raise ModelUnavailable(str(ModelFailedError(info)), named=True)
+                raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=True)
 
     def submit(
         self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
@@ -368,7 +368,7 @@ class Service:
         except UnknownModelError as exc:  # no default anywhere yet (an API no worker has told of its models)
             raise NotAccepting(str(exc)) from None
         if info.error is not None:  # the default failed to load (a named one was refused by validate)
-            raise ModelUnavailable(str(ModelFailedError(info)), named=False)
+            raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=False)
         model = info.name
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
         caller = CALLER.get()

@@ -8,6 +8,7 @@ import logging
 import math
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
@@ -70,6 +71,12 @@ def _is_json(scope: Scope) -> bool:
     return True  # no content type: FastAPI and /invocations read the body as JSON
 
 
+# A chunked body over the limit is read on (and dropped) up to this many times the limit, for at most DRAIN_S,
+# before the 413, so the client gets to read it.
+DRAIN_FACTOR = 4
+DRAIN_S = 10.0
+
+
 class BodyLimitMiddleware:
     """Reads the whole request body before the app sees it: 413 past the size limit, by Content-Length up
     front or by counting a chunked body. A body read to its end also keeps the connection reusable after
@@ -97,12 +104,26 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _discard_rest(receive, DRAIN_FACTOR * self.max_bytes - size, DRAIN_S)
                 await render(scope["path"], 413, too_large, headers={"Connection": "close"})(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+async def _discard_rest(receive: Receive, max_bytes: int, seconds: float) -> None:
+    """Read and drop the rest of a body that is over the limit before answering 413, as nginx's lingering close
+    does: a server that answers and closes while the client is still sending resets the connection, and the
+    client never reads the answer. Bounded in bytes and time, so a huge or slow body cannot hold a worker."""
+    with anyio.move_on_after(seconds):
+        while max_bytes > 0:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            max_bytes -= len(message.get("body", b""))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
