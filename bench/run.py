@@ -365,6 +365,11 @@ def main() -> None:
 
         peers.main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["seeds"]:  # how far a seed's image moves with its batch: bench/seeds.py
+        import seeds
+
+        seeds.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", metavar="PART",
                         help="throughput, coldstart, controlplane, mixedcfg (default: all)")
