@@ -15,6 +15,7 @@ from sdserve.jobs.queue import (
     JobFinished,
     NotAccepting,
     QueueFull,
+    StorageError,
 )
 from sdserve.schema import ImageRef, JobRequest, JobStatus
 
@@ -302,3 +303,46 @@ def test_a_key_prefix_keeps_deployments_on_one_redis_apart(redis_server):
     assert (a.depth(), b.depth(), a.demand(), b.demand()) == (0, 1, 0, 1)
     assert b.demand_stream == "team-b:demand" and redis_server.client().exists(f"team-b:job:{job.id}")
     assert a.claim(wait_s=0, worker="w") == [] and [j.id for j in b.claim(wait_s=0, worker="w")] == [job.id]
+
+
+def test_a_step_reports_a_job_that_ended_meanwhile_as_lost(queue):
+    """The reaper timed it out (or, on Redis, another worker holds it now): the runner drops it, records nothing."""
+    job = submit(queue, "x", steps=4)
+    [claimed] = queue.claim(wait_s=0, worker="w")
+    assert queue.progress([job.id], 1, 4, claimed.batch_id) == ({*()}, {*()})
+    queue.fail(job.id, "timed out", "timeout")
+    stops = queue.progress([job.id], 2, 4, claimed.batch_id)
+    assert stops.lost == {job.id} and stops.canceled == set()
+
+
+def test_a_lease_taken_over_by_another_batch_is_lost_to_the_first(redis_server):
+    q = redis_queue(redis_server, lease_s=30)
+    job = submit(q, "x")
+    [first] = q.claim(wait_s=0, worker="a")
+    q.requeue(job.id)  # as a lease that ran out while Redis was away
+    [second] = q.claim(wait_s=0, worker="b")
+    assert q.progress([job.id], 1, 4, first.batch_id).lost == {job.id}
+    assert q.progress([job.id], 1, 4, second.batch_id).lost == set()
+
+
+def test_after_an_outage_every_worker_gets_a_whole_lease_to_renew(redis_server):
+    """While Redis was away nobody could heartbeat: a lease that ran out meanwhile is not taken at once."""
+    q = redis_queue(redis_server, lease_s=1)
+    job = submit(q, "x")
+    q.claim(wait_s=0, worker="w")
+    redis_server.shutdown()
+    try:
+        with pytest.raises(StorageError):
+            q.expire()
+        time.sleep(1.2)  # the outage outlasts the lease
+        with pytest.raises(StorageError):
+            q.expire()  # the reaper's last failed try, at the end of the outage
+    finally:
+        redis_server.start()
+    q.expire()
+    assert q.get(job.id).status is JobStatus.running  # its worker gets a lease's time to renew
+    q.heartbeat([job.id])
+    assert q.get(job.id).status is JobStatus.running
+    time.sleep(1.2)  # no heartbeat for a whole lease, with Redis up: now the worker is gone
+    q.expire()
+    assert q.get(job.id).status is JobStatus.queued

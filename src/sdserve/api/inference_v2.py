@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -30,7 +32,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="200 when jobs can run (model loaded, queue reachable), else 503")
 async def ready(service: ServiceDep) -> JSONResponse:
-    is_ready, _ = service.readiness()
+    is_ready, _ = await asyncio.to_thread(service.readiness)
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
@@ -51,7 +53,9 @@ async def version_metadata(name: str, version: str, service: ServiceDep) -> dict
 
 async def _ready(name: str, version: str | None, service: Service) -> JSONResponse:
     known = await _known(service, name, version)
-    is_ready, _ = service.readiness()
+    is_ready, _ = await asyncio.to_thread(service.readiness)
+    if is_ready:  # the server is; this model may have failed to load (another one is the default)
+        is_ready = (await asyncio.to_thread(service.models.info, known)).error is None
     return JSONResponse({"name": known, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 

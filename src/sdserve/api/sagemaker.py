@@ -26,7 +26,7 @@ A1111_KEYS = frozenset(a1111_proto.Img2ImgRequest.model_fields) - frozenset(Gene
 
 @router.get("/ping", summary="200 once the model is loaded (SageMaker health check)")
 async def ping(service: ServiceDep) -> JSONResponse:
-    ready, reason = service.readiness()
+    ready, reason = await asyncio.to_thread(service.readiness)
     return JSONResponse({"status": "healthy" if ready else "unhealthy", "detail": reason},
                         status_code=200 if ready else 503)
 

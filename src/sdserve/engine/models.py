@@ -19,6 +19,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,8 @@ from sdserve import addons
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# A hub model that failed (offline) is tried again after this long.
+HUB_RETRY_S = 60.0
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
@@ -139,8 +142,10 @@ class ModelRegistry:
         self._hash_cache_path = self.data_dir / "hashes.json"
         self._models: dict[str, ModelInfo] | None = None
         self._aliases: dict[str, str] = {}
-        # Models that failed to load: name -> (their file's signature then, the reason). A changed file is tried again.
-        self._failures: dict[str, tuple[tuple[int, int] | None, str]] = {}
+        # Models that failed: name -> (their file's signature then, or for the hub when; the reason). A changed
+        # file is tried again.
+        self._failures: dict[str, tuple[tuple[float, int] | None, str]] = {}
+        self._specs: dict[str, str] = {}  # name -> what described it (a path, a hub id), to describe it again
 
     # ----- discovery -------------------------------------------------------------------------
     def refresh(self) -> list[ModelInfo]:
@@ -169,25 +174,39 @@ class ModelRegistry:
             return [self._with_failure(info) for info in self._models.values()]
 
     def _with_failure(self, info: ModelInfo) -> ModelInfo:
-        if info.error is not None or info.name not in self._failures:
+        """The model as it stands: a failure is kept while its file is unchanged (a hub model's, for
+        HUB_RETRY_S); a changed file is described again and offered again."""
+        if info.name not in self._failures:
             return info
         signature, reason = self._failures[info.name]
-        if info.kind != "hub" and signature != _signature(info.path):
-            del self._failures[info.name]  # replaced since: try it again
-            return info
-        return replace(info, error=reason)
+        if info.kind == "hub":
+            stale = signature is not None and time.monotonic() - signature[0] > HUB_RETRY_S
+        else:
+            stale = signature != _signature(info.path)
+        if not stale:
+            return replace(info, error=reason)
+        del self._failures[info.name]  # replaced (or, on the hub, time to try again)
+        if info.error is not None:  # it could not even be described: describe it again
+            info = self._described(self._specs.get(info.name, info.source))
+            assert self._models is not None
+            self._models[info.name] = info
+        return info
 
     def _described(self, spec: str) -> ModelInfo:
         """`_describe`, or for a model that cannot even be described (a corrupt file, a folder without its
         index, a path that is gone), a failed entry that says so: one bad file never hides the others."""
         try:
-            return self._describe(spec)
-        except ModelError as exc:
+            info = self._describe(spec)
+        except (ModelError, OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
             path = Path(spec).expanduser()
             kind: Kind = "single-file" if path.suffix.lower() == ".safetensors" else "diffusers"
             name = path.stem if path.suffix.lower() in WEIGHT_SUFFIXES else path.name or spec
-            log.error("model %s: %s", name, exc)
-            return ModelInfo(name, kind, str(path.resolve()) if path.exists() else spec, error=str(exc))
+            reason = str(exc) if isinstance(exc, ModelError) else f"{path}: cannot be read as a model ({exc})"
+            log.error("model %s: %s", name, reason)
+            info = ModelInfo(name, kind, str(path.resolve()) if path.exists() else spec, error=reason)
+            self._failures[name] = (_signature(path), reason)
+        self._specs[info.name] = spec
+        return info
 
     def info(self, name: str | None) -> ModelInfo:
         """Find one of the models the operator configured or the models folder holds, by name, filename,
@@ -292,7 +311,8 @@ class ModelRegistry:
                 model = self._load(info)
             except ModelError as exc:
                 log.error("model %s failed to load: %s", info.name, exc)
-                self._failures[info.name] = (_signature(info.path) if info.kind != "hub" else None, str(exc))
+                self._failures[info.name] = (
+                    (time.monotonic(), 0) if info.kind == "hub" else _signature(info.path), str(exc))
                 raise ModelFailedError(replace(info, error=str(exc))) from exc
             self._loaded[info.name] = model
             return model

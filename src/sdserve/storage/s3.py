@@ -10,6 +10,16 @@ import uuid
 from sdserve.storage import StoreError, valid_key
 
 
+def _store_error(location: str, exc: Exception) -> StoreError:
+    """A StoreError for a failed S3 call: transient when the server could not be reached or answered 5xx."""
+    from botocore.exceptions import ClientError
+
+    error = StoreError(f"{location}: {exc}")
+    error.transient = (not isinstance(exc, ClientError)
+                       or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500)
+    return error
+
+
 class S3ImageStore:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None) -> None:
@@ -40,13 +50,9 @@ class S3ImageStore:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":  # else: stored already
-                error = StoreError(f"{self.location}: {exc}")
-                error.transient = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-                raise error from exc
+                raise _store_error(self.location, exc) from exc
         except BotoCoreError as exc:  # unreachable, timed out
-            error = StoreError(f"{self.location}: {exc}")
-            error.transient = True
-            raise error from exc
+            raise _store_error(self.location, exc) from exc
         return key
 
     def get(self, key: str) -> bytes | None:
@@ -59,9 +65,9 @@ class S3ImageStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise StoreError(f"{self.location}: {exc}") from exc
+            raise _store_error(self.location, exc) from exc
         except BotoCoreError as exc:
-            raise StoreError(f"{self.location}: {exc}") from exc
+            raise _store_error(self.location, exc) from exc
 
     def url(self, key: str, ttl_s: int) -> str | None:
         return self.client.generate_presigned_url(
@@ -93,11 +99,5 @@ class S3ImageStore:
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            error = StoreError(f"{self.location}: {exc}")
-            error.transient = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-            raise error from exc
-        except BotoCoreError as exc:  # unreachable, timed out
-            error = StoreError(f"{self.location}: {exc}")
-            error.transient = True
-            raise error from exc
+        except (BotoCoreError, ClientError) as exc:
+            raise _store_error(self.location, exc) from exc
