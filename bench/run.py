@@ -370,6 +370,11 @@ def main() -> None:
 
         seeds.main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["bounds"]:  # what one request may cost: bench/bounds.py
+        import bounds
+
+        bounds.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", metavar="PART",
                         help="throughput, coldstart, controlplane, mixedcfg (default: all)")

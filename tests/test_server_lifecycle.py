@@ -112,3 +112,51 @@ def test_job_that_keeps_crashing_fails_after_three_attempts(models_dir, tmp_path
             assert "3 times" in job["error"]
     finally:
         server.terminate()
+
+
+def test_sigterm_answers_waiting_synchronous_calls_503_and_ends_within_its_grace(models_dir, tmp_path):
+    """A client waiting on a synchronous call gets its dialect's 503 with Retry-After (not uvicorn's bare 500),
+    its job is canceled (its client was told to send it again), and the process ends within the grace even
+    though a batch longer than the grace was running (it goes back to the queue)."""
+    import threading
+    import time
+
+    server = ServerProcess(models_dir, tmp_path, env={"SDSERVE_SHUTDOWN_GRACE_S": "3"}).start()
+    answers: dict = {}
+
+    def call(name: str, method: str, path: str, body: dict) -> None:
+        answers[name] = httpx.request(method, server.url + path, json=body, timeout=120)
+
+    with server.client() as c:
+        asynchronous = c.post("/api/v1/jobs", json={**BLOCKER, "prompt": "async"}).json()["id"]
+        wait_for(c, asynchronous, ("running",))
+        threads = [threading.Thread(target=call, args=args) for args in (
+            ("native", "POST", "/api/v1/generate", {"prompt": "sync", "steps": 2}),
+            ("a1111", "POST", "/sdapi/v1/txt2img", {"prompt": "sync", "steps": 2}),
+            ("openai", "POST", "/v1/images/generations", {"prompt": "sync"}))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(c.get("/api/v1/jobs", params={"status": "queued"}).json()) < 3:
+            assert time.monotonic() < deadline, "the synchronous calls never queued"
+            time.sleep(0.05)
+    started = time.monotonic()
+    server.proc.send_signal(__import__("signal").SIGTERM)
+    for t in threads:
+        t.join(60)
+    server.proc.wait(60)
+    assert time.monotonic() - started < 3 + 15, "the process outlived its grace"
+    for name, shape in (("native", "detail"), ("a1111", "errors"), ("openai", "error")):
+        r = answers[name]
+        assert r.status_code == 503 and r.headers.get("Retry-After"), (name, r.status_code, r.text[:200])
+        assert shape in r.json(), (name, r.text)
+    restarted = ServerProcess(models_dir, tmp_path).start()
+    try:
+        with restarted.client() as c:
+            jobs = c.get("/api/v1/jobs", params={"limit": 10}).json()
+            sync = [j for j in jobs if j["request"]["prompt"] == "sync"]
+            assert len(sync) == 3 and all(j["status"] == "canceled" for j in sync), [j["status"] for j in sync]
+            assert c.get(f"/api/v1/jobs/{asynchronous}").json()["status"] in ("queued", "running", "succeeded")
+            c.delete(f"/api/v1/jobs/{asynchronous}")
+    finally:
+        restarted.terminate()

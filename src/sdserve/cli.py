@@ -98,6 +98,12 @@ SafetyChecker = Annotated[Optional[Path], typer.Option(
     "(for --moderation safety-checker). [env: SDSERVE_SAFETY_CHECKER]")]
 Blocklist = Annotated[Optional[Path], typer.Option(
     "--blocklist", help="Words or phrases a prompt may not contain, one per line (# comments). [env: SDSERVE_BLOCKLIST]")]
+PublicURL = Annotated[Optional[str], typer.Option(
+    "--public-url", help="Where clients reach this server, e.g. https://sd.example.org: absolute links start with it "
+    "and never with the request's Host. [env: SDSERVE_PUBLIC_URL]")]
+AllowedHosts = Annotated[Optional[list[str]], typer.Option(
+    "--allowed-hosts", help="Host headers to answer (repeat; *.example.org, * for any); others get 400. Default: "
+    "loopback and this machine's names, or any with --public-url. [env: SDSERVE_ALLOWED_HOSTS, comma-separated]")]
 KeepJobsDays = Annotated[Optional[float], typer.Option(
     "--keep-jobs-days", help="Delete ended jobs older than this (default 30; 0: keep). [env: SDSERVE_KEEP_JOBS_DAYS]")]
 KeepImagesDays = Annotated[Optional[float], typer.Option(
@@ -253,6 +259,8 @@ def serve(
     lease_s: LeaseS = None,
     name: WorkerName = None,
     storage: StorageURL = None,
+    public_url: PublicURL = None,
+    allowed_hosts: AllowedHosts = None,
     sagemaker: Annotated[
         Optional[bool],
         typer.Option("--sagemaker/--no-sagemaker", help="SageMaker container mode: bind 0.0.0.0:$SAGEMAKER_BIND_TO_PORT "
@@ -267,7 +275,7 @@ def serve(
         queue=queue, lease_s=lease_s, name=name, rate_limit=rate_limit, rate_burst=rate_burst,
         images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, moderation=moderation,
         safety_checker=safety_checker, blocklist=blocklist, keep_jobs_days=keep_jobs_days,
-        keep_images_days=keep_images_days,
+        keep_images_days=keep_images_days, public_url=public_url, allowed_hosts=allowed_hosts or None,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
@@ -297,13 +305,16 @@ def api(
     keep_images_days: KeepImagesDays = None,
     queue: QueueURL = None,
     storage: StorageURL = None,
+    public_url: PublicURL = None,
+    allowed_hosts: AllowedHosts = None,
 ) -> None:
     """An API replica: the web UI and every API, no engine (no torch, no model files). Needs a shared --queue."""
     settings = _settings(
         host=host, port=port, models=model or None, data_dir=data_dir, api_keys=api_key or None, api_auth=api_auth,
         max_queue=max_queue, queue=queue, storage=storage, rate_limit=rate_limit, rate_burst=rate_burst,
         images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, blocklist=blocklist,
-        keep_jobs_days=keep_jobs_days, keep_images_days=keep_images_days,
+        keep_jobs_days=keep_jobs_days, keep_images_days=keep_images_days, public_url=public_url,
+        allowed_hosts=allowed_hosts or None,
     )
     if not model and "SDSERVE_MODELS" not in os.environ:
         settings.models = []  # not "demo": the API offers what the workers publish
@@ -321,11 +332,13 @@ def _serve_http(settings: Settings, role: str) -> None:
     except ValueError as exc:  # a bad --storage URL, an unknown --optimize name, no shared queue, ...
         _fail(str(exc))
     service = fastapi_app.state.service
+    auth = fastapi_app.state.keys.describe(users=len(settings.api_auth))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # type: ignore[override]
-            # SIGTERM/SIGINT: refuse new jobs at once (503); the running batch finishes in the lifespan exit.
-            service.stop_intake()
+            # SIGTERM/SIGINT: refuse new jobs at once (503), answer waiting synchronous calls 503 now, and stop the
+            # runner meanwhile (the running batch finishes within the grace, else goes back to the queue).
+            service.begin_shutdown()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -334,7 +347,7 @@ def _serve_http(settings: Settings, role: str) -> None:
     )
     console.print(f"sdserve {role} on http://{settings.host}:{settings.port}  (models: "
                   f"{', '.join(settings.models) or 'as the workers publish'}; queue: {settings.queue or 'sqlite'}; "
-                  f"images: {service.images.location}; auth: {'on' if settings.api_keys else 'off'})")
+                  f"images: {service.images.location}; auth: {auth})")
     Server(config).run()
 
 
@@ -403,6 +416,8 @@ def _sagemaker_defaults(settings: Settings, *, host_given: bool, port_given: boo
     """SageMaker runs `docker run IMAGE serve`: listen where it looks, load what it extracted."""
     if not host_given:
         settings.host = "0.0.0.0"
+    if not settings.allowed_hosts:
+        settings.allowed_hosts = ["*"]  # SageMaker calls by whatever name its endpoint has; no URL uses the Host
     if not port_given:
         settings.port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
     model_root = Path(os.environ.get("SDSERVE_SAGEMAKER_MODEL_DIR", "/opt/ml/model"))

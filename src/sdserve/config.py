@@ -75,11 +75,21 @@ class Settings(BaseSettings):
     keep_images_days: float = Field(30.0, ge=0)
     prune_interval_s: float = Field(300.0, gt=0, description="How often the prune loop runs.")
 
+    # Absolute URLs (OpenAI's `url`) start with this when set; else with the request's Host, honoured only when it is
+    # in allowed_hosts (default: loopback, the bind address and this machine's names; "*" trusts any).
+    public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Signs the image URLs that leave the server (default: derived from the API keys, the same on every replica).
+    url_secret: str | None = Field(None, min_length=16)
+
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
     max_size: int = Field(2048, ge=64, le=2048)
     max_steps: int = Field(150, ge=1, le=150)
     max_images: int = Field(8, ge=1, le=8)
     max_body_mb: int = Field(20, ge=1)
+    # One request's work, in megapixel-steps (images × width × height × steps / 1e6, the hires pass included). Default
+    # by device class (service.DEFAULT_MAX_WORK): what that class finishes within the job timeout.
+    max_work: float | None = Field(None, gt=0, le=100_000)
 
     @field_validator("moderation")
     @classmethod
@@ -97,10 +107,30 @@ class Settings(BaseSettings):
             Rate.parse(value)  # a clear error at startup, not at the first request
         return value
 
-    @field_validator("models", "api_keys", "api_auth", "optimize", mode="before")
+    @field_validator("models", "api_keys", "api_auth", "optimize", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # SDSERVE_API_KEYS="k1,k2" is friendlier than a JSON list in a shell or a Helm value.
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return [part.strip() for part in value.split(",")] if value.strip() else []
         return value
+
+    @field_validator("api_keys", "api_auth")
+    @classmethod
+    def _no_empty_secret(cls, value: list[str]) -> list[str]:
+        # `--api-key "$UNSET"` or SDSERVE_API_KEYS="k1,$UNSET" must not turn auth off (or leave a key out)
+        # silently: refuse to start. (SDSERVE_API_KEYS unset or empty as a whole means no keys.)
+        if any(not entry.strip() for entry in value):
+            raise ValueError("an entry is empty (an unset variable?); refusing to start without the key it was "
+                             "meant to set")
+        return [entry.strip() for entry in value]
+
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("models", "optimize", "allowed_hosts")
+    @classmethod
+    def _drop_empty(cls, value: list[str]) -> list[str]:
+        return [entry for entry in value if entry.strip()]

@@ -6,7 +6,7 @@ import base64
 import binascii
 import io
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, UnidentifiedImageError, PngImagePlugin
 
 MAX_DECODED_PIXELS = 4096 * 4096
 
@@ -46,6 +46,8 @@ def decode_image(data: str | bytes, max_pixels: int = MAX_DECODED_PIXELS) -> Ima
             return probe.copy()
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("cannot read image: not a PNG, JPEG, WebP or other image format Pillow reads") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot read image: {exc}") from None
 

@@ -11,6 +11,7 @@ priority and fair-share weight:
     images_per_minute = 120        # (default: --images-per-minute)
     priority = 10                  # its jobs' priority; a request may ask for lower, never higher
     weight = 2                     # its share of the workers when several keys have jobs queued
+    admin = true                   # sees and manages every key's jobs (default: only its own)
 
 A caller is the key auth accepted, a Basic user, or (auth off) the client's address. Its `id` names its rate
 limit buckets and its fair-share turn; its `label` is what it shows. The file is read again when it changes.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdserve.ratelimit import Rate
+
+log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"  # the label of callers without a key (their addresses stay out of metrics)
 
@@ -42,6 +46,17 @@ class Caller:
     priority: int | None = None  # the highest priority its jobs may have (and the one they get by default)
     requests: Rate | None = None  # its own limits; None: the server's
     images: Rate | None = None
+    # Sees and manages every caller's jobs: an `admin` key, and (auth off) everyone, who are then one caller.
+    sees_all: bool = False
+
+    @property
+    def account(self) -> str:
+        """What scopes its idempotency keys: its id, or with auth off (an address) the one shared account."""
+        return "" if self.id.startswith("addr:") else self.id
+
+    def owns(self, owner: str) -> bool:
+        """Whether this caller may see and touch a job (or its images) submitted by `owner`."""
+        return self.sees_all or owner == self.id
 
     def priority_for(self, asked: int, explicit: bool) -> int:
         """A job's priority: what the request asked (if it asked), never above the key's."""
@@ -59,7 +74,9 @@ def key_caller_id(key: str) -> str:
 
 
 def address_caller(address: str) -> Caller:
-    return Caller(id="addr:" + address, label=ANONYMOUS)
+    """Auth off: the address names the caller's rate limits and fair-share turn, but it is no identity (a proxy,
+    a NAT), so every such caller sees every job: everyone on the network is one caller."""
+    return Caller(id="addr:" + address, label=ANONYMOUS, sees_all=True)
 
 
 def user_caller(user: str) -> Caller:
@@ -77,6 +94,7 @@ class KeyEntry(BaseModel):
     images_per_minute: float | None = Field(None, gt=0)
     priority: int | None = Field(None, ge=-100, le=100)
     weight: float = Field(1.0, gt=0, le=1000)
+    admin: bool = False  # sees and manages every caller's jobs and images
 
     @model_validator(mode="after")
     def _one_key(self) -> KeyEntry:
@@ -95,6 +113,7 @@ class KeyEntry(BaseModel):
             id="key:" + self.digest[:16], label=self.label, weight=self.weight, priority=self.priority,
             requests=Rate.parse(self.rate_limit, self.rate_burst) if self.rate_limit else None,
             images=Rate(self.images_per_minute / 60, self.images_per_minute) if self.images_per_minute else None,
+            sees_all=self.admin,
         )
 
 
@@ -123,17 +142,23 @@ def read_keys_file(path: Path) -> list[KeyEntry]:
 
 @dataclass
 class KeyBook:
-    """The keys auth accepts: `--api-key` ones (labelled by a prefix of their hash) and the keys file's."""
+    """The keys auth accepts: `--api-key` ones (labelled by a prefix of their hash) and the keys file's.
+
+    Fails closed: a keys file that is deleted or cannot be read stops every key it gave (until it is back); one
+    that fails to parse after an edit keeps the last good keys, loudly (the log, /readyz and a metric say so), so
+    a typo never locks everyone out. Keys are compared as UTF-8 bytes, in constant time."""
 
     plain: list[str] = field(default_factory=list)
     path: Path | None = None
+    _problem: str | None = None  # what is wrong with the keys file now (see check)
     _entries: list[tuple[str, Caller]] = field(default_factory=list)  # (key digest, its caller), made once
     _mtime: float = -1.0
     _checked: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.plain = [k for k in self.plain if k]
+        if any(not k for k in self.plain):
+            raise KeysFileError("--api-key: an empty key (an unset variable?); refusing to start without it")
         if self.path is not None:
             try:
                 self._load()  # a broken file stops the server at start, with the reason
@@ -145,9 +170,13 @@ class KeyBook:
         mtime = self.path.stat().st_mtime
         self._entries, self._mtime = [(e.digest, e.caller()) for e in read_keys_file(self.path)], mtime
 
+    def _trouble(self, problem: str) -> None:
+        if problem != self._problem:
+            log.error("%s", problem)
+        self._problem = problem
+
     def _fresh(self) -> list[tuple[str, Caller]]:
-        """The keys file's entries, read again (at most once a second) when it changed; a broken edit keeps the
-        last good entries."""
+        """The keys file's entries, read again (at most once a second) when it changed."""
         if self.path is None:
             return self._entries
         now = time.monotonic()
@@ -155,26 +184,58 @@ class KeyBook:
             with self._lock:
                 self._checked = now
                 try:
-                    if self.path.stat().st_mtime != self._mtime:
+                    changed = self.path.stat().st_mtime != self._mtime
+                    if changed:
                         self._load()
-                except (OSError, KeysFileError):
-                    pass
+                        if self._problem is not None:
+                            log.info("keys file %s: read again, %d key(s)", self.path, len(self._entries))
+                        self._problem = None
+                except OSError as exc:  # deleted, unreadable: its keys no longer open anything
+                    self._entries, self._mtime = [], -1.0
+                    self._trouble(f"keys file {self.path}: {exc.strerror or exc}: every key it listed is refused "
+                                  "until it is back")
+                except KeysFileError as exc:  # a bad edit: keep the last good keys
+                    self._trouble(f"{exc}; keeping the last good keys ({len(self._entries)})")
         return self._entries
+
+    def check(self) -> str | None:
+        """What is wrong with the keys file now (read again if it changed), for readiness and the metric; None
+        when nothing is."""
+        self._fresh()
+        return self._problem
 
     @property
     def active(self) -> bool:
         return bool(self.plain or self.path is not None)
 
-    def lookup(self, candidate: str | None) -> Caller | None:
-        """The caller this key belongs to, or None. Constant time in which key matched."""
+    def digests(self) -> list[str]:
+        """The sha256 of every key accepted now (for deriving the image-link secret; never the keys)."""
+        return sorted([*(d for d, _ in self._fresh()), *(key_hash(k) for k in self.plain)])
+
+    def describe(self, users: int = 0) -> str:
+        """What the start-up banner says about auth (`users`: Basic users besides): the truth, including a keys
+        file that admits nobody."""
+        listed = len(self._fresh()) + len(self.plain)
+        parts = [f"{listed} key{'s' if listed != 1 else ''}"] if self.active else []
+        parts += [f"{users} Basic user{'s' if users != 1 else ''}"] if users else []
+        if not parts:
+            return "off (every client is one caller)"
+        if listed == 0 and not users:
+            return "on, but no keys are listed: every request is refused"
+        return f"on ({', '.join(parts)})"
+
+    def lookup(self, candidate: bytes | str | None) -> Caller | None:
+        """The caller this key (the header's bytes, read as UTF-8) belongs to, or None. Constant time in which key
+        matched."""
         if not candidate:
             return None
-        digest = key_hash(candidate)
+        raw = candidate.encode() if isinstance(candidate, str) else candidate
+        digest = hashlib.sha256(raw).hexdigest()
         found: Caller | None = None
         for entry_digest, caller in self._fresh():
             if hmac.compare_digest(digest, entry_digest):
                 found = caller
         for key in self.plain:
-            if hmac.compare_digest(candidate.encode(), key.encode()) and found is None:
+            if hmac.compare_digest(raw, key.encode()) and found is None:
                 found = Caller(id=key_caller_id(key), label="key-" + digest[:8])
         return found

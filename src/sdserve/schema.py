@@ -120,7 +120,8 @@ class GenerationRequest(BaseModel):
                             "None: the model's own. A1111's sd_vae.")
     sampler: str = Field(DEFAULT_SAMPLER, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")
     scheduler: str = Field("automatic", description="A1111 schedule type: automatic, karras, exponential, ...")
-    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 draws a random seed.")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, strict=True, description="-1 draws a random seed (an integer: "
+                      "not a string or a boolean).")
     n: int = Field(1, ge=1, le=8, description="Images in this request.")
     init_image: str | None = Field(None, description="img2img / inpaint source: base64 or data URL.")
     mask: str | None = Field(None, description="Inpaint mask, white = repaint: base64 or data URL.")
@@ -219,3 +220,5 @@ class Job(BaseModel):
     worker: str | None = Field(None, description="The worker that ran it (or runs it now).")
     label: str | None = Field(None, description="Who submitted it: its API key's label (keys file), the Basic "
                               "user, or 'anonymous'; never the key itself.")
+    # The caller that submitted it (keys.Caller.id): who may see and touch it. Never shown in any answer.
+    owner: str = Field("", exclude=True)

@@ -19,13 +19,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from sdserve import addons, catalog, core, loras
-from sdserve.catalog import ModelCatalog, SharedCatalog, UnknownModelError
+from sdserve.catalog import ModelCatalog, ModelInfo, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
 from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
 from sdserve.engine import samplers
@@ -37,8 +38,10 @@ from sdserve.jobs.queue import (
     JobNotFound,
     JobQueue,
     NotAccepting,
+    ShuttingDown,
     StorageError,
 )
+from sdserve.keys import Caller
 from sdserve.moderation import Blocklist, open_moderator
 from sdserve.ratelimit import CALLER, Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
@@ -58,12 +61,40 @@ A1111_OPTIONS = "a1111:options"
 REAP_INTERVAL_S = 0.5
 # A waiter gives up this long after a job's deadline, even if nothing could record its end.
 WAIT_GRACE_S = 15.0
+# A waiter reads its job at least this often, whether or not an event came.
+WAIT_POLL_S = 2.0
+# The event begin_shutdown puts in each synchronous waiter's queue.
+_SHUTDOWN = "_shutdown"
 # Retention deletes ended jobs this many at a time.
 PRUNE_SLICE = 1000
 # How often a synchronous call checks that its client is still there.
 DISCONNECT_POLL_S = 0.2
 
 Disconnected = Callable[[], Awaitable[bool]]
+
+
+# One request's work (megapixel-steps, `request_work`) by device class, unless --max-work says otherwise: about
+# what the class finishes within the default 600 s job timeout, so no request within the limits outlives it and
+# every one can be canceled (measured: README, Bounds). An API replica (no engine) bounds for its workers' GPUs.
+DEFAULT_MAX_WORK = {"cpu": 40.0, "mps": 160.0, "cuda": 2048.0}
+
+
+def native_size(info: ModelInfo | None) -> int:
+    """The size a request that gives none gets (each model's own: 64 for the demo, 1024 for SDXL, else 512)."""
+    if info is not None and info.is_demo:
+        return 64
+    return 1024 if info is not None and info.arch == "sdxl" else 512
+
+
+def request_work(request: GenerationRequest, info: ModelInfo | None) -> float:
+    """Images × width × height × steps, in megapixel-steps, the hires pass's denoised steps added."""
+    native = native_size(info)
+    width, height = request.width or native, request.height or native
+    work = width * height * request.steps
+    if request.hires is not None:
+        w, h = request.hires.target(width, height)
+        work += w * h * max(1, round((request.hires.steps or request.steps) * request.hires.strength))
+    return request.n * work / 1e6
 
 
 @dataclass
@@ -74,6 +105,7 @@ class Limits:
     max_steps: int = 150
     max_images: int = 8
     max_pixels: int = 4096 * 4096
+    max_work: float = DEFAULT_MAX_WORK["cuda"]
 
 
 def open_queue(settings: Settings) -> JobQueue:
@@ -118,8 +150,15 @@ class Service:
             self.controlnets = addons.controlnets(settings.models_dir)
         else:
             self._build_runner(settings)
-        self.queue.accepting = False  # until start() has reached the job store and recovered it
-        self.waiting_for: str | None = None  # why start() is still waiting for the job store
+        device = self.runner.engine.device if self.runner is not None else settings.device
+        self.limits.max_work = settings.max_work or DEFAULT_MAX_WORK.get(device, DEFAULT_MAX_WORK["cuda"])
+        self.queue.accepting = False  # until start() has reached the stores and recovered the job store
+        self.waiting_for: str | None = "the stores (starting)"  # why start() is still waiting, None once started
+        self._intake_closed = False  # stop_intake() was called: nothing may open intake again
+        self._start_lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = set()  # synchronous calls waiting
+        self._waiters_lock = threading.Lock()
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="sdserve-reaper", daemon=True)
         self._pruner = threading.Thread(target=self._prune_loop, name="sdserve-retention", daemon=True)
@@ -172,9 +211,9 @@ class Service:
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Start with whatever is up yet. The job store may not answer (Redis starting beside this process):
-        then readiness says so, submissions get 503, and a thread keeps trying with backoff; recovery, intake
-        and the runner begin once it answers. Never an exit with a traceback."""
+        """Start with whatever is up yet. The stores may not answer (Redis or S3 starting beside this process):
+        then readiness says which, submissions get 503, and a thread keeps trying with backoff; recovery, intake
+        and the runner begin once both answer. Never an exit with a traceback."""
         self._reaper.start()
         if self.role != "worker":  # the API side keeps history bounded; workers only make images
             self._pruner.start()
@@ -195,15 +234,16 @@ class Service:
             requeued = self.queue.recover()
         except StorageError as exc:
             return self._waiting(str(exc))
-        if self.waiting_for is not None:
-            log.info("the stores answer: starting")
-        self.waiting_for = None
         if requeued:
             log.info("resuming %d job(s) that were running when the server stopped", requeued)
-        if not self._stopped.is_set():
-            self.queue.accepting = True
-            if self.runner is not None:
-                self.runner.start()
+        with self._start_lock:  # never reopens intake, or starts the runner, after shutdown began
+            if self.waiting_for != "the stores (starting)":
+                log.info("the stores answer: starting")
+            self.waiting_for = None
+            if not self._intake_closed:
+                self.queue.accepting = True
+                if self.runner is not None:
+                    self.runner.start()
         return True
 
     def _waiting(self, reason: str) -> bool:
@@ -215,19 +255,42 @@ class Service:
     def _keep_connecting(self) -> None:
         pause = 0.25
         while not self._stopped.wait(pause):
-            if self._connect():
-                return
+            try:
+                if self._connect():
+                    return
+            except Exception as exc:  # whatever it is, keep trying: readiness says so meanwhile
+                log.exception("starting failed; retrying")
+                self.waiting_for = f"the stores: {type(exc).__name__}: {exc}"
             pause = min(5.0, pause * 2)
 
     def stop_intake(self) -> None:
-        self.queue.accepting = False
+        with self._start_lock:
+            self._intake_closed = True
+            self.queue.accepting = False
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new jobs, answer every synchronous call still waiting with a 503 now (`ShuttingDown`:
+        its jobs are canceled, for its client is told to retry), and start stopping the runner, so that the
+        process ends within its grace whatever the HTTP server waits for."""
+        self.stop_intake()
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for loop, queue in waiters:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": _SHUTDOWN})
+            except RuntimeError:
+                pass  # its loop is gone
+        threading.Thread(target=self.shutdown, name="sdserve-shutdown", daemon=True).start()
 
     def shutdown(self) -> None:
-        """Stop intake, finish the running batch, leave queued jobs persisted for the next start."""
-        self.stop_intake()
-        self._stopped.set()
-        if self.runner is not None:
-            self.runner.stop(self.settings.shutdown_grace_s)
+        """Stop intake, finish the running batch (within the grace, else it goes back to the queue), leave queued
+        jobs persisted for the next start. Once: a second call waits for the first."""
+        with self._shutdown_lock:
+            self.stop_intake()
+            self._stopped.set()
+            if self.runner is not None:
+                with self._start_lock:  # a runner _connect starts later would never be stopped
+                    self.runner.stop(self.settings.shutdown_grace_s)
 
     def _reap(self) -> None:
         """Timeouts hold whether or not a runner is alive (its model failed to load, it is stuck, ...)."""
@@ -293,6 +356,38 @@ class Service:
             return False, f"cannot write: {write_error}"
         return True, "ready"
 
+    # ----- a caller's own jobs ------------------------------------------------------------------
+    # Every read and cancel goes through these: a caller sees and touches only the jobs it submitted (an admin key
+    # sees all, and so does everyone when auth is off: they are one caller). Another caller's job is "not found",
+    # never "forbidden", which would confirm that it exists.
+    def own_job(self, job_id: str, caller: Caller) -> Job:
+        job = self.queue.get(job_id)
+        if not caller.owns(job.owner):
+            raise JobNotFound(f"no job {job_id!r}")
+        return job
+
+    def own_jobs(self, caller: Caller, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
+        return self.queue.list(limit=limit, offset=offset, status=status,
+                               owner=None if caller.sees_all else caller.id)
+
+    def cancel_own(self, job_id: str, caller: Caller) -> Job:
+        self.own_job(job_id, caller)
+        return self.queue.cancel(job_id)
+
+    def may_read_image(self, image_id: str, caller: Caller) -> bool:
+        """A job's image is `<job id>-<i>`: the job's caller's. An uploaded input image (no `-`) is read back by
+        the engine only, so only a caller who sees everything may fetch it."""
+        if caller.sees_all:
+            return True
+        job_id, dash, _ = image_id.partition("-")
+        if not dash:
+            return False
+        try:
+            self.own_job(job_id, caller)
+        except JobNotFound:
+            return False
+        return True
+
     # ----- requests --------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
         """Reject what would only fail later in the runner, while the client is still here to be told."""
@@ -320,13 +415,36 @@ class Service:
         if request.n > limits.max_images:
             raise RequestRejected(f"n {request.n} is over this server's limit of {limits.max_images} images", "n")
         try:
+            info: ModelInfo | None = self.models.info(request.model or self.default_model)
+        except UnknownModelError:
+            info = None  # reported below (a named one), or at submit (no default yet)
+        work = request_work(request, info)
+        if work > limits.max_work:
+            raise RequestRejected(
+                f"this request is {work:.1f} megapixel-steps of work (images × width × height × steps, the hires "
+                f"pass included), over this server's limit of {limits.max_work:g} per request, which is what its "
+                "device finishes within the job timeout; ask for fewer or smaller images or fewer steps (the "
+                "operator can raise it with --max-work)", "n")
+        try:
             samplers.resolve(request.sampler, request.scheduler)
         except samplers.UnknownSamplerError as exc:
             raise RequestRejected(str(exc), "sampler") from None
         try:
-            loras.split_prompt(request.prompt)
+            _, tagged = loras.split_prompt(request.prompt)
         except loras.LoraTagError as exc:
             raise RequestRejected(str(exc), "prompt") from None
+        # Add-ons by name, now, while the client is here (A1111 answers 422 at once too), not as a failed job.
+        wanted = [(self.loras, ref.name, "loras") for ref in request.loras]
+        wanted += [(self.loras, ref.name, "prompt") for ref in tagged]
+        wanted += [(self.vaes, request.vae, "vae")] if request.vae else []
+        wanted += [(self.controlnets, unit.model, f"controlnet.{i}.model") for i, unit in enumerate(request.controlnet)]
+        for catalog_, name, field in wanted:
+            if not catalog_.folder.is_dir() and self.runner is None:
+                continue  # an API replica without the models folder: the workers check it when they load it
+            try:
+                catalog_.get(name)
+            except KeyError as exc:
+                raise RequestRejected(str(exc.args[0]), field) from None
         if request.model is not None:
             try:
                 info = self.models.info(request.model)
@@ -346,6 +464,9 @@ class Service:
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
         self.validate(request)
+        caller = CALLER.get()
+        if idempotency_key is not None and caller is not None and caller.account:
+            idempotency_key = f"{caller.account}:{idempotency_key}"  # one caller's keys never reach another's job
         fingerprint = core.fingerprint(request) if idempotency_key is not None else None
         if idempotency_key is not None:
             existing = self.queue.idempotent(idempotency_key, fingerprint)
@@ -371,7 +492,6 @@ class Service:
             raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=False)
         model = info.name
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
-        caller = CALLER.get()
         if caller is not None:  # the key's priority caps the job's (keys file)
             queued.priority = caller.priority_for(request.priority, "priority" in request.model_fields_set)
         try:
@@ -385,21 +505,43 @@ class Service:
     async def wait(self, job_id: str) -> Job:
         """Until the job ends. Subscribes before reading, so the end cannot slip past unseen. Never hangs:
         past the job's deadline (plus a grace) a job nothing could end is reported as timed out."""
-        with self.queue.events.subscribe(job_id, END_EVENTS) as events:
+        with self.queue.events.subscribe(job_id, END_EVENTS) as events, self._waiting_on(events):
             job = await asyncio.to_thread(self.queue.get, job_id)
             deadline = (await asyncio.to_thread(self.queue.deadlines, [job_id]))[job_id]
             while not job.status.terminal:
-                timeout = None if deadline is None else max(0.1, deadline + WAIT_GRACE_S - time.time())
+                given_up = None if deadline is None else deadline + WAIT_GRACE_S
+                # Wake at least every WAIT_POLL_S to read the job: an end whose event was lost (the store failed
+                # between recording the end and publishing it) is still seen.
+                timeout = WAIT_POLL_S if given_up is None else max(0.1, min(WAIT_POLL_S, given_up - time.time()))
                 try:
-                    await asyncio.wait_for(events.get(), timeout)
+                    if (await asyncio.wait_for(events.get(), timeout))["type"] == _SHUTDOWN:
+                        raise ShuttingDown("the server is shutting down: this call's jobs are canceled; send it "
+                                           "again shortly (another replica, or this one once it is back)")
                 except asyncio.TimeoutError:
+                    pass
+                try:
                     job = await asyncio.to_thread(self.queue.get, job_id)
-                    if not job.status.terminal:
-                        return job.model_copy(update={
-                            "status": JobStatus.failed, "error_kind": "timeout",
-                            "error": "timed out, and its end could not be recorded (see /readyz)"})
-                job = await asyncio.to_thread(self.queue.get, job_id)
+                except StorageError:
+                    pass  # the store is away: wait on (its events or the next read tell the end)
+                if not job.status.terminal and given_up is not None and time.time() > given_up:
+                    return job.model_copy(update={
+                        "status": JobStatus.failed, "error_kind": "timeout",
+                        "error": "timed out, and its end could not be recorded (see /readyz)"})
             return job
+
+    @contextmanager
+    def _waiting_on(self, events: asyncio.Queue) -> Iterator[None]:
+        """A synchronous call's wait, told by begin_shutdown when the server stops."""
+        entry = (asyncio.get_running_loop(), events)
+        with self._waiters_lock:
+            self._waiters.add(entry)
+        try:
+            if self._intake_closed:
+                raise ShuttingDown("the server is shutting down; send this again shortly")
+            yield
+        finally:
+            with self._waiters_lock:
+                self._waiters.discard(entry)
 
     async def submit_async(
         self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None
@@ -418,6 +560,13 @@ class Service:
         while not await disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         await asyncio.to_thread(self.abandon, job_ids)
+
+    def _cancel_all(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                self.queue.cancel(job_id)
+            except (JobNotFound, JobFinished, StorageError):
+                continue
 
     def abandon(self, job_ids: list[str]) -> None:
         """The client of a synchronous call went away: its jobs still queued are canceled; running ones finish
@@ -451,6 +600,9 @@ class Service:
         watcher = asyncio.create_task(self._watch(job_ids, disconnected)) if disconnected is not None else None
         try:
             done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
+        except ShuttingDown:
+            await asyncio.to_thread(self._cancel_all, job_ids)
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -21,6 +21,7 @@ from sdserve.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from sdserve.api.security import AuthMiddleware, RateLimitMiddleware, parse_users
+from sdserve.api.urls import HostGuard, ImageLinks, allowed_hosts
 from sdserve.config import Settings
 from sdserve.jobs.queue import StorageError
 from sdserve.keys import KeyBook
@@ -78,6 +79,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     )
     app.state.service = service
     app.state.metrics = metrics
+    app.state.keys = keys = KeyBook(settings.api_keys, settings.keys_file)
+    metrics.keys_file_problem.set_function(lambda: 1.0 if keys.check() else 0.0)
+    app.state.links = links = ImageLinks.for_settings(settings, keys.digests())
     app.state.a1111 = a1111.A1111State(service)
     errors.install(app)
     errors.document(app)
@@ -91,9 +95,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(JSONGuardMiddleware)
     app.add_middleware(RateLimitMiddleware, limiter=service.limiter)  # inside auth: it knows the caller
-    app.add_middleware(AuthMiddleware, keys=KeyBook(settings.api_keys, settings.keys_file),
-                       users=parse_users(settings.api_auth))
+    app.add_middleware(AuthMiddleware, keys=keys, users=parse_users(settings.api_auth), signed=links.signed_image)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_mb * 2**20)
+    app.add_middleware(HostGuard, allowed=allowed_hosts(settings))  # a forged Host: 400 before anything else
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -8,6 +8,8 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from sdserve.api.security import caller_of
+from sdserve.keys import Caller
 from sdserve.schema import GenerationRequest
 from sdserve.service import Service
 
@@ -17,6 +19,14 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_caller(request: Request) -> Caller:
+    """Who is calling: the key or Basic user auth accepted, else (auth off) the client's address."""
+    return caller_of(request.scope)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 def build_request(**fields: object) -> GenerationRequest:

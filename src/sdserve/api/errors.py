@@ -7,6 +7,8 @@ A1111 clients `{"error", "detail", "errors"}`, TF Serving and Open Inference Pro
 
 from __future__ import annotations
 
+import re
+
 import logging
 from typing import Any
 
@@ -41,8 +43,16 @@ def _tensor_protocol(path: str) -> bool:
     return path.startswith(("/v1/models/", "/v2/")) or path == "/v2"
 
 
+# A Python repr in an error's text (`<_io.BytesIO object at 0x7f…>`) says nothing to a client and leaks a memory
+# address: every message loses them here, whatever raised it.
+_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
+
+
 def render(path: str, status: int, message: str, *, field: str | None = None, errors: list[dict] | None = None,
            headers: dict[str, str] | None = None, error_type: str | None = None, code: str | None = None) -> JSONResponse:
+    message = _REPR.sub("the data", message)
+    if errors is not None:
+        errors = [{**e, "message": _REPR.sub("the data", str(e.get("message", "")))} for e in errors]
     if _tensor_protocol(path):
         # Both answer invalid input with 400 and a bare message.
         status = 400 if status == 422 else status

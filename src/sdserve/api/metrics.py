@@ -34,6 +34,9 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.workers = Gauge("sdserve_workers", "Live workers (heartbeat within 3 intervals)", registry=self.registry)
         self.workers.set_function(live_workers)
+        self.keys_file_problem = Gauge("sdserve_keys_file_problem", "1 while the keys file is missing, unreadable "
+                                       "(its keys refused) or broken by an edit (the last good keys kept)",
+                                       registry=self.registry)
         self.jobs = Counter("sdserve_jobs", "Jobs whose end this process recorded, by status and caller label (a "
                                           "cluster: sum over API replicas and workers)", ["status", "label"],
                             registry=self.registry)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
-from sdserve.api.deps import ServiceDep
+from sdserve.api.deps import CallerDep, ServiceDep
 from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status, public_job
 from sdserve.engine import samplers
@@ -37,11 +37,13 @@ async def submit_job(
 @router.get("/jobs", summary="Recent jobs, newest first, a page at a time (Link: rel=next)", response_model=list[Job])
 async def list_jobs(
     service: ServiceDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     status: JobStatus | None = None,
 ) -> JSONResponse:
-    jobs = await asyncio.to_thread(service.queue.list, limit=limit, offset=offset,
+    """The caller's own jobs (an admin key's, and with auth off: everyone's)."""
+    jobs = await asyncio.to_thread(service.own_jobs, caller, limit=limit, offset=offset,
                                    status=status.value if status else None)
     headers = {}
     if len(jobs) == limit:  # a full page: there may be older ones (RFC 8288 Link, as GitHub's API pages)
@@ -51,23 +53,23 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", summary="A job's status, progress, queue position, ETA and images", response_model=Job)
-async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
-    return public_job(await asyncio.to_thread(service.queue.get, job_id))
+async def get_job(job_id: str, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    return public_job(await asyncio.to_thread(service.own_job, job_id, caller))
 
 
 @router.delete("/jobs/{job_id}", summary="Cancel a job (a running one stops at its next step)", response_model=Job)
-async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
-    return public_job(await asyncio.to_thread(service.queue.cancel, job_id))
+async def cancel_job(job_id: str, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    return public_job(await asyncio.to_thread(service.cancel_own, job_id, caller))
 
 
 @router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress…, then the end")
 async def job_events(
-    job_id: str, service: ServiceDep,
+    job_id: str, service: ServiceDep, caller: CallerDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> EventSourceResponse:
     """With a queue that keeps events (Redis), a reconnect with `Last-Event-ID` resumes right after that event,
     on any replica, with no gap and no duplicate."""
-    await asyncio.to_thread(service.queue.get, job_id)  # 404 before the stream starts
+    await asyncio.to_thread(service.own_job, job_id, caller)  # 404 (not the caller's, or none) before the stream
 
     def message(event: dict) -> dict:
         out = {"event": event["type"], "data": json.dumps(event)}
@@ -94,8 +96,11 @@ async def job_events(
 
 @router.get("/images/{image_id}", summary="An image by its opaque id (in S3: a redirect to a presigned URL)",
             responses={**PNG, 307: {"description": "Redirect to a presigned URL (S3 storage, image_route=redirect)"}})
-async def get_image(image_id: str, service: ServiceDep) -> Response:
-    if not valid_key(image_id):
+async def get_image(image_id: str, request: Request, service: ServiceDep, caller: CallerDep) -> Response:
+    """The caller's own job's image; or any image through a signed link (`expires`, `signature`: the OpenAI
+    dialect's `url`), which needs no key until it expires."""
+    signed = request.scope.get("state", {}).get("signed_image") == image_id
+    if not valid_key(image_id) or not (signed or await asyncio.to_thread(service.may_read_image, image_id, caller)):
         raise HTTPException(404, f"no image {image_id!r}")
     if service.settings.image_route == "redirect":
         url = service.images.url(image_id, service.settings.image_url_ttl_s)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 
 from sdserve.api.deps import ServiceDep
+from sdserve.api.urls import ImageLinks, base_url
 from sdserve.core import ContentBlocked, RequestRejected, failure_status
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.protocols import openai as proto
@@ -33,11 +34,12 @@ async def _respond(request: Request, service: Service, canonical: GenerationRequ
         raise proto.OpenAIError(str(exc), exc.field, code=_code(exc)) from None
     if job.status is not JobStatus.succeeded:
         raise _job_error(job)
-    base = str(request.base_url).rstrip("/")
+    base = base_url(service.settings, str(request.base_url))
     ttl = service.settings.image_url_ttl_s
+    links: ImageLinks = request.app.state.links
     data = [
         proto.image_data(b64=base64.b64encode(png).decode() if response_format == "b64_json" else None,
-                         url=service.images.url(ref.id, ttl) or f"{base}/api/v1/images/{ref.id}",
+                         url=service.images.url(ref.id, ttl) or links.url(base, ref.id),
                          prompt=canonical.prompt)
         for ref, png in zip(job.images, pngs)
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import anyio
 from starlette.datastructures import QueryParams
@@ -52,10 +52,10 @@ def _is_public(scope: Scope) -> bool:
 
 def caller_id(request: Request) -> str:
     """Who is calling, for acting on "the caller's own" work (A1111 /interrupt)."""
-    return _caller_of(request.scope).id
+    return caller_of(request.scope).id
 
 
-def _caller_of(scope: Scope) -> Caller:
+def caller_of(scope: Scope) -> Caller:
     """The API key (hashed, never kept as is) or Basic user that auth accepted, else, with auth off, the
     client's address."""
     client = scope.get("client")
@@ -63,10 +63,14 @@ def _caller_of(scope: Scope) -> Caller:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeyBook, users: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyBook, users: list[tuple[str, str]] | None = None,
+                 signed: Callable[[Scope], str | None] | None = None) -> None:
+        """`signed`: the image id of a request carrying a valid signed image link (urls.ImageLinks), which needs
+        no key: the link is the credential, for that one image, until it expires."""
         self.app = app
         self.keys = keys
         self.users = [f"{u}:{p}" for u, p in users or []]
+        self.signed = signed
 
     def _caller(self, headers: dict[str, str]) -> Caller | None:
         """The accepted caller's identity, or None when the credentials are missing or wrong."""
@@ -79,7 +83,8 @@ class AuthMiddleware:
                 return None
             return user_caller(credentials.partition(":")[0]) if key_matches(credentials, self.users) else None
         token = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
-        return self.keys.lookup(token)
+        # Headers were read as latin-1, byte for byte: the key is compared as the bytes sent (UTF-8 for non-ASCII).
+        return self.keys.lookup(token.encode("latin-1") if token else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not (self.keys.active or self.users) or _is_public(scope):
@@ -87,6 +92,11 @@ class AuthMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         caller = self._caller(headers)
+        signed = self.signed(scope) if caller is None and self.signed is not None else None
+        if signed is not None:
+            scope.setdefault("state", {})["signed_image"] = signed
+            await self.app(scope, receive, send)
+            return
         if caller is not None:
             scope.setdefault("state", {})["caller"] = caller
             await self.app(scope, receive, send)
@@ -117,7 +127,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        caller = _caller_of(scope)
+        caller = caller_of(scope)
         submission = scope["method"] == "POST" or (
             scope["path"] == "/" and "prompt" in QueryParams(scope.get("query_string", b"")))
         decision = await anyio.to_thread.run_sync(self.limiter.request, caller) if submission else None

@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdserve.api.deps import ServiceDep, build_request
+from sdserve.api.deps import CallerDep, ServiceDep, build_request
 from sdserve.api.native import PNG, png_response
 from sdserve.core import failure_status
 from sdserve.schema import JobStatus
@@ -65,8 +65,9 @@ async def generate(body: GenerateBody, service: ServiceDep) -> dict:
 
 
 @router.get("/download/{download_id}", summary="The PNG for a download id", responses=PNG)
-async def download(download_id: str, service: ServiceDep) -> Response:
-    data = await asyncio.to_thread(service.images.get, download_id) if valid_key(download_id) else None
+async def download(download_id: str, service: ServiceDep, caller: CallerDep) -> Response:
+    readable = valid_key(download_id) and await asyncio.to_thread(service.may_read_image, download_id, caller)
+    data = await asyncio.to_thread(service.images.get, download_id) if readable else None
     if data is None:
         raise HTTPException(404, f"no image with download id {download_id!r}")
     return Response(data, media_type="image/png",

@@ -38,13 +38,23 @@ def _format_number(value: Any) -> str:
     return str(value)
 
 
+def _text(value: str) -> str:
+    """A prompt as written into infotext. One that could be read back as something else (it spans lines, so a
+    line of it could pass for the `Negative prompt:` line or the parameters; it starts with that marker or a
+    quote; or it has outer spaces, which a reader strips) is written as one JSON string, which `parse` reads
+    back to exactly the prompt asked for. Other prompts are written as they are, as A1111 writes them."""
+    risky = ("\n" in value or "\r" in value or value != value.strip() or value.startswith('"')
+             or value.startswith(_NEGATIVE))
+    return json.dumps(value, ensure_ascii=False) if risky else value
+
+
 def build(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
     """Build infotext; `params` is an ordered mapping of A1111 keys, None values are dropped."""
     pairs = ", ".join(
         f"{key}: {_quote(_format_number(value))}" for key, value in params.items() if value is not None
     )
-    negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{pairs}".strip()
+    negative = f"\n{_NEGATIVE} {_text(negative_prompt)}" if negative_prompt else ""
+    return f"{_text(prompt) if prompt else ''}{negative}\n{pairs}".strip()
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -68,8 +78,8 @@ def parse(text: str) -> dict[str, Any]:
             in_negative = True
             stripped = stripped[len(_NEGATIVE):].strip()
         (negative_lines if in_negative else prompt_lines).append(stripped)
-    result["Prompt"] = "\n".join(prompt_lines)
-    result["Negative prompt"] = "\n".join(negative_lines)
+    result["Prompt"] = _unquote("\n".join(prompt_lines))
+    result["Negative prompt"] = _unquote("\n".join(negative_lines))
     for key, value in _PARAM_RE.findall(last):
         value = _unquote(value.strip())
         result[key] = value

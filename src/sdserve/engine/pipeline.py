@@ -9,7 +9,8 @@ must share a `batch_key`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,14 @@ from sdserve.schema import GenerationRequest, Hires, JobRequest
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
+# Called before each VAE decoder call (each tile of a tiled decode): where a cancel or shutdown is noticed outside
+# the denoising steps. Raises Cancelled to stop.
+DecodeCallback = Callable[[], None]
+
+# Above this many pixels per image the VAE decodes in tiles of TILE_PX (blended at the seams, as diffusers' tiled
+# decode does): memory stays bounded whatever the size, and a cancel is noticed between tiles.
+TILE_ABOVE_PX = 1024 * 1024
+TILE_PX = 512
 
 
 class Cancelled(Exception):
@@ -112,9 +121,26 @@ class _Prepared:
 
 
 
+@contextmanager
+def _decoding(vae: Any, on_decode: DecodeCallback | None, tiled: bool) -> Iterator[None]:
+    """For one pipeline call: `on_decode` before each decoder call, and a tiled decode when `tiled`."""
+    handle = vae.decoder.register_forward_pre_hook(lambda module, args: on_decode()) if on_decode else None
+    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    if tiled:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, TILE_PX, TILE_PX // scale
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = before
+        if handle is not None:
+            handle.remove()
+
+
 class Engine:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
+        self._on_decode: DecodeCallback | None = None  # the running batch's (run)
 
     @property
     def device(self) -> str:
@@ -138,12 +164,14 @@ class Engine:
 
     def run(
         self, requests: Sequence[JobRequest], on_step: StepCallback | None = None,
-        inputs: Mapping[str, Image.Image] | None = None,
+        inputs: Mapping[str, Image.Image] | None = None, on_decode: DecodeCallback | None = None,
     ) -> list[list[GeneratedImage]]:
         """Generate every image of every request in one pipeline call; one result list per request.
 
         `inputs` holds the decoded input images by the keys in each request's `init_image` and `mask`.
+        `on_step` is told each denoising step, `on_decode` each VAE decoder call; either may raise Cancelled.
         """
+        self._on_decode = on_decode
 
         if not requests:
             return []
@@ -249,7 +277,7 @@ class Engine:
             kwargs["callback_on_step_end"] = callback
         # Whatever threads the process was given (torch's default), every batch: a fixed count keeps a seed's
         # pixels reproducible to the bit (the summation order follows the thread count).
-        with torch.inference_mode():
+        with torch.inference_mode(), _decoding(pipe.vae, self._on_decode, size[0] * size[1] > TILE_ABOVE_PX):
             return pipe(**kwargs).images
 
     def _hires_fix(

@@ -127,6 +127,7 @@ class SQLiteJobQueue(JobEnds):
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         # Fair share reads each caller's oldest queued job; retention the oldest ended ones.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (status, priority, owner, seq)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owned ON jobs (owner, seq)")  # a caller's own, listed
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL")
 
     def _recount(self) -> None:
@@ -218,22 +219,22 @@ class SQLiteJobQueue(JobEnds):
             batch_images=row["batch_images"],
             worker=row["worker"],
             label=row["label"],
+            owner=row["owner"] or "",
         )
 
     def get(self, job_id: str) -> Job:
         with self._lock:
             return self._to_job(self._row(job_id))
 
-    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None,
+             owner: str | None = None) -> list[Job]:
+        where = [clause for clause, value in (("status = ?", status), ("owner = ?", owner)) if value is not None]
+        args = [value for value in (status, owner) if value is not None]
         with self._lock:
-            if status:
-                rows = self._db.execute(
-                    "SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ? OFFSET ?", (status, limit, offset)
-                ).fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)
-                ).fetchall()
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
             return [self._to_job(r) for r in rows]
 
     def depth(self) -> int:
@@ -427,21 +428,26 @@ class SQLiteJobQueue(JobEnds):
         return {job_id for job_id in job_ids if job_id in self._cancel}
 
     def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
-        """No leases here (one process owns the queue and its runner), so no job is lost to another worker."""
-        canceled = self.canceled(job_ids)
+        """No leases here (one process owns the queue and its runner): a job is lost only when it ended meanwhile
+        (the reaper timed it out)."""
+        stops = Stops(self.canceled(job_ids), set())
         for job_id in job_ids:
-            if job_id in canceled:
+            if job_id in stops.canceled:
                 continue
             with self._lock:
+                row = self._db.execute("SELECT status, batch_images FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None or row["status"] != "running":
+                    stops.lost.add(job_id)
+                    self._progress.pop(job_id, None)
+                    continue
                 self._progress[job_id] = (step, steps)
-                row = self._db.execute("SELECT batch_images FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 per_step = self._seconds_per_step * (row["batch_images"] or 1) if self._seconds_per_step and row else None
                 eta = max(0, steps - step) * per_step if per_step else None
             self.events.publish(job_id, {
                 "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
                 "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
             })
-        return Stops(canceled, set())
+        return stops
 
     def record_speed(self, seconds_per_step: float) -> None:
         with self._lock:

@@ -36,6 +36,11 @@ class NotAccepting(QueueError):
     """The server is shutting down or not ready: try again later, maybe on another replica."""
 
 
+class ShuttingDown(NotAccepting):
+    """The server began shutting down while a synchronous call waited: 503 with Retry-After, in its dialect's shape
+    (its jobs are canceled: the client is told to try again, on this server once it is back or on another)."""
+
+
 class JobNotFound(QueueError, LookupError):
     pass
 
@@ -60,8 +65,8 @@ class Stops(NamedTuple):
     """What one step's `progress` call found among the batch's jobs."""
 
     canceled: set[str]  # cancellation was requested: the runner ends them canceled
-    # No longer this batch's to finish: it ended elsewhere, or its lease ran out (the job store was away) and
-    # another worker holds it now. The runner drops it without recording anything: its end is the holder's.
+    # No longer this batch's to finish: it ended meanwhile (the reaper timed it out), or its lease ran out (the
+    # job store was away) and another worker holds it now. The runner drops it without recording anything.
     lost: set[str]
 
 
@@ -104,7 +109,9 @@ class JobQueue(Protocol):
 
     def get(self, job_id: str) -> Job: ...
 
-    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]: ...
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None,
+             owner: str | None = None) -> list[Job]:
+        """Newest first; `owner`: only that caller's jobs."""
 
     def cancel(self, job_id: str, running: bool = True) -> Job:
         """Queued: canceled now. Running: flagged, and the runner stops it at its next step; with `running`

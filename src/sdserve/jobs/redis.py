@@ -6,8 +6,8 @@ consumer and cannot hand out chosen entries, so claims are a Lua script over a s
 then arrival), atomic across workers.
 
 Keys (after the prefix, `sdserve:` unless SDSERVE_QUEUE_PREFIX says otherwise): `job:{id}` a hash per job;
-`queued` (score: priority then sequence), `running` (score: lease expiry), `deadlines`, `all` (score: sequence,
-for listing), `finished` (score: end time, for retention) sorted sets; `oq:{owner}`, `owners`, `fair`, `fair:vt` for fair share across callers; `idem:{key}`; `events:{id}` a stream per job (replayable after an event id, kept a
+`queued` (score: priority then sequence), `running` (score: lease expiry), `deadlines`, `all` and `owned:{owner}` (score: sequence,
+for listing everyone's and one caller's), `finished` (score: end time, for retention) sorted sets; `oq:{owner}`, `owners`, `fair`, `fair:vt` for fair share across callers; `idem:{key}`; `events:{id}` a stream per job (replayable after an event id, kept a
 day); `wake` a list claimers block on.
 
 The autoscaler's signal: `demand`, a stream with the consumer group `workers`, whose lag (XINFO GROUPS, what
@@ -125,6 +125,7 @@ redis.call('HSET', p .. 'job:' .. id, 'seq', seq)
 redis.call('ZADD', p .. 'queued', {_SCORE}, id)
 queue_owner(p, id, {_SCORE})
 redis.call('ZADD', p .. 'all', seq, id)
+redis.call('ZADD', p .. 'owned:' .. fields['owner'], seq, id)
 if fields['deadline'] ~= '' then redis.call('ZADD', p .. 'deadlines', fields['deadline'], id) end
 if idem_key ~= '' then redis.call('SET', p .. 'idem:' .. idem_key, id) end
 redis.call('XADD', p .. '{DEMAND}', '*', 'job', id)
@@ -185,8 +186,10 @@ local ids = redis.call('ZRANGEBYSCORE', p .. 'finished', '-inf', '(' .. ARGV[2],
 for _, id in ipairs(ids) do
   local idem = redis.call('HGET', p .. 'job:' .. id, 'idem_key')
   if idem and idem ~= '' then redis.call('DEL', p .. 'idem:' .. idem) end
+  local owner = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
   redis.call('DEL', p .. 'job:' .. id, p .. 'events:' .. id)
   redis.call('ZREM', p .. 'all', id)
+  redis.call('ZREM', p .. 'owned:' .. owner, id)
   redis.call('ZREM', p .. 'finished', id)
 end
 -- fair share: a caller with nothing queued and a pass at or below the virtual time would come back at the
@@ -347,11 +350,17 @@ class RedisJobQueue(JobEnds):
         self._take_tokens = self.client.register_script(_TAKE_TOKENS)
         self._prune = self.client.register_script(_PRUNE)
         self._demand_ensured = -1e9  # when ensure_demand last ran (monotonic)
+        self._unreachable_at = -1e9  # when a call last failed for Redis's sake (monotonic)
         self._speed_read: tuple[float, float | None] = (-1e9, None)
 
-    @staticmethod
-    def _redis() -> Any:
-        return _guard()
+    @contextmanager
+    def _redis(self) -> Iterator[None]:
+        try:
+            with _guard():
+                yield
+        except StorageError:
+            self._unreachable_at = time.monotonic()
+            raise
 
     def ping(self) -> None:
         """Reachable, and the autoscaler's stream and group exist (recreated if Redis lost them)."""
@@ -398,6 +407,7 @@ class RedisJobQueue(JobEnds):
             batch_images=int(h["batch_images"]) if h.get("batch_images") else None,
             worker=h.get("worker") or None,
             label=h.get("label") or None,
+            owner=h.get("owner") or "",
         )
 
     def _hash(self, job_id: str) -> dict[str, str]:
@@ -426,16 +436,18 @@ class RedisJobQueue(JobEnds):
         return [self._to_job(h, replies[i + 1] if with_position else None)
                 for i, h in zip(range(0, len(replies), step), replies[::step]) if h]
 
-    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
+    def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None,
+             owner: str | None = None) -> list[Job]:
+        index = f"{self.p}all" if owner is None else f"{self.p}owned:{owner}"
         if status is None:
             with self._redis():
-                ids = self.client.zrevrange(f"{self.p}all", offset, offset + limit - 1)
+                ids = self.client.zrevrange(index, offset, offset + limit - 1)
             return self._jobs(ids)
         found: list[Job] = []
         skipped, start = 0, 0
         while len(found) < limit:
             with self._redis():
-                ids = self.client.zrevrange(f"{self.p}all", start, start + 499)
+                ids = self.client.zrevrange(index, start, start + 499)
             if not ids:
                 break
             start += len(ids)
@@ -726,6 +738,10 @@ class RedisJobQueue(JobEnds):
                 self._ensure_demand(args=[self.p])
                 self._demand_ensured = time.monotonic()
             expired = self.client.zrangebyscore(f"{self.p}running", "-inf", now)
+        if time.monotonic() - self._unreachable_at < self.lease_s:
+            # Redis was away lately: no worker could heartbeat meanwhile, so a lease that ran out says nothing of
+            # its worker yet. Give every worker one whole lease to renew before taking its jobs away.
+            return 0
         requeued = 0
         for job_id in expired:
             with self._redis():

@@ -29,7 +29,7 @@ from sdserve.engine.pipeline import (
 from sdserve.health import WriteHealth
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.jobs import batcher
-from sdserve.jobs.queue import JobQueue, StorageError, Stops
+from sdserve.jobs.queue import JobNotFound, JobQueue, StorageError, Stops
 from sdserve.moderation import ModerationUnavailable, Moderator, NoModeration, Verdict
 from sdserve.schema import ImageRef, Job
 from sdserve.storage import ImageStore, StoreError
@@ -61,16 +61,22 @@ class _Outage:
     """The job store as one running batch sees it: each call that fails for the store's sake is ridden out (a
     step's progress is skipped, an end is retried with backoff), and after QUEUE_RETRY_S of failures the batch
     is left to its leases (`_LeftToLeases`). A queue without leases (the embedded one) has nobody to hand the
-    batch to: its ends are retried until shutdown instead."""
+    batch to: its ends are retried until shutdown instead. A job the store no longer has (a Redis that came back
+    empty, retention) is gone: there is nothing to record for it."""
+
+    # After a failure, skippable calls are not tried again for this long: a store that hangs (rather than
+    # refusing) would otherwise cost a socket timeout on every step.
+    BACKOFF_S = 1.0
 
     def __init__(self, health: WriteHealth, stopping: threading.Event, leases: bool) -> None:
         self.health = health
         self.stopping = stopping
         self.leases = leases
         self.since: float | None = None
+        self.last_failure = -1e9
 
     def _failed(self, exc: StorageError) -> None:
-        now = time.monotonic()
+        now = self.last_failure = time.monotonic()
         if self.since is None:
             self.since = now
             log.warning("job store unreachable during a batch; the batch goes on: %s", exc)
@@ -84,11 +90,18 @@ class _Outage:
             self.since = None
 
     def attempt(self, call: Callable[..., T], *args: object, default: T) -> T:
-        """One try: `default` if the store failed (for what can be skipped, such as one step's progress)."""
+        """One try, or none during the backoff after a failure: `default` then (for what can be skipped, such as
+        one step's progress)."""
+        if time.monotonic() - self.last_failure < self.BACKOFF_S:
+            if self.leases and self.since is not None and time.monotonic() - self.since > QUEUE_RETRY_S:
+                raise _LeftToLeases()
+            return default
         try:
             result = call(*args)
         except StorageError as exc:
             self._failed(exc)
+            return default
+        except JobNotFound:
             return default
         self._ok()
         return result
@@ -105,6 +118,8 @@ class _Outage:
                     raise _LeftToLeases() from None
                 pause = min(2.0, pause * 2)
                 continue
+            except JobNotFound as exc:
+                log.warning("%s: its end is not recorded", exc)
             self._ok()
             return
 
@@ -131,16 +146,15 @@ class Runner:
         # (images, when the engine finished it, before any of its clients was told): see _companions
         self._last_batch: tuple[int, float] | None = None
         self.load_error: str | None = None
-        self._warmed_at = 0.0
+        self._warmed_at = -1e9
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
         self.on_batch: Callable[[int], None] | None = None  # told the images of each batch (metrics)
-        # Called on each registration once the default model has loaded; the worker counts as ready after the
-        # first call succeeds.
+        # Publishes this worker's models; called between batches every heartbeat_s. The worker counts as ready
+        # once its default model has loaded and a call succeeded.
         self.on_ready: Callable[[], None] | None = None
         self._told_ready = False
-        self._published = -1e9  # when on_ready last ran (monotonic)
 
     @property
     def ready(self) -> bool:
@@ -167,24 +181,25 @@ class Runner:
         self._warmed_at = time.monotonic()
         try:
             self.engine.warm_up(self.default_model)
-        except ModelError as exc:
-            if self.load_error != str(exc):
-                log.error("cannot load the default model: %s", exc)
-            self.load_error = str(exc)
+        except Exception as exc:  # a ModelError names the file and why; anything else (CUDA, memory) says what
+            reason = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+            if self.load_error != reason:
+                log.error("cannot load the default model: %s", reason, exc_info=not isinstance(exc, ModelError))
+            self.load_error = reason
             return
         if self.load_error is not None:
             log.info("the default model loads now")
         self.load_error = None
         self._loaded = True
+        self._registered = 0.0  # tell the API replicas at once
 
     def _loop(self) -> None:
-        self._warm_up()
         while not self._stopping.is_set():
             try:
                 if not self._loaded and time.monotonic() - self._warmed_at >= WARM_UP_RETRY_S:
                     self._warm_up()
                 if time.monotonic() - self._registered >= self.heartbeat_s:
-                    self._register()
+                    self._register(publish=True)
                 enough = [self.max_batch]  # a batch this big is claimed at once; a smaller one lingers first
 
                 def select(candidates: Sequence[Job]) -> list[Job]:
@@ -223,13 +238,14 @@ class Runner:
         meanwhile = sum(job.request.n for job in candidates if job.created_at.timestamp() < ended)
         return max(1, min(self.max_batch, images + meanwhile))
 
-    def _register(self) -> None:
-        """Tell the queue this worker is alive, what it serves and what it runs (GET /api/v1/workers)."""
-        self._registered = now = time.monotonic()
-        if self._loaded and self.on_ready is not None and now - self._published >= self.heartbeat_s:
-            self.on_ready()  # again each heartbeat: a Redis that restarted empty learns again what this serves
-            self._told_ready = True
-            self._published = now
+    def _register(self, publish: bool = False) -> None:
+        """Tell the queue this worker is alive, what it serves and what it runs (GET /api/v1/workers). With
+        `publish` (from the loop, between batches: never from the heartbeat thread, which must not wait on the
+        model registry while a model loads), also what models it has, failed ones included."""
+        self._registered = time.monotonic()
+        if publish and self.on_ready is not None:
+            self.on_ready()  # every time: a Redis that restarted empty learns again what this worker serves
+            self._told_ready = self._loaded
         self.queue.register_worker({
             "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
             "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
@@ -241,7 +257,7 @@ class Runner:
             for key in job.request.input_images().values():
                 if key in inputs:
                     continue
-                data = self.images.get(key)
+                data = self._stored(self.images.get, key)
                 if data is None:
                     raise InvalidRequestError(f"input image {key} is missing from the image store")
                 try:
@@ -298,20 +314,30 @@ class Runner:
         return ImageRef(id=key, url=f"/api/v1/images/{key}", seed=generated.seed, width=width, height=height)
 
     def _put(self, png: bytes, key: str) -> str:
-        """Store, riding out a store that is briefly unreachable (S3 restarting, a network blip): retried with
-        backoff for up to STORE_RETRY_S while the job's lease is kept, then the job fails clearly. A full disk
-        or a refused write is not waited out: it fails at once (507 when full), and readiness says why."""
+        return self._stored(lambda: self.images.put(png, key=key))
+
+    def _stored(self, call: Callable[..., T], *args: object) -> T:
+        """An image store call, riding out a store that is briefly unreachable (S3 restarting, a network blip):
+        retried with backoff for up to STORE_RETRY_S while the job's lease is kept, then the job fails clearly.
+        A full disk or a refused write is not waited out: it fails at once (507 when full), and readiness says
+        why."""
         deadline = time.monotonic() + STORE_RETRY_S
         pause = 0.25
         while True:
             try:
-                return self.images.put(png, key=key)
+                return call(*args)
             except StoreError as exc:
                 if not exc.transient or time.monotonic() + pause > deadline or self._abort.is_set():
                     raise
                 log.warning("image store: %s; retrying in %.2g s", exc, pause)
                 time.sleep(pause)
                 pause = min(4.0, pause * 2)
+
+    @staticmethod
+    def _record_all(outage: _Outage, ends: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
+        for call, args in ends:
+            outage.record(call, *args)
+        ends.clear()
 
     def _run(self, jobs: Sequence[Job]) -> None:
         outage = _Outage(self.health, self._stopping, leases=self.queue.shared)
@@ -323,10 +349,11 @@ class Runner:
                         "is back", QUEUE_RETRY_S, [job.id for job in jobs])
 
     def _run_leased(self, jobs: Sequence[Job], outage: _Outage) -> None:
-        deadlines: dict[str, float | None] = {}
-        outage.record(lambda: deadlines.update(self.queue.deadlines([job.id for job in jobs])))
+        # Unreadable now (the store away): no deadline here; the reaper still enforces them once it is back.
+        deadlines = outage.attempt(self.queue.deadlines, [job.id for job in jobs], default={})
         batch_id = jobs[0].batch_id
         dropped: set[str] = set()
+        unrecorded: list[tuple[Callable[..., object], tuple[object, ...]]] = []  # ends the store missed, for later
         started = time.monotonic()
         steps_done = 0
         if self.on_batch is not None:
@@ -338,11 +365,13 @@ class Runner:
             if self._abort.is_set():
                 raise _Stop()
             now = time.time()
+            ends: list[tuple[Callable[..., object], tuple[object, ...]]] = []
             for job in live():
-                if deadlines[job.id] is not None and now > deadlines[job.id]:
-                    limit = deadlines[job.id] - job.created_at.timestamp()
-                    outage.record(self.queue.fail, job.id,
-                                  f"timed out: its {limit:.0f} s limit (waiting and running) passed", "timeout")
+                deadline = deadlines.get(job.id)
+                if deadline is not None and now > deadline:
+                    limit = deadline - job.created_at.timestamp()
+                    ends.append((self.queue.fail, (job.id, f"timed out: its {limit:.0f} s limit (waiting and "
+                                                            "running) passed", "timeout")))
                     dropped.add(job.id)
             # The store away: this step's progress is skipped and the batch goes on (see _Outage).
             stops = outage.attempt(self.queue.progress, [job.id for job in live()], step, steps, batch_id,
@@ -352,26 +381,47 @@ class Runner:
                 dropped.add(job_id)
             for job_id in stops.canceled:
                 dropped.add(job_id)
-                outage.record(self.queue.mark_canceled, job_id)
+                ends.append((self.queue.mark_canceled, (job_id,)))
+            for call, args in ends:  # one try now; what the store missed is recorded after the batch
+                if outage.attempt(call, *args, default=False) is False:
+                    unrecorded.append((call, args))
             if len(dropped) == len(jobs):
                 raise Cancelled()  # nobody is left to generate for
 
         def live() -> list[Job]:
             return [job for job in jobs if job.id not in dropped]
 
+        def on_decode() -> None:
+            """Before each VAE decoder call (each tile, when tiled): shutdown, and a batch all of whose jobs
+            were canceled meanwhile, stop here too, not only between denoising steps."""
+            if self._abort.is_set():
+                raise _Stop()
+            alive = {job.id for job in live()}
+            if alive and outage.attempt(self.queue.canceled, list(alive), default=set()) >= alive:
+                raise Cancelled()  # every job left was canceled: the Cancelled branch records each
+
+
         try:
             inputs = self._inputs(jobs)
-            results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs)
+            results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs,
+                                      on_decode=on_decode)
             generated_at = time.time()  # before any client hears of its result (see _companions)
         except (_LeftToLeases, StorageError):
             raise
         except _Stop:
+            self._record_all(outage, unrecorded)
             for job in live():
                 outage.record(self.queue.requeue, job.id)
             return
         except Cancelled:
+            self._record_all(outage, unrecorded)
             for job in live():
                 outage.record(self.queue.mark_canceled, job.id)
+            return
+        except StoreError as exc:  # an input image the image store could not give back, even after retries
+            self._record_all(outage, unrecorded)
+            for job in live():
+                outage.record(self.queue.fail, job.id, f"could not read an input image: {exc}", "storage")
             return
         except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
             for job in live():
@@ -391,6 +441,7 @@ class Runner:
             for job in live():
                 outage.record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
+        self._record_all(outage, unrecorded)
         self._last_batch = (batcher.images_in(jobs), generated_at)
         elapsed = time.monotonic() - started
         if steps_done:

@@ -40,11 +40,12 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    # A1111's own ranges (its UI's sliders); seeds are integers, never strings or booleans.
+    seed: int = Field(-1, ge=-1, strict=True)
+    subseed: int = Field(-1, ge=-1, strict=True)
+    subseed_strength: float = Field(0, ge=0, le=1)
+    seed_resize_from_h: int = Field(-1, ge=-1, le=2048)
+    seed_resize_from_w: int = Field(-1, ge=-1, le=2048)
     sampler_name: str | None = None
     sampler_index: str | None = DEFAULT_SAMPLER
     scheduler: str | None = None
@@ -59,8 +60,8 @@ class Txt2ImgRequest(BaseModel):
     tiling: bool | None = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: float | None = None
-    denoising_strength: float | None = None
+    eta: float | None = Field(None, ge=0, le=1)
+    denoising_strength: float | None = Field(None, ge=0, le=1)
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -69,15 +70,15 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = None
+    refiner_switch_at: float | None = Field(None, ge=0, le=1)
     disable_extra_networks: bool = False
     comments: dict[str, Any] | None = None
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
-    hr_scale: float = 2.0
+    hr_scale: float = Field(2.0, ge=1, le=4)
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
     hr_resize_x: int = 0
     hr_resize_y: int = 0
     hr_checkpoint_name: str | None = None

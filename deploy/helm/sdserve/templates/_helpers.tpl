@@ -97,3 +97,21 @@ checkov.io/skip2: CKV_K8S_35=boto3 reads AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS
 - name: tmp
   mountPath: /tmp
 {{- end -}}
+
+{{/* Where clients reach the API: api.publicUrl, else the ingress's host. Absolute links (OpenAI's url) start with it,
+never with a request's Host header. */}}
+{{- define "sdserve.publicUrl" -}}
+{{- if .Values.api.publicUrl -}}{{ .Values.api.publicUrl }}
+{{- else if .Values.api.ingress.enabled -}}{{ if .Values.api.ingress.tlsSecret }}https{{ else }}http{{ end }}://{{ .Values.api.ingress.host }}
+{{- end -}}
+{{- end -}}
+
+{{/* Host headers the API answers (others get 400): api.allowedHosts, else the Service's in-cluster names,
+the ingress host and loopback (kubectl port-forward). Probes are answered whatever their Host. */}}
+{{- define "sdserve.allowedHosts" -}}
+{{- if .Values.api.allowedHosts -}}{{ join "," .Values.api.allowedHosts }}
+{{- else -}}
+{{- $svc := printf "%s-api" (include "sdserve.fullname" .) -}}
+{{ $svc }},{{ $svc }}.{{ .Release.Namespace }},{{ $svc }}.{{ .Release.Namespace }}.svc,{{ $svc }}.{{ .Release.Namespace }}.svc.cluster.local,localhost,127.0.0.1{{ if .Values.api.ingress.enabled }},{{ .Values.api.ingress.host }}{{ end }}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,151 @@
+"""What one request may cost on this machine (issue 25): the work bound's unit, how fast a cancel lands, and what
+a large VAE decode takes in memory, tiled or not. Writes bench/results/bounds-<machine>.json and .png.
+
+- Speed: the demo model's megapixel-steps per second (images × width × height × steps / 1e6) at a few sizes, and so
+  how long a request at the CPU default bound (service.DEFAULT_MAX_WORK) takes, against the 600 s job timeout.
+- Cancel: a 512² job canceled mid-run, seconds from the cancel flag to the run's end (one denoising step).
+- Memory: peak RSS of a fresh process decoding one image of each size with the VAE, whole and in tiles.
+
+    make bench BENCH_ARGS=bounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import RESULTS, machine  # noqa: E402
+
+DECODE = """
+import resource, sys, torch
+from sdserve.engine import pipeline
+from sdserve.engine.models import ModelRegistry
+registry = ModelRegistry(sys.argv[1], sys.argv[1], extra=["demo"], device="cpu")
+vae = registry.load("demo").pipelines["txt2img"].vae
+size, tiled = int(sys.argv[2]), sys.argv[3] == "1"
+latents = torch.randn(1, 4, size // 8, size // 8)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode(), pipeline._decoding(vae, None, tiled):
+    vae.decode(latents)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def speed(engine, name: str) -> list[dict]:
+    from sdserve.schema import JobRequest
+
+    rows = []
+    for size, steps, n in ((64, 20, 8), (256, 10, 1), (512, 4, 1)):
+        request = JobRequest(prompt="a red circle", seed=1, steps=steps, n=n, width=size, height=size, model=name)
+        engine.run([request])  # warm: first-call costs out
+        started = time.perf_counter()
+        engine.run([request])
+        seconds = time.perf_counter() - started
+        work = n * size * size * steps / 1e6
+        rows.append({"size": size, "steps": steps, "n": n, "seconds": round(seconds, 3), "mpx_steps": work,
+                     "mpx_steps_per_s": round(work / seconds, 3)})
+        print(f"  {n} x {size}² x {steps} steps: {seconds:.2f} s, {work / seconds:.2f} MPx-steps/s", flush=True)
+    return rows
+
+
+def cancel_latency(engine, name: str) -> dict:
+    from sdserve.engine.pipeline import Cancelled
+    from sdserve.schema import JobRequest
+
+    flag = threading.Event()
+    marks: dict[str, float] = {}
+
+    def on_step(step: int, steps: int) -> None:
+        if step == 2:
+            marks["canceled"] = time.perf_counter()
+            flag.set()
+        if flag.is_set():
+            raise Cancelled()
+
+    request = JobRequest(prompt="a red circle", seed=1, steps=30, width=512, height=512, model=name)
+    started = time.perf_counter()
+    try:
+        engine.run([request], on_step=on_step)
+    except Cancelled:
+        pass
+    ended = time.perf_counter()
+    step_s = (marks["canceled"] - started) / 2
+    print(f"  cancel at 512²: {ended - marks['canceled']:.3f} s after the flag (one step: {step_s:.2f} s)", flush=True)
+    return {"size": 512, "seconds_after_cancel": round(ended - marks["canceled"], 3), "step_s": round(step_s, 3)}
+
+
+def memory(work: Path) -> list[dict]:
+    rows = []
+    for size in (512, 1024, 2048):
+        row: dict = {"size": size}
+        for tiled in (False, True):
+            out = subprocess.run([sys.executable, "-c", DECODE, str(work), str(size), "1" if tiled else "0"],
+                                 capture_output=True, text=True, timeout=900)
+            row["tiled_mb" if tiled else "whole_mb"] = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
+                else None
+        rows.append(row)
+        print(f"  decode {size}²: whole {row['whole_mb']} MB, tiled {row['tiled_mb']} MB (peak RSS growth)", flush=True)
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    s = result["speed"]
+    left.bar([f"{r['n']}×{r['size']}²" for r in s], [r["mpx_steps_per_s"] for r in s], color="#38c")
+    left.set_ylabel("megapixel-steps / s")
+    left.set_title(f"demo model; default CPU bound {result['cpu_bound']:g} MPx-steps ≈ "
+                   f"{result['bound_seconds']:.0f} s", fontsize=9)
+    m = result["memory"]
+    x = range(len(m))
+    right.bar([i - 0.2 for i in x], [r["whole_mb"] or 0 for r in m], width=0.4, label="whole")
+    right.bar([i + 0.2 for i in x], [r["tiled_mb"] or 0 for r in m], width=0.4, label="tiled")
+    right.set_xticks(list(x), [f"{r['size']}²" for r in m])
+    right.set_ylabel("peak RSS growth, MB")
+    right.set_title("VAE decode of one image", fontsize=9)
+    right.legend(fontsize=8)
+    fig.suptitle(f"bounds, {result['machine']['label']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    from sdserve.engine.models import ModelRegistry
+    from sdserve.engine.pipeline import Engine
+    from sdserve.service import DEFAULT_MAX_WORK
+
+    work = Path(tempfile.mkdtemp(prefix="sdserve-bounds-"))
+    engine = Engine(ModelRegistry(work, work, extra=["demo"], device="cpu"))
+    name = engine.registry.info("demo").name
+    result: dict = {"machine": machine("cpu"), "command": " ".join(sys.argv), "cpu_bound": DEFAULT_MAX_WORK["cpu"]}
+    result["speed"] = speed(engine, name)
+    slowest = min(r["mpx_steps_per_s"] for r in result["speed"])
+    result["bound_seconds"] = DEFAULT_MAX_WORK["cpu"] / slowest
+    print(f"  the CPU bound ({DEFAULT_MAX_WORK['cpu']:g} MPx-steps) at the slowest rate: {result['bound_seconds']:.0f} s",
+          flush=True)
+    result["cancel"] = cancel_latency(engine, name)
+    result["memory"] = memory(work)
+    name = "bounds-" + re.sub(r"[^a-z0-9]+", "-", result["machine"]["label"].lower()).strip("-")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Each caller alone with its jobs (issue 25): with API keys, a key sees and touches only the jobs it submitted, in
+every route of the OpenAPI schema; an admin key sees all; another key's job is a 404, never a 403. Image links
+that leave the server are signed and expire; a forged Host header never makes a link. Keys fail closed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from server import ServerProcess, wait_for
+
+from sdserve.keys import KeyBook
+
+A, B, ADMIN = "sk-owner-alpha", "sk-owner-bravo", "sk-owner-admin"
+SECRET = "a prompt only alpha may read"
+LONG = {"prompt": SECRET + " (long)", "steps": 150, "seed": 1, "width": 256, "height": 256}
+
+KEYS = f"""
+[[keys]]
+key = "{A}"
+label = "alpha"
+
+[[keys]]
+sha256 = "{hashlib.sha256(B.encode()).hexdigest()}"
+label = "bravo"
+
+[[keys]]
+key = "{ADMIN}"
+label = "ops"
+admin = true
+"""
+
+
+@pytest.fixture(scope="module")
+def keyed(models_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("owned")
+    (folder / "keys.toml").write_text(KEYS)
+    proc = ServerProcess(models_dir, folder / "data", "--keys-file", str(folder / "keys.toml"),
+                         env={"SDSERVE_IMAGE_URL_TTL_S": "4"}).start()
+    yield proc
+    proc.terminate()
+
+
+def as_key(server, key):
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def alphas(keyed):
+    """Alpha's finished job (its image id) and a long one still running while the others probe."""
+    with as_key(keyed, A) as alpha:
+        done = alpha.post("/api/v1/jobs", json={"prompt": SECRET, "steps": 2}).json()
+        done = wait_for(alpha, done["id"])
+        running = alpha.post("/api/v1/jobs", json=LONG).json()
+        wait_for(alpha, running["id"], ("running",))
+        yield done, running
+        alpha.delete(f"/api/v1/jobs/{running['id']}")
+
+
+def test_another_key_finds_nothing_of_alphas(keyed, alphas):
+    done, running = alphas
+    image = done["images"][0]["id"]
+    with as_key(keyed, B) as bravo:
+        assert SECRET not in bravo.get("/api/v1/jobs").text
+        for job_id in (done["id"], running["id"]):
+            for method, path in (("GET", f"/api/v1/jobs/{job_id}"), ("DELETE", f"/api/v1/jobs/{job_id}"),
+                                 ("GET", f"/api/v1/jobs/{job_id}/events")):
+                r = bravo.request(method, path)
+                assert r.status_code == 404 and SECRET not in r.text, (method, path, r.status_code)
+        for path in (f"/api/v1/images/{image}", f"/download/{image}"):
+            assert bravo.get(path).status_code == 404, path
+        mine = bravo.post("/api/v1/jobs", json={"prompt": "bravo's own", "steps": 1}, headers={"Idempotency-Key": "k"})
+        assert mine.status_code == 202
+    with as_key(keyed, A) as alpha:
+        assert alpha.get(f"/api/v1/jobs/{running['id']}").json()["status"] == "running"  # bravo's DELETE did nothing
+        # The same Idempotency-Key from another key is another job, never bravo's.
+        again = alpha.post("/api/v1/jobs", json={"prompt": "bravo's own", "steps": 1}, headers={"Idempotency-Key": "k"})
+        assert again.status_code == 202 and again.json()["id"] != mine.json()["id"]
+        assert {j["id"] for j in alpha.get("/api/v1/jobs").json()} >= {done["id"], running["id"]}
+        assert alpha.get(f"/api/v1/images/{image}").status_code == 200
+    with as_key(keyed, ADMIN) as admin:  # an admin key sees and manages everyone's
+        listed = {j["id"] for j in admin.get("/api/v1/jobs", params={"limit": 200}).json()}
+        assert {done["id"], running["id"], mine.json()["id"]} <= listed
+        assert admin.get(f"/api/v1/images/{image}").status_code == 200
+
+
+def test_every_route_with_another_keys_credentials(keyed, alphas):
+    """Every route of the OpenAPI schema, called with bravo's key and alpha's ids wherever a path names one:
+    never a 500, never a 403 (which would confirm the job exists), never alpha's prompt; a path naming alpha's
+    job or image is a 404."""
+    done, running = alphas
+    ids = {"job_id": running["id"], "image_id": done["images"][0]["id"], "download_id": done["images"][0]["id"]}
+    schema = httpx.get(keyed.url + "/openapi.json", headers={"Authorization": f"Bearer {A}"}).json()
+    checked = 0
+    with as_key(keyed, B) as bravo:
+        for path, methods in schema["paths"].items():
+            for method in methods:
+                url = path
+                for name, value in ids.items():
+                    url = url.replace("{" + name + "}", value)
+                url = url.replace("{name}", "tiny").replace("{version}", "1").replace("{model_name}", "tiny")
+                if "{" in url:
+                    url = url.split("{")[0] + "x"
+                if (method, path) == ("post", "/sdapi/v1/options"):
+                    continue  # free-form settings every caller shares (A1111's); nothing of a job's
+                # A body every dialect refuses (a list where text goes), so nothing generates meanwhile.
+                body = {"prompt": ["x"], "steps": "x"} if method in ("post", "put", "patch") else None
+                r = bravo.request(method.upper(), url, json=body, timeout=30)
+                checked += 1
+                assert r.status_code not in (403, 500), (method, path, r.status_code, r.text[:200])
+                assert SECRET not in r.text, (method, path)
+                if any("{" + name + "}" in path for name in ids):
+                    assert r.status_code == 404, (method, path, r.status_code)
+    assert checked > 60
+    with as_key(keyed, A) as alpha:
+        assert alpha.get(f"/api/v1/jobs/{running['id']}").json()["status"] == "running"  # nothing touched it
+
+
+def test_image_links_are_signed_and_expire(keyed):
+    with as_key(keyed, A) as alpha:
+        r = alpha.post("/v1/images/generations", json={"prompt": "a link", "response_format": "url"})
+        assert r.status_code == 200, r.text
+    url = r.json()["data"][0]["url"]
+    assert "signature=" in url and "expires=" in url
+    assert httpx.get(url).status_code == 200  # the link is the credential: no key needed
+    forged = url[:-4] + ("0000" if not url.endswith("0000") else "1111")
+    assert httpx.get(forged).status_code == 401
+    other = url.replace(url.split("/api/v1/images/")[1].split("?")[0], "0" * 32 + "-0")
+    assert httpx.get(other).status_code == 401  # a signature is for its own image only
+    deadline = time.monotonic() + 30
+    while httpx.get(url).status_code == 200:  # SDSERVE_IMAGE_URL_TTL_S=4
+        assert time.monotonic() < deadline, "the link never expired"
+        time.sleep(0.5)
+    assert httpx.get(url).status_code == 401
+
+
+def test_a_forged_host_never_makes_a_link(models_dir, tmp_path):
+    plain = ServerProcess(models_dir, tmp_path / "plain").start()
+    public = ServerProcess(models_dir, tmp_path / "public", "--public-url", "https://images.example.org/sd").start()
+    try:
+        body = {"prompt": "x", "response_format": "url", "n": 1}
+        evil = httpx.post(plain.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"})
+        assert evil.status_code == 400 and "evil.example" in evil.json()["error"]["message"]
+        assert httpx.get(plain.url + "/readyz", headers={"Host": "10.1.2.3:7860"}).status_code == 200  # probes
+        ok = httpx.post(plain.url + "/v1/images/generations", json=body, timeout=120)
+        assert ok.json()["data"][0]["url"].startswith(plain.url + "/api/v1/images/")
+        r = httpx.post(public.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"}, timeout=120)
+        assert r.status_code == 200 and r.json()["data"][0]["url"].startswith("https://images.example.org/sd/api/v1/")
+    finally:
+        plain.terminate()
+        public.terminate()
+
+
+# ---------------------------------------------------------------- keys fail closed
+def test_an_empty_api_key_refuses_to_start(tmp_path):
+    for args, env in ((["--api-key", ""], {}), ([], {"SDSERVE_API_KEYS": "sk-one-key-here,"})):
+        out = subprocess.run([sys.executable, "-m", "sdserve.cli", "serve", "--data-dir", str(tmp_path), *args],
+                             capture_output=True, text=True, timeout=120, env={**__import__("os").environ, **env})
+        assert out.returncode == 2 and "empty" in out.stdout + out.stderr, (out.stdout, out.stderr)
+
+
+def test_a_deleted_keys_file_stops_its_keys_and_a_broken_edit_keeps_the_last_good(tmp_path, monkeypatch):
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    book = KeyBook([], path)
+    assert book.lookup(A.encode()).label == "alpha" and book.check() is None
+    assert book.describe() == "on (3 keys)"
+
+    def after_a_second():  # the file is read again at most once a second
+        book._checked -= 1.0
+
+    path.write_text(KEYS + "\n[[keys]\nbroken")
+    after_a_second()
+    assert book.lookup(A.encode()).label == "alpha"  # a typo locks nobody out...
+    assert "keeping the last good keys" in book.check()  # ...and says so
+    path.unlink()
+    after_a_second()
+    assert book.lookup(A.encode()) is None and "refused" in book.check()
+    path.write_text(KEYS)
+    after_a_second()
+    assert book.lookup(A.encode()).label == "alpha" and book.check() is None
+    empty = tmp_path / "none.yaml"
+    empty.write_text("keys: []\n")
+    assert "every request is refused" in KeyBook([], empty).describe()
+
+
+def test_keys_are_compared_as_utf8_bytes():
+    book = KeyBook(["clé-secrète-🔑"], None)
+    assert book.lookup("clé-secrète-🔑".encode()) is not None
+    assert book.lookup("clé-secrète-🔑".encode("utf-8").decode("latin-1").encode("utf-8")) is None
+
+
+def test_a_non_ascii_key_over_http_and_the_readyz_warning(models_dir, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text('keys:\n  - key: "clé-secrète-🔑"\n    label: unicode\n')
+    server = ServerProcess(models_dir, tmp_path / "data", "--keys-file", str(keys)).start()
+    try:
+        utf8 = [(b"authorization", "Bearer clé-secrète-🔑".encode())]
+        r = httpx.get(server.url + "/api/v1/jobs", headers=utf8)
+        assert r.status_code == 200, r.text
+        keys.write_text("keys: [broken")
+        deadline = time.monotonic() + 30
+        while "warning" not in httpx.get(server.url + "/readyz").json():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        ready = httpx.get(server.url + "/readyz")
+        assert ready.status_code == 200 and "last good keys" in ready.json()["warning"]
+        assert httpx.get(server.url + "/api/v1/jobs", headers=utf8).status_code == 200
+        assert "sdserve_keys_file_problem 1.0" in httpx.get(server.url + "/metrics", headers=utf8).text
+        assert "auth: on (1 key)" in " ".join(server.log().split())  # the banner (rich wraps it)
+    finally:
+        server.terminate()

@@ -1,0 +1,101 @@
+"""Strict input and bounded work (issue 25): unknown add-on names are refused at submission in every dialect,
+seeds are integers, A1111's ranges hold, no error carries a Python repr, a prompt cannot forge the PNG's other
+infotext fields, and one request's work is bounded by what the device finishes within the job timeout."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+from server import ServerProcess, wait_for
+
+FORGED = "a cat\nNegative prompt: evil\nSteps: 99, Sampler: Euler, Model: forged, Seed: 5"
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):
+    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("strict")).start()
+    yield proc
+    proc.terminate()
+
+
+@pytest.mark.parametrize("field,value", [("vae", "../../../etc/passwd"), ("loras", [{"name": "nope", "weight": 1}]),
+                                         ("prompt", "a cat <lora:nope:0.5>"),
+                                         ("controlnet", [{"model": "nope", "image": "x"}])])
+def test_unknown_add_ons_are_422_at_submission(server, field, value):
+    with server.client() as c:
+        r = c.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, field: value})
+        assert r.status_code == 422 and "unknown" in r.text, r.text
+        assert r.json()["errors"][0]["field"].startswith(field)
+        if field == "vae":
+            a1111 = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1,
+                                                       "override_settings": {"sd_vae": value}})
+            assert a1111.status_code == 422, a1111.text
+
+
+@pytest.mark.parametrize("body", [{"seed": "12"}, {"seed": True}, {"seed": 1.5}])
+def test_a_seed_is_an_integer(server, body):
+    with server.client() as c:
+        assert c.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, **body}).status_code == 422
+        assert c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, **body}).status_code == 422
+
+
+@pytest.mark.parametrize("field,value", [("subseed_strength", 2), ("denoising_strength", 1.5), ("hr_scale", 9),
+                                         ("eta", -1)])
+def test_a1111_fields_keep_a1111s_ranges(server, field, value):
+    with server.client() as c:
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, field: value})
+        assert r.status_code == 422 and field in r.text, r.text
+
+
+def test_no_error_text_carries_a_python_repr(server):
+    with server.client() as c:
+        for path, body in (("/api/v1/jobs", {"prompt": "x", "init_image": base64.b64encode(b"not an image").decode()}),
+                           ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [base64.b64encode(b"junk").decode()]}),
+                           ("/sdapi/v1/png-info", {"image": base64.b64encode(b"junk").decode()})):
+            r = c.post(path, json=body)
+            assert 400 <= r.status_code < 500 and " object at 0x" not in r.text, (path, r.text)
+
+
+def test_a_prompt_cannot_forge_the_infotext(server):
+    with server.client() as c:
+        job = c.post("/api/v1/jobs", json={"prompt": FORGED, "negative_prompt": "real", "steps": 2, "seed": 7}).json()
+        done = wait_for(c, job["id"])
+        png = c.get(done["images"][0]["url"]).content
+        info = c.post("/sdapi/v1/png-info", json={"image": base64.b64encode(png).decode()}).json()["parameters"]
+    assert info["Prompt"] == FORGED and info["Negative prompt"] == "real"
+    assert info["Steps"] == "2" and info["Seed"] == "7" and "forged" not in info.get("Model", "")
+
+
+def test_one_requests_work_is_bounded_on_this_device(server):
+    with server.client() as c:
+        r = c.post("/api/v1/jobs", json={"prompt": "x", "n": 8, "width": 2048, "height": 2048, "steps": 150})
+        assert r.status_code == 422 and "megapixel-steps" in r.json()["detail"] and "--max-work" in r.text
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "batch_size": 8, "width": 2048, "height": 2048,
+                                              "steps": 150})
+        assert r.status_code == 422
+        r = c.post("/api/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024, "steps": 20,
+                                         "hires": {"scale": 2, "steps": 150, "strength": 1}})
+        assert r.status_code == 422  # the hires pass counts too
+
+
+def test_a_cancel_is_noticed_in_the_vae_decode_and_large_decodes_go_in_tiles(engine):
+    from sdserve.engine import pipeline
+    from sdserve.engine.pipeline import Cancelled
+    from sdserve.schema import JobRequest
+
+    def stop() -> None:
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):  # every step ran; the decode is where it stops
+        engine.run([JobRequest(prompt="x", steps=2, seed=1)], on_decode=stop)
+    vae = engine.registry.load(None).pipelines["txt2img"].vae
+    calls = []
+    size = 1152  # over TILE_ABOVE_PX: 3 x 3 tiles of TILE_PX with their overlap
+    latents = torch.zeros(1, 4, size // 8, size // 8)
+    with torch.inference_mode(), pipeline._decoding(vae, lambda: calls.append(1), size * size > pipeline.TILE_ABOVE_PX):
+        image = vae.decode(latents).sample
+    assert image.shape[-2:] == (size, size) and len(calls) > 1 and not np.isnan(image.numpy()).any()
+    assert not vae.use_tiling  # for that call only
