@@ -74,6 +74,7 @@ def test_another_key_finds_nothing_of_alphas(keyed, alphas):
                 assert r.status_code == 404 and SECRET not in r.text, (method, path, r.status_code)
         for path in (f"/api/v1/images/{image}", f"/download/{image}"):
             assert bravo.get(path).status_code == 404, path
+        assert running["id"] not in bravo.get("/api/v1/workers").text  # a worker's batch shows only one's own
         mine = bravo.post("/api/v1/jobs", json={"prompt": "bravo's own", "steps": 1}, headers={"Idempotency-Key": "k"})
         assert mine.status_code == 202
     with as_key(keyed, A) as alpha:
@@ -83,6 +84,7 @@ def test_another_key_finds_nothing_of_alphas(keyed, alphas):
         assert again.status_code == 202 and again.json()["id"] != mine.json()["id"]
         assert {j["id"] for j in alpha.get("/api/v1/jobs").json()} >= {done["id"], running["id"]}
         assert alpha.get(f"/api/v1/images/{image}").status_code == 200
+        assert running["id"] in alpha.get("/api/v1/workers").text
     with as_key(keyed, ADMIN) as admin:  # an admin key sees and manages everyone's
         listed = {j["id"] for j in admin.get("/api/v1/jobs", params={"limit": 200}).json()}
         assert {done["id"], running["id"], mine.json()["id"]} <= listed
@@ -132,6 +134,9 @@ def test_image_links_are_signed_and_expire(keyed):
     assert httpx.get(forged).status_code == 401
     other = url.replace(url.split("/api/v1/images/")[1].split("?")[0], "0" * 32 + "-0")
     assert httpx.get(other).status_code == 401  # a signature is for its own image only
+    assert httpx.get(url, headers={"Authorization": f"Bearer {B}"}).status_code == 200  # a colleague's link
+    odd = url.split("?")[0] + "?expires=%C2%B2&signature=" + "é" * 64
+    assert httpx.get(odd).status_code == 401  # odd digits and letters: refused, never a 500
     deadline = time.monotonic() + 30
     while httpx.get(url).status_code == 200:  # SDSERVE_IMAGE_URL_TTL_S=4
         assert time.monotonic() < deadline, "the link never expired"

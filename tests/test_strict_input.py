@@ -40,6 +40,14 @@ def test_a_seed_is_an_integer(server, body):
     with server.client() as c:
         assert c.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, **body}).status_code == 422
         assert c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, **body}).status_code == 422
+        assert c.post("/generate", json={"prompt": "x", "steps": 1, **body}).status_code == 422
+
+
+def test_a1111_options_refuse_an_unknown_vae_for_everyone(server):
+    with server.client() as c:
+        r = c.post("/sdapi/v1/options", json={"sd_vae": "nope.safetensors"})
+        assert r.status_code == 422 and set(r.json()) == {"error", "detail", "body", "errors"}, r.text
+        assert c.get("/sdapi/v1/options").json()["sd_vae"] != "nope.safetensors"
 
 
 @pytest.mark.parametrize("field,value", [("subseed_strength", 2), ("denoising_strength", 1.5), ("hr_scale", 9),
@@ -57,6 +65,16 @@ def test_no_error_text_carries_a_python_repr(server):
                            ("/sdapi/v1/png-info", {"image": base64.b64encode(b"junk").decode()})):
             r = c.post(path, json=body)
             assert 400 <= r.status_code < 500 and " object at 0x" not in r.text, (path, r.text)
+
+
+@pytest.mark.parametrize("prompt", [FORGED, "Negative prompt: evil", '"quoted"', " spaced ",
+                                    "a cat\u2028Negative prompt: evil", "plain, (emphasis:1.2), a:b"])
+def test_every_prompt_reads_back_exactly(prompt):
+    from sdserve.engine import infotext
+
+    text = infotext.build(prompt, "neg\nlines", {"Steps": 3, "Sampler": "Euler", "Seed": 1})
+    parsed = infotext.parse(text)
+    assert (parsed["Prompt"], parsed["Negative prompt"], parsed["Steps"]) == (prompt, "neg\nlines", "3")
 
 
 def test_a_prompt_cannot_forge_the_infotext(server):
@@ -79,6 +97,8 @@ def test_one_requests_work_is_bounded_on_this_device(server):
         r = c.post("/api/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024, "steps": 20,
                                          "hires": {"scale": 2, "steps": 150, "strength": 1}})
         assert r.status_code == 422  # the hires pass counts too
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "n_iter": 8, "width": 512, "height": 512, "steps": 100})
+        assert r.status_code == 422 and "megapixel-steps" in r.text  # the bound is the call's, not each job's
 
 
 def test_a_cancel_is_noticed_in_the_vae_decode_and_large_decodes_go_in_tiles(engine):

@@ -121,8 +121,11 @@ class KeysFileError(ValueError):
     pass
 
 
-def read_keys_file(path: Path) -> list[KeyEntry]:
-    text = path.read_text()
+def read_keys_file(path: Path, content: bytes | None = None) -> list[KeyEntry]:
+    try:
+        text = (path.read_bytes() if content is None else content).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KeysFileError(f"keys file {path}: not UTF-8 text ({exc.reason})") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
@@ -152,7 +155,7 @@ class KeyBook:
     path: Path | None = None
     _problem: str | None = None  # what is wrong with the keys file now (see check)
     _entries: list[tuple[str, Caller]] = field(default_factory=list)  # (key digest, its caller), made once
-    _mtime: float = -1.0
+    _content: bytes | None = None  # the keys file as last read
     _checked: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -167,8 +170,8 @@ class KeyBook:
 
     def _load(self) -> None:
         assert self.path is not None
-        mtime = self.path.stat().st_mtime
-        self._entries, self._mtime = [(e.digest, e.caller()) for e in read_keys_file(self.path)], mtime
+        content = self.path.read_bytes()
+        self._entries, self._content = [(e.digest, e.caller()) for e in read_keys_file(self.path, content)], content
 
     def _trouble(self, problem: str) -> None:
         if problem != self._problem:
@@ -184,14 +187,14 @@ class KeyBook:
             with self._lock:
                 self._checked = now
                 try:
-                    changed = self.path.stat().st_mtime != self._mtime
-                    if changed:
+                    # Read, not stat: a file made unreadable (chmod) keeps its mtime, and must stop its keys too.
+                    if self.path.read_bytes() != self._content:
                         self._load()
                         if self._problem is not None:
                             log.info("keys file %s: read again, %d key(s)", self.path, len(self._entries))
                         self._problem = None
                 except OSError as exc:  # deleted, unreadable: its keys no longer open anything
-                    self._entries, self._mtime = [], -1.0
+                    self._entries, self._content = [], None
                     self._trouble(f"keys file {self.path}: {exc.strerror or exc}: every key it listed is refused "
                                   "until it is back")
                 except KeysFileError as exc:  # a bad edit: keep the last good keys
@@ -207,10 +210,6 @@ class KeyBook:
     @property
     def active(self) -> bool:
         return bool(self.plain or self.path is not None)
-
-    def digests(self) -> list[str]:
-        """The sha256 of every key accepted now (for deriving the image-link secret; never the keys)."""
-        return sorted([*(d for d, _ in self._fresh()), *(key_hash(k) for k in self.plain)])
 
     def describe(self, users: int = 0) -> str:
         """What the start-up banner says about auth (`users`: Basic users besides): the truth, including a keys

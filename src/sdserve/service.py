@@ -272,6 +272,7 @@ class Service:
         """SIGTERM: refuse new jobs, answer every synchronous call still waiting with a 503 now (`ShuttingDown`:
         its jobs are canceled, for its client is told to retry), and start stopping the runner, so that the
         process ends within its grace whatever the HTTP server waits for."""
+        first = not self._intake_closed
         self.stop_intake()
         with self._waiters_lock:
             waiters = list(self._waiters)
@@ -280,17 +281,17 @@ class Service:
                 loop.call_soon_threadsafe(queue.put_nowait, {"type": _SHUTDOWN})
             except RuntimeError:
                 pass  # its loop is gone
-        threading.Thread(target=self.shutdown, name="sdserve-shutdown", daemon=True).start()
+        if first:  # a second signal changes nothing
+            threading.Thread(target=self.shutdown, name="sdserve-shutdown", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop intake, finish the running batch (within the grace, else it goes back to the queue), leave queued
         jobs persisted for the next start. Once: a second call waits for the first."""
         with self._shutdown_lock:
-            self.stop_intake()
+            self.stop_intake()  # from here _connect starts no runner (it checks _intake_closed under the lock)
             self._stopped.set()
             if self.runner is not None:
-                with self._start_lock:  # a runner _connect starts later would never be stopped
-                    self.runner.stop(self.settings.shutdown_grace_s)
+                self.runner.stop(self.settings.shutdown_grace_s)
 
     def _reap(self) -> None:
         """Timeouts hold whether or not a runner is alive (its model failed to load, it is stuck, ...)."""
@@ -374,19 +375,28 @@ class Service:
         self.own_job(job_id, caller)
         return self.queue.cancel(job_id)
 
+    def workers(self, caller: Caller) -> list[dict]:
+        """The live workers; each one's current batch shows only the caller's own jobs."""
+        workers = self.queue.workers()
+        if not caller.sees_all:
+            for worker in workers:
+                worker["batch"] = [job_id for job_id in worker.get("batch", []) if self._owns(job_id, caller)]
+        return workers
+
+    def _owns(self, job_id: str, caller: Caller) -> bool:
+        try:
+            self.own_job(job_id, caller)
+        except JobNotFound:
+            return False
+        return True
+
     def may_read_image(self, image_id: str, caller: Caller) -> bool:
         """A job's image is `<job id>-<i>`: the job's caller's. An uploaded input image (no `-`) is read back by
         the engine only, so only a caller who sees everything may fetch it."""
         if caller.sees_all:
             return True
         job_id, dash, _ = image_id.partition("-")
-        if not dash:
-            return False
-        try:
-            self.own_job(job_id, caller)
-        except JobNotFound:
-            return False
-        return True
+        return bool(dash) and self._owns(job_id, caller)
 
     # ----- requests --------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
@@ -414,17 +424,7 @@ class Service:
                 raise ContentBlocked(f"the prompt contains {term!r}, which this server does not accept", field)
         if request.n > limits.max_images:
             raise RequestRejected(f"n {request.n} is over this server's limit of {limits.max_images} images", "n")
-        try:
-            info: ModelInfo | None = self.models.info(request.model or self.default_model)
-        except UnknownModelError:
-            info = None  # reported below (a named one), or at submit (no default yet)
-        work = request_work(request, info)
-        if work > limits.max_work:
-            raise RequestRejected(
-                f"this request is {work:.1f} megapixel-steps of work (images × width × height × steps, the hires "
-                f"pass included), over this server's limit of {limits.max_work:g} per request, which is what its "
-                "device finishes within the job timeout; ask for fewer or smaller images or fewer steps (the "
-                "operator can raise it with --max-work)", "n")
+        self._bound_work(self._work(request))
         try:
             samplers.resolve(request.sampler, request.scheduler)
         except samplers.UnknownSamplerError as exc:
@@ -452,6 +452,21 @@ class Service:
                 raise RequestRejected(str(exc), "model") from None
             if info.error is not None:
                 raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=True)
+
+    def _work(self, request: GenerationRequest) -> float:
+        try:
+            info: ModelInfo | None = self.models.info(request.model or self.default_model)
+        except UnknownModelError:
+            info = None  # reported by validate (a named one), or at submit (no default yet)
+        return request_work(request, info)
+
+    def _bound_work(self, work: float) -> None:
+        if work > self.limits.max_work:
+            raise RequestRejected(
+                f"this request is {work:.1f} megapixel-steps of work (images × width × height × steps, the hires "
+                f"pass included), over this server's limit of {self.limits.max_work:g} per request, which is what "
+                "its device finishes within the job timeout; ask for fewer or smaller images or fewer steps (the "
+                "operator can raise it with --max-work)", "n")
 
     def submit(
         self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
@@ -587,9 +602,18 @@ class Service:
             return core.read_inputs(request, self.limits.max_pixels)
 
         inputs = [await asyncio.to_thread(read, r) for r in requests]
+        if len(requests) > 1:  # the bound is the call's (A1111's n_iter, a TF Serving body's instances), not each job's
+            work = sum(await asyncio.to_thread(lambda: [self._work(r) for r in requests]))
+            self._bound_work(work)
         await asyncio.to_thread(self.limiter.charge_images, sum(r.n for r in requests))
-        return [(await asyncio.to_thread(self.submit, r, source=source, inputs=i, charge=False))[0]
-                for r, i in zip(requests, inputs)]
+        jobs: list[Job] = []
+        try:
+            for r, i in zip(requests, inputs):
+                jobs.append((await asyncio.to_thread(self.submit, r, source=source, inputs=i, charge=False))[0])
+        except BaseException:  # intake closed or the queue filled midway: the call fails whole, nothing left queued
+            await asyncio.to_thread(self._cancel_all, [job.id for job in jobs])
+            raise
+        return jobs
 
     async def results(self, job_ids: list[str], disconnected: Disconnected | None = None,
                       blocked: Literal["refuse", "black"] = "refuse") -> list[tuple[Job, list[bytes]]]:

@@ -71,10 +71,11 @@ class A1111State:
             self.queue.shared_put(A1111_OPTIONS, key, json.dumps(value))
 
     def add(self, call: Call) -> None:
-        self.queue.shared_put(CALLS, call.task_id, json.dumps(asdict(call)))
+        # Keyed by caller and task id: another caller's force_task_id never overwrites (or removes) this one.
+        self.queue.shared_put(CALLS, f"{call.caller}\0{call.task_id}", json.dumps(asdict(call)))
 
     def remove(self, call: Call) -> None:
-        self.queue.shared_put(CALLS, call.task_id, None)
+        self.queue.shared_put(CALLS, f"{call.caller}\0{call.task_id}", None)
 
     def calls(self) -> list[Call]:
         return [Call(**json.loads(v)) for v in self.queue.shared_get(CALLS).values()]
@@ -247,6 +248,11 @@ async def get_options(request: Request, service: ServiceDep) -> dict[str, Any]:
 @router.post("/options", summary="Set A1111 options; sd_model_checkpoint switches the model for later jobs")
 async def set_options(body: dict[str, Any], request: Request, service: ServiceDep) -> Any:
     values = dict(body)
+    if values.get("sd_vae") not in (None, *proto.MODEL_OWN_VAE):  # every caller's jobs would use it: check it
+        try:
+            await asyncio.to_thread(service.vaes.get, str(values["sd_vae"]))
+        except KeyError as exc:
+            return errors.render(request.url.path, 422, str(exc.args[0]), error_type="RuntimeError")
     if "sd_model_checkpoint" in values:
         try:
             info = await asyncio.to_thread(service.models.info, str(values["sd_model_checkpoint"]))

@@ -76,12 +76,15 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         summary="Stable Diffusion server: one queue for the native, A1111, OpenAI, SageMaker, TF Serving, "
                 "Open Inference Protocol v2 and simple APIs.",
         lifespan=lifespan,
+        # No redirect from `/path/` to `/path`: Starlette builds it from the Host header, which is not trusted
+        # when --public-url is set (any Host is answered then).
+        redirect_slashes=False,
     )
     app.state.service = service
     app.state.metrics = metrics
     app.state.keys = keys = KeyBook(settings.api_keys, settings.keys_file)
     metrics.keys_file_problem.set_function(lambda: 1.0 if keys.check() else 0.0)
-    app.state.links = links = ImageLinks.for_settings(settings, keys.digests())
+    app.state.links = links = ImageLinks.for_settings(settings, service.queue)
     app.state.a1111 = a1111.A1111State(service)
     errors.install(app)
     errors.document(app)

@@ -130,8 +130,8 @@ def png_response(job: Job, pngs: list[bytes]) -> Response:
 
 
 @router.get("/workers", summary="Live workers: name, model, device, current batch, last heartbeat")
-async def workers(service: ServiceDep) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(service.queue.workers)
+async def workers(service: ServiceDep, caller: CallerDep) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(service.workers, caller)
 
 
 @router.get("/models", summary="Models the server can load; status loaded|available|failed, with the error")

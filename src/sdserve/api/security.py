@@ -14,8 +14,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
-from sdserve.keys import Caller, KeyBook, address_caller, user_caller
+from sdserve.keys import ANONYMOUS, Caller, KeyBook, address_caller, user_caller
 from sdserve.ratelimit import CALLER, Limiter
+
+# Who fetches an image through a signed link without a key: nobody's jobs are theirs.
+LINK_CALLER = Caller(id="link:", label=ANONYMOUS)
 
 # Probes must work without a key (load balancers and kubelets do not carry one).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/health/ready"})
@@ -92,9 +95,12 @@ class AuthMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         caller = self._caller(headers)
-        signed = self.signed(scope) if caller is None and self.signed is not None else None
+        # A signed link opens its one image, whether or not a key comes with it (a colleague's link).
+        signed = await anyio.to_thread.run_sync(self.signed, scope) if self.signed is not None else None
         if signed is not None:
-            scope.setdefault("state", {})["signed_image"] = signed
+            state = scope.setdefault("state", {})
+            state["signed_image"] = signed
+            state["caller"] = caller or LINK_CALLER  # never the auth-off caller, who sees everything
             await self.app(scope, receive, send)
             return
         if caller is not None:

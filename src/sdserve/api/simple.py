@@ -51,7 +51,7 @@ class GenerateBody(BaseModel):
     prompt: str
     scale: float = Field(7.5, ge=0, le=30)
     steps: int = Field(50, ge=1, le=150)
-    seed: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=-1, strict=True)
 
 
 @router.post("/generate", summary="Generate; returns {download_id, time} for GET /download/{id}")

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sdserve.api.errors import render
 from sdserve.api.security import PUBLIC_PATHS
 from sdserve.config import Settings
+from sdserve.jobs.queue import StorageError
 
 
 def allowed_hosts(settings: Settings) -> list[str]:
@@ -84,27 +87,46 @@ def base_url(settings: Settings, request_base: str) -> str:
 
 
 class ImageLinks:
-    """Signed, expiring links to /api/v1/images/{id}."""
+    """Signed, expiring links to /api/v1/images/{id}.
 
-    def __init__(self, secret: bytes, ttl_s: int) -> None:
-        self.secret = secret
+    The secret is SDSERVE_URL_SECRET, else a random one kept in the queue's shared state (Redis, or the SQLite data
+    dir), made by the first replica that needs it and read by the others (cached for SECRET_TTL_S): nothing a
+    client or a reader of the keys file holds lets anyone sign."""
+
+    SECRET_TTL_S = 300.0
+    TABLE, KEY = "secrets", "image-links"
+
+    def __init__(self, ttl_s: int, secret: bytes | None = None,
+                 shared: tuple[Callable[[str], dict[str, str]], Callable[[str, str, str | None], None]] | None = None
+                 ) -> None:
         self.ttl_s = ttl_s
+        self._fixed = secret
+        self._shared = shared
+        self._cached: tuple[float, bytes] | None = None
 
     @classmethod
-    def for_settings(cls, settings: Settings, key_digests: Iterable[str]) -> ImageLinks:
-        """--url-secret; else derived from every credential the server accepts, so replicas configured alike agree
-        and nobody holding fewer than all of them can sign. With auth off, a per-process secret (every caller may
-        read every image then anyway)."""
+    def for_settings(cls, settings: Settings, queue: Any) -> ImageLinks:
         if settings.url_secret:
-            secret = settings.url_secret.encode()
-        else:
-            material = sorted([*key_digests, *(hashlib.sha256(u.encode()).hexdigest() for u in settings.api_auth)])
-            secret = (hashlib.sha256(("sdserve image links\0" + "\0".join(material)).encode()).digest()
-                      if material else secrets.token_bytes(32))
-        return cls(secret, settings.image_url_ttl_s)
+            return cls(settings.image_url_ttl_s, settings.url_secret.encode())
+        return cls(settings.image_url_ttl_s, shared=(queue.shared_get, queue.shared_put))
+
+    def _secret(self) -> bytes:
+        if self._fixed is not None:
+            return self._fixed
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < self.SECRET_TTL_S:
+            return self._cached[1]
+        assert self._shared is not None
+        get, put = self._shared
+        stored = get(self.TABLE).get(self.KEY)
+        if not stored:
+            put(self.TABLE, self.KEY, secrets.token_hex(32))
+            stored = get(self.TABLE)[self.KEY]  # two replicas at once: both keep what was stored last
+        self._cached = (now, bytes.fromhex(stored))
+        return self._cached[1]
 
     def _signature(self, image_id: str, expires: int) -> str:
-        return hmac.new(self.secret, f"{image_id}\0{expires}".encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._secret(), f"{image_id}\0{expires}".encode(), hashlib.sha256).hexdigest()
 
     def url(self, base: str, image_id: str) -> str:
         expires = int(time.time()) + self.ttl_s
@@ -112,14 +134,23 @@ class ImageLinks:
 
     def valid(self, image_id: str, query: QueryParams) -> bool:
         expires, signature = query.get("expires", ""), query.get("signature", "")
-        if not expires.isdigit() or len(expires) > 12 or int(expires) < time.time():
+        if not re.fullmatch(r"[0-9]{1,12}", expires) or not re.fullmatch(r"[0-9a-f]{64}", signature):
             return False
-        return hmac.compare_digest(signature, self._signature(image_id, int(expires)))
+        if int(expires) < time.time():
+            return False
+        return hmac.compare_digest(signature.encode(), self._signature(image_id, int(expires)).encode())
 
     def signed_image(self, scope: Scope) -> str | None:
-        """The image id of a GET /api/v1/images/{id} carrying a valid signature, else None."""
+        """The image id of a GET /api/v1/images/{id} carrying a valid signature, else None (blocking: the secret
+        may be read from the store)."""
         path = scope["path"]
         if scope["method"] not in ("GET", "HEAD") or not path.startswith("/api/v1/images/"):
             return None
+        query = QueryParams(scope.get("query_string", b""))
+        if "signature" not in query:
+            return None
         image_id = path.removeprefix("/api/v1/images/")
-        return image_id if self.valid(image_id, QueryParams(scope.get("query_string", b""))) else None
+        try:
+            return image_id if self.valid(image_id, query) else None
+        except (StorageError, ValueError):  # the store is away: the link cannot be checked now
+            return None

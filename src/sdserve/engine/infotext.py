@@ -43,8 +43,8 @@ def _text(value: str) -> str:
     line of it could pass for the `Negative prompt:` line or the parameters; it starts with that marker or a
     quote; or it has outer spaces, which a reader strips) is written as one JSON string, which `parse` reads
     back to exactly the prompt asked for. Other prompts are written as they are, as A1111 writes them."""
-    risky = ("\n" in value or "\r" in value or value != value.strip() or value.startswith('"')
-             or value.startswith(_NEGATIVE))
+    risky = (len(value.splitlines()) > 1 or value != value.strip() or value.startswith('"')
+             or value.startswith(_NEGATIVE))  # splitlines: every line break a reader may split on
     return json.dumps(value, ensure_ascii=False) if risky else value
 
 

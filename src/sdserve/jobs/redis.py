@@ -351,6 +351,7 @@ class RedisJobQueue(JobEnds):
         self._prune = self.client.register_script(_PRUNE)
         self._demand_ensured = -1e9  # when ensure_demand last ran (monotonic)
         self._unreachable_at = -1e9  # when a call last failed for Redis's sake (monotonic)
+        self._owned_indexed = False  # jobs from before the per-owner index are in it (_index_owners)
         self._speed_read: tuple[float, float | None] = (-1e9, None)
 
     @contextmanager
@@ -737,6 +738,8 @@ class RedisJobQueue(JobEnds):
             if time.monotonic() - self._demand_ensured > DEMAND_CHECK_S:  # a Redis that came back empty
                 self._ensure_demand(args=[self.p])
                 self._demand_ensured = time.monotonic()
+            if not self._owned_indexed:
+                self._index_owners()
             expired = self.client.zrangebyscore(f"{self.p}running", "-inf", now)
         if time.monotonic() - self._unreachable_at < self.lease_s:
             # Redis was away lately: no worker could heartbeat meanwhile, so a lease that ran out says nothing of
@@ -757,6 +760,29 @@ class RedisJobQueue(JobEnds):
             with self._redis():
                 requeued += self._requeue(args=[self.p, job_id, "1", now])
         return requeued
+
+    def _index_owners(self) -> None:
+        """Jobs kept from a version without `owned:{owner}` join their owner's index, so a caller's listing
+        shows its older jobs too. Once per Redis (a marker key), idempotent if two processes do it at once."""
+        marker = f"{self.p}owned:indexed"
+        if not self.client.exists(marker):
+            start = 0
+            while True:
+                ids = self.client.zrange(f"{self.p}all", start, start + 499, withscores=True)
+                if not ids:
+                    break
+                pipe = self.client.pipeline(transaction=False)
+                for job_id, _ in ids:
+                    pipe.hget(f"{self.p}job:{job_id}", "owner")
+                owners = pipe.execute()
+                pipe = self.client.pipeline(transaction=False)
+                for (job_id, seq), owner in zip(ids, owners):
+                    if owner is not None:
+                        pipe.zadd(f"{self.p}owned:{owner}", {job_id: seq})
+                pipe.execute()
+                start += len(ids)
+            self.client.set(marker, 1)
+        self._owned_indexed = True
 
     def expire(self) -> list[Job]:
         """Reclaim expired leases, then fail jobs whose timeout passed (running ones after a grace)."""
