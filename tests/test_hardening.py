@@ -310,7 +310,7 @@ def test_no_loadable_model_is_503_and_queued_jobs_end(models_dir, tmp_path):
             assert r.status_code == 503 and "broken" in r.json()["detail"], r.text
             r = c.get("/", params={"prompt": "cat"})
             assert r.status_code == 503
-            assert time.monotonic() - started < 5  # answered, not hung
+            assert time.monotonic() - started < 30  # answered, not hung (a hang would run to the client's timeout)
             # Jobs accepted before: each ends (timed out, or failed with the load error), none hangs.
             for job_id in (*waiting, patient, blocker):
                 job = wait_for(c, job_id, ("failed",), timeout=30)
@@ -333,12 +333,10 @@ def test_listing_img2img_jobs_stays_small(models_dir, tmp_path):
                 assert len(r.content) < 4000
             last = r.json()["id"]
             wait_for(c, last, timeout=120)
-            started = time.monotonic()
             listing = c.get("/api/v1/jobs", params={"limit": 50})
-            elapsed = time.monotonic() - started
             assert listing.status_code == 200 and len(listing.json()) == 50
-            assert len(listing.content) < 100_000, len(listing.content)  # before: 850 MB in the table, 50 MB here
-            assert elapsed < 2.0, elapsed  # generous: before the fix it took 2.1 s and 2.1 GB
+            # Before the fix: 850 MB in the table, 50 MB here (and 2.1 s on one machine: the bytes say it on any)
+            assert len(listing.content) < 100_000, len(listing.content)
             job = listing.json()[0]
             assert job["request"]["init_size"] == [512, 512]
             # The input image is in the image store, by its key.

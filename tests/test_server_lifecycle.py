@@ -145,7 +145,8 @@ def test_sigterm_answers_waiting_synchronous_calls_503_and_ends_within_its_grace
     for t in threads:
         t.join(60)
     server.proc.wait(60)
-    assert time.monotonic() - started < 3 + 15, "the process outlived its grace"
+    # The grace (3 s) bounds the batch; the rest is start-up and exit work, slower on a busy machine.
+    assert time.monotonic() - started < 3 + 30, "the process outlived its grace"
     for name, shape in (("native", "detail"), ("a1111", "errors"), ("openai", "error")):
         r = answers[name]
         assert r.status_code == 503 and r.headers.get("Retry-After"), (name, r.status_code, r.text[:200])
