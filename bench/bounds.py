@@ -25,17 +25,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import RESULTS, machine  # noqa: E402
 
 DECODE = """
-import resource, sys, torch
+import sys, threading, time, torch
 from sdserve.engine import pipeline
 from sdserve.engine.models import ModelRegistry
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
 registry = ModelRegistry(sys.argv[1], sys.argv[1], extra=["demo"], device="cpu")
 vae = registry.load("demo").pipelines["txt2img"].vae
 size, tiled = int(sys.argv[2]), sys.argv[3] == "1"
 latents = torch.randn(1, 4, size // 8, size // 8)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base, peak, done = rss(), [0.0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
 with torch.inference_mode(), pipeline._decoding(vae, None, tiled):
     vae.decode(latents)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+done.set()
+sampler.join()
+print(max(0.0, peak[0] - base))
 """
 
 
@@ -57,28 +72,36 @@ def speed(engine, name: str) -> list[dict]:
 
 
 def cancel_latency(engine, name: str) -> dict:
+    """A cancel flag set from another thread at a random moment mid-run; seconds until the run stops."""
+    import random
+
     from sdserve.engine.pipeline import Cancelled
     from sdserve.schema import JobRequest
 
     flag = threading.Event()
     marks: dict[str, float] = {}
+    steps_at: list[float] = []
 
     def on_step(step: int, steps: int) -> None:
-        if step == 2:
-            marks["canceled"] = time.perf_counter()
-            flag.set()
+        steps_at.append(time.perf_counter())
         if flag.is_set():
             raise Cancelled()
 
+    def cancel_later() -> None:
+        time.sleep(random.uniform(1.0, 2.0))
+        marks["canceled"] = time.perf_counter()
+        flag.set()
+
     request = JobRequest(prompt="a red circle", seed=1, steps=30, width=512, height=512, model=name)
-    started = time.perf_counter()
+    threading.Thread(target=cancel_later, daemon=True).start()
     try:
         engine.run([request], on_step=on_step)
     except Cancelled:
         pass
     ended = time.perf_counter()
-    step_s = (marks["canceled"] - started) / 2
-    print(f"  cancel at 512²: {ended - marks['canceled']:.3f} s after the flag (one step: {step_s:.2f} s)", flush=True)
+    step_s = (steps_at[-1] - steps_at[0]) / max(1, len(steps_at) - 1)
+    print(f"  cancel at 512²: stopped {ended - marks['canceled']:.2f} s after the flag (one step: {step_s:.2f} s)",
+          flush=True)
     return {"size": 512, "seconds_after_cancel": round(ended - marks["canceled"], 3), "step_s": round(step_s, 3)}
 
 
@@ -92,7 +115,8 @@ def memory(work: Path) -> list[dict]:
             row["tiled_mb" if tiled else "whole_mb"] = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
                 else None
         rows.append(row)
-        print(f"  decode {size}²: whole {row['whole_mb']} MB, tiled {row['tiled_mb']} MB (peak RSS growth)", flush=True)
+        print(f"  decode {size}²: whole {row['whole_mb']:.0f} MB, tiled {row['tiled_mb']:.0f} MB (peak RSS over the "
+              "loaded model)", flush=True)
     return rows
 
 
@@ -113,7 +137,7 @@ def plot(result: dict, path: Path) -> None:
     right.bar([i - 0.2 for i in x], [r["whole_mb"] or 0 for r in m], width=0.4, label="whole")
     right.bar([i + 0.2 for i in x], [r["tiled_mb"] or 0 for r in m], width=0.4, label="tiled")
     right.set_xticks(list(x), [f"{r['size']}²" for r in m])
-    right.set_ylabel("peak RSS growth, MB")
+    right.set_ylabel("peak RSS over the loaded model, MB")
     right.set_title("VAE decode of one image", fontsize=9)
     right.legend(fontsize=8)
     fig.suptitle(f"bounds, {result['machine']['label']}")
