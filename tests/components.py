@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -32,15 +33,20 @@ def free_port_pair() -> int:
 
 
 def fill_disk(folder: Path) -> Path:
-    """Write zeros into folder/filler until the file system is full; delete the file to free the space."""
+    """Write zeros into folder/filler until the file system is full; delete the file to free the space.
+    Unbuffered, in shrinking chunks: a buffered file would raise ENOSPC again on close, for the bytes it kept."""
     filler = folder / "filler"
-    with filler.open("wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (65536, 4096, 512):
+            chunk = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
     return filler
 
 

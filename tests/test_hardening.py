@@ -119,11 +119,12 @@ def _a1111_call(url: str, headers: dict, body: dict, out: dict, key: str, **clie
         out[key] = c.post("/sdapi/v1/txt2img", json=body)
 
 
-def _wait_running_together(client: httpx.Client, count: int) -> list[dict]:
+def _wait_running_together(clients: list[httpx.Client], count: int) -> list[dict]:
+    """The running jobs of every one of these callers (each lists only its own), once `count` of them run."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        running = client.get("/api/v1/jobs", params={"status": "running"}).json()
-        if len(running) >= count and running[0]["step"] >= 1:
+        running = [j for c in clients for j in c.get("/api/v1/jobs", params={"status": "running"}).json()]
+        if len(running) >= count and all(j["step"] >= 1 for j in running):
             return running
         time.sleep(0.05)
     raise AssertionError(f"{count} jobs never ran together")
@@ -135,14 +136,15 @@ A1111_LONG = {"prompt": "x", "steps": 40, "width": 128, "height": 128, "seed": 1
 def test_a1111_interrupt_stops_only_the_callers_call(keyed_server):
     """Two clients' calls batched together; A's /interrupt must not cancel B's call (5 rounds)."""
     a, b = {"X-API-Key": "alpha"}, {"X-API-Key": "beta"}
-    with httpx.Client(base_url=keyed_server.url, headers=a, timeout=60) as client:
+    with httpx.Client(base_url=keyed_server.url, headers=a, timeout=60) as client, \
+            httpx.Client(base_url=keyed_server.url, headers=b, timeout=60) as other:
         for _ in range(5):
             out: dict = {}
             threads = [threading.Thread(target=_a1111_call, args=(keyed_server.url, h, A1111_LONG, out, k))
                        for k, h in (("a", a), ("b", b))]
             for t in threads:
                 t.start()
-            running = _wait_running_together(client, 2)
+            running = _wait_running_together([client, other], 2)
             assert len({j["batch_id"] for j in running}) == 1  # one UNet pass for both clients
             # A1111's /progress reports the caller's own call.
             assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 1
@@ -163,7 +165,7 @@ def test_a1111_interrupt_by_task_id_stops_exactly_that_call(keyed_server):
     with httpx.Client(base_url=keyed_server.url, headers=a, timeout=60) as client:
         for t in threads:
             t.start()
-        _wait_running_together(client, 2)
+        _wait_running_together([client], 2)
         assert client.get("/sdapi/v1/progress", params={"id_task": "task(two)"}).json()["state"]["job"] == "task(two)"
         # Another caller naming the task id cannot stop it.
         assert httpx.post(keyed_server.url + "/sdapi/v1/interrupt", json={"id_task": "task(two)"},
@@ -184,7 +186,7 @@ def test_a1111_interrupt_without_auth_is_per_client_address(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for t in threads:
             t.start()
-        _wait_running_together(client, 2)
+        _wait_running_together([client], 2)
     with httpx.Client(base_url=server.url, timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as a:
         a.post("/sdapi/v1/interrupt")
     for t in threads:
@@ -435,9 +437,14 @@ def test_a_timeout_is_504_in_every_dialect(models_dir, tmp_path):
 def test_keep_alive_survives_error_responses(keyed_server):
     port = keyed_server.port
     key = {"X-API-Key": "alpha"}
-    # A broken image store entry (a folder where the PNG should be): a real internal error, answered 500.
-    broken_id = "ab" + "0" * 30
-    (keyed_server.data_dir / "images" / "ab" / f"{broken_id}.png").mkdir(parents=True)
+    # A broken image store entry (a folder where the PNG of alpha's own job should be): a real internal error,
+    # answered 500.
+    with httpx.Client(base_url=keyed_server.url, headers=key, timeout=120) as c:
+        job = wait_for(c, c.post("/api/v1/jobs", json={"prompt": "x", "steps": 1}).json()["id"])
+    broken_id = job["images"][0]["id"]
+    stored = next((keyed_server.data_dir / "images").rglob(f"{broken_id}.png"))
+    stored.unlink()
+    stored.mkdir()
     conn, response, _ = _raw_request(port, "GET", "/healthz")
     sock = conn.sock
     cases = [

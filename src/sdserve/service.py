@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from sdserve import addons, catalog, core, loras
+from sdserve import controlnet as control
 from sdserve.catalog import ModelCatalog, ModelInfo, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
 from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
@@ -437,7 +438,8 @@ class Service:
         wanted = [(self.loras, ref.name, "loras") for ref in request.loras]
         wanted += [(self.loras, ref.name, "prompt") for ref in tagged]
         wanted += [(self.vaes, request.vae, "vae")] if request.vae else []
-        wanted += [(self.controlnets, unit.model, f"controlnet.{i}.model") for i, unit in enumerate(request.controlnet)]
+        wanted += [(self.controlnets, control.model_name(unit.model), f"controlnet.{i}.model")
+                   for i, unit in enumerate(request.controlnet)]
         for catalog_, name, field in wanted:
             if not catalog_.folder.is_dir() and self.runner is None:
                 continue  # an API replica without the models folder: the workers check it when they load it
