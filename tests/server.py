@@ -101,8 +101,10 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
 
-def wait_for(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 120,
+def wait_for(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 300,
              predicate=None) -> dict:
+    """The job once it reaches one of `statuses` (and `predicate`), polled by state. `timeout` only guards against a
+    hang: generous, since a busy machine may take minutes where an idle one takes seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/api/v1/jobs/{job_id}").json()

@@ -145,9 +145,11 @@ def test_image_links_are_signed_and_expire(keyed):
 
 
 def test_a_forged_host_never_makes_a_link(models_dir, tmp_path):
-    plain = ServerProcess(models_dir, tmp_path / "plain").start()
-    public = ServerProcess(models_dir, tmp_path / "public", "--public-url", "https://images.example.org/sd").start()
+    plain = ServerProcess(models_dir, tmp_path / "plain")
+    public = ServerProcess(models_dir, tmp_path / "public", "--public-url", "https://images.example.org/sd")
     try:
+        for server in (plain, public):
+            server.start()
         body = {"prompt": "x", "response_format": "url", "n": 1}
         evil = httpx.post(plain.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"})
         assert evil.status_code == 400 and "evil.example" in evil.json()["error"]["message"]
@@ -157,8 +159,8 @@ def test_a_forged_host_never_makes_a_link(models_dir, tmp_path):
         r = httpx.post(public.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"}, timeout=120)
         assert r.status_code == 200 and r.json()["data"][0]["url"].startswith("https://images.example.org/sd/api/v1/")
     finally:
-        plain.terminate()
-        public.terminate()
+        plain.kill()
+        public.kill()
 
 
 # ---------------------------------------------------------------- keys fail closed
