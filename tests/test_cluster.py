@@ -111,7 +111,7 @@ def test_cancel_through_the_other_replica(cluster):
         httpx.delete(f"{b.url}/api/v1/jobs/{job_id}")
     with b.client() as c:
         for job_id in running:
-            job = wait_for(c, job_id, timeout=30)
+            job = wait_for(c, job_id)
             assert job["status"] == "canceled" and job["step"] < 140
         assert wait_for(c, queued)["started_at"] is None  # it never ran
 
@@ -314,7 +314,7 @@ def test_a_worker_process_joins_and_hands_back_its_batch_on_sigterm(models_dir, 
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(30) == 0
             c.delete(f"/api/v1/jobs/{other['id']}")  # free A to take the handed-back job
-            done = wait_for(c, on_worker["id"], timeout=180)
+            done = wait_for(c, on_worker["id"])
         assert done["status"] == "succeeded" and done["worker"] == "A" and done["attempts"] == 1, done
     finally:
         if worker.poll() is None:
