@@ -28,9 +28,17 @@ def wait_status(server, prompt, wanted, timeout=300.0):
     raise AssertionError(f"{prompt}: {jobs_by_prompt(server, prompt)}")
 
 
-def hang_up(server, method, path, **kwargs):
+def hang_up(server, method, path, read=1.0, **kwargs):
     with pytest.raises(httpx.ReadTimeout):
-        httpx.request(method, server.url + path, timeout=httpx.Timeout(10, read=1.0), **kwargs)
+        httpx.request(method, server.url + path, timeout=httpx.Timeout(10, read=read), **kwargs)
+
+
+def wait_idle(server, timeout=300.0):
+    """Until no job runs (a job canceled while running stops at its next step, which takes a while when busy)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{server.url}/api/v1/jobs", params={"status": "running"}).json():
+        assert time.monotonic() < deadline, "a job kept running"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +65,10 @@ def test_a_queued_job_whose_client_left_is_canceled(one_at_a_time, method, path,
 
 
 def test_a_running_job_finishes_by_default(one_at_a_time):
-    # Long enough to outlast the client's 1 s read timeout, short enough to finish soon on a busy machine.
-    hang_up(one_at_a_time, "POST", "/api/v1/generate", json={**LONG, "steps": 40, "prompt": "finish-me"})
+    # The runner idle first, so the job starts at once and is running when its client leaves (a queued one would
+    # be canceled: the other rule). Long enough to outlast the client's 3 s, short enough to finish when busy.
+    wait_idle(one_at_a_time)
+    hang_up(one_at_a_time, "POST", "/api/v1/generate", read=3.0, json={**LONG, "steps": 40, "prompt": "finish-me"})
     assert wait_status(one_at_a_time, "finish-me", {"running", "succeeded"})["status"] in ("running", "succeeded")
     assert wait_status(one_at_a_time, "finish-me", {"succeeded", "canceled", "failed"})["status"] == "succeeded"
 
