@@ -65,10 +65,10 @@ def test_a_queued_job_whose_client_left_is_canceled(one_at_a_time, method, path,
 
 
 def test_a_running_job_finishes_by_default(one_at_a_time):
-    # The runner idle first, so the job starts at once and is running when its client leaves (a queued one would
-    # be canceled: the other rule). Long enough to outlast the client's 3 s, short enough to finish when busy.
+    # The runner idle first, so the job starts at once and is running when its client leaves 2 s later (a queued
+    # one would be canceled: the other rule). 150 steps outlast 2 s on any machine; the wait below is by state.
     wait_idle(one_at_a_time)
-    hang_up(one_at_a_time, "POST", "/api/v1/generate", read=3.0, json={**LONG, "steps": 40, "prompt": "finish-me"})
+    hang_up(one_at_a_time, "POST", "/api/v1/generate", read=2.0, json={**LONG, "prompt": "finish-me"})
     assert wait_status(one_at_a_time, "finish-me", {"running", "succeeded"})["status"] in ("running", "succeeded")
     assert wait_status(one_at_a_time, "finish-me", {"succeeded", "canceled", "failed"})["status"] == "succeeded"
 
