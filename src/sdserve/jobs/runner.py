@@ -81,7 +81,10 @@ class _Outage:
             self.since = now
             log.warning("job store unreachable during a batch; the batch goes on: %s", exc)
         self.health.failed(str(exc), full=exc.full)
-        if self.leases and now - self.since > QUEUE_RETRY_S:
+        self._within_bound()
+
+    def _within_bound(self) -> None:
+        if self.leases and self.since is not None and time.monotonic() - self.since > QUEUE_RETRY_S:
             raise _LeftToLeases()
 
     def _ok(self) -> None:
@@ -93,8 +96,7 @@ class _Outage:
         """One try, or none during the backoff after a failure: `default` then (for what can be skipped, such as
         one step's progress)."""
         if time.monotonic() - self.last_failure < self.BACKOFF_S:
-            if self.leases and self.since is not None and time.monotonic() - self.since > QUEUE_RETRY_S:
-                raise _LeftToLeases()
+            self._within_bound()
             return default
         try:
             result = call(*args)
