@@ -19,6 +19,13 @@ from server import ServerProcess, wait_for
 LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}
 
 
+def submit(api: ServerProcess, body: dict) -> str:
+    """POST a native job; on anything but 202, fail with the answer and the replica's log."""
+    r = httpx.post(f"{api.url}/api/v1/jobs", json=body, timeout=60)
+    assert r.status_code == 202, (r.status_code, r.text, api.log()[-3000:])
+    return r.json()["id"]
+
+
 def sse(url: str, job_id: str, last_event_id: str | None = None, stop_after: str | None = None,
         timeout: float = 120) -> list[tuple[str | None, str, dict]]:
     """(id, event, data) of each Server-Sent Event until the job ends (or `stop_after` an event type)."""
@@ -170,16 +177,17 @@ def test_a_redis_restart_loses_no_job(cluster, redis_server):
         with b.client() as c:
             job = wait_for(c, job_id, timeout=120)
         assert job["status"] == "succeeded", job
+    for replica in (a, b):  # both ready again: the next tests share this cluster
+        replica.wait_ready()
 
 
 def test_batches_still_form_with_two_workers(cluster):
     a, b = cluster.a, cluster.b
-    blockers = [httpx.post(f"{a.url}/api/v1/jobs", json={**LONG, "steps": 30 + i}).json()["id"] for i in range(2)]
+    blockers = [submit(a, {**LONG, "steps": 30 + i}) for i in range(2)]
     with a.client() as c:
         for job_id in blockers:
             wait_for(c, job_id, ("running",))
-    same = [httpx.post(f"{b.url}/api/v1/jobs", json={"prompt": str(i), "steps": 3, "seed": i}).json()["id"]
-            for i in range(8)]
+    same = [submit(b, {"prompt": str(i), "steps": 3, "seed": i}) for i in range(8)]
     for job_id in blockers:
         httpx.delete(f"{a.url}/api/v1/jobs/{job_id}")
     with a.client() as c:
@@ -190,7 +198,8 @@ def test_batches_still_form_with_two_workers(cluster):
 
 def test_readyz_says_when_redis_is_gone(cluster, redis_server):
     a = cluster.a
-    assert httpx.get(f"{a.url}/readyz").status_code == 200
+    ready = httpx.get(f"{a.url}/readyz")
+    assert ready.status_code == 200, (ready.text, a.log()[-3000:])
     redis_server.shutdown()
     try:
         r = httpx.get(f"{a.url}/readyz")
