@@ -2,7 +2,7 @@
 a large VAE decode takes in memory, tiled or not. Writes bench/results/bounds-<machine>.json and .png.
 
 - Speed: the demo model's megapixel-steps per second (images × width × height × steps / 1e6) at a few sizes, and so
-  how long a request at the CPU default bound (service.DEFAULT_MAX_WORK) takes, against the 600 s job timeout.
+  how long a request at the CPU default bound (bounds.DEFAULT_MAX_WORK) takes, against the 600 s job timeout.
 - Cancel: a 512² job canceled mid-run, seconds from the cancel flag to the run's end (one denoising step).
 - Memory: peak RSS of a fresh process decoding one image of each size with the VAE, whole and in tiles.
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.parse_args(argv)
     from sdserve.engine.models import ModelRegistry
     from sdserve.engine.pipeline import Engine
-    from sdserve.service import DEFAULT_MAX_WORK
+    from sdserve.bounds import DEFAULT_MAX_WORK
 
     work = Path(tempfile.mkdtemp(prefix="sdserve-bounds-"))
     engine = Engine(ModelRegistry(work, work, extra=["demo"], device="cpu"))

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from sdserve.core import fingerprint
+from sdserve.jobs import policy
 from sdserve.jobs.local import SQLiteJobQueue
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
@@ -15,6 +16,7 @@ from sdserve.jobs.queue import (
     JobFinished,
     NotAccepting,
     QueueFull,
+    Stops,
     StorageError,
 )
 from sdserve.schema import ImageRef, JobRequest, JobStatus
@@ -150,6 +152,27 @@ def test_eta_uses_measured_speed(queue):
     assert queue.get(second.id).queue_position == 1
 
 
+def test_every_backend_estimates_by_the_one_policy(queue):
+    """The same jobs give the same numbers on each backend: jobs/policy.py's rules, not the backend's."""
+    assert queue.retry_after_s() == policy.UNKNOWN_RETRY_S  # nothing measured yet
+    first = submit(queue, "a", steps=10, n=2)  # 20 image-steps
+    second, third = submit(queue, "b", steps=10), submit(queue, "c", steps=5)
+    [running] = queue.claim(wait_s=0)
+    assert running.id == first.id
+    queue.record_speed(0.1)
+    assert queue.progress([first.id], 4, 10, running.batch_id) == Stops(set(), set())
+    left = policy.work_left(20, 10, 4)
+    assert left == pytest.approx(12)
+    assert queue.get(first.id).eta_s == pytest.approx(policy.running_eta(10, 4, 2, 0.1)) == pytest.approx(1.2)
+    b, c = queue.get(second.id), queue.get(third.id)
+    assert (b.queue_position, c.queue_position) == (0, 1)
+    assert b.eta_s == pytest.approx(policy.queued_eta(0, left, 10, 0.1)) == pytest.approx(2.2)
+    assert c.eta_s == pytest.approx(policy.queued_eta(10, left, 5, 0.1)) == pytest.approx(2.7)
+    assert queue.retry_after_s() == policy.retry_after_s(15, 0.1, 4) == 1
+    queue.record_speed(0.2)  # blended with what was measured before
+    assert queue.get(second.id).eta_s == pytest.approx(policy.queued_eta(0, left, 10, policy.blend_speed(0.1, 0.2)))
+
+
 def test_in_memory_counts_match_the_table(tmp_path):
     """Depth and positions are kept in memory; every transition must keep them equal to the table."""
     queue = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
@@ -157,7 +180,7 @@ def test_in_memory_counts_match_the_table(tmp_path):
     assert [j.queue_position for j in jobs] == [0, 0, 2, 1]  # returned at submit: priority 1 jumps ahead
     queue.claim(wait_s=0)                      # queued -> running
     queue.cancel(jobs[2].id)                   # queued -> canceled
-    running = queue.running()[0]
+    running = queue.list(status="running")[0]
     queue.requeue(running.id)                  # running -> queued
     assert queue.depth() == 3
     table = queue._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
@@ -181,7 +204,7 @@ def test_an_expired_lease_is_delivered_again_then_gives_up(redis_server):
         q.expire()
     ended = q.get(job.id)
     assert ended.status is JobStatus.failed and f"{MAX_ATTEMPTS} times" in ended.error
-    assert q.claim(wait_s=0) == [] and q.depth() == 0 and q.running() == []
+    assert q.claim(wait_s=0) == [] and q.depth() == 0 and q.list(status="running") == []
 
 
 def test_a_heartbeat_keeps_the_lease(redis_server):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from sdserve.jobs.queue import JobQueue
+    from sdserve.jobs.queue import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ class ModelCatalog(Protocol):
 
     def loaded(self) -> list[str]: ...
 
+    def default(self) -> str | None:
+        """The model a request without one gets, unless a client chose another (Service.default_model)."""
+
     def refresh(self) -> list[ModelInfo]: ...
 
 
@@ -114,15 +117,15 @@ def find(models: Iterable[ModelInfo], name: str, aliases: dict[str, str],
     raise UnknownModelError(f"unknown model {name[:200]!r}; choose one of: {', '.join(by_name) or 'none'}")
 
 
-def publish(queue: JobQueue, models: list[ModelInfo], sha256: Callable[[ModelInfo], str | None]) -> None:
+def publish(shared: SharedState, models: list[ModelInfo], sha256: Callable[[ModelInfo], str | None]) -> None:
     """A worker tells every API replica what it serves (they keep it after the worker stops). Called on every
     heartbeat: it writes only what the table lacks or holds otherwise, so a Redis that came back empty has the
     models again within a heartbeat."""
-    published = queue.shared_get(MODELS)
+    published = shared.shared_get(MODELS)
     for info in models:
         entry = json.dumps({**asdict(info), "sha256": None if info.error else sha256(info)})
         if published.get(info.name) != entry:
-            queue.shared_put(MODELS, info.name, entry)
+            shared.shared_put(MODELS, info.name, entry)
 
 
 class SharedCatalog:
@@ -131,8 +134,8 @@ class SharedCatalog:
     # Publications change when a worker starts; a submission reads them several times: read at most this often.
     TTL_S = 2.0
 
-    def __init__(self, queue: JobQueue, declared: list[str], allow_pickle: bool = False) -> None:
-        self.queue = queue
+    def __init__(self, shared: SharedState, declared: list[str], allow_pickle: bool = False) -> None:
+        self.shared = shared
         self.declared = list(declared)
         self.allow_pickle = allow_pickle
         self._names = {f.name for f in fields(ModelInfo)}
@@ -142,13 +145,13 @@ class SharedCatalog:
     def _published(self) -> dict[str, tuple[ModelInfo, str | None]]:
         now = time.monotonic()
         if now - self._read[0] > self.TTL_S:
-            self._read = (now, self._parse(self.queue.shared_get(MODELS)))
+            self._read = (now, self._parse(self.shared.shared_get(MODELS)))
         return self._read[1]
 
     def _live(self) -> list[dict]:
         now = time.monotonic()
         if now - self._workers[0] > self.TTL_S:
-            self._workers = (now, self.queue.workers())
+            self._workers = (now, self.shared.workers())
         return self._workers[1]
 
     def _parse(self, table: dict[str, str]) -> dict[str, tuple[ModelInfo, str | None]]:

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from sdserve import bounds
 from sdserve.config import Settings
 
 app = typer.Typer(help="sdserve: a self-hosted Stable Diffusion server.", no_args_is_help=True, add_completion=False)
@@ -136,7 +137,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")] = Path("out.png"),
     negative_prompt: Annotated[str, typer.Option("--negative-prompt", "-n")] = "",
-    steps: Annotated[int, typer.Option(min=1, max=150)] = 20,
+    steps: Annotated[int, typer.Option(min=1, max=bounds.MAX_STEPS)] = bounds.DEFAULT_STEPS,
     seed: Annotated[int, typer.Option(help="-1 for random.")] = -1,
     width: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
     height: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
@@ -154,7 +155,6 @@ def generate(
 ) -> None:
     """Generate one image (or one per --init-image) and write it as a PNG with A1111 infotext."""
     import base64
-
 
     from sdserve.core import RequestRejected, inline_inputs
     from sdserve.engine.models import ModelError

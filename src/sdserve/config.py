@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sdserve import bounds
+
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
@@ -83,12 +85,12 @@ class Settings(BaseSettings):
     url_secret: str | None = Field(None, min_length=16)
 
     # Bounds on requests (they can tighten the built-in ones, not loosen them)
-    max_size: int = Field(2048, ge=64, le=2048)
-    max_steps: int = Field(150, ge=1, le=150)
-    max_images: int = Field(8, ge=1, le=8)
+    max_size: int = Field(bounds.MAX_SIZE, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE)
+    max_steps: int = Field(bounds.MAX_STEPS, ge=1, le=bounds.MAX_STEPS)
+    max_images: int = Field(bounds.MAX_IMAGES, ge=1, le=bounds.MAX_IMAGES)
     max_body_mb: int = Field(20, ge=1)
     # One request's work, in megapixel-steps (images × width × height × steps / 1e6, the hires pass included). Default
-    # by device class (service.DEFAULT_MAX_WORK): what that class finishes within the job timeout.
+    # by device class (bounds.DEFAULT_MAX_WORK): what that class finishes within the job timeout.
     max_work: float | None = Field(None, gt=0, le=100_000)
 
     @field_validator("moderation")

@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image
 
+from sdserve import bounds, loras
 from sdserve import controlnet as control
-from sdserve import loras
 from sdserve.images import ImageDecodeError, base64_bytes, decode_image
 from sdserve.schema import GenerationRequest, Job, JobRequest
 
@@ -107,7 +107,7 @@ def job_request(request: GenerationRequest, *, model: str | None, keys: Mapping[
 
 
 def inline_inputs(requests: Sequence[GenerationRequest],
-                  max_pixels: int = 4096 * 4096) -> tuple[list[JobRequest], dict[str, Image.Image]]:
+                  max_pixels: int = bounds.MAX_PIXELS) -> tuple[list[JobRequest], dict[str, Image.Image]]:
     """For running the engine directly (the CLI, tests, benchmarks): the job requests and their decoded inputs,
     keyed `i:field`, so requests with images of their own can share one engine call."""
     queued, images = [], {}

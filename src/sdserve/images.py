@@ -6,9 +6,9 @@ import base64
 import binascii
 import io
 
-from PIL import Image, UnidentifiedImageError, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-MAX_DECODED_PIXELS = 4096 * 4096
+from sdserve import bounds
 
 
 class ImageDecodeError(ValueError):
@@ -30,7 +30,7 @@ def base64_bytes(data: str) -> bytes:
         raise ImageDecodeError(f"image is not valid base64: {exc}") from None
 
 
-def decode_image(data: str | bytes, max_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
+def decode_image(data: str | bytes, max_pixels: int = bounds.MAX_PIXELS) -> Image.Image:
     """Decode raw base64, a `data:image/...;base64,` URL or raw bytes into a loaded PIL image."""
     raw = base64_bytes(data) if isinstance(data, str) else data
     if not raw:

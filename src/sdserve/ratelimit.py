@@ -4,7 +4,7 @@
   per second up to `burst`;
 - images: a submission of n images takes n tokens from a bucket that refills at `images_per_minute`.
 
-Token buckets whose state lives in the job queue's shared store (`JobQueue.take_tokens`): in memory for the
+Token buckets whose state lives in the job queue's shared store (`SharedState.take_tokens`, jobs/queue.py): in memory for the
 embedded queue, an atomic Lua script on Redis (its own clock), so one limit holds across API replicas.
 Over a limit: 429 with `Retry-After` and `RateLimit-Limit`/`-Remaining`/`-Reset`, in the dialect's error shape.
 """
@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import math
 import re
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sdserve.jobs.queue import SharedState
     from sdserve.keys import Caller
 
-# Who is calling (keys.Caller), set by the rate-limit middleware for the request's task (and threads it starts),
-# so the service can charge a submission's images to the caller, and label, prioritise and place its jobs,
-# without every dialect passing it along.
-CALLER: ContextVar[Caller | None] = ContextVar("sdserve_caller", default=None)
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
@@ -83,10 +79,10 @@ def decide(rate: Rate, allowed: bool, left: float, retry_s: float) -> Decision:
 
 
 class Limiter:
-    """The limits of one server: its defaults, which a key's own limits (keys file) replace; `store` is the job
-    queue (its `take_tokens`)."""
+    """The limits of one server: its defaults, which a key's own limits (keys file) replace; the buckets are in
+    the shared state every replica reads (`SharedState.take_tokens`)."""
 
-    def __init__(self, store, requests: Rate | None = None, images: Rate | None = None) -> None:
+    def __init__(self, store: SharedState, requests: Rate | None = None, images: Rate | None = None) -> None:
         self.store = store
         self.requests = requests
         self.images = images
@@ -99,9 +95,8 @@ class Limiter:
         rate = caller.requests or self.requests
         return None if rate is None else self._take("requests", rate, caller, 1)
 
-    def charge_images(self, n: int) -> None:
-        """Charge n images to the current caller (CALLER); RateLimited when over the images limit."""
-        caller = CALLER.get()
+    def charge_images(self, caller: Caller | None, n: int) -> None:
+        """Charge n images to the caller; RateLimited when over the images limit."""
         rate = None if caller is None else caller.images or self.images
         if rate is None or caller is None:
             return

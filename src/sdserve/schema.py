@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdserve import bounds
 from sdserve.loras import LoraRef
 
 MAX_SEED = 2**32 - 1
@@ -33,11 +34,12 @@ class Hires(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     scale: float = Field(2.0, ge=1.0, le=4.0, description="Upscale factor (when width and height are not given).")
-    width: int | None = Field(None, ge=64, le=2048, description="Target width (A1111 hr_resize_x); 0/None: by scale.")
-    height: int | None = Field(None, ge=64, le=2048, description="Target height (hr_resize_y).")
+    width: int | None = Field(None, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE,
+                              description="Target width (A1111 hr_resize_x); 0/None: by scale.")
+    height: int | None = Field(None, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE, description="Target height (hr_resize_y).")
     upscaler: Upscaler = Field("Latent", description="Latent variants upscale the latent; None, Lanczos and "
                                "Nearest the decoded pixels.")
-    steps: int = Field(0, ge=0, le=150, description="Second-pass steps; 0: the first pass's.")
+    steps: int = Field(0, ge=0, le=bounds.MAX_STEPS, description="Second-pass steps; 0: the first pass's.")
     strength: float = Field(0.7, ge=0.0, le=1.0, description="Second-pass denoising strength.")
     prompt: str = Field("", max_length=4000, description="Second-pass prompt; empty: the first pass's.")
     negative_prompt: str = Field("", max_length=4000, description="Second-pass negative prompt; empty: the first's.")
@@ -52,8 +54,8 @@ class Hires(BaseModel):
         elif not self.width:
             w, h = self.height * width / height, self.height
         else:
-            return self.width - self.width % 8, self.height - self.height % 8
-        return int(w) - int(w) % 8, int(h) - int(h) % 8
+            return bounds.floor_to_grid(self.width), bounds.floor_to_grid(self.height)
+        return bounds.floor_to_grid(w), bounds.floor_to_grid(h)
 
     @property
     def latent(self) -> bool:
@@ -85,9 +87,9 @@ class ControlUnit(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which it stops.")
     control_mode: Literal[CONTROL_MODES] = "Balanced"  # type: ignore[valid-type]
     resize_mode: Literal[CONTROL_RESIZE] = "Crop and Resize"  # type: ignore[valid-type]
-    processor_res: int = Field(512, ge=64, le=2048, description="The preprocessor's working resolution (short side).")
-    threshold_a: float = Field(100.0, ge=0.0, le=255.0, description="canny: the low threshold.")
-    threshold_b: float = Field(200.0, ge=0.0, le=255.0, description="canny: the high threshold.")
+    processor_res: int = Field(bounds.PROCESSOR_RES, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE, description="The preprocessor's working resolution (short side).")
+    threshold_a: float = Field(bounds.CANNY_LOW, ge=0.0, le=255.0, description="canny: the low threshold.")
+    threshold_b: float = Field(bounds.CANNY_HIGH, ge=0.0, le=255.0, description="canny: the high threshold.")
 
     @model_validator(mode="after")
     def _range(self) -> ControlUnit:
@@ -108,9 +110,11 @@ class GenerationRequest(BaseModel):
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
     model: str | None = Field(None, description="Model name; the server's default when omitted.")
-    width: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's native size.")
-    height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's native size.")
-    steps: int = Field(20, ge=1, le=150)
+    width: int | None = Field(None, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE, multiple_of=bounds.SIZE_STEP,
+                              description="Default: the model's native size.")
+    height: int | None = Field(None, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE, multiple_of=bounds.SIZE_STEP,
+                               description="Default: the model's native size.")
+    steps: int = Field(bounds.DEFAULT_STEPS, ge=1, le=bounds.MAX_STEPS)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
     clip_skip: int = Field(1, ge=1, le=12, description="Text encoder layers to skip from the end: A1111's "
                            "CLIP_stop_at_last_layers (1 = the last layer, 2 = the penultimate). SD 1.x/2.x.")

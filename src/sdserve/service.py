@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sdserve import addons, catalog, core, loras
+from sdserve import addons, bounds, catalog, core, loras
 from sdserve import controlnet as control
 from sdserve.catalog import ModelCatalog, ModelInfo, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
@@ -33,18 +32,19 @@ from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
 from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.images import black_png
-from sdserve.jobs.events import END_EVENTS
+from sdserve.jobs.events import END_EVENTS, Event
 from sdserve.jobs.queue import (
     JobFinished,
     JobNotFound,
     JobQueue,
     NotAccepting,
+    SharedState,
     ShuttingDown,
     StorageError,
 )
 from sdserve.keys import Caller
 from sdserve.moderation import Blocklist, open_moderator
-from sdserve.ratelimit import CALLER, Limiter, Rate
+from sdserve.ratelimit import Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, StoreError, open_store
 
@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 Role = Literal["serve", "api", "worker"]
 
-# The shared table A1111's options (and so the chosen default model) live in.
-A1111_OPTIONS = "a1111:options"
+# The shared table of server-wide choices every replica follows (the default model a client switched to).
+SERVER_CHOICES = "server"
 
 # How often the reaper fails jobs whose time ran out, whether or not a runner is alive to notice.
 REAP_INTERVAL_S = 0.5
@@ -72,12 +72,6 @@ PRUNE_SLICE = 1000
 DISCONNECT_POLL_S = 0.2
 
 Disconnected = Callable[[], Awaitable[bool]]
-
-
-# One request's work (megapixel-steps, `request_work`) by device class, unless --max-work says otherwise: about
-# what the class finishes within the default 600 s job timeout, so no request within the limits outlives it and
-# every one can be canceled (measured: README, Bounds). An API replica (no engine) bounds for its workers' GPUs.
-DEFAULT_MAX_WORK = {"cpu": 40.0, "mps": 160.0, "cuda": 2048.0}
 
 
 def native_size(info: ModelInfo | None) -> int:
@@ -102,11 +96,11 @@ def request_work(request: GenerationRequest, info: ModelInfo | None) -> float:
 class Limits:
     """Operator bounds on top of the schema's (they can only tighten them)."""
 
-    max_size: int = 2048
-    max_steps: int = 150
-    max_images: int = 8
-    max_pixels: int = 4096 * 4096
-    max_work: float = DEFAULT_MAX_WORK["cuda"]
+    max_size: int = bounds.MAX_SIZE
+    max_steps: int = bounds.MAX_STEPS
+    max_images: int = bounds.MAX_IMAGES
+    max_pixels: int = bounds.MAX_PIXELS
+    max_work: float = bounds.DEFAULT_MAX_WORK["cuda"]
 
 
 def open_queue(settings: Settings) -> JobQueue:
@@ -132,19 +126,20 @@ class Service:
         self.role = role
         self.limits = Limits(settings.max_size, settings.max_steps, settings.max_images)
         self.queue: JobQueue = open_queue(settings)
+        self.shared: SharedState = self.queue  # the same database; the dialects' state needs only this part
         if role != "serve" and not self.queue.shared:
             raise ValueError(f"sdserve {role} needs a queue other processes share: --queue redis://host:port/db")
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.blocklist = Blocklist.load(settings.blocklist)
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
         self.limiter = Limiter(
-            self.queue,
+            self.shared,
             Rate.parse(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None,
             Rate(settings.images_per_minute / 60, settings.images_per_minute) if settings.images_per_minute else None,
         )
         self.runner: Runner | None = None
         if role == "api":
-            self.models: ModelCatalog = SharedCatalog(self.queue, settings.models, settings.allow_pickle)
+            self.models: ModelCatalog = SharedCatalog(self.shared, settings.models, settings.allow_pickle)
             self.loras = addons.loras(settings.models_dir)  # listing only: the workers load them
             self.vaes = addons.vaes(settings.models_dir)
             self.embeddings = addons.embeddings(settings.models_dir)
@@ -152,7 +147,7 @@ class Service:
         else:
             self._build_runner(settings)
         device = self.runner.engine.device if self.runner is not None else settings.device
-        self.limits.max_work = settings.max_work or DEFAULT_MAX_WORK.get(device, DEFAULT_MAX_WORK["cuda"])
+        self.limits.max_work = settings.max_work or bounds.DEFAULT_MAX_WORK.get(device, bounds.DEFAULT_MAX_WORK["cuda"])
         self.queue.accepting = False  # until start() has reached the stores and recovered the job store
         self.waiting_for: str | None = "the stores (starting)"  # why start() is still waiting, None once started
         self._intake_closed = False  # stop_intake() was called: nothing may open intake again
@@ -192,23 +187,27 @@ class Service:
             moderator=open_moderator(settings, registry.device),
         )
         # Once its model loads, a worker tells the API replicas (which have no model files) what it serves.
-        self.runner.on_ready = lambda: catalog.publish(self.queue, registry.list(), registry.sha256)
+        self.runner.on_ready = lambda: catalog.publish(self.shared, registry.list(), registry.sha256)
 
     # ----- the default model -------------------------------------------------------------------
-    # The model a request without one gets: the first --model, unless A1111's options POST chose another,
-    # which every replica then uses (it lives in the queue's shared state). It changes later jobs only:
-    # each job pins its model when it is accepted, so a switch never races a running job.
+    # The model a request without one gets: the first --model, unless a client chose another (A1111's options
+    # POST), which every replica then uses (it lives in the shared state). It changes later jobs only: each job
+    # pins its model when it is accepted, so a switch never races a running job.
     @property
     def default_model(self) -> str | None:
-        chosen = self.queue.shared_get(A1111_OPTIONS).get("sd_model_checkpoint")
+        chosen = self.shared.shared_get(SERVER_CHOICES).get("default_model")
         if chosen:
             try:
-                return self.models.info(json.loads(chosen)).name
-            except (UnknownModelError, ValueError):
+                return self.models.info(chosen).name
+            except UnknownModelError:
                 pass  # no longer offered here: fall back to the operator's default
-        if self.settings.models:
-            return self.settings.models[0]
-        return self.models.default() if isinstance(self.models, SharedCatalog) else None
+        return self.models.default()
+
+    def choose_default_model(self, name: str) -> str:
+        """Every replica's default from now on; UnknownModelError if no such model. Returns its name."""
+        info = self.models.info(name)
+        self.shared.shared_put(SERVER_CHOICES, "default_model", info.name)
+        return info.name
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -330,7 +329,7 @@ class Service:
             wait = interval
             try:
                 # refilled a little sooner than the interval, so this replica's next turn is never a hair early
-                if not self.queue.take_tokens("retention", 1 / (0.9 * interval), 1, 1)[0]:
+                if not self.shared.take_tokens("retention", 1 / (0.9 * interval), 1, 1)[0]:
                     continue
                 jobs, images = self.prune()
                 if jobs or images:
@@ -376,9 +375,39 @@ class Service:
         self.own_job(job_id, caller)
         return self.queue.cancel(job_id)
 
+    def job_events(self, job_id: str, after: str | None = None) -> AbstractContextManager[asyncio.Queue[Event]]:
+        """Subscribe to a job's events (after an event id: a reconnect's Last-Event-ID). Check ownership first."""
+        return self.queue.events.subscribe(job_id, after=after)
+
+    # ----- images --------------------------------------------------------------------------------
+    def image(self, image_id: str) -> bytes | None:
+        """An image's bytes (None: not in the store). Check the caller may read it first (`may_read_image`)."""
+        return self.images.get(image_id)
+
+    def image_url(self, image_id: str) -> str | None:
+        """A presigned URL, valid for --image-url-ttl-s, where the store can give one (S3); else None."""
+        return self.images.url(image_id, self.settings.image_url_ttl_s)
+
+    def image_uri(self, image_id: str) -> str | None:
+        """Where the image lives (s3://bucket/key) where the store names it so; else None."""
+        return self.images.uri(image_id)
+
+    # ----- what operations watch -------------------------------------------------------------------
+    def depth(self) -> int:
+        return self.queue.depth()
+
+    def live_workers(self) -> int:
+        return len(self.shared.workers())
+
+    def observe(self, on_event: Callable[[Event], None], on_batch: Callable[[int], None]) -> None:
+        """Metrics: every job event this process sees, and the images of each batch its runner computes."""
+        self.queue.events.add_listener(on_event)
+        if self.runner is not None:
+            self.runner.on_batch = on_batch
+
     def workers(self, caller: Caller) -> list[dict]:
         """The live workers; each one's current batch shows only the caller's own jobs."""
-        workers = self.queue.workers()
+        workers = self.shared.workers()
         if not caller.sees_all:
             for worker in workers:
                 worker["batch"] = [job_id for job_id in worker.get("batch", []) if self._owns(job_id, caller)]
@@ -471,7 +500,7 @@ class Service:
                 "operator can raise it with --max-work)", "n")
 
     def submit(
-        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None,
+        self, request: GenerationRequest, caller: Caller | None, *, source: str = "native", idempotency_key: str | None = None,
         inputs: dict[str, core.InputImage] | None = None, charge: bool = True,
     ) -> tuple[Job, bool]:
         """Validate, charge the images to the caller's rate limit, move the input images to the image store,
@@ -481,7 +510,6 @@ class Service:
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
         self.validate(request)
-        caller = CALLER.get()
         if idempotency_key is not None and caller is not None and caller.account:
             idempotency_key = f"{caller.account}:{idempotency_key}"  # one caller's keys never reach another's job
         fingerprint = core.fingerprint(request) if idempotency_key is not None else None
@@ -490,7 +518,7 @@ class Service:
             if existing is not None:
                 return existing, False
         if charge:
-            self.limiter.charge_images(request.n)
+            self.limiter.charge_images(caller, request.n)
         if inputs is None:
             inputs = core.read_inputs(request, self.limits.max_pixels)
         try:
@@ -561,15 +589,16 @@ class Service:
                 self._waiters.discard(entry)
 
     async def submit_async(
-        self, request: GenerationRequest, *, source: str = "native", idempotency_key: str | None = None
+        self, request: GenerationRequest, caller: Caller | None, *, source: str = "native",
+        idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
         """`submit` off the event loop: it decodes images and writes to disk."""
-        return await asyncio.to_thread(self.submit, request, source=source, idempotency_key=idempotency_key)
+        return await asyncio.to_thread(self.submit, request, caller, source=source, idempotency_key=idempotency_key)
 
-    async def generate(self, request: GenerationRequest, *, source: str,
+    async def generate(self, request: GenerationRequest, caller: Caller | None, *, source: str,
                        disconnected: Disconnected | None = None) -> tuple[Job, list[bytes]]:
         """Submit, await, and return the PNGs: the synchronous endpoints' whole path."""
-        job, _ = await self.submit_async(request, source=source)
+        job, _ = await self.submit_async(request, caller, source=source)
         [(job, pngs)] = await self.results([job.id], disconnected)
         return job, pngs
 
@@ -596,7 +625,7 @@ class Service:
             log.info("job %s (%s): its client disconnected; --on-disconnect %s", job_id, job.status.value,
                      self.settings.on_disconnect)
 
-    async def submit_all(self, requests: list[GenerationRequest], *, source: str) -> list[Job]:
+    async def submit_all(self, requests: list[GenerationRequest], caller: Caller | None, *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
 
         def read(request: GenerationRequest) -> dict[str, core.InputImage]:
@@ -607,11 +636,11 @@ class Service:
         if len(requests) > 1:  # the bound is the call's (A1111's n_iter, a TF Serving body's instances), not each job's
             work = sum(await asyncio.to_thread(lambda: [self._work(r) for r in requests]))
             self._bound_work(work)
-        await asyncio.to_thread(self.limiter.charge_images, sum(r.n for r in requests))
+        await asyncio.to_thread(self.limiter.charge_images, caller, sum(r.n for r in requests))
         jobs: list[Job] = []
         try:
             for r, i in zip(requests, inputs):
-                jobs.append((await asyncio.to_thread(self.submit, r, source=source, inputs=i, charge=False))[0])
+                jobs.append((await asyncio.to_thread(self.submit, r, caller, source=source, inputs=i, charge=False))[0])
         except BaseException:  # intake closed or the queue filled midway: the call fails whole, nothing left queued
             await asyncio.to_thread(self._cancel_all, [job.id for job in jobs])
             raise

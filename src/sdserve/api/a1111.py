@@ -26,21 +26,23 @@ from pydantic import BaseModel, ConfigDict
 
 from sdserve.api import errors
 from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_id
+from sdserve.api.security import caller_id, caller_of
 from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
 from sdserve.engine import samplers
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
-from sdserve.jobs.queue import JobFinished, JobNotFound
+from sdserve.jobs.queue import JobFinished, JobNotFound, SharedState
 from sdserve.protocols import a1111 as proto
 from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS, ImageRef, Job, JobStatus
-from sdserve.service import A1111_OPTIONS, Service
+from sdserve.service import Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 SOURCE = "a1111"
 
 
+# The shared tables (every replica answers the same): A1111's options, and its calls in flight.
+OPTIONS = "a1111:options"
 CALLS = "a1111:calls"
 DEFAULT_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
                                    "enable_pnginfo": True, "return_grid": False}
@@ -56,29 +58,30 @@ class Call:
 
 
 class A1111State:
-    """A1111's global options (its config.json) and the A1111 calls in flight, in the queue's shared state,
-    so `/options`, `/progress`, `/interrupt` and `/skip` answer the same through every replica."""
+    """A1111's global options (its config.json) and the A1111 calls in flight, in the shared state, so
+    `/options`, `/progress`, `/interrupt` and `/skip` answer the same through every replica. (The checkpoint
+    option is the server's default model: Service.default_model.)"""
 
-    def __init__(self, service: Service) -> None:
-        self.queue = service.queue
+    def __init__(self, shared: SharedState) -> None:
+        self.shared = shared
 
     def options(self) -> dict[str, Any]:
-        saved = {k: json.loads(v) for k, v in self.queue.shared_get(A1111_OPTIONS).items()}
+        saved = {k: json.loads(v) for k, v in self.shared.shared_get(OPTIONS).items()}
         return {**DEFAULT_OPTIONS, **saved}
 
     def set_options(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            self.queue.shared_put(A1111_OPTIONS, key, json.dumps(value))
+            self.shared.shared_put(OPTIONS, key, json.dumps(value))
 
     def add(self, call: Call) -> None:
         # Keyed by caller and task id: another caller's force_task_id never overwrites (or removes) this one.
-        self.queue.shared_put(CALLS, f"{call.caller}\0{call.task_id}", json.dumps(asdict(call)))
+        self.shared.shared_put(CALLS, f"{call.caller}\0{call.task_id}", json.dumps(asdict(call)))
 
     def remove(self, call: Call) -> None:
-        self.queue.shared_put(CALLS, f"{call.caller}\0{call.task_id}", None)
+        self.shared.shared_put(CALLS, f"{call.caller}\0{call.task_id}", None)
 
     def calls(self) -> list[Call]:
-        return [Call(**json.loads(v)) for v in self.queue.shared_get(CALLS).values()]
+        return [Call(**json.loads(v)) for v in self.shared.shared_get(CALLS).values()]
 
 
 def _state(request: Request) -> A1111State:
@@ -99,7 +102,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     except proto.TranslationError as exc:
         return errors.render(request.url.path, exc.status, str(exc))
     ignored = proto.ignored_fields(body)
-    jobs = await service.submit_all(canonical, source=SOURCE)
+    jobs = await service.submit_all(canonical, caller_of(request.scope), source=SOURCE)
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
@@ -160,7 +163,8 @@ async def _own_call(request: Request, service: Service, id_task: str | None) -> 
     for call in calls:
         if call.caller == caller and (id_task is None or call.task_id == id_task):
             try:
-                jobs = [await asyncio.to_thread(service.queue.get, job_id) for job_id in call.job_ids]
+                jobs = [await asyncio.to_thread(service.own_job, job_id, caller_of(request.scope))
+                        for job_id in call.job_ids]
             except JobNotFound:
                 continue
             if not all(j.status.terminal for j in jobs):  # a call its replica never cleared (it died) is over
@@ -213,7 +217,7 @@ async def _stop_own(request: Request, service: Service, body: TaskRequest | None
         running or [j for j in jobs if not j.status.terminal][:1])
     for job in targets:
         try:
-            await asyncio.to_thread(service.queue.cancel, job.id)
+            await asyncio.to_thread(service.cancel_own, job.id, caller_of(request.scope))
         except (JobFinished, JobNotFound):  # it ended meanwhile: nothing to stop
             pass
 
@@ -253,12 +257,12 @@ async def set_options(body: dict[str, Any], request: Request, service: ServiceDe
             await asyncio.to_thread(service.vaes.get, str(values["sd_vae"]))
         except KeyError as exc:
             return errors.render(request.url.path, 422, str(exc.args[0]), error_type="RuntimeError")
-    if "sd_model_checkpoint" in values:
-        try:
-            info = await asyncio.to_thread(service.models.info, str(values["sd_model_checkpoint"]))
+    checkpoint = values.pop("sd_model_checkpoint", None)
+    if checkpoint is not None:
+        try:  # every replica's default from now on
+            await asyncio.to_thread(service.choose_default_model, str(checkpoint))
         except UnknownModelError as exc:
             return errors.render(request.url.path, 422, str(exc), error_type="RuntimeError")
-        values["sd_model_checkpoint"] = info.name  # every replica's default from now on
     await asyncio.to_thread(_state(request).set_options, values)
     return None
 

@@ -39,11 +39,8 @@ def _metrics(service: Service) -> Metrics:
                 return float("nan")
         return value
 
-    metrics = Metrics(queue_depth=measured(service.queue.depth),
-                      live_workers=measured(lambda: len(service.queue.workers())))
-    service.queue.events.add_listener(metrics.on_event)
-    if service.runner is not None:
-        service.runner.on_batch = metrics.batch_images.observe
+    metrics = Metrics(queue_depth=measured(service.depth), live_workers=measured(service.live_workers))
+    service.observe(metrics.on_event, metrics.batch_images.observe)
     return metrics
 
 
@@ -84,8 +81,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.state.metrics = metrics
     app.state.keys = keys = KeyBook(settings.api_keys, settings.keys_file)
     metrics.keys_file_problem.set_function(lambda: 1.0 if keys.check() else 0.0)
-    app.state.links = links = ImageLinks.for_settings(settings, service.queue)
-    app.state.a1111 = a1111.A1111State(service)
+    app.state.links = links = ImageLinks.for_settings(settings, service.shared)
+    app.state.a1111 = a1111.A1111State(service.shared)
     errors.install(app)
     errors.document(app)
     for module in (ops, native, a1111, controlnet, openai, tfserving, inference_v2, sagemaker, simple):

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdserve import controlnet
+from sdserve import bounds, controlnet
 from sdserve.api.deps import ServiceDep
 from sdserve.api.errors import render
 from sdserve.images import ImageDecodeError, decode_image, encode_png
@@ -46,9 +46,9 @@ class DetectRequest(BaseModel):
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = Field(default_factory=list)
     controlnet_images: list[str] = Field(default_factory=list)  # what the webuiapi client sends
-    controlnet_processor_res: int = 512
-    controlnet_threshold_a: float = 100.0
-    controlnet_threshold_b: float = 200.0
+    controlnet_processor_res: int = bounds.PROCESSOR_RES
+    controlnet_threshold_a: float = bounds.CANNY_LOW
+    controlnet_threshold_b: float = bounds.CANNY_HIGH
 
 
 @router.post("/detect", summary="Run a preprocessor: {images: [base64 PNG], info}")
@@ -59,10 +59,11 @@ async def detect(body: DetectRequest, service: ServiceDep) -> Any:
                       f"{', '.join(controlnet.MODULES)}", "controlnet_module")
     if not images or len(images) > MAX_DETECT_IMAGES:
         return _error(f"give 1 to {MAX_DETECT_IMAGES} images in controlnet_input_images", "controlnet_input_images")
-    if not 64 <= body.controlnet_processor_res <= 2048:
-        return _error("controlnet_processor_res must be from 64 to 2048", "controlnet_processor_res")
-    low = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else 100.0
-    high = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else 200.0
+    if not bounds.MIN_SIZE <= body.controlnet_processor_res <= bounds.MAX_SIZE:
+        return _error(f"controlnet_processor_res must be from {bounds.MIN_SIZE} to {bounds.MAX_SIZE}",
+                      "controlnet_processor_res")
+    low = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else bounds.CANNY_LOW
+    high = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else bounds.CANNY_HIGH
 
     def run() -> list[str]:
         out = []

@@ -7,9 +7,8 @@ A1111 clients `{"error", "detail", "errors"}`, TF Serving and Open Inference Pro
 
 from __future__ import annotations
 
-import re
-
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,8 +27,8 @@ from sdserve.jobs.queue import (
     StorageError,
 )
 from sdserve.protocols.openai import OpenAIError, error_body
-from sdserve.ratelimit import RateLimited
 from sdserve.protocols.tensors import TensorProtocolError
+from sdserve.ratelimit import RateLimited
 
 log = logging.getLogger(__name__)
 

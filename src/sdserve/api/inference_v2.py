@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sdserve import __version__
 from sdserve.api import tensors
 from sdserve.api.deps import ServiceDep
+from sdserve.api.security import caller_of
 from sdserve.protocols import inference_v2 as proto
 from sdserve.service import Service
 
@@ -81,7 +81,7 @@ async def _infer(name: str, version: str | None, request: Request, service: Serv
     known = await _known(service, name, version)
     header, tail = proto.split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     rows, reply = proto.parse_infer(header, tail, service.limits.max_images)
-    images = await tensors.generate(service, rows, known, SOURCE, request.is_disconnected)
+    images = await tensors.generate(service, caller_of(request.scope), rows, known, SOURCE, request.is_disconnected)
     body, header_length = proto.encode_response(known, reply, images)
     if header_length is None:
         return Response(body, media_type="application/json")

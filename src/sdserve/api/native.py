@@ -11,11 +11,13 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
+from sdserve import bounds
 from sdserve.api.deps import CallerDep, ServiceDep
 from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status, public_job
 from sdserve.engine import samplers
 from sdserve.images import media_type
+from sdserve.jobs.events import END_EVENTS
 from sdserve.schema import CONTROL_MODULES, GenerationRequest, Job, JobStatus
 from sdserve.storage import valid_key
 
@@ -26,10 +28,10 @@ PNG = {200: {"content": {"image/png": {}}, "description": "The PNG, with A1111 i
 
 @router.post("/jobs", status_code=202, summary="Submit a job", response_model=Job)
 async def submit_job(
-    body: GenerationRequest, service: ServiceDep,
+    body: GenerationRequest, service: ServiceDep, caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
-    job, created = await service.submit_async(body, source="native", idempotency_key=idempotency_key)
+    job, created = await service.submit_async(body, caller, source="native", idempotency_key=idempotency_key)
     return JSONResponse(public_job(job), status_code=202 if created else 200,
                         headers={"Location": f"/api/v1/jobs/{job.id}"})
 
@@ -78,8 +80,8 @@ async def job_events(
         return out
 
     async def stream():
-        with service.queue.events.subscribe(job_id, after=last_event_id) as events:
-            job = await asyncio.to_thread(service.queue.get, job_id)
+        with service.job_events(job_id, after=last_event_id) as events:
+            job = await asyncio.to_thread(service.own_job, job_id, caller)
             if last_event_id is None or job.status.terminal:
                 first = {JobStatus.queued: "queued", JobStatus.running: "started"}.get(job.status, job.status.value)
                 yield {"event": first, "data": json.dumps({"type": first, **public_job(job)})}
@@ -88,7 +90,7 @@ async def job_events(
             while True:
                 event = await events.get()
                 yield message(event)
-                if event["type"] in ("succeeded", "failed", "canceled"):
+                if event["type"] in END_EVENTS:
                     return
 
     return EventSourceResponse(stream())
@@ -103,10 +105,10 @@ async def get_image(image_id: str, request: Request, service: ServiceDep, caller
     if not valid_key(image_id) or not (signed or await asyncio.to_thread(service.may_read_image, image_id, caller)):
         raise HTTPException(404, f"no image {image_id!r}")
     if service.settings.image_route == "redirect":
-        url = service.images.url(image_id, service.settings.image_url_ttl_s)
+        url = service.image_url(image_id)
         if url is not None:
             return RedirectResponse(url, status_code=307)
-    data = await asyncio.to_thread(service.images.get, image_id)
+    data = await asyncio.to_thread(service.image, image_id)
     if data is None:
         raise HTTPException(404, f"no image {image_id!r}")
     return Response(data, media_type=media_type(data),
@@ -114,8 +116,8 @@ async def get_image(image_id: str, request: Request, service: ServiceDep, caller
 
 
 @router.post("/generate", summary="Submit, wait, and return the first image as PNG", responses=PNG)
-async def generate(body: GenerationRequest, request: Request, service: ServiceDep) -> Response:
-    job, pngs = await service.generate(body, source="native", disconnected=request.is_disconnected)
+async def generate(body: GenerationRequest, request: Request, service: ServiceDep, caller: CallerDep) -> Response:
+    job, pngs = await service.generate(body, caller, source="native", disconnected=request.is_disconnected)
     return png_response(job, pngs)
 
 
@@ -165,6 +167,15 @@ async def lora_list(service: ServiceDep) -> list[dict[str, Any]]:
 async def controlnet_list(service: ServiceDep) -> dict[str, Any]:
     files = await asyncio.to_thread(service.controlnets.list)
     return {"models": [f.name for f in files], "modules": list(CONTROL_MODULES)}
+
+
+@router.get("/limits", summary="This server's bounds on a request (the built-in ones, as its operator tightened them)")
+async def limits(service: ServiceDep) -> dict[str, Any]:
+    return {
+        "min_size": bounds.MIN_SIZE, "max_size": service.limits.max_size, "size_step": bounds.SIZE_STEP,
+        "max_steps": service.limits.max_steps, "default_steps": bounds.DEFAULT_STEPS,
+        "max_images": service.limits.max_images, "max_work": service.limits.max_work,
+    }
 
 
 @router.get("/samplers", summary="Samplers (A1111 names) and the schedule types each accepts")

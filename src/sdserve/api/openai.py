@@ -10,7 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 
+from sdserve import bounds
 from sdserve.api.deps import ServiceDep
+from sdserve.api.security import caller_of
 from sdserve.api.urls import ImageLinks, base_url
 from sdserve.core import ContentBlocked, RequestRejected, failure_status
 from sdserve.images import ImageDecodeError, decode_image, encode_png
@@ -29,17 +31,17 @@ def _check_n(n: int, service: Service) -> None:
 
 async def _respond(request: Request, service: Service, canonical: GenerationRequest, response_format: str | None) -> dict:
     try:
-        job, pngs = await service.generate(canonical, source=SOURCE, disconnected=request.is_disconnected)
+        job, pngs = await service.generate(canonical, caller_of(request.scope), source=SOURCE,
+                                           disconnected=request.is_disconnected)
     except RequestRejected as exc:
         raise proto.OpenAIError(str(exc), exc.field, code=_code(exc)) from None
     if job.status is not JobStatus.succeeded:
         raise _job_error(job)
     base = base_url(service.settings, str(request.base_url))
-    ttl = service.settings.image_url_ttl_s
     links: ImageLinks = request.app.state.links
     data = [
         proto.image_data(b64=base64.b64encode(png).decode() if response_format == "b64_json" else None,
-                         url=service.images.url(ref.id, ttl) or links.url(base, ref.id),
+                         url=service.image_url(ref.id) or links.url(base, ref.id),
                          prompt=canonical.prompt)
         for ref, png in zip(job.images, pngs)
     ]
@@ -115,7 +117,7 @@ async def edits(request: Request, service: ServiceDep) -> dict[str, Any]:
     width, height = proto.parse_size(form.get("size") if isinstance(form.get("size"), str) else None,
                                      service.limits.max_size)
     if width is None:
-        width, height = (max(64, min(service.limits.max_size, v - v % 8)) for v in image.size)
+        width, height = (bounds.snap(v, service.limits.max_size) for v in image.size)
     known = {m.name for m in await asyncio.to_thread(service.models.list)}
     model = proto.model_for(form.get("model") if isinstance(form.get("model"), str) else None, known)
     mask = _edit_mask(image, mask_image)

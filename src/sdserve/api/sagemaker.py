@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from sdserve.api import a1111
 from sdserve.api.deps import ServiceDep
+from sdserve.api.security import caller_of
 from sdserve.core import failure_status, public_job
 from sdserve.protocols import a1111 as a1111_proto
 from sdserve.schema import GenerationRequest, ImageRef, JobStatus
@@ -57,7 +58,8 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
         canonical = GenerationRequest(**body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    job, pngs = await service.generate(canonical, source="sagemaker", disconnected=request.is_disconnected)
+    job, pngs = await service.generate(canonical, caller_of(request.scope), source="sagemaker",
+                                       disconnected=request.is_disconnected)
     if job.status is not JobStatus.succeeded:
         return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))
     if wants_png:
@@ -68,7 +70,6 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
 
 def _located(service: Service, refs: list[ImageRef]) -> dict[str, Any]:
     """As SageMaker deployments do, when images go to S3: where each one is, and a presigned URL to fetch it."""
-    if not refs or service.images.uri(refs[0].id) is None:
+    if not refs or service.image_uri(refs[0].id) is None:
         return {}
-    ttl = service.settings.image_url_ttl_s
-    return {"s3": [{"uri": service.images.uri(ref.id), "url": service.images.url(ref.id, ttl)} for ref in refs]}
+    return {"s3": [{"uri": service.image_uri(ref.id), "url": service.image_url(ref.id)} for ref in refs]}

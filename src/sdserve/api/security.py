@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
 from sdserve.keys import ANONYMOUS, Caller, KeyBook, address_caller, user_caller
-from sdserve.ratelimit import CALLER, Limiter
+from sdserve.ratelimit import Limiter
 
 # Who fetches an image through a signed link without a key: nobody's jobs are theirs.
 LINK_CALLER = Caller(id="link:", label=ANONYMOUS)
@@ -125,9 +125,8 @@ class AuthMiddleware:
 class RateLimitMiddleware:
     """Per-caller submission limits (ratelimit.py): each POST, and `GET /?prompt=`, takes a token; over the
     limit, a 429 in the dialect's shape with Retry-After and RateLimit headers; under it, the RateLimit
-    headers on the response. Runs inside auth, so the caller is the key or user auth accepted. Sets the
-    caller for the request (ratelimit.CALLER), so submissions charge their images to it and carry its label,
-    priority and fair-share turn."""
+    headers on the response. Runs inside auth, so the caller is the key or user auth accepted. (Each route
+    passes its caller to the service itself: its images, label, priority and fair-share turn.)"""
 
     def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
         self.app = app
@@ -147,7 +146,9 @@ class RateLimitMiddleware:
                               code="rate_limit_exceeded")
             await response(scope, receive, send)
             return
-        token = CALLER.set(caller)
+        if decision is None:
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start" and decision is not None:
@@ -156,7 +157,4 @@ class RateLimitMiddleware:
                                                             for k, v in decision.headers().items())]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            CALLER.reset(token)
+        await self.app(scope, receive, send_with_headers)

@@ -11,8 +11,10 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdserve import bounds
 from sdserve.api.deps import CallerDep, ServiceDep, build_request
 from sdserve.api.native import PNG, png_response
+from sdserve.api.security import caller_of
 from sdserve.core import failure_status
 from sdserve.schema import JobStatus
 from sdserve.storage import valid_key
@@ -40,7 +42,8 @@ async def index(
         return HTMLResponse((WEB / "index.html").read_text())
     request = build_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, width=width,
                             height=height, cfg_scale=scale, sampler=sampler, model=model)
-    job, pngs = await service.generate(request, source="simple", disconnected=http.is_disconnected)
+    job, pngs = await service.generate(request, caller_of(http.scope), source="simple",
+                                       disconnected=http.is_disconnected)
     return png_response(job, pngs)
 
 
@@ -50,15 +53,15 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str
     scale: float = Field(7.5, ge=0, le=30)
-    steps: int = Field(50, ge=1, le=150)
+    steps: int = Field(50, ge=1, le=bounds.MAX_STEPS)
     seed: int | None = Field(None, ge=-1, strict=True)
 
 
 @router.post("/generate", summary="Generate; returns {download_id, time} for GET /download/{id}")
-async def generate(body: GenerateBody, service: ServiceDep) -> dict:
+async def generate(body: GenerateBody, service: ServiceDep, caller: CallerDep) -> dict:
     started = time.monotonic()
     request = build_request(prompt=body.prompt, cfg_scale=body.scale, steps=body.steps, seed=body.seed)
-    job, _ = await service.generate(request, source="simple")
+    job, _ = await service.generate(request, caller, source="simple")
     if job.status is not JobStatus.succeeded:
         raise HTTPException(failure_status(job.error_kind), job.error or job.status.value)
     return {"download_id": job.images[0].id, "time": round(time.monotonic() - started, 3)}
@@ -67,7 +70,7 @@ async def generate(body: GenerateBody, service: ServiceDep) -> dict:
 @router.get("/download/{download_id}", summary="The PNG for a download id", responses=PNG)
 async def download(download_id: str, service: ServiceDep, caller: CallerDep) -> Response:
     readable = valid_key(download_id) and await asyncio.to_thread(service.may_read_image, download_id, caller)
-    data = await asyncio.to_thread(service.images.get, download_id) if readable else None
+    data = await asyncio.to_thread(service.image, download_id) if readable else None
     if data is None:
         raise HTTPException(404, f"no image with download id {download_id!r}")
     return Response(data, media_type="image/png",

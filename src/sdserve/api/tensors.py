@@ -8,6 +8,7 @@ from typing import Any
 from sdserve.api.deps import build_request
 from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status
+from sdserve.keys import Caller
 from sdserve.protocols.tensors import VERSION, TensorProtocolError
 from sdserve.schema import JobStatus
 from sdserve.service import Disconnected, Service
@@ -24,12 +25,12 @@ async def model_named(service: Service, name: str, version: str | None, missing:
     return info.name
 
 
-async def generate(service: Service, rows: list[dict[str, Any]], model: str, source: str,
+async def generate(service: Service, caller: Caller, rows: list[dict[str, Any]], model: str, source: str,
                    disconnected: Disconnected | None = None) -> list[tuple[bytes, int]]:
     """Each row (native request fields) as one job; all validated before any is queued. (PNG, seed) per row,
     or the first failure as the error a synchronous client gets."""
     canonical = [build_request(**{**row, "model": model}) for row in rows]
-    jobs = await service.submit_all(canonical, source=source)
+    jobs = await service.submit_all(canonical, caller, source=source)
     outcomes = await service.results([job.id for job in jobs], disconnected)
     for job, _ in outcomes:
         if job.status is not JobStatus.succeeded:

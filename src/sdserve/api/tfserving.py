@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from sdserve.api import tensors
 from sdserve.api.deps import ServiceDep
+from sdserve.api.security import caller_of
 from sdserve.protocols import tfserving as proto
 from sdserve.protocols.tensors import VERSION, TensorProtocolError
 from sdserve.service import Service
@@ -49,7 +50,7 @@ async def _predict(name: str, version: str | None, request: Request, service: Se
     except ValueError:
         raise TensorProtocolError("the body must be JSON") from None
     rows, columnar = proto.parse_predict(body, service.limits.max_images)
-    images = await tensors.generate(service, rows, known, SOURCE, request.is_disconnected)
+    images = await tensors.generate(service, caller_of(request.scope), rows, known, SOURCE, request.is_disconnected)
     return proto.predictions([(base64.b64encode(png).decode(), seed) for png, seed in images], columnar)
 
 

@@ -19,7 +19,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -27,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sdserve.api.errors import render
 from sdserve.api.security import PUBLIC_PATHS
 from sdserve.config import Settings
-from sdserve.jobs.queue import StorageError
+from sdserve.jobs.queue import SharedState, StorageError
 
 
 def allowed_hosts(settings: Settings) -> list[str]:
@@ -105,10 +104,10 @@ class ImageLinks:
         self._cached: tuple[float, bytes] | None = None
 
     @classmethod
-    def for_settings(cls, settings: Settings, queue: Any) -> ImageLinks:
+    def for_settings(cls, settings: Settings, shared: SharedState) -> ImageLinks:
         if settings.url_secret:
             return cls(settings.image_url_ttl_s, settings.url_secret.encode())
-        return cls(settings.image_url_ttl_s, shared=(queue.shared_get, queue.shared_put))
+        return cls(settings.image_url_ttl_s, shared=(shared.shared_get, shared.shared_put))
 
     def _secret(self) -> bytes:
         if self._fixed is not None:

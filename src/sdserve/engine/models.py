@@ -25,10 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sdserve import addons
 from sdserve.catalog import Arch, Kind, ModelError, ModelFailedError, ModelInfo, UnknownModelError, find
 from sdserve.engine import demo, quiet_libraries, samplers
 from sdserve.engine.adapters import AdapterState
-from sdserve import addons
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,10 @@ class ModelRegistry:
         if spec.count("/") == 1 and not spec.startswith((".", "/")):
             return ModelInfo(spec, "hub", spec)
         raise UnknownModelError(f"model {spec!r} not found: not 'demo', a folder, a .safetensors file or a hub id")
+
+    def default(self) -> str | None:
+        """The operator's default: the first --model."""
+        return self.extra[0] if self.extra else None
 
     # ----- hashes (A1111 "Model hash" = first 10 hex digits of the file's sha256) -------------
     def sha256(self, info: ModelInfo) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from sdserve import __version__, controlnet, loras
+from sdserve import __version__, bounds, controlnet, loras
 from sdserve.engine import adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, Hires, JobRequest
@@ -76,7 +76,7 @@ def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
     """Width and height as given, else the init image's (a multiple of 8 within bounds); None = the model's."""
     width, height = request.width, request.height
     if request.init_size is not None and (width is None or height is None):
-        w, h = (max(64, min(2048, v - v % 8)) for v in request.init_size)
+        w, h = (bounds.snap(v) for v in request.init_size)
         width, height = width or w, height or h
     return width, height
 
@@ -290,8 +290,8 @@ class Engine:
         import torch
 
         width, height = hires.target(key.width, key.height)
-        if max(width, height) > 2048:
-            raise InvalidRequestError(f"hires size {width}x{height} is over 2048")
+        if max(width, height) > bounds.MAX_SIZE:
+            raise InvalidRequestError(f"hires size {width}x{height} is over {bounds.MAX_SIZE}")
         second_steps = hires.steps or key.steps
         strength = max(hires.strength, 1.0 / second_steps)
         total = key.steps + min(int(second_steps * strength), second_steps)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.core import public_job
-from sdserve.jobs import fairshare
+from sdserve.jobs import fairshare, policy
 from sdserve.jobs.events import EventBus
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
@@ -30,8 +30,8 @@ from sdserve.jobs.queue import (
     NotAccepting,
     QueueFull,
     Selector,
-    StorageError,
     Stops,
+    StorageError,
 )
 from sdserve.ratelimit import Rate, refill
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
@@ -66,11 +66,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
 """
-
-# How many queued jobs the selector sees at once (enough to fill a batch).
-CLAIM_WINDOW = 64
-# A running job past its deadline by this much was not stopped by its runner: it is failed from outside.
-RUNNING_GRACE_S = 30.0
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -188,16 +183,14 @@ class SQLiteJobQueue(JobEnds):
             step = steps
         position = eta = None
         if status is JobStatus.queued and with_position:
-            position, ahead_steps = self._db.execute(
+            position, ahead_work = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued' "
                 "AND (priority > ? OR (priority = ? AND seq < ?))",
                 (row["priority"], row["priority"], row["seq"]),
             ).fetchone()
-            running_left = sum(max(0, n - s) for s, n in self._progress.values())
-            if self._seconds_per_step is not None:
-                eta = (ahead_steps + running_left + row["work"]) * self._seconds_per_step
-        elif status is JobStatus.running and self._seconds_per_step is not None:
-            eta = max(0, steps - step) * self._seconds_per_step * (row["batch_images"] or request.n)
+            eta = policy.queued_eta(ahead_work, self._running_left(), row["work"], self._seconds_per_step)
+        elif status is JobStatus.running:
+            eta = policy.running_eta(steps, step, row["batch_images"] or request.n, self._seconds_per_step)
         return Job(
             id=row["id"],
             status=status,
@@ -207,7 +200,7 @@ class SQLiteJobQueue(JobEnds):
             progress=(step / steps) if steps else (1.0 if status is JobStatus.succeeded else 0.0),
             step=step,
             steps=steps,
-            eta_s=round(eta, 2) if eta is not None else None,
+            eta_s=eta,
             created_at=_ts(row["created_at"]),
             started_at=_ts(row["started_at"]),
             finished_at=_ts(row["finished_at"]),
@@ -221,6 +214,14 @@ class SQLiteJobQueue(JobEnds):
             label=row["label"],
             owner=row["owner"] or "",
         )
+
+    def _running_left(self) -> float:
+        """The image-steps the running jobs have left (all of a job's work until its first step)."""
+        left = 0.0
+        for r in self._db.execute("SELECT id, work FROM jobs WHERE status = 'running'").fetchall():
+            step, steps = self._progress.get(r["id"], (0, 1))
+            left += policy.work_left(r["work"], steps, step)
+        return left
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -241,19 +242,12 @@ class SQLiteJobQueue(JobEnds):
         with self._lock:
             return sum(count for count, _ in self._queued.values())
 
-    def running(self) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetchall()
-            return [self._to_job(r) for r in rows]
-
     # ----- client side -----------------------------------------------------------------------
     def retry_after_s(self) -> int:
         """A guess at when a slot frees up: the queue's work at the measured speed, within 1..300 s."""
         with self._lock:
-            queued_steps = self._db.execute("SELECT COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued'").fetchone()[0]
-        if self._seconds_per_step is None:
-            return 5
-        return int(min(300, max(1, queued_steps * self._seconds_per_step / max(1, self.max_queue))))
+            queued_work = self._db.execute("SELECT COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued'").fetchone()[0]
+        return policy.retry_after_s(queued_work, self._seconds_per_step, self.max_queue)
 
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
         with self._lock:
@@ -293,10 +287,7 @@ class SQLiteJobQueue(JobEnds):
             ahead = [entry for prio, entry in self._queued.items() if prio >= request.priority]
             position, ahead_work = sum(e[0] for e in ahead), sum(e[1] for e in ahead)
             self._count(request.priority, work, +1)
-            eta = None
-            if self._seconds_per_step is not None:
-                running_left = sum(max(0, n - s) for s, n in self._progress.values())
-                eta = round((ahead_work + running_left + work) * self._seconds_per_step, 2)
+            eta = policy.queued_eta(ahead_work, self._running_left(), work, self._seconds_per_step)
             job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=position,
                       steps=request.steps, eta_s=eta, created_at=_ts(now), label=label)
             self._wakeup.notify_all()
@@ -369,7 +360,7 @@ class SQLiteJobQueue(JobEnds):
         """The queued jobs the selector sees: the head of the caller whose fair-share turn it is, then the
         queue in order (to fill its batch from)."""
         rows = self._db.execute(
-            "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (CLAIM_WINDOW,)
+            "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (policy.CLAIM_WINDOW,)
         ).fetchall()
         if not rows:
             return rows
@@ -441,18 +432,13 @@ class SQLiteJobQueue(JobEnds):
                     self._progress.pop(job_id, None)
                     continue
                 self._progress[job_id] = (step, steps)
-                per_step = self._seconds_per_step * (row["batch_images"] or 1) if self._seconds_per_step and row else None
-                eta = max(0, steps - step) * per_step if per_step else None
-            self.events.publish(job_id, {
-                "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
-                "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
-            })
+                eta = policy.running_eta(steps, step, row["batch_images"] or 1, self._seconds_per_step)
+            self.events.publish(job_id, policy.progress_event(job_id, step, steps, eta))
         return stops
 
     def record_speed(self, seconds_per_step: float) -> None:
         with self._lock:
-            old = self._seconds_per_step
-            self._seconds_per_step = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
+            self._seconds_per_step = policy.blend_speed(self._seconds_per_step, seconds_per_step)
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
         """Record the job's end, once: a job that already ended is returned unchanged, with no event."""
@@ -501,30 +487,21 @@ class SQLiteJobQueue(JobEnds):
                 ).rowcount
             self._recount()
         for row in given_up:
-            self.fail(
-                row["id"],
-                f"the server stopped while running this job {row['attempts']} times; giving up "
-                "(it may crash the worker, e.g. out of memory)",
-                kind="internal",
-            )
+            self.fail(row["id"], policy.given_up(row["attempts"]), kind="internal")
         return requeued
 
     def expire(self) -> list[Job]:
         """Fail jobs whose timeout passed: queued ones at once; running ones when the runner, which stops
-        them at their next step, has not done so within `RUNNING_GRACE_S` (it is stuck or gone)."""
+        them at their next step, has not done so within `policy.RUNNING_GRACE_S` (it is stuck or gone)."""
         now = time.time()
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, status, created_at, deadline FROM jobs WHERE deadline IS NOT NULL AND "
                 "((status = 'queued' AND deadline < ?) OR (status = 'running' AND deadline < ?))",
-                (now, now - RUNNING_GRACE_S),
+                (now, now - policy.RUNNING_GRACE_S),
             ).fetchall()
-        where = {"queued": "waiting in the queue", "running": "(waiting and running)"}
-        return [
-            self.fail(r["id"], f"timed out after {r['deadline'] - r['created_at']:.0f} s {where[r['status']]}",
-                      "timeout")
-            for r in rows
-        ]
+        return [self.fail(r["id"], policy.timed_out(r["deadline"] - r["created_at"], r["status"]), "timeout")
+                for r in rows]
 
     def prune(self, finished_before: float, limit: int = 1000) -> int:
         with self._write():

@@ -1,4 +1,5 @@
-"""The job queue and job store interface. Embedded: `jobs.local` (SQLite). Scale-out: Redis Streams.
+"""The job queue and job store interface. Embedded: `jobs.local` (SQLite). Scale-out: `jobs.redis` (sorted sets,
+Lua scripts for the atomic steps, and a Redis Stream of events per job).
 
 Order is priority first (higher first), then, across callers, fair share (jobs/fairshare.py), and within
 one caller first-in-first-out. A claimed job is `running`;
@@ -87,7 +88,30 @@ class JobEnds:
         return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
 
 
-class JobQueue(Protocol):
+class SharedState(Protocol):
+    """What every replica and worker shares besides the jobs: small tables, token buckets and the worker registry.
+    A1111's options and calls, the rate limiter, signed links and the model catalog depend on this alone."""
+
+    def shared_get(self, table: str) -> dict[str, str]:
+        """Small state every replica shares (A1111 options, the A1111 calls in flight): a table of strings."""
+
+    def shared_put(self, table: str, key: str, value: str | None) -> None:
+        """Set a key of a shared table; None removes it."""
+
+    def take_tokens(self, bucket: str, rate: float, burst: float, n: float) -> tuple[bool, float, float]:
+        """Atomically take n tokens from a token bucket every replica shares (refilling at `rate` per second up
+        to `burst`; a new bucket starts full): (taken, tokens left, seconds until n would fit)."""
+
+    def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
+        """A worker says it is alive (name, model, device, current batch); it counts as live for `ttl_s`."""
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers, each with its `last_heartbeat` (unix time)."""
+
+
+class JobQueue(SharedState, Protocol):
+    """The job store. Each backend also holds the shared state (`SharedState`), in the same database."""
+
     events: EventBus
     accepting: bool
     shared: bool  # other processes (API replicas, workers) can use it too
@@ -119,8 +143,6 @@ class JobQueue(Protocol):
 
     def depth(self) -> int: ...
 
-    def running(self) -> list[Job]: ...
-
     def retry_after_s(self) -> int: ...
 
     # --- runner side ---
@@ -136,22 +158,6 @@ class JobQueue(Protocol):
 
     def canceled(self, job_ids: Sequence[str]) -> set[str]:
         """Those of these running jobs whose cancellation was requested (one round trip)."""
-
-    def shared_get(self, table: str) -> dict[str, str]:
-        """Small state every replica shares (A1111 options, the A1111 calls in flight): a table of strings."""
-
-    def shared_put(self, table: str, key: str, value: str | None) -> None:
-        """Set a key of a shared table; None removes it."""
-
-    def take_tokens(self, bucket: str, rate: float, burst: float, n: float) -> tuple[bool, float, float]:
-        """Atomically take n tokens from a token bucket every replica shares (refilling at `rate` per second up
-        to `burst`; a new bucket starts full): (taken, tokens left, seconds until n would fit)."""
-
-    def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
-        """A worker says it is alive (name, model, device, current batch); it counts as live for `ttl_s`."""
-
-    def workers(self) -> list[dict[str, Any]]:
-        """The live workers, each with its `last_heartbeat` (unix time)."""
 
     def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         """Each job's unix time after which it fails with a timeout, or None (one round trip)."""

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sdserve.core import public_job
-from sdserve.jobs import fairshare
+from sdserve.jobs import fairshare, policy
 from sdserve.jobs.events import Event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
@@ -46,15 +46,13 @@ from sdserve.jobs.queue import (
     NotAccepting,
     QueueFull,
     Selector,
-    StorageError,
     Stops,
+    StorageError,
 )
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
 PREFIX = "sdserve:"  # the default; SDSERVE_QUEUE_PREFIX keeps deployments sharing a Redis apart
-CLAIM_WINDOW = 64
 EVENTS_TTL_S = 86400
-RUNNING_GRACE_S = 30.0
 
 # Higher priority first, then arrival: priority is -100..100 and sequence numbers stay far below 1e12.
 _SCORE = "(100 - tonumber(priority)) * 1e12 + tonumber(seq)"
@@ -77,6 +75,33 @@ local function consume(p, n)
     redis.call('XDEL', p .. '{DEMAND}', entry[1])
   end
 end
+"""
+
+# ARGV: prefix, job id ('' for the whole queue). What policy.queued_eta and policy.retry_after_s need, read at
+# once: the job's rank in the queue (-1: not queued), the work queued ahead of it, and the work the running
+# jobs have left (policy.work_left: work x steps left / steps).
+_WORK = """
+local p, id = ARGV[1], ARGV[2]
+local rank = -1
+local last = -1
+if id ~= '' then
+  rank = redis.call('ZRANK', p .. 'queued', id)
+  if not rank then return {-1, '0', '0'} end
+  last = rank - 1
+end
+local ahead = 0
+if last ~= -1 or id == '' then
+  for _, other in ipairs(redis.call('ZRANGE', p .. 'queued', 0, last)) do
+    ahead = ahead + (tonumber(redis.call('HGET', p .. 'job:' .. other, 'work')) or 0)
+  end
+end
+local left = 0
+for _, other in ipairs(redis.call('ZRANGE', p .. 'running', 0, -1)) do
+  local f = redis.call('HMGET', p .. 'job:' .. other, 'work', 'steps', 'step')
+  local work, steps, step = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
+  if steps > 0 then left = left + work * math.max(0, steps - step) / steps end
+end
+return {rank, tostring(ahead), tostring(left)}
 """
 
 # ARGV: prefix. Creates the demand stream and group if missing, with one entry per job already queued.
@@ -204,8 +229,6 @@ end
 return #ids
 """
 
-# ARGV: prefix, id, count_attempt ('1' keeps the attempt: a lease ran out; '0' gives it back: graceful stop),
-# only_if_expired_before (a lease expiry bound, or '' for none). Back to the queue if still running.
 # A token bucket in a hash (tokens, at), on Redis's own clock so replicas' clocks never matter. A new bucket
 # starts full; the key expires once it would be full again.
 _TAKE_TOKENS = """
@@ -222,6 +245,8 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / rate * 1000) + 1000)
 return {taken, tostring(level), tostring(retry)}
 """
 
+# ARGV: prefix, id, count_attempt ('1' keeps the attempt: a lease ran out; '0' gives it back: graceful stop),
+# only_if_expired_before (a lease expiry bound, or '' for none). Back to the queue if still running.
 _REQUEUE = _OWNERS + f"""
 local p, id = ARGV[1], ARGV[2]
 if redis.call('HGET', p .. 'job:' .. id, 'status') ~= 'running' then return 0 end
@@ -348,6 +373,7 @@ class RedisJobQueue(JobEnds):
         self._requeue = self.client.register_script(_REQUEUE)
         self._ensure_demand = self.client.register_script(_ENSURE_DEMAND)
         self._take_tokens = self.client.register_script(_TAKE_TOKENS)
+        self._work = self.client.register_script(_WORK)
         self._prune = self.client.register_script(_PRUNE)
         self._demand_ensured = -1e9  # when ensure_demand last ran (monotonic)
         self._unreachable_at = -1e9  # when a call last failed for Redis's sake (monotonic)
@@ -380,26 +406,25 @@ class RedisJobQueue(JobEnds):
         self.client.close()
 
     # ----- reading ---------------------------------------------------------------------------
-    def _to_job(self, h: dict[str, str], position: int | None = None) -> Job:
-        """A job from its hash; `position` is its rank in the queue (read with the hash, in one pipeline)."""
+    def _to_job(self, h: dict[str, str], work: list | None = None) -> Job:
+        """A job from its hash; `work` is what the _WORK script read with it, in one pipeline (queued jobs)."""
         status = JobStatus(h["status"])
         request = JobRequest.model_validate_json(h["request"])
         step = int(h.get("step") or 0)
         steps = int(h.get("steps") or request.steps)
         if status is JobStatus.succeeded:
             step = steps
-        eta = None
+        eta = position = None
         speed = self._speed()
-        if status is not JobStatus.queued:
-            position = None
-        elif speed is not None and position is not None:
-            eta = (position + 1) * request.steps * request.n * speed
-        elif status is JobStatus.running and speed is not None:
-            eta = max(0, steps - step) * speed * int(h.get("batch_images") or request.n)
+        if status is JobStatus.queued and work is not None and int(work[0]) >= 0:
+            position = int(work[0])
+            eta = policy.queued_eta(float(work[1]), float(work[2]), float(h.get("work") or 0), speed)
+        elif status is JobStatus.running:
+            eta = policy.running_eta(steps, step, int(h.get("batch_images") or request.n), speed)
         return Job(
             id=h["id"], status=status, request=request, source=h["source"], queue_position=position,
             progress=(step / steps) if steps else 0.0, step=step, steps=steps,
-            eta_s=round(eta, 2) if eta is not None else None,
+            eta_s=eta,
             created_at=_ts(h["created_at"]), started_at=_ts(h.get("started_at")),
             finished_at=_ts(h.get("finished_at")), attempts=int(h.get("attempts") or 0),
             error=h.get("error") or None, error_kind=h.get("error_kind") or None,
@@ -431,7 +456,7 @@ class RedisJobQueue(JobEnds):
             for job_id in ids:
                 pipe.hgetall(f"{self.p}job:{job_id}")
                 if with_position:
-                    pipe.zrank(f"{self.p}queued", job_id)
+                    self._work(args=[self.p, job_id], client=pipe)
             replies = pipe.execute()
         step = 2 if with_position else 1
         return [self._to_job(h, replies[i + 1] if with_position else None)
@@ -464,11 +489,6 @@ class RedisJobQueue(JobEnds):
         with self._redis():
             return self.client.zcard(f"{self.p}queued")
 
-    def running(self) -> list[Job]:
-        with self._redis():
-            ids = self.client.zrange(f"{self.p}running", 0, -1)
-        return self._jobs(ids)
-
     def _speed(self) -> float | None:
         """Seconds per denoising step of one image, shared by the workers; read at most once a second."""
         now = time.monotonic()
@@ -481,8 +501,10 @@ class RedisJobQueue(JobEnds):
     def retry_after_s(self) -> int:
         speed = self._speed()
         if speed is None:
-            return 5
-        return int(min(300, max(1, self.depth() * 20 * speed / max(1, self.max_queue))))
+            return policy.UNKNOWN_RETRY_S
+        with self._redis():
+            _, queued_work, _ = self._work(args=[self.p, ""])
+        return policy.retry_after_s(float(queued_work), speed, self.max_queue)
 
     # ----- client side -----------------------------------------------------------------------
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
@@ -520,8 +542,13 @@ class RedisJobQueue(JobEnds):
             return existing, False
         if result[0] == "full":
             raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s())
-        job = Job(id=job_id, status=JobStatus.queued, request=request, source=source,
-                  queue_position=int(result[2]), steps=request.steps, created_at=_ts(str(now)), label=label)
+        eta, speed = None, self._speed()
+        if speed is not None:
+            with self._redis():
+                _, ahead, left = self._work(args=[self.p, job_id])
+            eta = policy.queued_eta(float(ahead), float(left), fields["work"], speed)
+        job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=int(result[2]),
+                  steps=request.steps, eta_s=eta, created_at=_ts(str(now)), label=label)
         self._publish("queued", job)
         return job, True
 
@@ -574,7 +601,7 @@ class RedisJobQueue(JobEnds):
         queue in order (to fill its batch from); and the virtual time after this turn."""
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
-            pipe.zrange(f"{self.p}queued", 0, CLAIM_WINDOW - 1, withscores=True)
+            pipe.zrange(f"{self.p}queued", 0, policy.CLAIM_WINDOW - 1, withscores=True)
             pipe.smembers(f"{self.p}owners")
             pipe.hgetall(f"{self.p}fair")
             pipe.get(f"{self.p}fair:vt")
@@ -679,14 +706,14 @@ class RedisJobQueue(JobEnds):
 
     def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
         speed = self._speed()
-        eta = max(0, steps - step) * speed if speed else None
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
             for job_id in job_ids:
-                pipe.hmget(f"{self.p}job:{job_id}", "cancel", "status", "batch_id")
+                pipe.hmget(f"{self.p}job:{job_id}", "cancel", "status", "batch_id", "batch_images")
             states = pipe.execute()
+        images = {job_id: int(state[3] or 1) for job_id, state in zip(job_ids, states)}
         stops = Stops(set(), set())
-        for job_id, (cancel, status, held_by) in zip(job_ids, states):
+        for job_id, (cancel, status, held_by, _) in zip(job_ids, states):
             if status != "running" or (batch_id is not None and held_by != batch_id):
                 stops.lost.add(job_id)
             elif cancel == "1":
@@ -697,16 +724,13 @@ class RedisJobQueue(JobEnds):
                 if job_id in stops.canceled or job_id in stops.lost:
                     continue
                 pipe.hset(f"{self.p}job:{job_id}", mapping={"step": step, "steps": steps})
-                self.events.publish(job_id, {
-                    "type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
-                    "progress": step / steps if steps else 0.0, "eta_s": round(eta, 2) if eta is not None else None,
-                }, pipe)
+                eta = policy.running_eta(steps, step, images[job_id], speed)
+                self.events.publish(job_id, policy.progress_event(job_id, step, steps, eta), pipe)
             pipe.execute()
         return stops
 
     def record_speed(self, seconds_per_step: float) -> None:
-        old = self._speed()
-        value = seconds_per_step if old is None else 0.7 * old + 0.3 * seconds_per_step
+        value = policy.blend_speed(self._speed(), seconds_per_step)
         with self._redis():
             self.client.set(f"{self.p}speed", value)
         self._speed_read = (time.monotonic(), value)
@@ -754,8 +778,7 @@ class RedisJobQueue(JobEnds):
                     continue
             attempts = int(h.get("attempts") or 0)
             if attempts >= MAX_ATTEMPTS:
-                self.fail(job_id, f"its worker stopped while running this job {attempts} times; giving up "
-                                  "(it may crash the worker, e.g. out of memory)", "internal")
+                self.fail(job_id, policy.given_up(attempts), "internal")
                 continue
             with self._redis():
                 requeued += self._requeue(args=[self.p, job_id, "1", now])
@@ -794,10 +817,9 @@ class RedisJobQueue(JobEnds):
         for job in self._jobs(due, with_position=False):
             deadline = self.deadlines([job.id])[job.id] or now
             limit = deadline - job.created_at.timestamp()
-            if job.status is JobStatus.queued:
-                ended.append(self.fail(job.id, f"timed out after {limit:.0f} s waiting in the queue", "timeout"))
-            elif job.status is JobStatus.running and deadline < now - RUNNING_GRACE_S:
-                ended.append(self.fail(job.id, f"timed out after {limit:.0f} s (waiting and running)", "timeout"))
+            if job.status is JobStatus.queued or (
+                    job.status is JobStatus.running and deadline < now - policy.RUNNING_GRACE_S):
+                ended.append(self.fail(job.id, policy.timed_out(limit, job.status.value), "timeout"))
         return ended
 
     def prune(self, finished_before: float, limit: int = 1000) -> int:

@@ -28,8 +28,8 @@ from sdserve.engine.pipeline import (
 )
 from sdserve.health import WriteHealth
 from sdserve.images import ImageDecodeError, decode_image, encode_png
-from sdserve.jobs import batcher
-from sdserve.jobs.queue import JobNotFound, JobQueue, StorageError, Stops
+from sdserve.jobs import batcher, policy
+from sdserve.jobs.queue import JobNotFound, JobQueue, Stops, StorageError
 from sdserve.moderation import ModerationUnavailable, Moderator, NoModeration, Verdict
 from sdserve.schema import ImageRef, Job
 from sdserve.storage import ImageStore, StoreError
@@ -372,8 +372,7 @@ class Runner:
                 deadline = deadlines.get(job.id)
                 if deadline is not None and now > deadline:
                     limit = deadline - job.created_at.timestamp()
-                    ends.append((self.queue.fail, (job.id, f"timed out: its {limit:.0f} s limit (waiting and "
-                                                            "running) passed", "timeout")))
+                    ends.append((self.queue.fail, (job.id, policy.timed_out(limit, "running"), "timeout")))
                     dropped.add(job.id)
             # The store away: this step's progress is skipped and the batch goes on (see _Outage).
             stops = outage.attempt(self.queue.progress, [job.id for job in live()], step, steps, batch_id,

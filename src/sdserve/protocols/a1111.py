@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdserve import __version__
+from sdserve import __version__, bounds
 from sdserve.schema import (
     CONTROL_MODES,
     CONTROL_MODULES,
@@ -44,8 +44,8 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, ge=-1, strict=True)
     subseed: int = Field(-1, ge=-1, strict=True)
     subseed_strength: float = Field(0, ge=0, le=1)
-    seed_resize_from_h: int = Field(-1, ge=-1, le=2048)
-    seed_resize_from_w: int = Field(-1, ge=-1, le=2048)
+    seed_resize_from_h: int = Field(-1, ge=-1, le=bounds.MAX_SIZE)
+    seed_resize_from_w: int = Field(-1, ge=-1, le=bounds.MAX_SIZE)
     sampler_name: str | None = None
     sampler_index: str | None = DEFAULT_SAMPLER
     scheduler: str | None = None
@@ -78,7 +78,7 @@ class Txt2ImgRequest(BaseModel):
     firstphase_height: int = 0
     hr_scale: float = Field(2.0, ge=1, le=4)
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_second_pass_steps: int = Field(0, ge=0, le=bounds.MAX_STEPS)
     hr_resize_x: int = 0
     hr_resize_y: int = 0
     hr_checkpoint_name: str | None = None
@@ -192,9 +192,9 @@ def control_units(body: Txt2ImgRequest) -> list[dict[str, Any]]:
             "guidance_start": arg.get("guidance_start", 0.0), "guidance_end": arg.get("guidance_end", 1.0),
             "control_mode": _named(arg.get("control_mode"), CONTROL_MODES, "Balanced"),
             "resize_mode": _named(arg.get("resize_mode"), CONTROL_RESIZE, "Crop and Resize"),
-            "processor_res": _setting(arg.get("processor_res"), 512),
-            "threshold_a": _setting(arg.get("threshold_a"), 100.0),
-            "threshold_b": _setting(arg.get("threshold_b"), 200.0),
+            "processor_res": _setting(arg.get("processor_res"), bounds.PROCESSOR_RES),
+            "threshold_a": _setting(arg.get("threshold_a"), bounds.CANNY_LOW),
+            "threshold_b": _setting(arg.get("threshold_b"), bounds.CANNY_HIGH),
         })
     return units
 
@@ -213,7 +213,7 @@ def _setting(value: Any, default: float) -> Any:
 
 def _snap(value: int | None) -> int | None:
     # A1111 floors sizes to the latent grid rather than refusing them.
-    return None if value is None else max(64, value - value % 8)
+    return None if value is None else max(bounds.MIN_SIZE, bounds.floor_to_grid(value))
 
 
 def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> list[GenerationRequest]:

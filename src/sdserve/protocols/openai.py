@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdserve import bounds
+
 
 class OpenAIError(ValueError):
     """Rendered as OpenAI's envelope {"error": {"message", "type", "param", "code"}}."""
@@ -46,8 +48,9 @@ def parse_size(size: str | None, max_size: int) -> tuple[int | None, int | None]
     except ValueError:
         raise OpenAIError(f"size {size!r} must look like '512x512' or be 'auto'", "size") from None
     for value in (width, height):
-        if value % 8 or not 64 <= value <= max_size:
-            raise OpenAIError(f"size {size!r}: width and height must be multiples of 8 from 64 to {max_size}", "size")
+        if value % bounds.SIZE_STEP or not bounds.MIN_SIZE <= value <= max_size:
+            raise OpenAIError(f"size {size!r}: width and height must be multiples of {bounds.SIZE_STEP} from "
+                              f"{bounds.MIN_SIZE} to {max_size}", "size")
     return width, height
 
 

@@ -41,6 +41,7 @@ export const api = {
   ready: () => fetch("/readyz").then(async (r) => ({ ok: r.ok, ...(await r.json().catch(() => ({}))) })),
   models: () => request("GET", "/api/v1/models"),
   samplers: () => request("GET", "/api/v1/samplers"),
+  limits: () => request("GET", "/api/v1/limits"),
   loras: () => request("GET", "/api/v1/loras"),
   controlnets: () => request("GET", "/api/v1/controlnets"),
   jobs: (limit = 40, offset = 0) => request("GET", `/api/v1/jobs?limit=${limit}&offset=${offset}`),

@@ -91,8 +91,15 @@ async function pollReady() {
 let samplerInfo = [];
 
 async function loadPickers() {
-  const [models, samplers, loras, control] = await withAuth(() => Promise.all(
-    [api.models(), api.samplers(), api.loras(), api.controlnets()]));
+  const [models, samplers, loras, control, limits] = await withAuth(() => Promise.all(
+    [api.models(), api.samplers(), api.loras(), api.controlnets(), api.limits()]));
+  // The server's bounds (as its operator set them), so the form refuses what the server would.
+  for (const id of ["width", "height"]) {
+    Object.assign($(id), { min: limits.min_size, max: limits.max_size, step: limits.size_step });
+  }
+  $("steps").max = limits.max_steps;
+  if (!$("steps").value) $("steps").value = limits.default_steps;
+  $("n").max = limits.max_images;
   $("control-module").replaceChildren(...control.modules.map((m) => new Option(m, m, false, m === "canny")));
   $("control-model").replaceChildren(...(control.models.length
     ? control.models.map((m) => new Option(m, m))

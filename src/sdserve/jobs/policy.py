@@ -1,0 +1,65 @@
+"""The job queue's rules that are not storage, written once for every backend: the estimates a client sees
+(ETA, Retry-After), the shared speed average, when a job times out or is given up and how that reads, the claim
+window and the progress event. A backend stores and moves records; it asks this module what they mean.
+
+Units: the speed is seconds per denoising step of one image; work is image-steps (steps x images)."""
+
+from __future__ import annotations
+
+from sdserve.jobs.events import Event
+
+# The queued jobs a claim considers (head first, priority then fair share): bounds each claim's cost.
+CLAIM_WINDOW = 64
+# A running job past its deadline is failed by the reaper only after this grace: the runner, which stops it at
+# its next step, normally records the timeout itself.
+RUNNING_GRACE_S = 30.0
+# The weight of the latest batch in the speed average.
+SPEED_WEIGHT = 0.3
+# Retry-After before any speed is known, and its bounds.
+UNKNOWN_RETRY_S = 5
+MAX_RETRY_S = 300
+
+
+def blend_speed(old: float | None, latest: float) -> float:
+    """The speed average after a batch that ran at `latest` seconds per image-step."""
+    return latest if old is None else (1 - SPEED_WEIGHT) * old + SPEED_WEIGHT * latest
+
+
+def queued_eta(work_ahead: float, running_left: float, own_work: float, speed: float | None) -> float | None:
+    """A queued job's seconds until it ends: the work queued ahead of it, what the running batches have left,
+    and its own, at the measured speed."""
+    return None if speed is None else round((work_ahead + running_left + own_work) * speed, 2)
+
+
+def running_eta(steps: int, step: int, batch_images: int, speed: float | None) -> float | None:
+    """A running job's seconds until it ends: its steps left, for every image of its batch."""
+    return None if speed is None else round(max(0, steps - step) * max(1, batch_images) * speed, 2)
+
+
+def work_left(work: float, steps: int, step: int) -> float:
+    """The image-steps a running job (`work` = steps x images) has left."""
+    return work * max(0, steps - step) / steps if steps else 0.0
+
+
+def retry_after_s(queued_work: float, speed: float | None, max_queue: int) -> int:
+    """When a full queue likely has room again: the queue's work at the measured speed, per slot."""
+    if speed is None:
+        return UNKNOWN_RETRY_S
+    return int(min(MAX_RETRY_S, max(1, queued_work * speed / max(1, max_queue))))
+
+
+def timed_out(limit_s: float, status: str) -> str:
+    """The error of a job whose timeout passed (`status`: where it was then)."""
+    where = "waiting in the queue" if status == "queued" else "waiting and running"
+    return f"timed out: its {limit_s:.0f} s limit ({where}) passed"
+
+
+def given_up(attempts: int) -> str:
+    """The error of a job whose worker stopped under it MAX_ATTEMPTS times."""
+    return (f"its worker stopped while running this job {attempts} times; giving up (it may crash the worker, "
+            "e.g. out of memory)")
+
+
+def progress_event(job_id: str, step: int, steps: int, eta_s: float | None) -> Event:
+    return {"type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+            "progress": step / steps if steps else 0.0, "eta_s": eta_s}
