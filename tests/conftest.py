@@ -68,18 +68,25 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def roomy_queue(request, tmp_path):
-    """A job queue on each backend (a SQLite file; a flushed database on the real redis-server), room for
-    1000 jobs: for the fair-share and retention contracts."""
-    from sdserve.jobs.local import SQLiteJobQueue
+def make_queue(request, tmp_path):
+    """The one backend parametrization of the queue contracts: opens a job queue on each backend (a SQLite file;
+    a flushed database on the real redis-server) with the test's own bounds (`max_queue`, ...)."""
+    opened = []
 
-    if request.param == "sqlite":
-        queue = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=1000)
-    else:
-        from sdserve.jobs.redis import RedisJobQueue
+    def make(**kwargs):
+        if request.param == "sqlite":
+            from sdserve.jobs.local import SQLiteJobQueue
 
-        server = request.getfixturevalue("redis_server")
-        server.client().flushdb()
-        queue = RedisJobQueue(server.url, max_queue=1000)
-    yield queue
-    queue.close()
+            queue = SQLiteJobQueue(tmp_path / "jobs.db", **kwargs)
+        else:
+            from sdserve.jobs.redis import RedisJobQueue
+
+            server = request.getfixturevalue("redis_server")
+            server.client().flushdb()
+            queue = RedisJobQueue(server.url, **kwargs)
+        opened.append(queue)
+        return queue
+
+    yield make
+    for queue in opened:
+        queue.close()

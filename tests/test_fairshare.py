@@ -41,8 +41,8 @@ def test_an_idle_caller_earns_no_credit():
 
 # ---------------------------------------------------------------- the queue, both backends
 @pytest.fixture()
-def queue(roomy_queue):
-    return roomy_queue
+def queue(make_queue):
+    return make_queue(max_queue=1000)
 
 
 def submit(q, owner, weight=1.0, **kw):

@@ -15,8 +15,8 @@ from sdserve.schema import ImageRef, JobRequest, JobStatus
 
 
 @pytest.fixture()
-def queue(roomy_queue):
-    return roomy_queue
+def queue(make_queue):
+    return make_queue(max_queue=1000)
 
 
 def test_prune_deletes_only_ended_jobs_older_than_the_cut(queue):

@@ -59,7 +59,7 @@ def test_every_issue_sampler_is_known():
     expected = {"Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE",
                 "DPM++ SDE", "DDIM", "PLMS", "UniPC", "LCM"}
     assert expected <= set(samplers.sampler_names())
-    assert {"automatic", "karras", "exponential", "sgm_uniform", "uniform"} <= set(samplers.schedule_names())
+    assert {"automatic", "karras", "exponential", "sgm_uniform", "uniform"} <= {s.name for s in samplers.SCHEDULES}
 
 
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS, ids=lambda s: s.name)

@@ -168,7 +168,7 @@ class GenerationRequest(BaseModel):
 
 
 class JobRequest(GenerationRequest):
-    """A request as the queue holds it (`core.accept` makes it): seed drawn, model pinned, and the input
+    """A request as the queue holds it (`core.job_request` makes it): seed drawn, model pinned, and the input
     images moved out to the image store. `init_image` and `mask` are their keys there, never image data,
     so a job record stays small however large its inputs were; `init_size` is the init image's size,
     read once at submission, so batching never decodes an image."""
@@ -217,7 +217,7 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     attempts: int = 0
     error: str | None = None
-    error_kind: str | None = Field(None, description="invalid | timeout | canceled | internal")
+    error_kind: str | None = Field(None, description="invalid | timeout | canceled | unavailable | storage | internal")
     images: list[ImageRef] = Field(default_factory=list)
     batch_id: str | None = Field(None, description="Jobs run in the same UNet pass share this id.")
     batch_images: int | None = Field(None, description="Images in that pass, this job's and its companions'.")

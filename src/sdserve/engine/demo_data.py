@@ -144,14 +144,6 @@ def caption(scene: Scene, rng: random.Random, keep: float = 0.6, region_keep: fl
 
 
 # ----- reading a picture back --------------------------------------------------------------------
-_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
-_NAMES = list(COLOURS)
-
-
-def nearest_colour(rgb: np.ndarray) -> str:
-    return _NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(axis=1)))]
-
-
 def _template(shape: str, n: int = 32) -> np.ndarray:
     """The shape's mask filling an n x n box (what a bounding box crop of a drawn shape looks like)."""
     scene = Scene("white", shape, "large", "middle", "black")

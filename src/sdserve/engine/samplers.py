@@ -84,10 +84,6 @@ def sampler_names() -> list[str]:
     return [s.name for s in SAMPLERS]
 
 
-def schedule_names() -> list[str]:
-    return [s.name for s in SCHEDULES]
-
-
 def find_schedule(name: str | None) -> Schedule:
     if name is None or not name.strip():
         return SCHEDULES[0]

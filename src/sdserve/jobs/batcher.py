@@ -1,8 +1,9 @@
 """Dynamic batching: which queued jobs share one UNet pass.
 
 Jobs can share a pass when their `engine.pipeline.batch_key` is equal: model, mode, size, steps,
-sampler and schedule, guidance scale and img2img strength. Each image keeps its own prompt,
-negative prompt and seed.
+sampler and schedule, whether guidance runs at all (each row keeps its own guidance scale), img2img
+strength, clip skip, LoRAs, VAE, hires settings and ControlNet settings. Each image keeps its own prompt,
+negative prompt, guidance scale and seed.
 
 Fairness: a batch is always built around the head of the queue (highest priority, then
 oldest), and only then filled with later jobs of the same shape. So a job never waits behind

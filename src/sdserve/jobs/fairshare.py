@@ -9,8 +9,9 @@ cannot make another's single job wait behind them: the other's pass is lower, an
 The virtual time `vt` is the pass of the caller last served. A caller that was idle comes back at `vt`, not at
 the lower pass it had: waiting earns no credit to spend in a burst later.
 
-The same rule for every backend: each keeps the passes (SQLite: in memory; Redis: a hash its claim script
-updates) and calls these functions.
+Each backend keeps the passes (SQLite: in memory; Redis: a hash) and picks with `pick`. The charge is `charge`
+here for SQLite, and the same arithmetic inside the Redis claim script (Lua: the charge must be atomic with the
+claim); test_fairshare runs the same cases through both backends.
 """
 
 from __future__ import annotations

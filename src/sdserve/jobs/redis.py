@@ -394,14 +394,6 @@ class RedisJobQueue(JobEnds):
         with self._redis():
             self._ensure_demand(args=[self.p])
 
-    def demand(self) -> int | None:
-        """The lag of the demand stream's group: what KEDA scales workers on (None: Redis cannot tell)."""
-        with self._redis():
-            for group in self.client.xinfo_groups(self.demand_stream):
-                if group["name"] == DEMAND_GROUP:
-                    return group.get("lag")
-        return None
-
     def close(self) -> None:
         self.client.close()
 
