@@ -70,7 +70,7 @@ bench-loras: install
 DEMO_ARGS ?=
 demo-model: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python -m sdserve.engine.train_demo $(DEMO_ARGS)
+	$(BIN)/python -m sdserve.demo.train $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

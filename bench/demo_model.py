@@ -52,7 +52,7 @@ def generate(eng, prompts, seeds, **fields):
 
 
 def adherence(eng) -> dict:
-    from sdserve.engine import demo_data
+    from sdserve.demo import data as demo_data
 
     scenes = demo_data.test_scenes(50)
     prompts = [demo_data.prompt(s) for s in scenes]
@@ -66,7 +66,7 @@ def adherence(eng) -> dict:
 
 def guidance(eng) -> dict:
     """Colour adherence on colour-only prompts ("a red shape", 50), at CFG 7 and CFG 1."""
-    from sdserve.engine import demo_data
+    from sdserve.demo import data as demo_data
 
     prompts, seeds, colours = demo_data.colour_only_prompts()
     out = {}
@@ -78,7 +78,7 @@ def guidance(eng) -> dict:
 
 def negative(eng) -> dict:
     """The red share of the negative-prompt probe's pictures, without and with the negative prompt "red"."""
-    from sdserve.engine import demo_data
+    from sdserve.demo import data as demo_data
 
     prompt, negative_prompt, seeds = demo_data.NEGATIVE_PROBE
     share = {}

@@ -29,7 +29,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from sdserve.engine.train_demo import clip_tokenizer
+from sdserve.demo.train import clip_tokenizer
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
               vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from sdserve.engine import demo_data
-from sdserve.engine.demo_data import Scene
-from sdserve.engine.train_demo import clip_tokenizer
+from sdserve.demo import data as demo_data
+from sdserve.demo.data import Scene
+from sdserve.demo.train import clip_tokenizer
 
 
 def test_the_reader_reads_the_generators_pictures():

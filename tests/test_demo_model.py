@@ -18,8 +18,8 @@ from PIL import Image
 from server import ServerProcess, wait_for
 
 from sdserve.core import inline_inputs
-from sdserve.engine import demo_data
-from sdserve.engine.demo_data import Scene, read
+from sdserve.demo import data as demo_data
+from sdserve.demo.data import Scene, read
 from sdserve.schema import GenerationRequest
 
 # The bars each figure must reach (issue 12).

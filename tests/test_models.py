@@ -114,7 +114,7 @@ def test_demo_is_the_packaged_model_loaded_through_the_registry(tmp_path):
 
 
 def test_demo_training_is_deterministic_from_its_seed(tmp_path):
-    from sdserve.engine.train_demo import train
+    from sdserve.demo.train import train
 
     small = dict(pictures=16, vae_steps=2, unet_steps=2, vae_batch=2, batch=4)
     train(tmp_path / "a", seed=5, **small)

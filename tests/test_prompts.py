@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tolerance
 
+from sdserve.demo.train import clip_tokenizer
 from sdserve.engine import prompts
 from sdserve.engine.prompts import parse_attention
-from sdserve.engine.train_demo import clip_tokenizer
 from sdserve.schema import JobRequest
 
 

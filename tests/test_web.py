@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from server import ServerProcess, wait_for
 
-from sdserve.engine import demo_data
+from sdserve.demo import data as demo_data
 
 CHROMIUM = os.environ.get("SDSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium: apt-get install chromium (CI installs it)")

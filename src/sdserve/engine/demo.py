@@ -1,6 +1,6 @@
 """The embedded `demo` model: a small Stable Diffusion trained on captioned shapes, shipped in the package.
 
-`train_demo` makes it (`make demo-model`); `demo_data` is the world it knows (colours, shapes, regions,
+`sdserve.demo.train` makes it (`make demo-model`); `sdserve.demo.data` is the world it knows (colours, shapes, regions,
 backgrounds). It is a plain diffusers folder of safetensors, loaded through the registry's normal path:
 nothing is built or downloaded at first run.
 """

@@ -1,7 +1,7 @@
 """Model registry: finds models, reports name/kind/size/hash, loads pipelines with an LRU bound.
 
 Sources, in the order a name is resolved:
-- `demo`: the embedded model, shipped in the package (`sdserve/models/demo`, made by `train_demo`);
+- `demo`: the embedded model, shipped in the package (`sdserve/models/demo`, made by `sdserve.demo.train`);
 - a diffusers folder (has `model_index.json`), in `--models-dir` or given as a path;
 - a single-file `.safetensors` checkpoint (SD 1.x, 2.x, SDXL), in `--models-dir` or given as a path;
 - a Hugging Face repo id (`owner/name`), downloaded when online.

@@ -144,6 +144,10 @@ def caption(scene: Scene, rng: random.Random, keep: float = 0.6, region_keep: fl
 
 
 # ----- reading a picture back --------------------------------------------------------------------
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+_NAMES = list(COLOURS)
+
+
 def _template(shape: str, n: int = 32) -> np.ndarray:
     """The shape's mask filling an n x n box (what a bounding box crop of a drawn shape looks like)."""
     scene = Scene("white", shape, "large", "middle", "black")

@@ -1,9 +1,9 @@
-"""Train the embedded `demo` model from scratch: `make demo-model` or `python -m sdserve.engine.train_demo`.
+"""Train the embedded `demo` model from scratch: `make demo-model` or `python -m sdserve.demo.train`.
 
 Stable Diffusion's own classes, small: a CLIP tokenizer whose BPE merges make each word of the demo
 vocabulary one token (any other text still tokenizes, byte by byte), a CLIPTextModel, an AutoencoderKL with
 SD's 8x latent factor and 4 latent channels, a UNet2DConditionModel, and SD 1.5's noise schedule rescaled to
-zero terminal SNR. Data: `demo_data`'s captioned shapes, made here from the seed. Two stages on the CPU:
+zero terminal SNR. Data: `sdserve.demo.data`'s captioned shapes, made here from the seed. Two stages on the CPU:
 
 1. the VAE learns to reconstruct the pictures (L1 + a small KL term); its latents' spread sets `scaling_factor`;
 2. the UNet and the text encoder learn to denoise those latents from the captions (10% empty, so
@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdserve.engine import demo_data
+from sdserve.demo import data as demo_data
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models" / "demo"
 
