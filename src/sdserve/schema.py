@@ -187,7 +187,11 @@ class JobStatus(str, Enum):
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+        return self in FINAL_STATUSES
+
+
+# The one set of final statuses: a job in one has ended and never changes again (events, SQL and Lua read it).
+FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
 
 
 class ImageRef(BaseModel):

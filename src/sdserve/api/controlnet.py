@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve import bounds, controlnet
 from sdserve.api.deps import ServiceDep
-from sdserve.api.errors import render
+from sdserve.api.errors import native_error, respond
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
@@ -80,4 +80,4 @@ async def detect(body: DetectRequest, service: ServiceDep) -> Any:
 
 
 def _error(detail: str, field: str) -> JSONResponse:
-    return render("/controlnet/detect", 422, detail, field=field)
+    return respond(native_error, 422, detail, field=field)

@@ -1,6 +1,6 @@
 """Errors as JSON a person can act on, with the right status code. Never a 500 for client input.
 
-One renderer, shaped per dialect: OpenAI clients get `{"error": {message, type, param, code}}`,
+Each dialect's shape is one function here (`*_error`); `shape_for` maps a URL to it. OpenAI clients get `{"error": {message, type, param, code}}`,
 A1111 clients `{"error", "detail", "errors"}`, TF Serving and Open Inference Protocol v2 clients
 `{"error": message}`, everyone else `{"detail", "errors": [{field, message}]}`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,29 +48,65 @@ def _tensor_protocol(path: str) -> bool:
 _REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
 
 
-def render(path: str, status: int, message: str, *, field: str | None = None, errors: list[dict] | None = None,
-           headers: dict[str, str] | None = None, error_type: str | None = None, code: str | None = None) -> JSONResponse:
+# ----- each dialect's error shape ------------------------------------------------------------------
+# Each takes the same arguments: (status, message, field, errors, error_type, code) -> (status, body).
+def tensor_error(status: int, message: str, field: str | None = None, errors: list[dict] | None = None,
+                 error_type: str | None = None, code: str | None = None) -> tuple[int, dict[str, Any]]:
+    """TF Serving and the v2 protocol answer invalid input with 400 and a bare message."""
+    return (400 if status == 422 else status), {"error": message}
+
+
+def openai_error(status: int, message: str, field: str | None = None, errors: list[dict] | None = None,
+                 error_type: str | None = None, code: str | None = None) -> tuple[int, dict[str, Any]]:
+    """OpenAI answers invalid input with 400, never 422, as {"error": {message, type, param, code}}."""
+    status = 400 if status == 422 else status
+    return status, error_body(message, error_type or _OPENAI_TYPES.get(status, "invalid_request_error"), field, code)
+
+
+def a1111_error(status: int, message: str, field: str | None = None, errors: list[dict] | None = None,
+                error_type: str | None = None, code: str | None = None) -> tuple[int, dict[str, Any]]:
+    return status, {"error": error_type or "HTTPException", "detail": message, "body": None, "errors": message}
+
+
+def native_error(status: int, message: str, field: str | None = None, errors: list[dict] | None = None,
+                 error_type: str | None = None, code: str | None = None) -> tuple[int, dict[str, Any]]:
+    body: dict[str, Any] = {"detail": message}
+    if code is not None:
+        body["code"] = code
+    if errors is not None or field is not None:
+        body["errors"] = errors if errors is not None else [{"field": field, "message": message}]
+    return status, body
+
+
+Shape = Callable[..., tuple[int, dict[str, Any]]]
+
+
+def shape_for(path: str) -> Shape:
+    """The one place a URL says which dialect's error shape its client reads (middleware errors come before
+    any route, so they know only the path)."""
+    if _tensor_protocol(path):
+        return tensor_error
+    if path.startswith("/v1/"):
+        return openai_error
+    if path.startswith("/sdapi/"):
+        return a1111_error
+    return native_error
+
+
+def respond(shape: Shape, status: int, message: str, *, field: str | None = None, errors: list[dict] | None = None,
+            headers: dict[str, str] | None = None, error_type: str | None = None,
+            code: str | None = None) -> JSONResponse:
+    """An error in `shape`, its message cleaned of Python reprs."""
     message = _REPR.sub("the data", message)
     if errors is not None:
         errors = [{**e, "message": _REPR.sub("the data", str(e.get("message", "")))} for e in errors]
-    if _tensor_protocol(path):
-        # Both answer invalid input with 400 and a bare message.
-        status = 400 if status == 422 else status
-        body: dict[str, Any] = {"error": message}
-    elif path.startswith("/v1/"):
-        # OpenAI answers invalid input with 400, never 422.
-        status = 400 if status == 422 else status
-        body = error_body(message, error_type or _OPENAI_TYPES.get(status, "invalid_request_error"),
-                                          field, code)
-    elif path.startswith("/sdapi/"):
-        body = {"error": error_type or "HTTPException", "detail": message, "body": None, "errors": message}
-    else:
-        body = {"detail": message}
-        if code is not None:
-            body["code"] = code
-        if errors is not None or field is not None:
-            body["errors"] = errors if errors is not None else [{"field": field, "message": message}]
+    status, body = shape(status, message, field, errors, error_type, code)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def render(path: str, status: int, message: str, **kwargs: Any) -> JSONResponse:
+    """An error in the shape of the dialect `path` belongs to."""
+    return respond(shape_for(path), status, message, **kwargs)
 
 
 def _field(loc: tuple) -> str:
@@ -114,7 +151,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OpenAIError)
     async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
-        return render("/v1/", exc.status, str(exc), field=exc.param, error_type=exc.type, code=exc.code)
+        return respond(openai_error, exc.status, str(exc), field=exc.param, error_type=exc.type, code=exc.code)
 
     @app.exception_handler(TensorProtocolError)
     async def _tensor(request: Request, exc: TensorProtocolError) -> JSONResponse:

@@ -15,6 +15,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from sdserve.jobs.events import END_EVENTS
 from sdserve.schema import GenerationRequest
 
 # `*_created` series double the output and no dashboard reads them.
@@ -62,7 +63,7 @@ class Metrics:
         if kind == "started":
             self.queue_seconds.observe(_seconds(event["created_at"], event["started_at"]))
             return
-        if kind not in ("succeeded", "failed", "canceled"):
+        if kind not in END_EVENTS:
             return
         label = event.get("label") or ""
         self.jobs.labels(kind, label).inc()

@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from sdserve.schema import FINAL_STATUSES
+
 Event = dict[str, Any]
 log = logging.getLogger(__name__)
 
-END_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+END_EVENTS = frozenset(status.value for status in FINAL_STATUSES)  # a job's last event
 
 
 @dataclass(eq=False)

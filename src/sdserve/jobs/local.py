@@ -34,7 +34,7 @@ from sdserve.jobs.queue import (
     StorageError,
 )
 from sdserve.ratelimit import Rate, refill
-from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
+from sdserve.schema import FINAL_STATUSES, ImageRef, Job, JobRequest, JobStatus
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
 """
+
+
+_FINAL = ", ".join(f"'{status.value}'" for status in sorted(FINAL_STATUSES))  # SQL: the final statuses
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -507,7 +510,7 @@ class SQLiteJobQueue(JobEnds):
         with self._write():
             return self._db.execute(
                 "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ? "
-                "AND status IN ('succeeded', 'failed', 'canceled') LIMIT ?)", (finished_before, limit)).rowcount
+                f"AND status IN ({_FINAL}) LIMIT ?)", (finished_before, limit)).rowcount
 
     def _publish(self, kind: str, job: Job) -> None:
         self.events.publish(job.id, {"type": kind, **public_job(job)})

@@ -49,7 +49,7 @@ from sdserve.jobs.queue import (
     Stops,
     StorageError,
 )
-from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
+from sdserve.schema import FINAL_STATUSES, ImageRef, Job, JobRequest, JobStatus
 
 PREFIX = "sdserve:"  # the default; SDSERVE_QUEUE_PREFIX keeps deployments sharing a Redis apart
 EVENTS_TTL_S = 86400
@@ -190,7 +190,7 @@ _FINISH = _CONSUME + _OWNERS + """
 local p, id = ARGV[1], ARGV[2]
 local status = redis.call('HGET', p .. 'job:' .. id, 'status')
 if not status then return -1 end
-if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
+if """ + " or ".join(f"status == '{status.value}'" for status in sorted(FINAL_STATUSES)) + """ then return 0 end
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
 redis.call('HSET', p .. 'job:' .. id, 'status', ARGV[3])

@@ -8,6 +8,7 @@ stored); its companions run on.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import math
@@ -46,6 +47,15 @@ STORE_RETRY_S = 60.0
 QUEUE_RETRY_S = 60.0
 # How often a worker whose default model failed to load tries again (free until the model's file changes).
 WARM_UP_RETRY_S = 5.0
+
+
+class RunnerState(enum.Enum):
+    """Where a runner's default model stands (`Runner.ready`: it may take jobs)."""
+
+    loading = "loading"  # not loaded yet (the first try is in the loop, before any claim)
+    failed = "failed"  # it failed to load (`load_error`); tried again every WARM_UP_RETRY_S
+    loaded = "loaded"  # loaded; the API replicas are not told yet (on_ready has not succeeded)
+    ready = "ready"  # loaded, and told
 
 
 class _Stop(Cancelled):
@@ -144,10 +154,10 @@ class Runner:
         self.default_model = default_model
         self.max_batch = max(1, max_batch)
         self.batch_wait_s = max(0.0, batch_wait_s)
-        self._loaded = False
+        self.state = RunnerState.loading
         # (images, when the engine finished it, before any of its clients was told): see _companions
         self._last_batch: tuple[int, float] | None = None
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # why the default model failed to load (state `failed`)
         self._warmed_at = -1e9
         self._stopping = threading.Event()
         self._abort = threading.Event()
@@ -156,12 +166,11 @@ class Runner:
         # Publishes this worker's models; called between batches every heartbeat_s. The worker counts as ready
         # once its default model has loaded and a call succeeded.
         self.on_ready: Callable[[], None] | None = None
-        self._told_ready = False
 
     @property
     def ready(self) -> bool:
         """The default model is loaded, and the API replicas have been told what this worker serves."""
-        return self._loaded and (self._told_ready or self.on_ready is None)
+        return self.state is RunnerState.ready or (self.state is RunnerState.loaded and self.on_ready is None)
 
     def start(self) -> None:
         self._thread.start()
@@ -187,18 +196,18 @@ class Runner:
             reason = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
             if self.load_error != reason:
                 log.error("cannot load the default model: %s", reason, exc_info=not isinstance(exc, ModelError))
-            self.load_error = reason
+            self.state, self.load_error = RunnerState.failed, reason
             return
         if self.load_error is not None:
             log.info("the default model loads now")
-        self.load_error = None
-        self._loaded = True
+        self.state, self.load_error = RunnerState.loaded, None
         self._registered = 0.0  # tell the API replicas at once
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                if not self._loaded and time.monotonic() - self._warmed_at >= WARM_UP_RETRY_S:
+                if self.state in (RunnerState.loading, RunnerState.failed) and (
+                        time.monotonic() - self._warmed_at >= WARM_UP_RETRY_S):
                     self._warm_up()
                 if time.monotonic() - self._registered >= self.heartbeat_s:
                     self._register(publish=True)
@@ -247,9 +256,11 @@ class Runner:
         self._registered = time.monotonic()
         if publish and self.on_ready is not None:
             self.on_ready()  # every time: a Redis that restarted empty learns again what this worker serves
-            self._told_ready = self._loaded
+            if self.state is RunnerState.loaded:
+                self.state = RunnerState.ready
         self.queue.register_worker({
             "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
+            "state": self.state.value,
             "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
         }, ttl_s=3 * self.heartbeat_s)
 
