@@ -90,3 +90,39 @@ def make_queue(request, tmp_path):
     yield make
     for queue in opened:
         queue.close()
+
+
+def _server_factory(folder):
+    """Starts `sdserve` processes (tests/server.py ServerProcess) and stops every one it started, newest first.
+    `data`: a name (a new folder for its data) or a path."""
+    started = []
+
+    def start(models_dir, data, *args, launch_only: bool = False, **kwargs):
+        from server import ServerProcess
+
+        proc = ServerProcess(models_dir, folder(data) if isinstance(data, str) else data, *args, **kwargs)
+        started.append(proc)
+        return proc.launch() if launch_only else proc.start()
+
+    def stop_all():
+        for proc in reversed(started):
+            if proc.proc is not None:  # it got as far as its process
+                proc.terminate()
+
+    return start, stop_all
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory):
+    """The one server factory, for servers a module's tests share."""
+    start, stop_all = _server_factory(tmp_path_factory.mktemp)
+    yield start
+    stop_all()
+
+
+@pytest.fixture()
+def servers(tmp_path):
+    """The one server factory, for a test's own servers."""
+    start, stop_all = _server_factory(lambda name: tmp_path / name)
+    yield start
+    stop_all()

@@ -101,14 +101,28 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
 
+def until(condition, what: str, timeout: float = 300, *processes: ServerProcess, every: float = 0.05):
+    """The one wait of the tests: by state, until `condition()` is truthy (and every process still runs). `timeout`
+    only guards against a hang: generous, since a busy machine may take minutes where an idle one takes seconds.
+    `what`: a string, or a function giving one, for the failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        for p in processes:
+            assert p.proc.poll() is None, f"{p.cmd[3]} exited:\n{p.log()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what() if callable(what) else what}: not within {timeout} s"
+        time.sleep(every)
+
+
 def wait_for(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 300,
              predicate=None) -> dict:
-    """The job once it reaches one of `statuses` (and `predicate`), polled by state. `timeout` only guards against a
-    hang: generous, since a busy machine may take minutes where an idle one takes seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in statuses and (predicate is None or predicate(job)):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout} s: {job}")
+    """The job once it reaches one of `statuses` (and `predicate`)."""
+    seen: list[dict] = [{}]
+
+    def reached() -> dict | None:
+        seen[0] = job = client.get(f"/api/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses and (predicate is None or predicate(job)) else None
+
+    return until(reached, lambda: f"job {job_id} did not reach {statuses}: {seen[0]}", timeout)

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 import tolerance
-from server import ServerProcess, wait_for
+from server import wait_for
 
 from sdserve.jobs import batcher
 from sdserve.schema import Job, JobRequest, JobStatus
@@ -120,11 +120,9 @@ def test_batched_images_equal_the_job_run_alone(engine, sampler):
 
 # ---------------------------------------------------------------- end to end, through the server
 @pytest.fixture(scope="module")
-def batching_server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("batching"), "--max-batch", "8",
-                         "--batch-wait-ms", "50").start()
-    yield proc
-    proc.terminate()
+def batching_server(models_dir, module_servers):
+    return module_servers(models_dir, "batching", "--max-batch", "8",
+                          "--batch-wait-ms", "50")
 
 
 BLOCKER = {"prompt": "blocker", "steps": 150, "width": 256, "height": 256, "seed": 1}

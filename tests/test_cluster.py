@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from server import ServerProcess, wait_for
+from server import ServerProcess, until, wait_for
 
 LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}
 
@@ -345,19 +345,6 @@ def readyz_reason(server: ServerProcess) -> str:
     except httpx.HTTPError as exc:  # not listening yet
         return f"unreachable: {exc}"
     return "ready" if r.status_code == 200 else r.json()["reason"]
-
-
-def until(condition, what: str, timeout: float = 60, *processes: ServerProcess):
-    """Wait by deadline until `condition()` is truthy (and every process still runs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        for p in processes:
-            assert p.proc.poll() is None, f"{p.cmd[3]} exited:\n{p.log()[-3000:]}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
 
 
 def test_every_role_starts_before_its_stores_and_an_empty_redis_is_restocked(models_dir, tmp_path):

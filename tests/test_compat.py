@@ -21,11 +21,9 @@ USER, PASSWORD = "alice", "s3cret"
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("compat"), "--api-key", KEY,
-                         "--api-auth", f"{USER}:{PASSWORD},bob:other").start()
-    yield proc
-    proc.terminate()
+def server(models_dir, module_servers):
+    return module_servers(models_dir, "compat", "--api-key", KEY,
+                          "--api-auth", f"{USER}:{PASSWORD},bob:other")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import tolerance
 import webuiapi
 from PIL import Image, ImageDraw
-from server import ServerProcess, wait_for
+from server import wait_for
 from tinymodels import save_controlnet, save_diffusers
 
 from sdserve import controlnet, core
@@ -129,10 +129,8 @@ def test_unknown_controlnet_is_the_clients_error(cn_engine):
 
 # ---------------------------------------------------------------- the extension's API, webuiapi unmodified
 @pytest.fixture(scope="module")
-def cn_server(cn_models, tmp_path_factory):
-    proc = ServerProcess(cn_models, tmp_path_factory.mktemp("cn-server"), "--model", "tiny").start()
-    yield proc
-    proc.terminate()
+def cn_server(cn_models, module_servers):
+    return module_servers(cn_models, "cn-server", "--model", "tiny")
 
 
 def test_webuiapi_controlnet_units(cn_server):

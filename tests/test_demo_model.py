@@ -15,7 +15,7 @@ import openai
 import pytest
 import webuiapi
 from PIL import Image
-from server import ServerProcess, wait_for
+from server import wait_for
 
 from sdserve.core import inline_inputs
 from sdserve.demo import data as demo_data
@@ -114,11 +114,9 @@ PROMPT = "a large blue square in the middle on a yellow background"
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    proc = ServerProcess(None, tmp_path_factory.mktemp("demo-server"), "--max-batch", "8",
-                         "--batch-wait-ms", "50").start()
-    yield proc
-    proc.terminate()
+def demo_server(module_servers):
+    return module_servers(None, "demo-server", "--max-batch", "8",
+                          "--batch-wait-ms", "50")
 
 
 def png_of(content: bytes) -> Image.Image:

@@ -3,11 +3,10 @@ or with --on-disconnect cancel stops. Real server, real HTTP clients that time o
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
-from server import ServerProcess
+from server import ServerProcess, until
 
 LONG = {"prompt": "busy", "steps": 150, "width": 256, "height": 256}  # seconds of work on the tiny model
 
@@ -17,15 +16,12 @@ def jobs_by_prompt(server, prompt):
             if j["request"]["prompt"] == prompt]
 
 
-def wait_status(server, prompt, wanted, timeout=300.0):
-    """By state; `timeout` only guards against a hang (a busy machine may take minutes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_status(server, prompt, wanted):
+    def reached():
         found = jobs_by_prompt(server, prompt)
-        if found and found[0]["status"] in wanted:
-            return found[0]
-        time.sleep(0.1)
-    raise AssertionError(f"{prompt}: {jobs_by_prompt(server, prompt)}")
+        return found[0] if found and found[0]["status"] in wanted else None
+
+    return until(reached, lambda: f"{prompt}: {jobs_by_prompt(server, prompt)}", 300, server, every=0.1)
 
 
 def hang_up(server, method, path, read=1.0, **kwargs):
@@ -33,19 +29,15 @@ def hang_up(server, method, path, read=1.0, **kwargs):
         httpx.request(method, server.url + path, timeout=httpx.Timeout(10, read=read), **kwargs)
 
 
-def wait_idle(server, timeout=300.0):
+def wait_idle(server):
     """Until no job runs (a job canceled while running stops at its next step, which takes a while when busy)."""
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{server.url}/api/v1/jobs", params={"status": "running"}).json():
-        assert time.monotonic() < deadline, "a job kept running"
-        time.sleep(0.1)
+    until(lambda: not httpx.get(f"{server.url}/api/v1/jobs", params={"status": "running"}).json(),
+          "a job kept running", 300, server, every=0.1)
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("disconnect"), "--max-batch", "1").start()
-    yield proc
-    proc.terminate()
+def one_at_a_time(models_dir, module_servers):
+    return module_servers(models_dir, "disconnect", "--max-batch", "1")
 
 
 @pytest.mark.parametrize("method, path, kwargs", [

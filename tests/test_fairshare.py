@@ -3,12 +3,11 @@ server with a keys file whose labels, priorities and limits reach the jobs, the 
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import httpx
 import pytest
-from server import ServerProcess
+from server import ServerProcess, wait_for
 
 from sdserve.jobs import batcher, fairshare
 from sdserve.schema import JobRequest
@@ -137,17 +136,6 @@ def as_key(server, key):
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
-def wait_done(c, ids, timeout=120):
-    deadline = time.monotonic() + timeout
-    jobs = {}
-    while time.monotonic() < deadline:
-        jobs = {i: c.get(f"/api/v1/jobs/{i}").json() for i in ids}
-        if all(j["status"] in ("succeeded", "failed", "canceled") for j in jobs.values()):
-            return jobs
-        time.sleep(0.2)
-    raise AssertionError(f"jobs did not finish: {[j['status'] for j in jobs.values()]}")
-
-
 def test_keys_file_labels_prioritises_and_shares(keyed):
     with as_key(keyed, "sk-team-alpha") as alpha, as_key(keyed, "sk-team-beta") as beta:
         assert httpx.get(keyed.url + "/api/v1/jobs").status_code == 401  # the keys file turns auth on
@@ -157,8 +145,8 @@ def test_keys_file_labels_prioritises_and_shares(keyed):
         assert b.status_code == 202
         b_job = b.json()
         assert b_job["label"] == "beta" and b_job["request"]["priority"] == 5  # capped at the key's priority
-        jobs = wait_done(alpha, a_ids)
-        b_done = wait_done(beta, [b_job["id"]])[b_job["id"]]  # each key reads only its own jobs
+        jobs = {job_id: wait_for(alpha, job_id) for job_id in a_ids}
+        b_done = wait_for(beta, b_job["id"])  # each key reads only its own jobs
         assert all(j["label"] == "alpha" for j in jobs.values())
         # beta's job ran within the next two batches after it was queued (its priority would also let it skip
         # the line; fair share among equals is shown on the queue above)

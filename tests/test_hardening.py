@@ -45,10 +45,8 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("hardening"), "--max-batch", "8").start()
-    yield proc
-    proc.terminate()
+def server(models_dir, module_servers):
+    return module_servers(models_dir, "hardening", "--max-batch", "8")
 
 
 @pytest.fixture()
@@ -73,11 +71,9 @@ PUBLIC = {"/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/health/ready"}
 
 
 @pytest.fixture(scope="module")
-def keyed_server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("keyed"), "--api-key", "alpha", "--api-key", "beta",
-                         "--max-batch", "8", "--batch-wait-ms", "500").start()
-    yield proc
-    proc.terminate()
+def keyed_server(models_dir, module_servers):
+    return module_servers(models_dir, "keyed", "--api-key", "alpha", "--api-key", "beta",
+                          "--max-batch", "8", "--batch-wait-ms", "500")
 
 
 def test_every_route_in_the_schema_refuses_every_bad_credential(keyed_server):

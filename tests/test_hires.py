@@ -70,12 +70,8 @@ def test_webuiapi_enable_hr(server_for_hires):
 
 
 @pytest.fixture(scope="module")
-def server_for_hires(models_dir, tmp_path_factory):
-    from server import ServerProcess
-
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("hires")).start()
-    yield proc
-    proc.terminate()
+def server_for_hires(models_dir, module_servers):
+    return module_servers(models_dir, "hires")
 
 
 def test_max_steps_bounds_the_hires_pass_too(models_dir, tmp_path):

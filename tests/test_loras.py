@@ -10,7 +10,6 @@ import pytest
 import tolerance
 import torch
 import webuiapi
-from server import ServerProcess
 from tinymodels import lora_factors, save_diffusers, save_lora
 
 from sdserve import addons, core, loras
@@ -141,10 +140,8 @@ def test_a_new_file_is_found_without_a_refresh(lora_engine, lora_models):
 
 # ---------------------------------------------------------------- through the server, A1111's client unmodified
 @pytest.fixture(scope="module")
-def lora_server(lora_models, tmp_path_factory):
-    proc = ServerProcess(lora_models, tmp_path_factory.mktemp("lora-server"), "--model", "tiny").start()
-    yield proc
-    proc.terminate()
+def lora_server(lora_models, module_servers):
+    return module_servers(lora_models, "lora-server", "--model", "tiny")
 
 
 def test_webuiapi_lora_tag_and_routes(lora_server):

@@ -79,13 +79,11 @@ def hook():
 
 
 @pytest.fixture(scope="module")
-def moderated(models_dir, tmp_path_factory, hook):
+def moderated(models_dir, tmp_path_factory, module_servers, hook):
     folder = tmp_path_factory.mktemp("moderated")
     blocklist = folder / "blocklist.txt"
     blocklist.write_text("# not on this server\nbanned word\n")
-    proc = ServerProcess(models_dir, folder / "data", "--moderation", hook.url, "--blocklist", str(blocklist)).start()
-    yield proc
-    proc.terminate()
+    return module_servers(models_dir, folder / "data", "--moderation", hook.url, "--blocklist", str(blocklist))
 
 
 GOOD = {"prompt": "a calm lake", "steps": 2, "seed": 1}

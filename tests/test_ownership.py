@@ -37,13 +37,11 @@ admin = true
 
 
 @pytest.fixture(scope="module")
-def keyed(models_dir, tmp_path_factory):
+def keyed(models_dir, tmp_path_factory, module_servers):
     folder = tmp_path_factory.mktemp("owned")
     (folder / "keys.toml").write_text(KEYS)
-    proc = ServerProcess(models_dir, folder / "data", "--keys-file", str(folder / "keys.toml"),
-                         env={"SDSERVE_IMAGE_URL_TTL_S": "4"}).start()
-    yield proc
-    proc.terminate()
+    return module_servers(models_dir, folder / "data", "--keys-file", str(folder / "keys.toml"),
+                          env={"SDSERVE_IMAGE_URL_TTL_S": "4"})
 
 
 def as_key(server, key):

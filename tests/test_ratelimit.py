@@ -62,11 +62,9 @@ KEYS = ("alpha", "beta")
 
 
 @pytest.fixture(scope="module")
-def limited(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("limited"), "--api-key", "alpha", "--api-key", "beta",
-                         "--rate-limit", "1/min", "--rate-burst", "3", "--images-per-minute", "10").start()
-    yield proc
-    proc.terminate()
+def limited(models_dir, module_servers):
+    return module_servers(models_dir, "limited", "--api-key", "alpha", "--api-key", "beta",
+                          "--rate-limit", "1/min", "--rate-burst", "3", "--images-per-minute", "10")
 
 
 def client(server, key):

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from server import ServerProcess, wait_for
+from server import wait_for
 
 from sdserve.engine import infotext
 
@@ -21,10 +21,8 @@ BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1, "width": 256, "height":
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("server")).start()
-    yield proc
-    proc.terminate()
+def server(models_dir, module_servers):
+    return module_servers(models_dir, "server")
 
 
 @pytest.fixture()

@@ -101,13 +101,11 @@ def test_bad_storage_urls_are_refused(tmp_path, url):
 
 # ---------------------------------------------------------------- the server with images in S3
 @pytest.fixture(scope="module")
-def s3_server(models_dir, tmp_path_factory, s3):
+def s3_server(models_dir, module_servers, s3):
     bucket = s3.bucket("images")
     storage = f"s3://{bucket}/out?endpoint_url={s3.endpoint}&region=us-east-1"
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("s3server"), "--storage", storage,
-                         env={**s3.env, "SDSERVE_IMAGE_URL_TTL_S": "30"}).start()
-    yield proc
-    proc.terminate()
+    return module_servers(models_dir, "s3server", "--storage", storage,
+                          env={**s3.env, "SDSERVE_IMAGE_URL_TTL_S": "30"})
 
 
 def _keys(s3, bucket="images"):

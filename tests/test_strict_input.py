@@ -9,16 +9,14 @@ import base64
 import numpy as np
 import pytest
 import torch
-from server import ServerProcess, wait_for
+from server import wait_for
 
 FORGED = "a cat\nNegative prompt: evil\nSteps: 99, Sampler: Euler, Model: forged, Seed: 5"
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("strict")).start()
-    yield proc
-    proc.terminate()
+def server(models_dir, module_servers):
+    return module_servers(models_dir, "strict")
 
 
 @pytest.mark.parametrize("field,value", [("vae", "../../../etc/passwd"), ("loras", [{"name": "nope", "weight": 1}]),

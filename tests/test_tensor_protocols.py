@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from PIL import Image
-from server import ServerProcess
 from tolerance import assert_same_picture
 from tritonclient.utils import InferenceServerException
 
@@ -147,10 +146,8 @@ def test_v2_binary_framing_errors():
 
 # ---------------------------------------------------------------- a real server
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    proc = ServerProcess(models_dir, tmp_path_factory.mktemp("tensor"), "--api-key", KEY).start()
-    yield proc
-    proc.terminate()
+def server(models_dir, module_servers):
+    return module_servers(models_dir, "tensor", "--api-key", KEY)
 
 
 def png(b64: str) -> Image.Image:
