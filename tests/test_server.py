@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from server import wait_for
 
+from sdserve import bounds
 from sdserve.engine import infotext
 
 BLOCKER = {"prompt": "blocker", "steps": 150, "seed": 1, "width": 256, "height": 256}  # seconds of work: keeps the runner busy
@@ -269,3 +270,14 @@ def test_workers_lists_this_process(client):
     assert worker["ready"] is True and worker["model"] == "tiny" and worker["device"] == "cpu"
     assert worker["last_heartbeat"] > 0 and isinstance(worker["batch"], list)
     assert "sdserve_workers 1.0" in client.get("/metrics").text
+
+
+def test_the_limits_route_says_the_operators_bounds(models_dir, servers):
+    server = servers(models_dir, "tight", env={"SDSERVE_MAX_STEPS": "30", "SDSERVE_MAX_SIZE": "512"})
+    limits = httpx.get(server.url + "/api/v1/limits").json()
+    assert (limits["max_steps"], limits["max_size"], limits["max_images"]) == (30, 512, bounds.MAX_IMAGES)
+    assert (limits["min_size"], limits["size_step"], limits["default_steps"]) == (
+        bounds.MIN_SIZE, bounds.SIZE_STEP, bounds.DEFAULT_STEPS)
+    for body, field in (({"prompt": "x", "steps": 31}, "steps"), ({"prompt": "x", "width": 520}, "width")):
+        r = httpx.post(server.url + "/api/v1/jobs", json=body)
+        assert r.status_code == 422 and field in r.json()["detail"], r.text

@@ -105,6 +105,15 @@ def test_every_input_has_a_label(page):
     assert unlabeled == []
 
 
+def test_the_form_takes_the_servers_bounds(page, server):
+    limits = httpx.get(server.url + "/api/v1/limits").json()
+    attrs = page.evaluate("""() => Object.fromEntries(['width', 'height', 'steps', 'n'].map(id =>
+        [id, [document.getElementById(id).max, document.getElementById(id).step]]))""")
+    assert attrs["width"] == attrs["height"] == [str(limits["max_size"]), str(limits["size_step"])]
+    assert (attrs["steps"][0], attrs["n"][0]) == (str(limits["max_steps"]), str(limits["max_images"]))
+    assert page.input_value("#steps") == str(limits["default_steps"])
+
+
 def test_generate_shows_progress_and_the_image(page, server):
     # Record every progress value the card shows, as pushed by Server-Sent Events.
     page.evaluate("""() => { window.seen = [];
