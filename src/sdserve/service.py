@@ -429,8 +429,15 @@ class Service:
         return bool(dash) and self._owns(job_id, caller)
 
     # ----- requests --------------------------------------------------------------------------
-    def validate(self, request: GenerationRequest) -> None:
-        """Reject what would only fail later in the runner, while the client is still here to be told."""
+    def validate(self, request: GenerationRequest) -> ModelInfo | None:
+        """Reject what would only fail later in the runner, while the client is still here to be told. Returns
+        the model the request runs on (resolved once: the default model is shared state), None while no default
+        is known yet (an API replica no worker has told of its models)."""
+        try:
+            info: ModelInfo | None = self.models.info(request.model or self.default_model)
+            unknown = None
+        except UnknownModelError as exc:
+            info, unknown = None, exc
         limits = self.limits
         for field in ("width", "height"):
             value = getattr(request, field)
@@ -454,7 +461,7 @@ class Service:
                 raise ContentBlocked(f"the prompt contains {term!r}, which this server does not accept", field)
         if request.n > limits.max_images:
             raise RequestRejected(f"n {request.n} is over this server's limit of {limits.max_images} images", "n")
-        self._bound_work(self._work(request))
+        self._bound_work(request_work(request, info))
         try:
             samplers.resolve(request.sampler, request.scheduler)
         except samplers.UnknownSamplerError as exc:
@@ -476,20 +483,13 @@ class Service:
                 catalog_.get(name)
             except KeyError as exc:
                 raise RequestRejected(str(exc.args[0]), field) from None
-        if request.model is not None:
-            try:
-                info = self.models.info(request.model)
-            except UnknownModelError as exc:
-                raise RequestRejected(str(exc), "model") from None
-            if info.error is not None:
-                raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=True)
-
-    def _work(self, request: GenerationRequest) -> float:
-        try:
-            info: ModelInfo | None = self.models.info(request.model or self.default_model)
-        except UnknownModelError:
-            info = None  # reported by validate (a named one), or at submit (no default yet)
-        return request_work(request, info)
+        if info is None:
+            if request.model is not None:
+                raise RequestRejected(str(unknown), "model")
+            raise NotAccepting(str(unknown))  # no default anywhere yet: 503, try again once a worker has started
+        if info.error is not None:  # a named model, or the default, failed to load
+            raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=request.model is not None)
+        return info
 
     def _bound_work(self, work: float) -> None:
         if work > self.limits.max_work:
@@ -509,7 +509,7 @@ class Service:
         write_error = self.health.check()
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
-        self.validate(request)
+        info = self.validate(request)
         if idempotency_key is not None and caller is not None and caller.account:
             idempotency_key = f"{caller.account}:{idempotency_key}"  # one caller's keys never reach another's job
         fingerprint = core.fingerprint(request) if idempotency_key is not None else None
@@ -528,13 +528,7 @@ class Service:
             raise StorageError(f"cannot store the input image: {exc.strerror or exc}",
                                full=exc.errno == errno.ENOSPC) from None
         init = inputs.get("init_image")
-        # Pin the model now: a later change of the default does not change what this job draws.
-        try:
-            info = self.models.info(request.model or self.default_model)
-        except UnknownModelError as exc:  # no default anywhere yet (an API no worker has told of its models)
-            raise NotAccepting(str(exc)) from None
-        if info.error is not None:  # the default failed to load (a named one was refused by validate)
-            raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=False)
+        # Pin the model now (validate resolved it): a later change of the default does not change what this job draws.
         model = info.name
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
         if caller is not None:  # the key's priority caps the job's (keys file)
@@ -628,14 +622,14 @@ class Service:
     async def submit_all(self, requests: list[GenerationRequest], caller: Caller | None, *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
 
-        def read(request: GenerationRequest) -> dict[str, core.InputImage]:
-            self.validate(request)  # cheap: bounds and names; submit checks again
-            return core.read_inputs(request, self.limits.max_pixels)
+        def read(request: GenerationRequest) -> tuple[dict[str, core.InputImage], float]:
+            info = self.validate(request)  # cheap: bounds and names; submit checks again
+            return core.read_inputs(request, self.limits.max_pixels), request_work(request, info)
 
-        inputs = [await asyncio.to_thread(read, r) for r in requests]
+        read_all = [await asyncio.to_thread(read, r) for r in requests]
+        inputs = [i for i, _ in read_all]
         if len(requests) > 1:  # the bound is the call's (A1111's n_iter, a TF Serving body's instances), not each job's
-            work = sum(await asyncio.to_thread(lambda: [self._work(r) for r in requests]))
-            self._bound_work(work)
+            self._bound_work(sum(work for _, work in read_all))
         await asyncio.to_thread(self.limiter.charge_images, caller, sum(r.n for r in requests))
         jobs: list[Job] = []
         try:
