@@ -138,6 +138,7 @@ class ModelRegistry:
             raise ModelError(f"unknown optimization(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIMIZATIONS)}")
         self.optimize = list(optimize or [])
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._hash_cache: dict[str, Any] | None = None  # _read_hash_cache
         self._lock = threading.RLock()
         self._hash_cache_path = self.data_dir / "hashes.json"
         self._models: dict[str, ModelInfo] | None = None
@@ -280,10 +281,13 @@ class ModelRegistry:
         return full[:10] if full else None
 
     def _read_hash_cache(self) -> dict[str, Any]:
-        try:
-            return json.loads(self._hash_cache_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        """The hashes file, read once per process (a worker asks for every model's hash on each heartbeat)."""
+        if self._hash_cache is None:
+            try:
+                self._hash_cache = json.loads(self._hash_cache_path.read_text())
+            except (OSError, ValueError):
+                self._hash_cache = {}
+        return self._hash_cache
 
     def _write_hash_cache(self, cache: dict[str, Any]) -> None:
         self._hash_cache_path.parent.mkdir(parents=True, exist_ok=True)
