@@ -87,6 +87,7 @@ def make_queue(request, tmp_path):
         opened.append(queue)
         return queue
 
+    make.backend = request.param
     yield make
     for queue in opened:
         queue.close()

@@ -9,8 +9,6 @@ import pytest
 import redis
 from server import ServerProcess
 
-from sdserve.jobs.local import SQLiteJobQueue
-from sdserve.jobs.redis import RedisJobQueue
 from sdserve.ratelimit import Rate, refill
 
 
@@ -45,12 +43,10 @@ def redis_url(redis_server):
     return url
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_the_store_takes_tokens_atomically(backend, tmp_path, redis_url):
-    if backend == "sqlite":
-        queues = [SQLiteJobQueue(tmp_path / "jobs.db")] * 2
-    else:  # two replicas' connections, one bucket
-        queues = [RedisJobQueue(redis_url), RedisJobQueue(redis_url)]
+def test_the_store_takes_tokens_atomically(make_queue):
+    first = make_queue()
+    # Redis: two replicas' connections, one bucket (the second opened before any token is taken)
+    queues = [first, make_queue() if make_queue.backend == "redis" else first]
     results = [queues[i % 2].take_tokens("ratelimit:test", 0.001, 3, 1) for i in range(5)]
     assert [taken for taken, _, _ in results] == [True, True, True, False, False]
     assert results[2][1] == pytest.approx(0, abs=0.01) and results[3][2] > 900  # ~1000 s for a token at 0.001/s
