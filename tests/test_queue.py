@@ -162,11 +162,16 @@ def test_every_backend_estimates_by_the_one_policy(queue):
     assert queue.get(first.id).eta_s == pytest.approx(policy.running_eta(10, 4, 2, 0.1)) == pytest.approx(1.2)
     b, c = queue.get(second.id), queue.get(third.id)
     assert (b.queue_position, c.queue_position) == (0, 1)
-    assert b.eta_s == pytest.approx(policy.queued_eta(0, left, 10, 0.1)) == pytest.approx(2.2)
-    assert c.eta_s == pytest.approx(policy.queued_eta(10, left, 5, 0.1)) == pytest.approx(2.7)
+    # ahead of c: its position times the queue's mean work ((10 + 5) / 2)
+    assert b.eta_s == pytest.approx(policy.queued_eta(0, 2, 15, left, 10, 0.1)) == pytest.approx(2.2)
+    assert c.eta_s == pytest.approx(policy.queued_eta(1, 2, 15, left, 5, 0.1)) == pytest.approx(2.45)
     assert queue.retry_after_s() == policy.retry_after_s(15, 0.1, 4) == 1
     queue.record_speed(0.2)  # blended with what was measured before
-    assert queue.get(second.id).eta_s == pytest.approx(policy.queued_eta(0, left, 10, policy.blend_speed(0.1, 0.2)))
+    assert queue.get(third.id).eta_s == pytest.approx(
+        policy.queued_eta(1, 2, 15, left, 5, policy.blend_speed(0.1, 0.2)))
+    queue.cancel(second.id)  # leaving the queue takes its work out of the total
+    assert queue.get(third.id).eta_s == pytest.approx(
+        policy.queued_eta(0, 1, 5, left, 5, policy.blend_speed(0.1, 0.2)))
 
 
 def test_in_memory_counts_match_the_table(tmp_path):

@@ -186,12 +186,11 @@ class SQLiteJobQueue(JobEnds):
             step = steps
         position = eta = None
         if status is JobStatus.queued and with_position:
-            position, ahead_work = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued' "
-                "AND (priority > ? OR (priority = ? AND seq < ?))",
+            position = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
                 (row["priority"], row["priority"], row["seq"]),
-            ).fetchone()
-            eta = policy.queued_eta(ahead_work, self._running_left(), row["work"], self._seconds_per_step)
+            ).fetchone()[0]
+            eta = self._queued_eta(position, row["work"])
         elif status is JobStatus.running:
             eta = policy.running_eta(steps, step, row["batch_images"] or request.n, self._seconds_per_step)
         return Job(
@@ -217,6 +216,11 @@ class SQLiteJobQueue(JobEnds):
             label=row["label"],
             owner=row["owner"] or "",
         )
+
+    def _queued_eta(self, position: int, work: float) -> float | None:
+        depth = sum(count for count, _ in self._queued.values())
+        queued_work = sum(w for _, w in self._queued.values())
+        return policy.queued_eta(position, depth, queued_work, self._running_left(), work, self._seconds_per_step)
 
     def _running_left(self) -> float:
         """The image-steps the running jobs have left (all of a job's work until its first step)."""
@@ -249,7 +253,7 @@ class SQLiteJobQueue(JobEnds):
     def retry_after_s(self) -> int:
         """A guess at when a slot frees up: the queue's work at the measured speed, within 1..300 s."""
         with self._lock:
-            queued_work = self._db.execute("SELECT COALESCE(SUM(work), 0) FROM jobs WHERE status = 'queued'").fetchone()[0]
+            queued_work = sum(w for _, w in self._queued.values())
         return policy.retry_after_s(queued_work, self._seconds_per_step, self.max_queue)
 
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
@@ -287,10 +291,9 @@ class SQLiteJobQueue(JobEnds):
                      now + timeout if timeout else None, idempotency_key, fingerprint, owner, label, weight),
                 )
             # Ahead of a new job: every queued job of its priority or higher.
-            ahead = [entry for prio, entry in self._queued.items() if prio >= request.priority]
-            position, ahead_work = sum(e[0] for e in ahead), sum(e[1] for e in ahead)
+            position = sum(count for prio, (count, _) in self._queued.items() if prio >= request.priority)
             self._count(request.priority, work, +1)
-            eta = policy.queued_eta(ahead_work, self._running_left(), work, self._seconds_per_step)
+            eta = self._queued_eta(position, work)
             job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=position,
                       steps=request.steps, eta_s=eta, created_at=_ts(now), label=label)
             self._wakeup.notify_all()

@@ -25,10 +25,15 @@ def blend_speed(old: float | None, latest: float) -> float:
     return latest if old is None else (1 - SPEED_WEIGHT) * old + SPEED_WEIGHT * latest
 
 
-def queued_eta(work_ahead: float, running_left: float, own_work: float, speed: float | None) -> float | None:
-    """A queued job's seconds until it ends: the work queued ahead of it, what the running batches have left,
-    and its own, at the measured speed."""
-    return None if speed is None else round((work_ahead + running_left + own_work) * speed, 2)
+def queued_eta(position: int, depth: int, queued_work: float, running_left: float, own_work: float,
+               speed: float | None) -> float | None:
+    """A queued job's seconds until it ends, at the measured speed: the work queued ahead of it (its position
+    times the queue's mean work: both backends know the queue's total in O(1)), what the running batches have
+    left, and its own."""
+    if speed is None:
+        return None
+    ahead = position * queued_work / depth if depth else 0.0
+    return round((ahead + running_left + own_work) * speed, 2)
 
 
 def running_eta(steps: int, step: int, batch_images: int, speed: float | None) -> float | None:

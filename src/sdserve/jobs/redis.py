@@ -78,22 +78,23 @@ end
 """
 
 # ARGV: prefix, job id ('' for the whole queue). What policy.queued_eta and policy.retry_after_s need, read at
-# once: the job's rank in the queue (-1: not queued), the work queued ahead of it, and the work the running
-# jobs have left (policy.work_left: work x steps left / steps).
+# once: the job's rank in the queue (-1: not queued), the queue's depth and total work (`queued_work`, kept by
+# queue_owner and unqueue_owner; counted once here where a Redis lacks it), and the work the running jobs have
+# left (policy.work_left: work x steps left / steps; a worker's batch is small).
 _WORK = """
 local p, id = ARGV[1], ARGV[2]
 local rank = -1
-local last = -1
 if id ~= '' then
   rank = redis.call('ZRANK', p .. 'queued', id)
-  if not rank then return {-1, '0', '0'} end
-  last = rank - 1
+  if not rank then return {-1, 0, '0', '0'} end
 end
-local ahead = 0
-if last ~= -1 or id == '' then
-  for _, other in ipairs(redis.call('ZRANGE', p .. 'queued', 0, last)) do
-    ahead = ahead + (tonumber(redis.call('HGET', p .. 'job:' .. other, 'work')) or 0)
+local total = redis.call('GET', p .. 'queued_work')
+if not total then
+  total = 0
+  for _, other in ipairs(redis.call('ZRANGE', p .. 'queued', 0, -1)) do
+    total = total + (tonumber(redis.call('HGET', p .. 'job:' .. other, 'work')) or 0)
   end
+  redis.call('SET', p .. 'queued_work', total)
 end
 local left = 0
 for _, other in ipairs(redis.call('ZRANGE', p .. 'running', 0, -1)) do
@@ -101,7 +102,7 @@ for _, other in ipairs(redis.call('ZRANGE', p .. 'running', 0, -1)) do
   local work, steps, step = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
   if steps > 0 then left = left + work * math.max(0, steps - step) / steps end
 end
-return {rank, tostring(ahead), tostring(left)}
+return {rank, redis.call('ZCARD', p .. 'queued'), tostring(math.max(0, tonumber(total))), tostring(left)}
 """
 
 # ARGV: prefix. Creates the demand stream and group if missing, with one entry per job already queued.
@@ -126,11 +127,13 @@ local function queue_owner(p, id, score)
   local o = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
   redis.call('ZADD', p .. 'oq:' .. o, score, id)
   redis.call('SADD', p .. 'owners', o)
+  redis.call('INCRBY', p .. 'queued_work', tonumber(redis.call('HGET', p .. 'job:' .. id, 'work')) or 0)
 end
 local function unqueue_owner(p, id)
   local o = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
   redis.call('ZREM', p .. 'oq:' .. o, id)
   if redis.call('ZCARD', p .. 'oq:' .. o) == 0 then redis.call('SREM', p .. 'owners', o) end
+  redis.call('DECRBY', p .. 'queued_work', tonumber(redis.call('HGET', p .. 'job:' .. id, 'work')) or 0)
 end
 """
 
@@ -410,7 +413,8 @@ class RedisJobQueue(JobEnds):
         speed = self._speed()
         if status is JobStatus.queued and work is not None and int(work[0]) >= 0:
             position = int(work[0])
-            eta = policy.queued_eta(float(work[1]), float(work[2]), float(h.get("work") or 0), speed)
+            eta = policy.queued_eta(position, int(work[1]), float(work[2]), float(work[3]), float(h.get("work") or 0),
+                                    speed)
         elif status is JobStatus.running:
             eta = policy.running_eta(steps, step, int(h.get("batch_images") or request.n), speed)
         return Job(
@@ -495,7 +499,7 @@ class RedisJobQueue(JobEnds):
         if speed is None:
             return policy.UNKNOWN_RETRY_S
         with self._redis():
-            _, queued_work, _ = self._work(args=[self.p, ""])
+            _, _, queued_work, _ = self._work(args=[self.p, ""])
         return policy.retry_after_s(float(queued_work), speed, self.max_queue)
 
     # ----- client side -----------------------------------------------------------------------
@@ -537,8 +541,8 @@ class RedisJobQueue(JobEnds):
         eta, speed = None, self._speed()
         if speed is not None:
             with self._redis():
-                _, ahead, left = self._work(args=[self.p, job_id])
-            eta = policy.queued_eta(float(ahead), float(left), fields["work"], speed)
+                rank, depth, queued_work, left = self._work(args=[self.p, job_id])
+            eta = policy.queued_eta(int(rank), int(depth), float(queued_work), float(left), fields["work"], speed)
         job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=int(result[2]),
                   steps=request.steps, eta_s=eta, created_at=_ts(str(now)), label=label)
         self._publish("queued", job)
