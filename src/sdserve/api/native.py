@@ -17,7 +17,7 @@ from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status, public_job
 from sdserve.engine import samplers
 from sdserve.images import media_type
-from sdserve.jobs.events import END_EVENTS
+from sdserve.jobs.events import END_EVENTS, job_event
 from sdserve.schema import CONTROL_MODULES, GenerationRequest, Job, JobStatus
 from sdserve.storage import valid_key
 
@@ -84,7 +84,7 @@ async def job_events(
             job = await asyncio.to_thread(service.own_job, job_id, caller)
             if last_event_id is None or job.status.terminal:
                 first = {JobStatus.queued: "queued", JobStatus.running: "started"}.get(job.status, job.status.value)
-                yield {"event": first, "data": json.dumps({"type": first, **public_job(job)})}
+                yield {"event": first, "data": json.dumps(job_event(first, job))}
                 if job.status.terminal:
                     return
             while True:

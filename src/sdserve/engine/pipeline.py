@@ -119,6 +119,24 @@ class _Prepared:
     controls: list[Image.Image] = field(default_factory=list)  # one control map per ControlNet unit
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One image of a batch: its request (prepared) and which of the request's `n` images it is. Every
+    per-image list the pipeline takes is read off the rows, in batch order."""
+
+    job: _Prepared
+    index: int
+
+    @property
+    def seed(self) -> int:
+        return self.job.seed + self.index
+
+    def prompts(self, second_pass: bool = False) -> tuple[str, str]:
+        """(prompt, negative prompt); the hires pass's own where the request gives them."""
+        request = self.job.request
+        if second_pass and request.hires is not None:
+            return (request.hires.prompt or request.prompt, request.hires.negative_prompt or request.negative_prompt)
+        return request.prompt, request.negative_prompt
 
 
 @contextmanager
@@ -197,73 +215,57 @@ class Engine:
 
         prepared = [self._prepare(r, key, inputs or {}) for r in requests]
         hires = requests[0].hires
-        texts: list[str] = []
-        negatives: list[str] = []
-        scales: list[float] = []
-        seeds: list[int] = []
-        images: list[Image.Image] = []
-        masks: list[Image.Image] = []
-        for p in prepared:
-            for i in range(p.request.n):
-                texts.append(p.request.prompt)
-                negatives.append(p.request.negative_prompt)
-                scales.append(p.request.cfg_scale)
-                seeds.append(p.seed + i)
-                if p.start_image is not None:
-                    images.append(p.start_image)
-                if p.mask is not None:
-                    masks.append(p.mask)
+        rows = [_Row(p, i) for p in prepared for i in range(p.request.n)]
 
         extra: dict[str, Any] = {}
         if key.mode == "txt2img":
             extra.update(width=key.width, height=key.height)
         else:
             # At least one denoising step, or diffusers refuses the run.
-            extra.update(image=images, strength=max(key.strength, 1.0 / key.steps))
+            extra.update(image=[r.job.start_image for r in rows if r.job.start_image is not None],
+                         strength=max(key.strength, 1.0 / key.steps))
         if key.mode == "inpaint":
-            extra.update(mask_image=masks, width=key.width, height=key.height)
+            extra.update(mask_image=[r.job.mask for r in rows if r.job.mask is not None], width=key.width,
+                         height=key.height)
         if units:
             extra.update(_control_inputs(units, prepared, key.mode))
         if hires is None:
-            output = self._denoise(model, pipe, key.steps, key.clip_skip, texts, negatives, scales, seeds, extra,
-                                   (key.width, key.height), on_step)
+            output = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height),
+                                   on_step)
         else:
-            output = self._hires_fix(model, pipe, key, resolved, hires, texts, negatives, scales, seeds, extra,
-                                     prepared, on_step)
+            output = self._hires_fix(model, pipe, key, resolved, hires, rows, extra, on_step)
 
-        results: list[list[GeneratedImage]] = []
-        row = 0
-        for p in prepared:
-            own: list[GeneratedImage] = []
-            for i in range(p.request.n):
-                pixels = output[row]
-                image = _to_image(pixels)
-                row += 1
-                if p.mask is not None and p.init_image is not None:
-                    # A1111's overlay: outside the (blurred) mask, the original pixels are pasted back unchanged.
-                    image = Image.composite(image, p.init_image, p.mask)
-                own.append(GeneratedImage(image, p.seed + i, self._infotext(p, i, key, resolved, model), pixels))
-            results.append(own)
+        results: list[list[GeneratedImage]] = [[] for _ in prepared]
+        owner = {id(p): n for n, p in enumerate(prepared)}
+        for row, pixels in zip(rows, output):
+            p = row.job
+            image = _to_image(pixels)
+            if p.mask is not None and p.init_image is not None:
+                # A1111's overlay: outside the (blurred) mask, the original pixels are pasted back unchanged.
+                image = Image.composite(image, p.init_image, p.mask)
+            results[owner[id(p)]].append(
+                GeneratedImage(image, row.seed, self._infotext(p, row.index, key, resolved, model), pixels))
         return results
 
     def _denoise(
-        self, model: LoadedModel, pipe: Any, steps: int, clip_skip: int, texts: list[str], negatives: list[str],
-        scales: list[float], seeds: list[int], extra: dict[str, Any], size: tuple[int, int],
-        on_step: StepCallback | None, output_type: str = "np", progress: tuple[int, int | None] = (0, None),
+        self, model: LoadedModel, pipe: Any, steps: int, clip_skip: int, rows: Sequence[_Row], extra: dict[str, Any],
+        size: tuple[int, int], on_step: StepCallback | None, output_type: str = "np",
+        progress: tuple[int, int | None] = (0, None), second_pass: bool = False,
     ) -> Any:
         """One pipeline call over the batch's rows. `progress`: steps done before this pass and the job's
         total (None: this pass's own count), so a two-pass job reports one progress across both."""
         import torch
 
         gen_device = "cpu" if model.device == "mps" else model.device
+        texts, negatives = zip(*(row.prompts(second_pass) for row in rows))
         with torch.inference_mode():
-            text_inputs = prompts.conditioning(pipe, texts, negatives, clip_skip)
+            text_inputs = prompts.conditioning(pipe, list(texts), list(negatives), clip_skip)
         kwargs: dict[str, Any] = {
             **text_inputs,
             **extra,
             "num_inference_steps": steps,
-            "guidance_scale": PerImageGuidance(scales),
-            "generator": [torch.Generator(device=gen_device).manual_seed(seed) for seed in seeds],
+            "guidance_scale": PerImageGuidance([row.job.request.cfg_scale for row in rows]),
+            "generator": [torch.Generator(device=gen_device).manual_seed(row.seed) for row in rows],
             "num_images_per_prompt": 1,
             "output_type": output_type,  # np floats: converted to PIL by run, so exact values stay inspectable
         }
@@ -282,8 +284,7 @@ class Engine:
 
     def _hires_fix(
         self, model: LoadedModel, pipe: Any, key: BatchKey, resolved: samplers.ResolvedSampler, hires: Hires,
-        texts: list[str], negatives: list[str], scales: list[float], seeds: list[int], extra: dict[str, Any],
-        prepared: list[_Prepared], on_step: StepCallback | None,
+        rows: Sequence[_Row], extra: dict[str, Any], on_step: StepCallback | None,
     ) -> Any:
         """A1111's hires fix: the first pass at the request's size, its latent (or decoded pixels) upscaled,
         then img2img at the larger size with the hires prompts and strength; progress runs across both."""
@@ -295,8 +296,8 @@ class Engine:
         second_steps = hires.steps or key.steps
         strength = max(hires.strength, 1.0 / second_steps)
         total = key.steps + min(int(second_steps * strength), second_steps)
-        first = self._denoise(model, pipe, key.steps, key.clip_skip, texts, negatives, scales, seeds, extra,
-                              (key.width, key.height), on_step, "latent" if hires.latent else "np", (0, total))
+        first = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height), on_step,
+                              "latent" if hires.latent else "np", (0, total))
         if hires.latent:
             mode, antialias = LATENT_MODES[hires.upscaler]
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -309,12 +310,8 @@ class Engine:
         second = model.pipelines["img2img"]
         second.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
         adapters.choose_vae(second, model.adapters, key.vae, self.registry.vaes)
-        rows = [p.request for p in prepared for _ in range(p.request.n)]
-        hr_texts = [r.hires.prompt or t for r, t in zip(rows, texts)]
-        hr_negatives = [r.hires.negative_prompt or n for r, n in zip(rows, negatives)]
-        return self._denoise(model, second, second_steps, key.clip_skip, hr_texts, hr_negatives, scales, seeds,
-                             {"image": image, "strength": strength}, (width, height), on_step, "np",
-                             (key.steps, total))
+        return self._denoise(model, second, second_steps, key.clip_skip, rows, {"image": image, "strength": strength},
+                             (width, height), on_step, "np", (key.steps, total), second_pass=True)
 
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         seed = request.with_seed().seed

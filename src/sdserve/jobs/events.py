@@ -8,14 +8,52 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict
 
-from sdserve.schema import FINAL_STATUSES
+from sdserve.core import public_job
+from sdserve.schema import FINAL_STATUSES, Job
 
-Event = dict[str, Any]
 log = logging.getLogger(__name__)
 
+# ----- the events, built here only ------------------------------------------------------------------------
+# On the wire (SSE data, the Redis stream) an event is a JSON object; these are its two shapes.
+EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled"]
 END_EVENTS = frozenset(status.value for status in FINAL_STATUSES)  # a job's last event
+
+
+class ProgressEvent(TypedDict):
+    """One denoising step of a running job."""
+
+    type: Literal["progress"]
+    id: str
+    status: Literal["running"]
+    step: int
+    steps: int
+    progress: float
+    eta_s: float | None  # jobs/policy.py: running_eta
+
+
+class JobEvent(TypedDict):
+    """A job's state changed (queued, started, or its end): the type, then the job as every API reports it
+    (`core.public_job`: id, status, request, images, error, ...)."""
+
+    type: EventType
+    id: str
+    status: str
+
+
+# What subscribers get; a backend that keeps events adds `event_id` (SSE's id, for Last-Event-ID).
+Event = dict[str, Any]
+
+
+def job_event(kind: EventType, job: Job) -> Event:
+    return {"type": kind, **public_job(job)}
+
+
+def progress_event(job_id: str, step: int, steps: int, eta_s: float | None) -> Event:
+    event: ProgressEvent = {"type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
+                            "progress": step / steps if steps else 0.0, "eta_s": eta_s}
+    return dict(event)
 
 
 @dataclass(eq=False)

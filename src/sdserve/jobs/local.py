@@ -18,9 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sdserve.core import public_job
 from sdserve.jobs import fairshare, policy
-from sdserve.jobs.events import EventBus
+from sdserve.jobs.events import EventBus, job_event, progress_event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
@@ -439,7 +438,7 @@ class SQLiteJobQueue(JobEnds):
                     continue
                 self._progress[job_id] = (step, steps)
                 eta = policy.running_eta(steps, step, row["batch_images"] or 1, self._seconds_per_step)
-            self.events.publish(job_id, policy.progress_event(job_id, step, steps, eta))
+            self.events.publish(job_id, progress_event(job_id, step, steps, eta))
         return stops
 
     def record_speed(self, seconds_per_step: float) -> None:
@@ -516,5 +515,5 @@ class SQLiteJobQueue(JobEnds):
                 f"AND status IN ({_FINAL}) LIMIT ?)", (finished_before, limit)).rowcount
 
     def _publish(self, kind: str, job: Job) -> None:
-        self.events.publish(job.id, {"type": kind, **public_job(job)})
+        self.events.publish(job.id, job_event(kind, job))
 

@@ -1,12 +1,10 @@
 """The job queue's rules that are not storage, written once for every backend: the estimates a client sees
 (ETA, Retry-After), the shared speed average, when a job times out or is given up and how that reads, the claim
-window and the progress event. A backend stores and moves records; it asks this module what they mean.
+window. A backend stores and moves records; it asks this module what they mean.
 
 Units: the speed is seconds per denoising step of one image; work is image-steps (steps x images)."""
 
 from __future__ import annotations
-
-from sdserve.jobs.events import Event
 
 # The queued jobs a claim considers (head first, priority then fair share): bounds each claim's cost.
 CLAIM_WINDOW = 64
@@ -64,7 +62,3 @@ def given_up(attempts: int) -> str:
     return (f"its worker stopped while running this job {attempts} times; giving up (it may crash the worker, "
             "e.g. out of memory)")
 
-
-def progress_event(job_id: str, step: int, steps: int, eta_s: float | None) -> Event:
-    return {"type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
-            "progress": step / steps if steps else 0.0, "eta_s": eta_s}

@@ -34,9 +34,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from sdserve.core import public_job
 from sdserve.jobs import fairshare, policy
-from sdserve.jobs.events import Event
+from sdserve.jobs.events import Event, job_event, progress_event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
@@ -640,7 +639,7 @@ class RedisJobQueue(JobEnds):
         with self._redis():
             pipe = self.client.pipeline()
             for job in claimed:
-                self.events.publish(job.id, {"type": "started", **public_job(job)}, pipe)
+                self.events.publish(job.id, job_event("started", job), pipe)
             pipe.execute()
         return claimed
 
@@ -721,7 +720,7 @@ class RedisJobQueue(JobEnds):
                     continue
                 pipe.hset(f"{self.p}job:{job_id}", mapping={"step": step, "steps": steps})
                 eta = policy.running_eta(steps, step, images[job_id], speed)
-                self.events.publish(job_id, policy.progress_event(job_id, step, steps, eta), pipe)
+                self.events.publish(job_id, progress_event(job_id, step, steps, eta), pipe)
             pipe.execute()
         return stops
 
@@ -823,4 +822,4 @@ class RedisJobQueue(JobEnds):
             return int(self._prune(args=[self.p, repr(finished_before), limit]))
 
     def _publish(self, kind: str, job: Job) -> None:
-        self.events.publish(job.id, {"type": kind, **public_job(job)})
+        self.events.publish(job.id, job_event(kind, job))
