@@ -10,6 +10,7 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdserve import bounds
 from sdserve.schema import CONTROL_MODULES, ControlUnit
 
 MODULES = CONTROL_MODULES
@@ -21,8 +22,8 @@ def model_name(name: str) -> str:
     return _HASH.sub("", name)
 
 
-def detect(module: str, image: Image.Image, processor_res: int = 512, threshold_a: float = 100.0,
-           threshold_b: float = 200.0) -> Image.Image:
+def detect(module: str, image: Image.Image, processor_res: int = bounds.PROCESSOR_RES,
+           threshold_a: float = bounds.CANNY_LOW, threshold_b: float = bounds.CANNY_HIGH) -> Image.Image:
     """The control map `module` makes of `image`: `none` passes it through; `canny` is OpenCV's Canny edges
     (thresholds a and b) at `processor_res` on the short side, white on black; `invert` turns a drawing of
     black lines on white into white lines on black, the way line ControlNets were trained."""
