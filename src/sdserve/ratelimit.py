@@ -4,7 +4,7 @@
   per second up to `burst`;
 - images: a submission of n images takes n tokens from a bucket that refills at `images_per_minute`.
 
-Token buckets whose state lives in the job queue's shared store (`SharedState.take_tokens`, jobs/queue.py): in memory for the
+Token buckets whose state lives in the shared state (`SharedState.take_tokens`, jobs/queue.py): in memory for the
 embedded queue, an atomic Lua script on Redis (its own clock), so one limit holds across API replicas.
 Over a limit: 429 with `Retry-After` and `RateLimit-Limit`/`-Remaining`/`-Reset`, in the dialect's error shape.
 """

@@ -87,7 +87,8 @@ class ControlUnit(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which it stops.")
     control_mode: Literal[CONTROL_MODES] = "Balanced"  # type: ignore[valid-type]
     resize_mode: Literal[CONTROL_RESIZE] = "Crop and Resize"  # type: ignore[valid-type]
-    processor_res: int = Field(bounds.PROCESSOR_RES, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE, description="The preprocessor's working resolution (short side).")
+    processor_res: int = Field(bounds.PROCESSOR_RES, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE,
+                               description="The preprocessor's working resolution (short side).")
     threshold_a: float = Field(bounds.CANNY_LOW, ge=0.0, le=255.0, description="canny: the low threshold.")
     threshold_b: float = Field(bounds.CANNY_HIGH, ge=0.0, le=255.0, description="canny: the high threshold.")
 

@@ -500,8 +500,8 @@ class Service:
                 "operator can raise it with --max-work)", "n")
 
     def submit(
-        self, request: GenerationRequest, caller: Caller | None, *, source: str = "native", idempotency_key: str | None = None,
-        inputs: dict[str, core.InputImage] | None = None, charge: bool = True,
+        self, request: GenerationRequest, caller: Caller | None, *, source: str = "native",
+        idempotency_key: str | None = None, inputs: dict[str, core.InputImage] | None = None, charge: bool = True,
     ) -> tuple[Job, bool]:
         """Validate, charge the images to the caller's rate limit, move the input images to the image store,
         pin seed and model, and queue. `inputs`: the request's images if already read by `core.read_inputs`

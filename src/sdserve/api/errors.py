@@ -1,8 +1,8 @@
 """Errors as JSON a person can act on, with the right status code. Never a 500 for client input.
 
-Each dialect's shape is one function here (`*_error`); `shape_for` maps a URL to it. OpenAI clients get `{"error": {message, type, param, code}}`,
-A1111 clients `{"error", "detail", "errors"}`, TF Serving and Open Inference Protocol v2 clients
-`{"error": message}`, everyone else `{"detail", "errors": [{field, message}]}`.
+Each dialect's shape is one function here (`*_error`); `shape_for` maps a URL to it. OpenAI clients get
+`{"error": {message, type, param, code}}`, A1111 clients `{"error", "detail", "errors"}`, TF Serving and Open
+Inference Protocol v2 clients `{"error": message}`, everyone else `{"detail", "errors": [{field, message}]}`.
 """
 
 from __future__ import annotations
