@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from server import ServerProcess
 from tinymodels import save_diffusers
 
 from sdserve import core
@@ -56,14 +55,11 @@ def test_misfit_embeddings_are_skipped_not_fatal(emb_engine):
     assert "999-wide" in state.skipped["wide"] and "SDXL" in state.skipped["xl"]
 
 
-def test_a1111_lists_embeddings(emb_models, tmp_path_factory):
-    proc = ServerProcess(emb_models, tmp_path_factory.mktemp("emb-server"), "--model", "tiny").start()
-    try:
-        with proc.client() as c:
-            listed = c.get("/sdapi/v1/embeddings").json()
-            assert listed["loaded"]["redword"]["vectors"] == 3 and listed["loaded"]["redword"]["shape"] == 32
-            assert c.post("/sdapi/v1/refresh-embeddings").status_code == 200
-            r = c.post("/sdapi/v1/txt2img", json={"prompt": "a redword circle", "steps": 2, "seed": 1})
-            assert r.status_code == 200
-    finally:
-        proc.terminate()
+def test_a1111_lists_embeddings(emb_models, servers):
+    proc = servers(emb_models, "emb-server", "--model", "tiny")
+    with proc.client() as c:
+        listed = c.get("/sdapi/v1/embeddings").json()
+        assert listed["loaded"]["redword"]["vectors"] == 3 and listed["loaded"]["redword"]["shape"] == 32
+        assert c.post("/sdapi/v1/refresh-embeddings").status_code == 200
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a redword circle", "steps": 2, "seed": 1})
+        assert r.status_code == 200

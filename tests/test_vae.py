@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import webuiapi
 from safetensors.torch import save_file
-from server import ServerProcess
 from tinymodels import build_tiny_pipeline, save_diffusers, vae_to_ldm
 
 from sdserve import core
@@ -64,21 +63,18 @@ def test_unknown_or_misfit_vae_is_the_clients_error(vae_engine):
         image(vae_engine, vae="misfit")
 
 
-def test_a1111_sd_vae_through_webuiapi(vae_models, tmp_path_factory):
-    proc = ServerProcess(vae_models, tmp_path_factory.mktemp("vae-server"), "--model", "tiny").start()
-    try:
-        api = webuiapi.WebUIApi(host="127.0.0.1", port=proc.port, sampler="Euler a", steps=3)
-        names = {v["model_name"] for v in api.session.get(f"{proc.url}/sdapi/v1/sd-vae").json()}
-        assert {"second.safetensors", "second-ldm.safetensors", "second-folder"} <= names
-        own = api.txt2img(prompt="a red circle", seed=2, override_settings={"sd_vae": "Automatic"})
-        chosen = api.txt2img(prompt="a red circle", seed=2, override_settings={"sd_vae": "second.safetensors"})
-        diff = np.abs(np.asarray(own.image, dtype=np.int16) - np.asarray(chosen.image, dtype=np.int16)).max()
-        assert diff > 2 and not chosen.info["ignored_fields"]
-        api.set_options({"sd_vae": "second.safetensors"})  # the saved option applies to later calls
-        saved = api.txt2img(prompt="a red circle", seed=2)
-        assert np.array_equal(np.asarray(saved.image), np.asarray(chosen.image))
-        r = api.session.post(f"{proc.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2,
-                                                                   "override_settings": {"sd_vae": "gone"}})
-        assert r.status_code == 422 and "unknown VAE 'gone'" in r.json()["detail"]
-    finally:
-        proc.terminate()
+def test_a1111_sd_vae_through_webuiapi(vae_models, servers):
+    proc = servers(vae_models, "vae-server", "--model", "tiny")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=proc.port, sampler="Euler a", steps=3)
+    names = {v["model_name"] for v in api.session.get(f"{proc.url}/sdapi/v1/sd-vae").json()}
+    assert {"second.safetensors", "second-ldm.safetensors", "second-folder"} <= names
+    own = api.txt2img(prompt="a red circle", seed=2, override_settings={"sd_vae": "Automatic"})
+    chosen = api.txt2img(prompt="a red circle", seed=2, override_settings={"sd_vae": "second.safetensors"})
+    diff = np.abs(np.asarray(own.image, dtype=np.int16) - np.asarray(chosen.image, dtype=np.int16)).max()
+    assert diff > 2 and not chosen.info["ignored_fields"]
+    api.set_options({"sd_vae": "second.safetensors"})  # the saved option applies to later calls
+    saved = api.txt2img(prompt="a red circle", seed=2)
+    assert np.array_equal(np.asarray(saved.image), np.asarray(chosen.image))
+    r = api.session.post(f"{proc.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2,
+                                                               "override_settings": {"sd_vae": "gone"}})
+    assert r.status_code == 422 and "unknown VAE 'gone'" in r.json()["detail"]
