@@ -82,7 +82,8 @@ def make_queue(request, tmp_path):
             from sdserve.jobs.redis import RedisJobQueue
 
             server = request.getfixturevalue("redis_server")
-            server.client().flushdb()
+            if not opened:  # a second queue in one test is a second replica on the same data
+                server.client().flushdb()
             queue = RedisJobQueue(server.url, **kwargs)
         opened.append(queue)
         return queue
@@ -98,12 +99,12 @@ def _server_factory(folder):
     `data`: a name (a new folder for its data) or a path."""
     started = []
 
-    def start(models_dir, data, *args, launch_only: bool = False, **kwargs):
+    def start(models_dir, data, *args, **kwargs):
         from server import ServerProcess
 
         proc = ServerProcess(models_dir, folder(data) if isinstance(data, str) else data, *args, **kwargs)
         started.append(proc)
-        return proc.launch() if launch_only else proc.start()
+        return proc.start()
 
     def stop_all():
         for proc in reversed(started):

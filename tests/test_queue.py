@@ -377,3 +377,12 @@ def test_after_an_outage_every_worker_gets_a_whole_lease_to_renew(redis_server):
     time.sleep(1.2)  # no heartbeat for a whole lease, with Redis up: now the worker is gone
     q.expire()
     assert q.get(job.id).status is JobStatus.queued
+
+
+def test_the_queued_work_is_recounted_where_redis_lacks_it(redis_server):
+    q = redis_queue(redis_server)
+    last = [submit(q, str(i), steps=10) for i in range(3)][-1]
+    redis_server.client().delete("sdserve:queued_work")  # a Redis from before the total was kept
+    q.claim(wait_s=0)  # one leaves the queue: counted from the queue, not subtracted from nothing
+    q.record_speed(0.1)
+    assert q.get(last.id).eta_s == pytest.approx(policy.queued_eta(1, 2, 20, 10, 10, 0.1)) == pytest.approx(3.0)

@@ -45,7 +45,7 @@ def redis_url(redis_server):
 
 def test_the_store_takes_tokens_atomically(make_queue):
     first = make_queue()
-    # Redis: two replicas' connections, one bucket (the second opened before any token is taken)
+    # Redis: two replicas' connections, one bucket
     queues = [first, make_queue() if make_queue.backend == "redis" else first]
     results = [queues[i % 2].take_tokens("ratelimit:test", 0.001, 3, 1) for i in range(5)]
     assert [taken for taken, _, _ in results] == [True, True, True, False, False]

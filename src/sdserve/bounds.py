@@ -23,13 +23,14 @@ CANNY_LOW = 100.0  # threshold_a
 CANNY_HIGH = 200.0  # threshold_b
 
 
-def snap(value: float, limit: int = MAX_SIZE) -> int:
-    """A side floored to the latent grid and kept within MIN_SIZE..limit (A1111 floors rather than refuses)."""
-    value = int(value)
-    return max(MIN_SIZE, min(limit, value - value % SIZE_STEP))
-
-
 def floor_to_grid(value: float) -> int:
     """A side floored to the latent grid, unbounded (the hires target, bounded by its own fields)."""
     value = int(value)
     return value - value % SIZE_STEP
+
+
+def snap(value: float, limit: int | None = MAX_SIZE) -> int:
+    """A side floored to the latent grid and kept within MIN_SIZE..limit (None: no upper bound here; A1111
+    floors rather than refuses)."""
+    floored = floor_to_grid(value)
+    return max(MIN_SIZE, floored if limit is None else min(limit, floored))

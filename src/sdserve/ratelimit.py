@@ -91,8 +91,12 @@ class Limiter:
         allowed, left, retry = self.store.take_tokens(f"ratelimit:{kind}:{caller.id}", rate.per_s, rate.burst, n)
         return decide(rate, allowed, left, retry)
 
+    def request_rate(self, caller: Caller) -> Rate | None:
+        """The caller's submission rate (its key's own, else the server's); None: not limited."""
+        return caller.requests or self.requests
+
     def request(self, caller: Caller) -> Decision | None:
-        rate = caller.requests or self.requests
+        rate = self.request_rate(caller)
         return None if rate is None else self._take("requests", rate, caller, 1)
 
     def charge_images(self, caller: Caller | None, n: int) -> None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sdserve.api import errors
 from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_id, caller_of
+from sdserve.api.security import caller_of
 from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
@@ -103,7 +103,7 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         return errors.render(request.url.path, exc.status, str(exc))
     ignored = proto.ignored_fields(body)
     jobs = await service.submit_all(canonical, caller_of(request.scope), source=SOURCE)
-    call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_id(request), [j.id for j in jobs])
+    call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_of(request.scope).id, [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
         outcomes = await service.results(call.job_ids, request.is_disconnected, blocked="black")
@@ -157,14 +157,13 @@ async def img2img(body: proto.Img2ImgRequest, request: Request, service: Service
 async def _own_call(request: Request, service: Service, id_task: str | None) -> tuple[Call | None, list[Job]]:
     """The caller's call this request is about, with its jobs: the one named by `id_task`, else the caller's
     call that is running now, else the caller's oldest. Never another caller's."""
-    caller = caller_id(request)
+    caller = caller_of(request.scope)
     calls = await asyncio.to_thread(_state(request).calls)
     own = []
     for call in calls:
-        if call.caller == caller and (id_task is None or call.task_id == id_task):
+        if call.caller == caller.id and (id_task is None or call.task_id == id_task):
             try:
-                jobs = [await asyncio.to_thread(service.own_job, job_id, caller_of(request.scope))
-                        for job_id in call.job_ids]
+                jobs = await asyncio.to_thread(lambda ids: [service.own_job(i, caller) for i in ids], call.job_ids)
             except JobNotFound:
                 continue
             if not all(j.status.terminal for j in jobs):  # a call its replica never cleared (it died) is over

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 
 import anyio
 from starlette.datastructures import QueryParams
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdserve.api.errors import render
@@ -51,11 +50,6 @@ def _is_public(scope: Scope) -> bool:
     # The web UI's page itself (GET / without a prompt) loads without a key, then asks for one. The query is
     # decoded by the same parser the route uses, so `?%70rompt=` is the prompt it is to the route.
     return path == "/" and scope["method"] == "GET" and "prompt" not in QueryParams(scope.get("query_string", b""))
-
-
-def caller_id(request: Request) -> str:
-    """Who is calling, for acting on "the caller's own" work (A1111 /interrupt)."""
-    return caller_of(request.scope).id
 
 
 def caller_of(scope: Scope) -> Caller:
@@ -136,22 +130,22 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        caller = caller_of(scope)
         submission = scope["method"] == "POST" or (
             scope["path"] == "/" and "prompt" in QueryParams(scope.get("query_string", b"")))
-        decision = await anyio.to_thread.run_sync(self.limiter.request, caller) if submission else None
-        if decision is not None and not decision.allowed:
+        caller = caller_of(scope) if submission else None
+        if caller is None or self.limiter.request_rate(caller) is None:  # nothing to count: no thread hop
+            await self.app(scope, receive, send)
+            return
+        decision = await anyio.to_thread.run_sync(self.limiter.request, caller)
+        if not decision.allowed:
             response = render(scope["path"], 429, f"rate limit: over {decision.limit} submissions from this caller "
                               f"in a burst; retry in {decision.retry_after_s} s", headers=decision.headers(),
                               code="rate_limit_exceeded")
             await response(scope, receive, send)
             return
-        if decision is None:
-            await self.app(scope, receive, send)
-            return
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and decision is not None:
+            if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], *((k.lower().encode(), v.encode())
                                                             for k, v in decision.headers().items())]

@@ -214,7 +214,7 @@ class ModelRegistry:
         A1111 title (`name [hash]`), hash, or the path or hub id the operator gave. Nothing else: a client
         never makes the server open a path of its choosing or download from the hub."""
         if not name:
-            name = self.extra[0] if self.extra else None
+            name = self.default()
             if not name:
                 raise UnknownModelError("no model given and no default model configured")
         with self._lock:
@@ -250,7 +250,7 @@ class ModelRegistry:
 
     def default(self) -> str | None:
         """The operator's default: the first --model."""
-        return self.extra[0] if self.extra else None
+        return self.extra[0]
 
     # ----- hashes (A1111 "Model hash" = first 10 hex digits of the file's sha256) -------------
     def sha256(self, info: ModelInfo) -> str | None:

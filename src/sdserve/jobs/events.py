@@ -16,7 +16,7 @@ from sdserve.schema import FINAL_STATUSES, Job
 log = logging.getLogger(__name__)
 
 # ----- the events, built here only ------------------------------------------------------------------------
-# On the wire (SSE data, the Redis stream) an event is a JSON object; these are its two shapes.
+# On the wire (SSE data, the Redis stream) an event is a JSON object.
 EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled"]
 END_EVENTS = frozenset(status.value for status in FINAL_STATUSES)  # a job's last event
 
@@ -33,27 +33,19 @@ class ProgressEvent(TypedDict):
     eta_s: float | None  # jobs/policy.py: running_eta
 
 
-class JobEvent(TypedDict):
-    """A job's state changed (queued, started, or its end): the type, then the job as every API reports it
-    (`core.public_job`: id, status, request, images, error, ...)."""
-
-    type: EventType
-    id: str
-    status: str
-
-
 # What subscribers get; a backend that keeps events adds `event_id` (SSE's id, for Last-Event-ID).
 Event = dict[str, Any]
 
 
 def job_event(kind: EventType, job: Job) -> Event:
+    """A job's state changed (queued, started, or its end): the type, then the job as every API reports it."""
     return {"type": kind, **public_job(job)}
 
 
 def progress_event(job_id: str, step: int, steps: int, eta_s: float | None) -> Event:
     event: ProgressEvent = {"type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
                             "progress": step / steps if steps else 0.0, "eta_s": eta_s}
-    return dict(event)
+    return event  # type: ignore[return-value]  (a TypedDict is a dict on the wire)
 
 
 @dataclass(eq=False)

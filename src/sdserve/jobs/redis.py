@@ -76,34 +76,6 @@ local function consume(p, n)
 end
 """
 
-# ARGV: prefix, job id ('' for the whole queue). What policy.queued_eta and policy.retry_after_s need, read at
-# once: the job's rank in the queue (-1: not queued), the queue's depth and total work (`queued_work`, kept by
-# queue_owner and unqueue_owner; counted once here where a Redis lacks it), and the work the running jobs have
-# left (policy.work_left: work x steps left / steps; a worker's batch is small).
-_WORK = """
-local p, id = ARGV[1], ARGV[2]
-local rank = -1
-if id ~= '' then
-  rank = redis.call('ZRANK', p .. 'queued', id)
-  if not rank then return {-1, 0, '0', '0'} end
-end
-local total = redis.call('GET', p .. 'queued_work')
-if not total then
-  total = 0
-  for _, other in ipairs(redis.call('ZRANGE', p .. 'queued', 0, -1)) do
-    total = total + (tonumber(redis.call('HGET', p .. 'job:' .. other, 'work')) or 0)
-  end
-  redis.call('SET', p .. 'queued_work', total)
-end
-local left = 0
-for _, other in ipairs(redis.call('ZRANGE', p .. 'running', 0, -1)) do
-  local f = redis.call('HMGET', p .. 'job:' .. other, 'work', 'steps', 'step')
-  local work, steps, step = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
-  if steps > 0 then left = left + work * math.max(0, steps - step) / steps end
-end
-return {rank, redis.call('ZCARD', p .. 'queued'), tostring(math.max(0, tonumber(total))), tostring(left)}
-"""
-
 # ARGV: prefix. Creates the demand stream and group if missing, with one entry per job already queued.
 _ENSURE_DEMAND = f"""
 local p = ARGV[1]
@@ -122,19 +94,57 @@ return 1
 # Fair share (jobs/fairshare.py): each caller's queued jobs in `oq:{owner}` (same score as `queued`), the callers
 # with jobs queued in the set `owners`, their passes in the hash `fair`, the virtual time in `fair:vt`.
 _OWNERS = """
+-- The queue's total work in `queued_work`, counted from the queue where the key is missing (a Redis from before
+-- it, or one that lost it): true when it was, so the caller's own change is already in the count.
+local function count_work(p)
+  if redis.call('EXISTS', p .. 'queued_work') == 1 then return false end
+  local total = 0
+  for _, other in ipairs(redis.call('ZRANGE', p .. 'queued', 0, -1)) do
+    total = total + (tonumber(redis.call('HGET', p .. 'job:' .. other, 'work')) or 0)
+  end
+  redis.call('SET', p .. 'queued_work', total)
+  return true
+end
 local function queue_owner(p, id, score)
   local o = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
   redis.call('ZADD', p .. 'oq:' .. o, score, id)
   redis.call('SADD', p .. 'owners', o)
-  redis.call('INCRBY', p .. 'queued_work', tonumber(redis.call('HGET', p .. 'job:' .. id, 'work')) or 0)
+  if not count_work(p) then
+    redis.call('INCRBY', p .. 'queued_work', tonumber(redis.call('HGET', p .. 'job:' .. id, 'work')) or 0)
+  end
 end
 local function unqueue_owner(p, id)
   local o = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
   redis.call('ZREM', p .. 'oq:' .. o, id)
   if redis.call('ZCARD', p .. 'oq:' .. o) == 0 then redis.call('SREM', p .. 'owners', o) end
-  redis.call('DECRBY', p .. 'queued_work', tonumber(redis.call('HGET', p .. 'job:' .. id, 'work')) or 0)
+  if not count_work(p) then
+    redis.call('DECRBY', p .. 'queued_work', tonumber(redis.call('HGET', p .. 'job:' .. id, 'work')) or 0)
+  end
 end
 """
+
+# ARGV: prefix, job id ('' for the whole queue). What policy.queued_eta and policy.retry_after_s need, read at
+# once: the job's rank in the queue (-1: not queued), the queue's depth and total work (`queued_work`, kept by
+# queue_owner and unqueue_owner; counted once here where a Redis lacks it), and the work the running jobs have
+# left (policy.work_left: work x steps left / steps; a worker's batch is small).
+_WORK = _OWNERS + """
+local p, id = ARGV[1], ARGV[2]
+local rank = -1
+if id ~= '' then
+  rank = redis.call('ZRANK', p .. 'queued', id)
+  if not rank then return {-1, 0, '0', '0'} end
+end
+count_work(p)
+local total = redis.call('GET', p .. 'queued_work')
+local left = 0
+for _, other in ipairs(redis.call('ZRANGE', p .. 'running', 0, -1)) do
+  local f = redis.call('HMGET', p .. 'job:' .. other, 'work', 'steps', 'step')
+  local work, steps, step = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
+  if steps > 0 then left = left + work * math.max(0, steps - step) / steps end
+end
+return {rank, redis.call('ZCARD', p .. 'queued'), tostring(math.max(0, tonumber(total))), tostring(left)}
+"""
+
 
 _SUBMIT = _OWNERS + f"""
 local p = ARGV[1]

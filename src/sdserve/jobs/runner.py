@@ -170,7 +170,7 @@ class Runner:
     @property
     def ready(self) -> bool:
         """The default model is loaded, and the API replicas have been told what this worker serves."""
-        return self.state is RunnerState.ready or (self.state is RunnerState.loaded and self.on_ready is None)
+        return self.state is RunnerState.ready
 
     def start(self) -> None:
         self._thread.start()
@@ -200,7 +200,9 @@ class Runner:
             return
         if self.load_error is not None:
             log.info("the default model loads now")
-        self.state, self.load_error = RunnerState.loaded, None
+        # With nobody to tell (on_ready None: one process), loaded is ready.
+        self.state = RunnerState.loaded if self.on_ready is not None else RunnerState.ready
+        self.load_error = None
         self._registered = 0.0  # tell the API replicas at once
 
     def _loop(self) -> None:

@@ -213,7 +213,7 @@ def _setting(value: Any, default: float) -> Any:
 
 def _snap(value: int | None) -> int | None:
     # A1111 floors sizes to the latent grid rather than refusing them.
-    return None if value is None else max(bounds.MIN_SIZE, bounds.floor_to_grid(value))
+    return None if value is None else bounds.snap(value, None)
 
 
 def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> list[GenerationRequest]:
