@@ -455,17 +455,22 @@ class RedisJobQueue(JobEnds):
         return found[0]
 
     def _jobs(self, ids: Sequence[str], with_position: bool = True) -> list[Job]:
-        """The jobs with these ids (unknown ones left out), each record and queue rank in one round trip."""
+        """The jobs with these ids (unknown ones left out), each record and queue rank in one round trip, with the
+        queue's totals (_WORK) read once for all of them."""
         with self._redis():
             pipe = self.client.pipeline()
             for job_id in ids:
                 pipe.hgetall(f"{self.p}job:{job_id}")
                 if with_position:
-                    self._work(args=[self.p, job_id], client=pipe)
+                    pipe.zrank(f"{self.p}queued", job_id)
+            if with_position:
+                self._work(args=[self.p, ""], client=pipe)
             replies = pipe.execute()
-        step = 2 if with_position else 1
-        return [self._to_job(h, replies[i + 1] if with_position else None)
-                for i, h in zip(range(0, len(replies), step), replies[::step]) if h]
+        if not with_position:
+            return [self._to_job(h) for h in replies if h]
+        _, depth, total, left = replies[-1]
+        return [self._to_job(h, [-1 if rank is None else rank, depth, total, left])
+                for h, rank in zip(replies[:-1:2], replies[1:-1:2]) if h]
 
     def list(self, *, limit: int = 50, offset: int = 0, status: str | None = None,
              owner: str | None = None) -> list[Job]:
