@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from zygote import Zygote
 
 
 def free_port() -> int:
@@ -51,9 +52,14 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def launch(self) -> ServerProcess:
-        """Start the process without waiting for it to be ready."""
+        """Start the process without waiting for it to be ready: forked from the test zygote (tests/zygote.py) where
+        it can be, else as a new interpreter."""
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        zygote = Zygote.shared() if self.cmd[1:3] == ["-m", "sdserve.cli"] else None
+        if zygote is not None and zygote.can_run(self.env):
+            self.proc = zygote.spawn(self.cmd[2:], self.env, str(self.log_path))
+        else:
+            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         return self
 
     def start(self, timeout: float = 120) -> ServerProcess:
