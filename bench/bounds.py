@@ -4,9 +4,11 @@ a large VAE decode takes in memory, tiled or not. Writes bench/results/bounds-<m
 - Speed: the demo model's megapixel-steps per second (images × width × height × steps / 1e6) at a few sizes, and so
   how long a request at the CPU default bound (bounds.DEFAULT_MAX_WORK) takes, against the 600 s job timeout.
 - Cancel: a 512² job canceled mid-run, seconds from the cancel flag to the run's end (one denoising step).
-- Memory: peak RSS of a fresh process decoding one image of each size with the VAE, whole and in tiles.
+- Memory: peak RSS of a fresh process decoding one image of each size with the VAE, whole and in tiles; and a
+  batch of 4 decoded at once (diffusers' default) against one image at a time (what the engine does).
 
     make bench BENCH_ARGS=bounds
+    make bench BENCH_ARGS='bounds --parts memory'   (only the memory figures, into the existing JSON)
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def rss():
 
 registry = ModelRegistry(sys.argv[1], sys.argv[1], extra=["demo"], device="cpu")
 vae = registry.load("demo").pipelines["txt2img"].vae
-size, tiled = int(sys.argv[2]), sys.argv[3] == "1"
-latents = torch.randn(1, 4, size // 8, size // 8)
+size, tiled, batch, sliced = int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5] == "1"
+latents = torch.randn(batch, 4, size // 8, size // 8)
 base, peak, done = rss(), [0.0], threading.Event()
 
 def sample():
@@ -47,6 +49,7 @@ def sample():
 sampler = threading.Thread(target=sample)
 sampler.start()
 with torch.inference_mode(), pipeline._decoding(vae, None, tiled):
+    vae.use_slicing = sliced
     vae.decode(latents)
 done.set()
 sampler.join()
@@ -105,18 +108,30 @@ def cancel_latency(engine, name: str) -> dict:
     return {"size": 512, "seconds_after_cancel": round(ended - marks["canceled"], 3), "step_s": round(step_s, 3)}
 
 
+def _decode_mb(work: Path, size: int, tiled: bool, batch: int = 1, sliced: bool = True) -> float | None:
+    out = subprocess.run([sys.executable, "-c", DECODE, str(work), str(size), str(int(tiled)), str(batch),
+                          str(int(sliced))], capture_output=True, text=True, timeout=900)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
 def memory(work: Path) -> list[dict]:
     rows = []
     for size in (512, 1024, 2048):
-        row: dict = {"size": size}
-        for tiled in (False, True):
-            out = subprocess.run([sys.executable, "-c", DECODE, str(work), str(size), "1" if tiled else "0"],
-                                 capture_output=True, text=True, timeout=900)
-            row["tiled_mb" if tiled else "whole_mb"] = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
-                else None
+        row = {"size": size, "whole_mb": _decode_mb(work, size, False), "tiled_mb": _decode_mb(work, size, True)}
         rows.append(row)
         print(f"  decode {size}²: whole {row['whole_mb']:.0f} MB, tiled {row['tiled_mb']:.0f} MB (peak RSS over the "
               "loaded model)", flush=True)
+    return rows
+
+
+def batch_memory(work: Path, batch: int = 4) -> list[dict]:
+    rows = []
+    for size in (512, 1024):
+        row = {"size": size, "batch": batch, "at_once_mb": _decode_mb(work, size, False, batch, sliced=False),
+               "one_by_one_mb": _decode_mb(work, size, False, batch, sliced=True)}
+        rows.append(row)
+        print(f"  decode {batch} × {size}²: at once {row['at_once_mb']:.0f} MB, one image at a time "
+              f"{row['one_by_one_mb']:.0f} MB", flush=True)
     return rows
 
 
@@ -136,9 +151,14 @@ def plot(result: dict, path: Path) -> None:
     x = range(len(m))
     right.bar([i - 0.2 for i in x], [r["whole_mb"] or 0 for r in m], width=0.4, label="whole")
     right.bar([i + 0.2 for i in x], [r["tiled_mb"] or 0 for r in m], width=0.4, label="tiled")
-    right.set_xticks(list(x), [f"{r['size']}²" for r in m])
     right.set_ylabel("peak RSS over the loaded model, MB")
-    right.set_title("VAE decode of one image", fontsize=9)
+    for row in result.get("batch_memory", []):
+        i = len(m)
+        m = [*m, row]
+        right.bar([i - 0.2], [row["at_once_mb"] or 0], width=0.4, color="#c63")
+        right.bar([i + 0.2], [row["one_by_one_mb"] or 0], width=0.4, color="#2a7")
+    right.set_xticks(list(range(len(m))), [f"{r.get('batch', 1)}×{r['size']}²" for r in m])
+    right.set_title("VAE decode: one image whole/tiled; a batch at once (red) or one by one (green)", fontsize=8)
     right.legend(fontsize=8)
     fig.suptitle(f"bounds, {result['machine']['label']}")
     fig.tight_layout()
@@ -147,25 +167,32 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    parser.add_argument("--parts", default="speed,cancel,memory",
+                        help="what to measure (speed, cancel, memory); the others are kept from the existing JSON")
+    parts = set(parser.parse_args(argv).parts.split(","))
+    from sdserve.bounds import DEFAULT_MAX_WORK
     from sdserve.engine.models import ModelRegistry
     from sdserve.engine.pipeline import Engine
-    from sdserve.bounds import DEFAULT_MAX_WORK
 
     work = Path(tempfile.mkdtemp(prefix="sdserve-bounds-"))
     engine = Engine(ModelRegistry(work, work, extra=["demo"], device="cpu"))
     name = engine.registry.info("demo").name
-    result: dict = {"machine": machine("cpu"), "command": " ".join(sys.argv), "cpu_bound": DEFAULT_MAX_WORK["cpu"]}
-    result["speed"] = speed(engine, name)
-    slowest = min(r["mpx_steps_per_s"] for r in result["speed"])
-    result["bound_seconds"] = DEFAULT_MAX_WORK["cpu"] / slowest
-    print(f"  the CPU bound ({DEFAULT_MAX_WORK['cpu']:g} MPx-steps) at the slowest rate: {result['bound_seconds']:.0f} s",
-          flush=True)
-    result["cancel"] = cancel_latency(engine, name)
-    result["memory"] = memory(work)
-    name = "bounds-" + re.sub(r"[^a-z0-9]+", "-", result["machine"]["label"].lower()).strip("-")
+    label = machine("cpu")["label"]
+    path = RESULTS / f"bounds-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.json"
+    result: dict = json.loads(path.read_text()) if path.exists() and parts != {"speed", "cancel", "memory"} else {}
+    result.update({"machine": machine("cpu"), "command": " ".join(sys.argv), "cpu_bound": DEFAULT_MAX_WORK["cpu"]})
+    if "speed" in parts:
+        result["speed"] = speed(engine, name)
+        slowest = min(r["mpx_steps_per_s"] for r in result["speed"])
+        result["bound_seconds"] = DEFAULT_MAX_WORK["cpu"] / slowest
+        print(f"  the CPU bound ({DEFAULT_MAX_WORK['cpu']:g} MPx-steps) at the slowest rate: "
+              f"{result['bound_seconds']:.0f} s", flush=True)
+    if "cancel" in parts:
+        result["cancel"] = cancel_latency(engine, name)
+    if "memory" in parts:
+        result["memory"] = memory(work)
+        result["batch_memory"] = batch_memory(work)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and .png")

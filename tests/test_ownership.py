@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from server import ServerProcess, wait_for
+from server import until, wait_for
 
 from sdserve.keys import KeyBook
 
@@ -87,6 +87,25 @@ def test_another_key_finds_nothing_of_alphas(keyed, alphas):
         listed = {j["id"] for j in admin.get("/api/v1/jobs", params={"limit": 200}).json()}
         assert {done["id"], running["id"], mine.json()["id"]} <= listed
         assert admin.get(f"/api/v1/images/{image}").status_code == 200
+        with as_key(keyed, A) as alpha:  # queued behind alpha's running job
+            queued = alpha.post("/api/v1/jobs", json={**LONG, "prompt": "alpha's next"}).json()
+        assert admin.get(f"/api/v1/jobs/{queued['id']}").json()["request"]["prompt"] == "alpha's next"
+        assert admin.delete(f"/api/v1/jobs/{queued['id']}").status_code == 200
+        assert wait_for(admin, queued["id"])["status"] == "canceled"
+
+
+def test_two_basic_users_are_kept_apart(models_dir, servers):
+    server = servers(models_dir, "basic", "--api-auth", "ann:pw-of-ann,bob:pw-of-bob")
+    ann = httpx.Client(base_url=server.url, auth=("ann", "pw-of-ann"), timeout=120)
+    bob = httpx.Client(base_url=server.url, auth=("bob", "pw-of-bob"), timeout=120)
+    with ann, bob:
+        job = ann.post("/api/v1/jobs", json={"prompt": "ann's own", "steps": 1}).json()
+        assert wait_for(ann, job["id"])["label"] == "ann"
+        assert bob.get(f"/api/v1/jobs/{job['id']}").status_code == 404
+        assert "ann's own" not in bob.get("/api/v1/jobs").text
+        assert bob.delete(f"/api/v1/jobs/{job['id']}").status_code == 404
+        assert [j["id"] for j in ann.get("/api/v1/jobs").json()] == [job["id"]]
+        assert httpx.get(server.url + "/api/v1/jobs", auth=("ann", "wrong"), timeout=60).status_code == 401
 
 
 def test_every_route_with_another_keys_credentials(keyed, alphas):
@@ -94,29 +113,34 @@ def test_every_route_with_another_keys_credentials(keyed, alphas):
     never a 500, never a 403 (which would confirm the job exists), never alpha's prompt; a path naming alpha's
     job or image is a 404."""
     done, running = alphas
-    ids = {"job_id": running["id"], "image_id": done["images"][0]["id"], "download_id": done["images"][0]["id"]}
+    image = done["images"][0]["id"]
+    # Every path parameter the schema has; a new one must be added here, so no route goes unchecked.
+    values = {"job_id": running["id"], "image_id": image, "download_id": image, "name": "tiny", "version": "1"}
+    owned = ("{job_id}", "{image_id}", "{download_id}")
+    skipped = {("post", "/sdapi/v1/options")}  # free-form settings every caller shares (A1111's); nothing of a job's
     schema = httpx.get(keyed.url + "/openapi.json", headers={"Authorization": f"Bearer {A}"}).json()
-    checked = 0
-    with as_key(keyed, B) as bravo:
-        for path, methods in schema["paths"].items():
-            for method in methods:
-                url = path
-                for name, value in ids.items():
-                    url = url.replace("{" + name + "}", value)
-                url = url.replace("{name}", "tiny").replace("{version}", "1").replace("{model_name}", "tiny")
-                if "{" in url:
-                    url = url.split("{")[0] + "x"
-                if (method, path) == ("post", "/sdapi/v1/options"):
-                    continue  # free-form settings every caller shares (A1111's); nothing of a job's
-                # A body every dialect refuses (a list where text goes), so nothing generates meanwhile.
-                body = {"prompt": ["x"], "steps": "x"} if method in ("post", "put", "patch") else None
-                r = bravo.request(method.upper(), url, json=body, timeout=30)
-                checked += 1
-                assert r.status_code not in (403, 500), (method, path, r.status_code, r.text[:200])
-                assert SECRET not in r.text, (method, path)
-                if any("{" + name + "}" in path for name in ids):
-                    assert r.status_code == 404, (method, path, r.status_code)
-    assert checked > 60
+    routes = [(method, path) for path, methods in schema["paths"].items() for method in methods]
+    checked = []
+    with as_key(keyed, B) as bravo, as_key(keyed, A) as alpha:
+        for method, path in routes:
+            if (method, path) in skipped:
+                continue
+            url = path
+            for name, value in values.items():
+                url = url.replace("{" + name + "}", value)
+            assert "{" not in url, f"{path}: a path parameter this test does not know"
+            # A body every dialect refuses (a list where text goes), so nothing generates meanwhile.
+            body = {"prompt": ["x"], "steps": "x"} if method in ("post", "put", "patch") else None
+            r = bravo.request(method.upper(), url, json=body, timeout=30)
+            checked.append((method, path))
+            assert r.status_code not in (403, 500), (method, path, r.status_code, r.text[:200])
+            assert SECRET not in r.text, (method, path)
+            if any(name in path for name in owned):
+                assert r.status_code == 404, (method, path, r.status_code)
+                if method == "get":  # the owner reads it: the 404 was bravo's alone
+                    with alpha.stream("GET", url, timeout=30) as mine:
+                        assert mine.status_code == 200, (path, mine.status_code)
+    assert len(checked) == len(routes) - len(skipped) > 60
     with as_key(keyed, A) as alpha:
         assert alpha.get(f"/api/v1/jobs/{running['id']}").json()["status"] == "running"  # nothing touched it
 
@@ -143,23 +167,34 @@ def test_image_links_are_signed_and_expire(keyed):
     assert get(url).status_code == 401
 
 
-def test_a_forged_host_never_makes_a_link(models_dir, tmp_path):
-    plain = ServerProcess(models_dir, tmp_path / "plain")
-    public = ServerProcess(models_dir, tmp_path / "public", "--public-url", "https://images.example.org/sd")
-    try:
-        for server in (plain, public):
-            server.start()
-        body = {"prompt": "x", "response_format": "url", "n": 1}
-        evil = httpx.post(plain.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"})
-        assert evil.status_code == 400 and "evil.example" in evil.json()["error"]["message"]
-        assert httpx.get(plain.url + "/readyz", headers={"Host": "10.1.2.3:7860"}).status_code == 200  # probes
-        ok = httpx.post(plain.url + "/v1/images/generations", json=body, timeout=120)
-        assert ok.json()["data"][0]["url"].startswith(plain.url + "/api/v1/images/")
-        r = httpx.post(public.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"}, timeout=120)
-        assert r.status_code == 200 and r.json()["data"][0]["url"].startswith("https://images.example.org/sd/api/v1/")
-    finally:
-        plain.kill()
-        public.kill()
+def test_a_forged_host_never_makes_a_link(models_dir, servers):
+    plain = servers(models_dir, "plain")
+    public = servers(models_dir, "public", "--public-url", "https://images.example.org/sd")
+    named = servers(models_dir, "named", env={"SDSERVE_ALLOWED_HOSTS": "sd.example.org,*.corp.example"})
+    body = {"prompt": "x", "response_format": "url", "n": 1}
+    evil = httpx.post(plain.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"})
+    assert evil.status_code == 400 and "evil.example" in evil.json()["error"]["message"]
+    assert httpx.get(plain.url + "/readyz", headers={"Host": "10.1.2.3:7860"}).status_code == 200  # probes
+    ok = httpx.post(plain.url + "/v1/images/generations", json=body, timeout=120)
+    assert ok.json()["data"][0]["url"].startswith(plain.url + "/api/v1/images/")
+    r = httpx.post(public.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"}, timeout=120)
+    assert r.status_code == 200 and r.json()["data"][0]["url"].startswith("https://images.example.org/sd/api/v1/")
+    # --allowed-hosts: those names (a port kept in the links), *.x for its subdomains; anything else is 400
+    for host in ("sd.example.org:8443", "a.corp.example"):
+        r = httpx.post(named.url + "/v1/images/generations", json=body, headers={"Host": host}, timeout=120)
+        assert r.status_code == 200 and r.json()["data"][0]["url"].startswith(f"http://{host}/api/v1/images/"), r.text
+    for host in ("corp.example", "evil.example", "127.0.0.1", "sd.example.org.evil.example"):
+        r = httpx.get(named.url + "/api/v1/jobs", headers={"Host": host}, timeout=60)
+        assert r.status_code == 400, (host, r.status_code)
+
+
+def test_a_host_header_is_read_as_a_host():
+    from sdserve.api.urls import host_allowed, host_of
+
+    assert [host_of(h) for h in ("[::1]:7860", "[::1]", "A.Example:80", "a.example", "::1")] == [
+        "::1", "::1", "a.example", "a.example", "::1"]
+    assert host_allowed("x.corp.example", ["*.corp.example"]) and not host_allowed("corp.example", ["*.corp.example"])
+    assert not host_allowed("evilcorp.example", ["*.corp.example"]) and host_allowed("anything", ["*"])
 
 
 # ---------------------------------------------------------------- keys fail closed
@@ -201,23 +236,28 @@ def test_keys_are_compared_as_utf8_bytes():
     assert book.lookup("clé-secrète-🔑".encode("utf-8").decode("latin-1").encode("utf-8")) is None
 
 
-def test_a_non_ascii_key_over_http_and_the_readyz_warning(models_dir, tmp_path):
+def test_a_non_ascii_key_over_http_and_the_readyz_warning(models_dir, tmp_path, servers):
     keys = tmp_path / "keys.yaml"
     keys.write_text('keys:\n  - key: "clé-secrète-🔑"\n    label: unicode\n')
-    server = ServerProcess(models_dir, tmp_path / "data", "--keys-file", str(keys)).start()
-    try:
-        utf8 = [(b"authorization", "Bearer clé-secrète-🔑".encode())]
-        r = httpx.get(server.url + "/api/v1/jobs", headers=utf8)
-        assert r.status_code == 200, r.text
-        keys.write_text("keys: [broken")
-        deadline = time.monotonic() + 30
-        while "warning" not in httpx.get(server.url + "/readyz").json():
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        ready = httpx.get(server.url + "/readyz")
-        assert ready.status_code == 200 and "last good keys" in ready.json()["warning"]
-        assert httpx.get(server.url + "/api/v1/jobs", headers=utf8).status_code == 200
-        assert "sdserve_keys_file_problem 1.0" in httpx.get(server.url + "/metrics", headers=utf8).text
-        assert "auth: on (1 key)" in " ".join(server.log().split())  # the banner (rich wraps it)
-    finally:
-        server.terminate()
+    ops = {"Authorization": "Bearer sk-operations-key"}  # a plain --api-key: the scraper's, not from the file
+    server = servers(models_dir, "data", "--keys-file", str(keys), "--api-key", "sk-operations-key")
+    utf8 = [(b"authorization", "Bearer clé-secrète-🔑".encode())]
+    r = httpx.get(server.url + "/api/v1/jobs", headers=utf8, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "auth: on (2 keys)" in " ".join(server.log().split())  # the banner (rich wraps it)
+    keys.write_text("keys: [broken")
+    until(lambda: "warning" in httpx.get(server.url + "/readyz", timeout=60).json(), "the broken file is noticed")
+    ready = httpx.get(server.url + "/readyz", timeout=60)
+    assert ready.status_code == 200 and "last good keys" in ready.json()["warning"]
+    assert httpx.get(server.url + "/api/v1/jobs", headers=utf8, timeout=60).status_code == 200
+    assert "sdserve_keys_file_problem 1.0" in httpx.get(server.url + "/metrics", headers=utf8, timeout=60).text
+    keys.unlink()  # deleted: every key it gave stops, loudly (log, readiness, metric); the others still work
+    until(lambda: httpx.get(server.url + "/api/v1/jobs", headers=utf8, timeout=60).status_code == 401,
+          "the deleted file's key is refused")
+    assert "every key it listed is refused" in httpx.get(server.url + "/readyz", timeout=60).json()["warning"]
+    assert "sdserve_keys_file_problem 1.0" in httpx.get(server.url + "/metrics", headers=ops, timeout=60).text
+    assert "every key it listed is refused" in server.log()
+    keys.write_text('keys:\n  - key: "clé-secrète-🔑"\n    label: unicode\n')
+    until(lambda: httpx.get(server.url + "/api/v1/jobs", headers=utf8, timeout=60).status_code == 200,
+          "the key works again once its file is back")
+    assert "sdserve_keys_file_problem 0.0" in httpx.get(server.url + "/metrics", headers=ops, timeout=60).text

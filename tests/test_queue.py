@@ -99,6 +99,38 @@ def test_requeue_on_shutdown_does_not_count_an_attempt(queue):
     assert queue.get(job.id).attempts == 0
 
 
+def test_each_owner_lists_only_its_own_jobs(make_queue):
+    """Both backends: a caller's listing (and its status filter and pages) holds its own jobs only, newest first;
+    the unfiltered listing (an admin's) holds everyone's."""
+    queue = make_queue(max_queue=10)
+    a1, b1, a2, b2, a3 = (queue.submit(JobRequest(prompt=p), owner=p[0])[0] for p in ("a1", "b1", "a2", "b2", "a3"))
+    queue.claim(wait_s=0)  # a1 runs
+    assert [j.id for j in queue.list(owner="a")] == [a3.id, a2.id, a1.id]
+    assert [j.id for j in queue.list(owner="b")] == [b2.id, b1.id]
+    assert [j.id for j in queue.list(owner="a", status="queued")] == [a3.id, a2.id]
+    assert [j.id for j in queue.list(owner="a", status="running")] == [a1.id]
+    assert [j.id for j in queue.list(owner="a", limit=1, offset=1)] == [a2.id]
+    assert [j.id for j in queue.list(owner="a", status="queued", limit=1, offset=1)] == [a2.id]
+    assert queue.list(owner="nobody") == []
+    assert [j.id for j in queue.list()] == [a3.id, b2.id, a2.id, b1.id, a1.id]
+
+
+def test_redis_indexes_the_owners_of_jobs_kept_from_before_the_index(redis_server):
+    queue = redis_queue(redis_server)
+    mine = queue.submit(JobRequest(prompt="x"), owner="a")[0]
+    theirs = queue.submit(JobRequest(prompt="y"), owner="b")[0]
+    client = redis_server.client()
+    client.delete(*client.keys("sdserve:owned:*"))  # as a Redis written by a version without the index
+    queue.close()
+    from sdserve.jobs.redis import RedisJobQueue
+
+    queue = RedisJobQueue(redis_server.url)  # a process of the version with it
+    queue.expire()  # the periodic pass indexes them, once per Redis
+    assert [j.id for j in queue.list(owner="a")] == [mine.id] and [j.id for j in queue.list(owner="b")] == [theirs.id]
+    assert client.exists("sdserve:owned:indexed")
+    queue.close()
+
+
 def test_cancel(queue):
     queued, running = submit(queue, "q"), submit(queue, "r", priority=5)
     queue.claim(wait_s=0)

@@ -31,6 +31,15 @@ def test_unknown_add_ons_are_422_at_submission(server, field, value):
             a1111 = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1,
                                                        "override_settings": {"sd_vae": value}})
             assert a1111.status_code == 422, a1111.text
+        if field == "prompt":  # a LoRA named in the prompt: the same rule in every dialect that takes a prompt
+            for path, body in (("/sdapi/v1/txt2img", {"prompt": value, "steps": 1}),
+                               ("/v1/images/generations", {"prompt": value}),
+                               ("/generate", {"prompt": value, "steps": 1}),
+                               ("/invocations", {"prompt": value, "steps": 1})):
+                r = c.post(path, json=body)
+                assert r.status_code in (400, 422) and "nope" in r.text, (path, r.status_code, r.text)
+            r = c.get("/", params={"prompt": value, "steps": 1})
+            assert r.status_code == 422 and "nope" in r.text, r.text
 
 
 @pytest.mark.parametrize("body", [{"seed": "12"}, {"seed": True}, {"seed": 1.5}])
@@ -63,6 +72,16 @@ def test_no_error_text_carries_a_python_repr(server):
                            ("/sdapi/v1/png-info", {"image": base64.b64encode(b"junk").decode()})):
             r = c.post(path, json=body)
             assert 400 <= r.status_code < 500 and " object at 0x" not in r.text, (path, r.text)
+
+
+def test_a_jobs_error_carries_no_python_repr():
+    from datetime import datetime, timezone
+
+    from sdserve.schema import Job, JobRequest
+
+    job = Job(id="j", status="failed", request=JobRequest(prompt="x"), created_at=datetime.now(timezone.utc),
+              error="generation failed: cannot read <_io.BytesIO object at 0x7f3a2c1d0e50>")
+    assert job.error == "generation failed: cannot read the data"
 
 
 @pytest.mark.parametrize("prompt", [FORGED, "Negative prompt: evil", '"quoted"', " spaced ",
@@ -99,6 +118,21 @@ def test_one_requests_work_is_bounded_on_this_device(server):
         assert r.status_code == 422 and "megapixel-steps" in r.text  # the bound is the call's, not each job's
 
 
+def test_the_operator_sets_the_work_bound(models_dir, servers):
+    """--max-work (SDSERVE_MAX_WORK) replaces the device class's default bound, lower or higher."""
+    small = {"prompt": "x", "width": 256, "height": 256, "steps": 20}  # 1.31 megapixel-steps
+    with servers(models_dir, "tight", "--max-work", "1").client() as c:
+        assert c.get("/api/v1/limits").json()["max_work"] == 1
+        r = c.post("/api/v1/jobs", json=small)
+        assert r.status_code == 422 and "limit of 1 per request" in r.text, r.text
+    big = {"prompt": "x", "width": 1024, "height": 1024, "steps": 50}  # 52 megapixel-steps: over the CPU's 40
+    with servers(models_dir, "loose", env={"SDSERVE_MAX_WORK": "100"}).client() as c:
+        assert c.get("/api/v1/limits").json()["max_work"] == 100
+        r = c.post("/api/v1/jobs", json=big)
+        assert r.status_code == 202, r.text
+        assert c.delete(f"/api/v1/jobs/{r.json()['id']}").status_code == 200
+
+
 def test_a_cancel_is_noticed_in_the_vae_decode_and_large_decodes_go_in_tiles(engine):
     from sdserve.engine import pipeline
     from sdserve.engine.pipeline import Cancelled
@@ -117,3 +151,36 @@ def test_a_cancel_is_noticed_in_the_vae_decode_and_large_decodes_go_in_tiles(eng
         image = vae.decode(latents).sample
     assert image.shape[-2:] == (size, size) and len(calls) > 1 and not np.isnan(image.numpy()).any()
     assert not vae.use_tiling  # for that call only
+
+
+def test_a_cancel_during_the_vae_decode_ends_the_job_at_the_next_tile(engine, tmp_path):
+    """A DELETE that arrives while a large image decodes (tile by tile) ends the job at the next tile: canceled,
+    nothing stored, the other tiles never decoded."""
+    from sdserve.health import WriteHealth
+    from sdserve.jobs.local import SQLiteJobQueue
+    from sdserve.jobs.runner import Runner
+    from sdserve.schema import JobRequest, JobStatus
+    from sdserve.storage.local import LocalImageStore
+
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    images = LocalImageStore(tmp_path / "images")
+    runner = Runner(engine, queue, images, WriteHealth([]))
+    job = queue.submit(JobRequest(prompt="x", steps=1, width=1152, height=1152, seed=1))[0]  # 3 x 3 tiles
+    vae = engine.registry.load(None).pipelines["txt2img"].vae
+    tiles = []
+
+    def a_delete_arrives(module, args) -> None:  # registered first, so it runs before the runner's own check
+        tiles.append(1)
+        if len(tiles) == 2:
+            queue.cancel(job.id)
+
+    handle = vae.decoder.register_forward_pre_hook(a_delete_arrives)
+    try:
+        runner._run(queue.claim(wait_s=0))
+    finally:
+        handle.remove()
+        queue.close()
+    ended = SQLiteJobQueue(tmp_path / "jobs.db").get(job.id)
+    assert ended.status is JobStatus.canceled and ended.images == []
+    assert len(tiles) == 2  # the second tile's check stopped it: no tile after
+    assert not any((tmp_path / "images").rglob("*.png"))

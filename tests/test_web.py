@@ -255,6 +255,18 @@ def test_history_survives_reload_and_reuse_parameters(page, server):
     assert page.input_value("#scheduler") == "sgm_uniform"  # "Schedule type: SGM Uniform" mapped back to its name
 
 
+@pytest.mark.parametrize("prompt", ["a cat\nNegative prompt: evil\nSteps: 99, Sampler: Euler, Seed: 5", '"quoted"',
+                                    " spaced ", "plain, (emphasis:1.2), a:b"])
+def test_the_page_reads_infotext_as_the_server_writes_it(page, prompt):
+    """Reuse parameters reads the prompt the server wrote, even one written as a JSON string (engine/infotext.py)."""
+    from sdserve.engine import infotext
+
+    text = infotext.build(prompt, "neg\nlines", {"Steps": 3, "Sampler": "Euler", "Seed": 1})
+    parsed = page.evaluate("async text => (await import('/ui/infotext.js')).parseInfotext(text)", text)
+    assert {k: parsed[k] for k in ("Prompt", "Negative prompt", "Steps", "Seed")} == {
+        "Prompt": prompt, "Negative prompt": "neg\nlines", "Steps": "3", "Seed": "1"}
+
+
 def test_send_result_to_img2img(page):
     page.fill("#prompt", "source")
     page.fill("#steps", "4")

@@ -76,6 +76,9 @@ ApiAuth = Annotated[
     Optional[str],
     typer.Option("--api-auth", help="HTTP Basic users 'u1:p1,u2:p2', as A1111's flag. [env: SDSERVE_API_AUTH]"),
 ]
+MaxWork = Annotated[Optional[float], typer.Option(
+    "--max-work", help="Most work one request may ask for, in megapixel-steps (width x height x steps x images, hires "
+    "pass included; default: what this device class finishes within the job timeout). [env: SDSERVE_MAX_WORK]")]
 MaxQueue = Annotated[Optional[int], typer.Option(help="Queued jobs before 429. [env: SDSERVE_MAX_QUEUE]")]
 RateLimitOpt = Annotated[Optional[str], typer.Option(
     "--rate-limit", help="Submissions per caller (API key, user, or address), e.g. 5/s or 300/min; over it, 429. "
@@ -116,7 +119,16 @@ def _settings(**overrides: object) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
+        _fail("; ".join(f"{_flag(e['loc'])}: {e['msg']}" for e in exc.errors()))
+
+
+# Settings fields whose flag is named otherwise (the flag is singular and repeatable).
+_FLAGS = {"api_keys": "--api-key (SDSERVE_API_KEYS)", "models": "--model (SDSERVE_MODELS)"}
+
+
+def _flag(loc: tuple) -> str:
+    field = str(loc[0]) if loc else ""
+    return _FLAGS.get(field) or "--" + "-".join(map(str, loc)).replace("_", "-")
 
 
 def _registry(settings: Settings):
@@ -241,6 +253,7 @@ def serve(
     api_key: ApiKey = None,
     api_auth: ApiAuth = None,
     max_queue: MaxQueue = None,
+    max_work: MaxWork = None,
     rate_limit: RateLimitOpt = None,
     rate_burst: RateBurst = None,
     images_per_minute: ImagesPerMinute = None,
@@ -270,7 +283,7 @@ def serve(
     """Serve the web UI and every API, with the runner, in one process."""
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
-        api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, allow_pickle=allow_pickle,
+        api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, max_work=max_work, allow_pickle=allow_pickle,
         sagemaker=sagemaker, max_batch=max_batch, batch_wait_ms=batch_wait_ms, optimize=optimize, storage=storage,
         queue=queue, lease_s=lease_s, name=name, rate_limit=rate_limit, rate_burst=rate_burst,
         images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, moderation=moderation,
@@ -295,6 +308,7 @@ def api(
     api_key: ApiKey = None,
     api_auth: ApiAuth = None,
     max_queue: MaxQueue = None,
+    max_work: MaxWork = None,
     rate_limit: RateLimitOpt = None,
     rate_burst: RateBurst = None,
     images_per_minute: ImagesPerMinute = None,
@@ -311,9 +325,9 @@ def api(
     """An API replica: the web UI and every API, no engine (no torch, no model files). Needs a shared --queue."""
     settings = _settings(
         host=host, port=port, models=model or None, data_dir=data_dir, api_keys=api_key or None, api_auth=api_auth,
-        max_queue=max_queue, queue=queue, storage=storage, rate_limit=rate_limit, rate_burst=rate_burst,
-        images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, blocklist=blocklist,
-        keep_jobs_days=keep_jobs_days, keep_images_days=keep_images_days, public_url=public_url,
+        max_queue=max_queue, max_work=max_work, queue=queue, storage=storage, rate_limit=rate_limit,
+        rate_burst=rate_burst, images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file,
+        blocklist=blocklist, keep_jobs_days=keep_jobs_days, keep_images_days=keep_images_days, public_url=public_url,
         allowed_hosts=allowed_hosts or None,
     )
     if not model and "SDSERVE_MODELS" not in os.environ:

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # in allowed_hosts (default: loopback, the bind address and this machine's names; "*" trusts any).
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Signs the image URLs that leave the server (default: derived from the API keys, the same on every replica).
+    # Signs the image URLs that leave the server (default: a random secret kept in the queue's shared state).
     url_secret: str | None = Field(None, min_length=16)
 
     # Bounds on requests (they can tighten the built-in ones, not loosen them)

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import datetime
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sdserve import bounds
 from sdserve.loras import LoraRef
 
 MAX_SEED = 2**32 - 1
 DEFAULT_SAMPLER = "DPM++ 2M"
+
+
+# A Python repr in an error's text (`<_io.BytesIO object at 0x7f…>`) says nothing to a client and leaks a memory
+# address: every error a client sees, an answer's or a job's, loses them by this rule.
+_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(text: str) -> str:
+    return _REPR.sub("the data", text)
 
 
 def random_seed() -> int:
@@ -231,3 +241,8 @@ class Job(BaseModel):
                               "user, or 'anonymous'; never the key itself.")
     # The caller that submitted it (keys.Caller.id): who may see and touch it. Never shown in any answer.
     owner: str = Field("", exclude=True)
+
+    @field_validator("error")
+    @classmethod
+    def _no_reprs(cls, error: str | None) -> str | None:
+        return None if error is None else without_reprs(error)

@@ -8,7 +8,6 @@ Inference Protocol v2 clients `{"error": message}`, everyone else `{"detail", "e
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from sdserve.jobs.queue import (
 from sdserve.protocols.openai import OpenAIError, error_body
 from sdserve.protocols.tensors import TensorProtocolError
 from sdserve.ratelimit import RateLimited
+from sdserve.schema import without_reprs
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404
 def _tensor_protocol(path: str) -> bool:
     """TF Serving (/v1/models/{name}…; the bare /v1/models is OpenAI's) and the v2 protocol."""
     return path.startswith(("/v1/models/", "/v2/")) or path == "/v2"
-
-
-# A Python repr in an error's text (`<_io.BytesIO object at 0x7f…>`) says nothing to a client and leaks a memory
-# address: every message loses them here, whatever raised it.
-_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
 
 
 # ----- each dialect's error shape ------------------------------------------------------------------
@@ -97,9 +92,9 @@ def respond(shape: Shape, status: int, message: str, *, field: str | None = None
             headers: dict[str, str] | None = None, error_type: str | None = None,
             code: str | None = None) -> JSONResponse:
     """An error in `shape`, its message cleaned of Python reprs."""
-    message = _REPR.sub("the data", message)
+    message = without_reprs(message)
     if errors is not None:
-        errors = [{**e, "message": _REPR.sub("the data", str(e.get("message", "")))} for e in errors]
+        errors = [{**e, "message": without_reprs(str(e.get("message", "")))} for e in errors]
     status, body = shape(status, message, field, errors, error_type, code)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -141,16 +141,19 @@ class _Row:
 
 @contextmanager
 def _decoding(vae: Any, on_decode: DecodeCallback | None, tiled: bool) -> Iterator[None]:
-    """For one pipeline call: `on_decode` before each decoder call, and a tiled decode when `tiled`."""
+    """For one pipeline call: `on_decode` before each decoder call, a batch decoded one image at a time (the
+    decoder's memory is one image's, whatever the batch, and a cancel is noticed between images), and a tiled
+    decode when `tiled`."""
     handle = vae.decoder.register_forward_pre_hook(lambda module, args: on_decode()) if on_decode else None
-    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    before = (vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    vae.use_slicing = True
     if tiled:
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, TILE_PX, TILE_PX // scale
     try:
         yield
     finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = before
+        vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = before
         if handle is not None:
             handle.remove()
 

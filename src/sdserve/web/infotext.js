@@ -27,6 +27,15 @@ export async function pngInfotext(blob) {
   return null;
 }
 
+// A value written as one JSON string (a prompt that spans lines or could pass for another field; a quoted
+// parameter) reads back as that string, as sdserve's own parser (engine/infotext.py) reads it.
+function unquote(value) {
+  if (value.length >= 2 && value.startsWith('"') && value.endsWith('"')) {
+    try { return JSON.parse(value); } catch { /* not JSON: keep it as written */ }
+  }
+  return value;
+}
+
 const PARAM = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
 
 export function parseInfotext(text) {
@@ -41,12 +50,10 @@ export function parseInfotext(text) {
     if (line.startsWith("Negative prompt:")) { inNegative = true; line = line.slice(16).trim(); }
     (inNegative ? negative : prompt).push(line);
   }
-  const result = { Prompt: prompt.join("\n"), "Negative prompt": negative.join("\n") };
+  const result = { Prompt: unquote(prompt.join("\n")), "Negative prompt": unquote(negative.join("\n")) };
   if (last) {
     for (const [, key, raw] of pairs) {
-      let value = raw.trim();
-      if (value.startsWith('"') && value.endsWith('"')) { try { value = JSON.parse(value); } catch { /* keep */ } }
-      result[key] = value;
+      result[key] = unquote(raw.trim());
     }
   }
   return result;
