@@ -114,12 +114,16 @@ def _decode_mb(work: Path, size: int, tiled: bool, batch: int = 1, sliced: bool 
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
 
 
+def _mb(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.0f} MB"
+
+
 def memory(work: Path) -> list[dict]:
     rows = []
     for size in (512, 1024, 2048):
         row = {"size": size, "whole_mb": _decode_mb(work, size, False), "tiled_mb": _decode_mb(work, size, True)}
         rows.append(row)
-        print(f"  decode {size}²: whole {row['whole_mb']:.0f} MB, tiled {row['tiled_mb']:.0f} MB (peak RSS over the "
+        print(f"  decode {size}²: whole {_mb(row['whole_mb'])}, tiled {_mb(row['tiled_mb'])} (peak RSS over the "
               "loaded model)", flush=True)
     return rows
 
@@ -130,8 +134,8 @@ def batch_memory(work: Path, batch: int = 4) -> list[dict]:
         row = {"size": size, "batch": batch, "at_once_mb": _decode_mb(work, size, False, batch, sliced=False),
                "one_by_one_mb": _decode_mb(work, size, False, batch, sliced=True)}
         rows.append(row)
-        print(f"  decode {batch} × {size}²: at once {row['at_once_mb']:.0f} MB, one image at a time "
-              f"{row['one_by_one_mb']:.0f} MB", flush=True)
+        print(f"  decode {batch} × {size}²: at once {_mb(row['at_once_mb'])}, one image at a time "
+              f"{_mb(row['one_by_one_mb'])}", flush=True)
     return rows
 
 
@@ -142,23 +146,28 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    s = result["speed"]
-    left.bar([f"{r['n']}×{r['size']}²" for r in s], [r["mpx_steps_per_s"] for r in s], color="#38c")
-    left.set_ylabel("megapixel-steps / s")
-    left.set_title(f"demo model; default CPU bound {result['cpu_bound']:g} MPx-steps ≈ "
-                   f"{result['bound_seconds']:.0f} s", fontsize=9)
+    s = result.get("speed")
+    if s:
+        left.bar([f"{r['n']}×{r['size']}²" for r in s], [r["mpx_steps_per_s"] for r in s], color="#38c")
+        left.set_ylabel("megapixel-steps / s")
+        left.set_title(f"demo model; default CPU bound {result['cpu_bound']:g} MPx-steps ≈ "
+                       f"{result['bound_seconds']:.0f} s", fontsize=9)
+    else:
+        left.axis("off")
     m = result["memory"]
     x = range(len(m))
     right.bar([i - 0.2 for i in x], [r["whole_mb"] or 0 for r in m], width=0.4, label="whole")
     right.bar([i + 0.2 for i in x], [r["tiled_mb"] or 0 for r in m], width=0.4, label="tiled")
     right.set_ylabel("peak RSS over the loaded model, MB")
-    for row in result.get("batch_memory", []):
+    for k, row in enumerate(result.get("batch_memory", [])):
         i = len(m)
         m = [*m, row]
-        right.bar([i - 0.2], [row["at_once_mb"] or 0], width=0.4, color="#c63")
-        right.bar([i + 0.2], [row["one_by_one_mb"] or 0], width=0.4, color="#2a7")
+        right.bar([i - 0.2], [row["at_once_mb"] or 0], width=0.4, color="#c63",
+                  label="batch at once" if not k else None)
+        right.bar([i + 0.2], [row["one_by_one_mb"] or 0], width=0.4, color="#2a7",
+                  label="one image at a time" if not k else None)
     right.set_xticks(list(range(len(m))), [f"{r.get('batch', 1)}×{r['size']}²" for r in m])
-    right.set_title("VAE decode: one image whole/tiled; a batch at once (red) or one by one (green)", fontsize=8)
+    right.set_title("VAE decode: one image whole or tiled; a batch of 4 at once or one by one", fontsize=8)
     right.legend(fontsize=8)
     fig.suptitle(f"bounds, {result['machine']['label']}")
     fig.tight_layout()
@@ -170,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", default="speed,cancel,memory",
                         help="what to measure (speed, cancel, memory); the others are kept from the existing JSON")
     parts = set(parser.parse_args(argv).parts.split(","))
+    if parts - {"speed", "cancel", "memory"}:
+        parser.error(f"unknown parts: {', '.join(sorted(parts - {'speed', 'cancel', 'memory'}))}")
     from sdserve.bounds import DEFAULT_MAX_WORK
     from sdserve.engine.models import ModelRegistry
     from sdserve.engine.pipeline import Engine
@@ -181,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     path = RESULTS / f"bounds-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.json"
     result: dict = json.loads(path.read_text()) if path.exists() and parts != {"speed", "cancel", "memory"} else {}
     result.update({"machine": machine("cpu"), "command": " ".join(sys.argv), "cpu_bound": DEFAULT_MAX_WORK["cpu"]})
+    result.setdefault("measured", {}).update({part: result["machine"] for part in parts})  # when each part was
     if "speed" in parts:
         result["speed"] = speed(engine, name)
         slowest = min(r["mpx_steps_per_s"] for r in result["speed"])

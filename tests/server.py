@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
-from zygote import Zygote
+from zygote import Zygote, ZygoteGone
 
 
 def free_port() -> int:
@@ -57,9 +57,12 @@ class ServerProcess:
         self._log = self.log_path.open("ab")
         zygote = Zygote.shared() if self.cmd[1:3] == ["-m", "sdserve.cli"] else None
         if zygote is not None and zygote.can_run(self.env):
-            self.proc = zygote.spawn(self.cmd[2:], self.env, str(self.log_path))
-        else:
-            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+            try:
+                self.proc = zygote.spawn(self.cmd[2:], self.env, str(self.log_path))
+                return self
+            except ZygoteGone:
+                pass  # said once on stderr; start it as a new interpreter
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         return self
 
     def start(self, timeout: float = 120) -> ServerProcess:

@@ -140,7 +140,7 @@ def test_every_route_with_another_keys_credentials(keyed, alphas):
                 if method == "get":  # the owner reads it: the 404 was bravo's alone
                     with alpha.stream("GET", url, timeout=30) as mine:
                         assert mine.status_code == 200, (path, mine.status_code)
-    assert len(checked) == len(routes) - len(skipped) > 60
+    assert skipped <= set(routes) and len(checked) > 60  # the skip names a real route; the schema was read
     with as_key(keyed, A) as alpha:
         assert alpha.get(f"/api/v1/jobs/{running['id']}").json()["status"] == "running"  # nothing touched it
 
@@ -170,7 +170,7 @@ def test_image_links_are_signed_and_expire(keyed):
 def test_a_forged_host_never_makes_a_link(models_dir, servers):
     plain = servers(models_dir, "plain")
     public = servers(models_dir, "public", "--public-url", "https://images.example.org/sd")
-    named = servers(models_dir, "named", env={"SDSERVE_ALLOWED_HOSTS": "sd.example.org,*.corp.example"})
+    named = servers(models_dir, "named", "--allowed-hosts", "sd.example.org,*.corp.example")
     body = {"prompt": "x", "response_format": "url", "n": 1}
     evil = httpx.post(plain.url + "/v1/images/generations", json=body, headers={"Host": "evil.example"})
     assert evil.status_code == 400 and "evil.example" in evil.json()["error"]["message"]

@@ -120,6 +120,7 @@ def test_sigterm_answers_waiting_synchronous_calls_503_and_ends_within_its_grace
     though a batch longer than the grace was running (it goes back to the queue)."""
     import threading
     import time
+    from datetime import datetime
 
     server = ServerProcess(models_dir, tmp_path, env={"SDSERVE_SHUTDOWN_GRACE_S": "3"}).start()
     answers: dict = {}
@@ -145,6 +146,7 @@ def test_sigterm_answers_waiting_synchronous_calls_503_and_ends_within_its_grace
     server.proc.wait(60)
     # The grace (3 s) bounds the batch; the rest is start-up and exit work, slower on a busy machine.
     assert time.monotonic() - started < 3 + 30, "the process outlived its grace"
+    exited_at, stored_at_exit = time.time(), list(tmp_path.rglob(f"{asynchronous}-*"))
     for name, shape in (("native", "detail"), ("a1111", "errors"), ("openai", "error")):
         r = answers[name]
         assert r.status_code == 503 and r.headers.get("Retry-After"), (name, r.status_code, r.text[:200])
@@ -155,12 +157,15 @@ def test_sigterm_answers_waiting_synchronous_calls_503_and_ends_within_its_grace
             jobs = c.get("/api/v1/jobs", params={"limit": 10}).json()
             sync = [j for j in jobs if j["request"]["prompt"] == "sync"]
             assert len(sync) == 3 and all(j["status"] == "canceled" for j in sync), [j["status"] for j in sync]
-            # A batch that outlived the grace went back to the queue whole: nothing of it was stored then, so once
-            # it ends (canceled now, or done first on a fast machine) it has no image, or exactly its one.
+            # The async batch outlived the grace (unless a fast machine finished it within): it went back to the
+            # queue whole, with nothing of it stored at the exit; once it ends it has no image, or exactly its one.
             assert c.get(f"/api/v1/jobs/{asynchronous}").json()["status"] in ("queued", "running", "succeeded")
             c.delete(f"/api/v1/jobs/{asynchronous}")
             ended = wait_for(c, asynchronous)
             stored = list(tmp_path.rglob(f"{asynchronous}-*"))
             assert len(stored) == len(ended["images"]) == (1 if ended["status"] == "succeeded" else 0), (ended, stored)
+            done_before_exit = ended["status"] == "succeeded" and datetime.fromisoformat(
+                ended["finished_at"]).timestamp() <= exited_at
+            assert len(stored_at_exit) == (1 if done_before_exit else 0), (ended, stored_at_exit)
     finally:
         restarted.terminate()

@@ -9,7 +9,9 @@ once its imports are done.
 
 The child is forked twice so it is orphaned at once and adopted by the test process, which makes itself a child
 subreaper (prctl PR_SET_CHILD_SUBREAPER): the test process can then wait for it, signal it and read its exit status
-as with any subprocess (ForkedProcess mirrors the subprocess.Popen methods the tests use).
+as with any subprocess (ForkedProcess mirrors the subprocess.Popen methods the tests use). Being a subreaper, it
+also adopts other orphans (Chromium's helpers, say) that then stay zombies until the session ends: harmless, as
+every wait in the tests is for one pid.
 
 `SDSERVE_TEST_SPAWN=1` starts every server as its own interpreter instead, as before. API processes always are: they
 run with torch unimportable (tests/no_engine), as in a slim API image.
@@ -62,15 +64,21 @@ def _serve(sock: socket.socket) -> dict:
         ours, theirs = os.pipe()
         middle = os.fork()
         if middle == 0:  # the intermediate: fork the server, say its pid, exit so the server is orphaned
-            os.close(ours)
-            child = os.fork()
-            if child == 0:
-                os.close(theirs)
-                reader.close()
-                sock.close()
-                return request
-            os.write(theirs, str(child).encode())
-            os._exit(0)
+            code = 1
+            try:
+                os.close(ours)
+                child = os.fork()
+                if child == 0:
+                    os.close(theirs)
+                    reader.close()
+                    sock.close()
+                    code = None
+                    return request
+                os.write(theirs, str(child).encode())
+                code = 0
+            finally:
+                if code is not None:  # whatever happened, the intermediate never returns into the zygote's loop
+                    os._exit(code)
         os.close(theirs)
         os.waitpid(middle, 0)
         with os.fdopen(ours, "rb") as pipe:
@@ -104,6 +112,7 @@ def _zygote_main() -> None:
     _become(request)
     import runpy
 
+    sys.modules.pop("sdserve.cli", None)  # as in `python -m`, the module runs once, as __main__
     runpy.run_module("sdserve.cli", run_name="__main__", alter_sys=True)
 
 
@@ -112,6 +121,7 @@ class ForkedProcess:
     """A server forked by the zygote and adopted by this process: the subprocess.Popen methods the tests use."""
 
     def __init__(self, pid: int, args: list[str]) -> None:
+        assert pid > 0, pid  # waitpid(0) or kill(0) would reach the test process's whole group
         self.pid = pid
         self.args = args
         self.returncode: int | None = None
@@ -146,9 +156,20 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+# Environment variables read when the interpreter starts or a library is imported: a child whose environment
+# differs in these from the zygote's starts as a new interpreter.
+IMPORT_TIME_ENV = ("PYTHON", "LC_", "OMP_", "MKL_", "TORCH", "CUDA", "HF_", "TRANSFORMERS_", "DIFFUSERS_",
+                   "TOKENIZERS_")
+
+
+class ZygoteGone(RuntimeError):
+    pass
+
+
 class Zygote:
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _instance: Zygote | None = None
+    _broken = False
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -160,33 +181,61 @@ class Zygote:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
         )
         theirs.close()
+        ours.settimeout(300)  # its imports, on a slow and busy machine; a fork answers in milliseconds
         self.sock = ours
         self.reader = ours.makefile("rb")
         self.env_at_start = dict(os.environ)
         atexit.register(self.close)
-        if json.loads(self.reader.readline() or b"{}").get("ready") is not True:
-            raise RuntimeError("the test zygote did not start; see its error above")
+        self._answer("ready")
+
+    def _answer(self, key: str):
+        """The zygote's next answer's `key`; ZygoteGone if it died, hung or answered nonsense."""
+        try:
+            value = json.loads(self.reader.readline() or b"{}").get(key)
+        except (OSError, ValueError) as exc:
+            raise ZygoteGone(f"the test zygote did not answer: {exc}") from exc
+        if not value:
+            raise ZygoteGone(f"the test zygote did not answer (exit status {self.proc.poll()}); see its error above")
+        return value
 
     @classmethod
     def shared(cls) -> Zygote | None:
         """The one zygote of this test session, started on first use; None with SDSERVE_TEST_SPAWN=1."""
-        if os.environ.get("SDSERVE_TEST_SPAWN") == "1":
+        if os.environ.get("SDSERVE_TEST_SPAWN") == "1" or cls._broken:
             return None
         with cls._lock:
             if cls._instance is None:
-                cls._instance = cls()
+                try:
+                    cls._instance = cls()
+                except ZygoteGone as exc:
+                    cls.give_up(exc)
             return cls._instance
 
+    @classmethod
+    def give_up(cls, reason: Exception) -> None:
+        """No zygote for the rest of the session: servers start as new interpreters (slower, as correct)."""
+        print(f"\ntests/zygote.py: {reason}; servers start as new interpreters from now on", file=sys.stderr)
+        cls._broken, cls._instance = True, None
+
     def can_run(self, env: dict[str, str]) -> bool:
-        """Whether a child can run in `env`: what is read at import time (the module path) must be the zygote's."""
-        return env.get("PYTHONPATH") == self.env_at_start.get("PYTHONPATH")
+        """Whether a child can run in `env`: what is read at interpreter start or import time (the module path,
+        Python's own settings, locale, thread pools, the hub and library settings) must be the zygote's."""
+        def at_import(e: dict[str, str]) -> dict[str, str]:
+            return {k: v for k, v in e.items() if k.startswith(IMPORT_TIME_ENV) or k in ("LANG", "TZ")}
+
+        return at_import(env) == at_import(self.env_at_start)
 
     def spawn(self, args: list[str], env: dict[str, str], log: str) -> ForkedProcess:
-        """`python -m sdserve.cli <args>` in `env`, writing to `log`; args start with "sdserve.cli"."""
+        """`python -m sdserve.cli <args>` in `env`, writing to `log`; args start with "sdserve.cli". Raises
+        ZygoteGone (after giving up on it) if the zygote cannot fork."""
         with self._lock:
             request = {"args": args, "env": env, "log": log, "cwd": os.getcwd()}
-            self.sock.sendall(json.dumps(request).encode() + b"\n")
-            pid = json.loads(self.reader.readline())["pid"]
+            try:
+                self.sock.sendall(json.dumps(request).encode() + b"\n")
+                pid = self._answer("pid")
+            except (OSError, ZygoteGone) as exc:
+                Zygote.give_up(exc)
+                raise ZygoteGone(str(exc)) from exc
         return ForkedProcess(pid, [sys.executable, "-m", *args])
 
     def close(self) -> None:

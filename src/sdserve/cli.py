@@ -117,18 +117,22 @@ KeepImagesDays = Annotated[Optional[float], typer.Option(
 def _settings(**overrides: object) -> Settings:
     """Environment first, then explicit flags on top (a flag left out keeps the environment's value)."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return Settings(**given)
     except ValidationError as exc:
-        _fail("; ".join(f"{_flag(e['loc'])}: {e['msg']}" for e in exc.errors()))
+        _fail("; ".join(f"{_source(e['loc'], given)}: {e['msg']}" for e in exc.errors()))
 
 
 # Settings fields whose flag is named otherwise (the flag is singular and repeatable).
-_FLAGS = {"api_keys": "--api-key (SDSERVE_API_KEYS)", "models": "--model (SDSERVE_MODELS)"}
+_FLAGS = {"api_keys": "--api-key", "models": "--model"}
 
 
-def _flag(loc: tuple) -> str:
+def _source(loc: tuple, given: dict) -> str:
+    """Where a bad value came from: the flag when one was given, else its environment variable."""
     field = str(loc[0]) if loc else ""
-    return _FLAGS.get(field) or "--" + "-".join(map(str, loc)).replace("_", "-")
+    if field in given:
+        return _FLAGS.get(field) or "--" + field.replace("_", "-")
+    return "SDSERVE_" + field.upper()
 
 
 def _registry(settings: Settings):

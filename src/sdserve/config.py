@@ -117,6 +117,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",")] if value.strip() else []
         return value
 
+    @field_validator("optimize", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_flag_commas(cls, value: object) -> object:
+        # Names, never secrets or paths: `--allowed-hosts a,b` is the same as the flag given twice.
+        if isinstance(value, list):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
     @field_validator("api_keys", "api_auth")
     @classmethod
     def _no_empty_secret(cls, value: list[str]) -> list[str]:

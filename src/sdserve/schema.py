@@ -19,7 +19,7 @@ DEFAULT_SAMPLER = "DPM++ 2M"
 
 # A Python repr in an error's text (`<_io.BytesIO object at 0x7f…>`) says nothing to a client and leaks a memory
 # address: every error a client sees, an answer's or a job's, loses them by this rule.
-_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
+_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
 def without_reprs(text: str) -> str:

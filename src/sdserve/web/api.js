@@ -93,11 +93,7 @@ export async function followJob(id, onEvent, signal) {
       }
       if (!data.length) continue; // comments and pings
       const payload = JSON.parse(data.join("\n"));
-      onEvent(name, payload);
-      if (["succeeded", "failed", "canceled"].includes(name)) {
-        reader.cancel().catch(() => {});
-        return;
-      }
+      onEvent(name, payload); // the server ends the stream after a job's last event (jobs/events.py END_EVENTS)
     }
   }
 }
