@@ -105,13 +105,22 @@ def test_every_input_has_a_label(page):
     assert unlabeled == []
 
 
-def test_the_form_takes_the_servers_bounds(page, server):
+def test_the_form_takes_the_servers_bounds(browser, servers):
+    """A server whose operator tightened the bounds: the form's limits are that server's, not built-in ones."""
+    server = servers(None, "tight", "--model", "demo", env={"SDSERVE_MAX_STEPS": "30", "SDSERVE_MAX_SIZE": "512",
+                                                            "SDSERVE_MAX_IMAGES": "3"})
     limits = httpx.get(server.url + "/api/v1/limits").json()
+    assert (limits["max_steps"], limits["max_size"], limits["max_images"]) == (30, 512, 3)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready='1']")
     attrs = page.evaluate("""() => Object.fromEntries(['width', 'height', 'steps', 'n'].map(id =>
         [id, [document.getElementById(id).max, document.getElementById(id).step]]))""")
-    assert attrs["width"] == attrs["height"] == [str(limits["max_size"]), str(limits["size_step"])]
-    assert (attrs["steps"][0], attrs["n"][0]) == (str(limits["max_steps"]), str(limits["max_images"]))
-    assert page.input_value("#steps") == str(limits["default_steps"])
+    steps = page.input_value("#steps")
+    context.close()
+    assert attrs["width"] == attrs["height"] == ["512", str(limits["size_step"])]
+    assert (attrs["steps"][0], attrs["n"][0]) == ("30", "3") and steps == str(limits["default_steps"])
 
 
 def test_generate_shows_progress_and_the_image(page, server):

@@ -25,14 +25,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from sdserve.api import errors
-from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_of
+from sdserve.api.deps import CallerDep, ServiceDep
 from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
 from sdserve.engine import samplers
 from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound, SharedState
+from sdserve.keys import Caller
 from sdserve.protocols import a1111 as proto
 from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS, ImageRef, Job, JobStatus
 from sdserve.service import Service
@@ -93,7 +93,7 @@ def title(service: Service, info: ModelInfo) -> str:
     return f"{info.filename} [{short}]" if short else info.filename
 
 
-async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service,
+async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service, caller: Caller,
                    extra: Callable[[list[ImageRef]], dict[str, Any]] | None = None) -> JSONResponse:
     """One A1111 call: its jobs, awaited together. `extra`: more response fields from the images' records."""
     state = _state(request)
@@ -102,8 +102,8 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     except proto.TranslationError as exc:
         return errors.render(request.url.path, exc.status, str(exc))
     ignored = proto.ignored_fields(body)
-    jobs = await service.submit_all(canonical, caller_of(request.scope), source=SOURCE)
-    call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller_of(request.scope).id, [j.id for j in jobs])
+    jobs = await service.submit_all(canonical, caller, source=SOURCE)
+    call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller.id, [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
         outcomes = await service.results(call.job_ids, request.is_disconnected, blocked="black")
@@ -145,19 +145,19 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
 
 
 @router.post("/txt2img", summary="A1111 txt2img: {images, parameters, info}")
-async def txt2img(body: proto.Txt2ImgRequest, request: Request, service: ServiceDep) -> Any:
-    return await generate(body, request, service)
+async def txt2img(body: proto.Txt2ImgRequest, request: Request, service: ServiceDep, caller: CallerDep) -> Any:
+    return await generate(body, request, service, caller)
 
 
 @router.post("/img2img", summary="A1111 img2img and inpainting (mask: white = repaint)")
-async def img2img(body: proto.Img2ImgRequest, request: Request, service: ServiceDep) -> Any:
-    return await generate(body, request, service)
+async def img2img(body: proto.Img2ImgRequest, request: Request, service: ServiceDep, caller: CallerDep) -> Any:
+    return await generate(body, request, service, caller)
 
 
-async def _own_call(request: Request, service: Service, id_task: str | None) -> tuple[Call | None, list[Job]]:
+async def _own_call(request: Request, service: Service, caller: Caller,
+                    id_task: str | None) -> tuple[Call | None, list[Job]]:
     """The caller's call this request is about, with its jobs: the one named by `id_task`, else the caller's
     call that is running now, else the caller's oldest. Never another caller's."""
-    caller = caller_of(request.scope)
     calls = await asyncio.to_thread(_state(request).calls)
     own = []
     for call in calls:
@@ -175,9 +175,9 @@ async def _own_call(request: Request, service: Service, id_task: str | None) -> 
 
 
 @router.get("/progress", summary="A1111 progress of the caller's call (or the one named by id_task)")
-async def progress(request: Request, service: ServiceDep, skip_current_image: bool = False,
+async def progress(request: Request, service: ServiceDep, caller: CallerDep, skip_current_image: bool = False,
                    id_task: str | None = None) -> dict[str, Any]:
-    call, jobs = await _own_call(request, service, id_task)
+    call, jobs = await _own_call(request, service, caller, id_task)
     idle_state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
                   "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
     if call is None:
@@ -205,9 +205,9 @@ class TaskRequest(BaseModel):
     id_task: str | None = None
 
 
-async def _stop_own(request: Request, service: Service, body: TaskRequest | None, id_task: str | None,
-                    whole_call: bool) -> None:
-    call, jobs = await _own_call(request, service, id_task or (body.id_task if body else None))
+async def _stop_own(request: Request, service: Service, caller: Caller, body: TaskRequest | None,
+                    id_task: str | None, whole_call: bool) -> None:
+    call, jobs = await _own_call(request, service, caller, id_task or (body.id_task if body else None))
     if call is None:
         return
     running = [j for j in jobs if j.status is JobStatus.running]
@@ -216,22 +216,22 @@ async def _stop_own(request: Request, service: Service, body: TaskRequest | None
         running or [j for j in jobs if not j.status.terminal][:1])
     for job in targets:
         try:
-            await asyncio.to_thread(service.cancel_own, job.id, caller_of(request.scope))
+            await asyncio.to_thread(service.cancel_own, job.id, caller)
         except (JobFinished, JobNotFound):  # it ended meanwhile: nothing to stop
             pass
 
 
 @router.post("/interrupt", summary="Stop the caller's call (all its iterations), or the one named by id_task")
-async def interrupt(request: Request, service: ServiceDep, body: TaskRequest | None = None,
+async def interrupt(request: Request, service: ServiceDep, caller: CallerDep, body: TaskRequest | None = None,
                     id_task: str | None = None) -> dict:
-    await _stop_own(request, service, body, id_task, whole_call=True)
+    await _stop_own(request, service, caller, body, id_task, whole_call=True)
     return {}
 
 
 @router.post("/skip", summary="Skip the caller's image batch running now; the call's next iteration goes on")
-async def skip(request: Request, service: ServiceDep, body: TaskRequest | None = None,
+async def skip(request: Request, service: ServiceDep, caller: CallerDep, body: TaskRequest | None = None,
                id_task: str | None = None) -> dict:
-    await _stop_own(request, service, body, id_task, whole_call=False)
+    await _stop_own(request, service, caller, body, id_task, whole_call=False)
     return {}
 
 

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 
 from sdserve import __version__
 from sdserve.api import tensors
-from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_of
+from sdserve.api.deps import CallerDep, ServiceDep
+from sdserve.keys import Caller
 from sdserve.protocols import inference_v2 as proto
 from sdserve.service import Service
 
@@ -77,11 +77,11 @@ INFER_BODY = {"requestBody": {"content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-async def _infer(name: str, version: str | None, request: Request, service: Service) -> Response:
+async def _infer(name: str, version: str | None, request: Request, service: Service, caller: Caller) -> Response:
     known = await _known(service, name, version)
     header, tail = proto.split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     rows, reply = proto.parse_infer(header, tail, service.limits.max_images)
-    images = await tensors.generate(service, caller_of(request.scope), rows, known, SOURCE, request.is_disconnected)
+    images = await tensors.generate(service, caller, rows, known, SOURCE, request.is_disconnected)
     body, header_length = proto.encode_response(known, reply, images)
     if header_length is None:
         return Response(body, media_type="application/json")
@@ -90,10 +90,11 @@ async def _infer(name: str, version: str | None, request: Request, service: Serv
 
 @router.post("/models/{name}/infer", summary="Infer: a BYTES prompt input (one image each) → BYTES image output",
              openapi_extra=INFER_BODY)
-async def infer(name: str, request: Request, service: ServiceDep) -> Response:
-    return await _infer(name, None, request, service)
+async def infer(name: str, request: Request, service: ServiceDep, caller: CallerDep) -> Response:
+    return await _infer(name, None, request, service, caller)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Infer on one version", openapi_extra=INFER_BODY)
-async def infer_version(name: str, version: str, request: Request, service: ServiceDep) -> Response:
-    return await _infer(name, version, request, service)
+async def infer_version(name: str, version: str, request: Request, service: ServiceDep,
+                        caller: CallerDep) -> Response:
+    return await _infer(name, version, request, service, caller)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -171,11 +172,9 @@ async def controlnet_list(service: ServiceDep) -> dict[str, Any]:
 
 @router.get("/limits", summary="This server's bounds on a request (the built-in ones, as its operator tightened them)")
 async def limits(service: ServiceDep) -> dict[str, Any]:
-    return {
-        "min_size": bounds.MIN_SIZE, "max_size": service.limits.max_size, "size_step": bounds.SIZE_STEP,
-        "max_steps": service.limits.max_steps, "default_steps": bounds.DEFAULT_STEPS,
-        "max_images": service.limits.max_images, "max_work": service.limits.max_work,
-    }
+    # The fixed ones from bounds.py, then every operator bound (service.Limits) as it is.
+    fixed = {"min_size": bounds.MIN_SIZE, "size_step": bounds.SIZE_STEP, "default_steps": bounds.DEFAULT_STEPS}
+    return {**fixed, **dataclasses.asdict(service.limits)}
 
 
 @router.get("/samplers", summary="Samplers (A1111 names) and the schedule types each accepts")

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 
 from sdserve import bounds
-from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_of
+from sdserve.api.deps import CallerDep, ServiceDep
 from sdserve.api.urls import ImageLinks, base_url
 from sdserve.core import ContentBlocked, RequestRejected, failure_status
 from sdserve.images import ImageDecodeError, decode_image, encode_png
+from sdserve.keys import Caller
 from sdserve.protocols import openai as proto
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.service import Service
@@ -29,9 +29,10 @@ def _check_n(n: int, service: Service) -> None:
         raise proto.OpenAIError(f"n must be at most {service.limits.max_images} on this server", "n")
 
 
-async def _respond(request: Request, service: Service, canonical: GenerationRequest, response_format: str | None) -> dict:
+async def _respond(request: Request, service: Service, caller: Caller, canonical: GenerationRequest,
+                   response_format: str | None) -> dict:
     try:
-        job, pngs = await service.generate(canonical, caller_of(request.scope), source=SOURCE,
+        job, pngs = await service.generate(canonical, caller, source=SOURCE,
                                            disconnected=request.is_disconnected)
     except RequestRejected as exc:
         raise proto.OpenAIError(str(exc), exc.field, code=_code(exc)) from None
@@ -59,13 +60,14 @@ def _job_error(job: Job) -> proto.OpenAIError:
 
 
 @router.post("/images/generations", summary="OpenAI images.generate")
-async def generations(body: proto.ImageGenerationRequest, request: Request, service: ServiceDep) -> dict[str, Any]:
+async def generations(body: proto.ImageGenerationRequest, request: Request, service: ServiceDep,
+                      caller: CallerDep) -> dict[str, Any]:
     _check_n(body.n, service)
     width, height = proto.parse_size(body.size, service.limits.max_size)
     known = {m.name for m in await asyncio.to_thread(service.models.list)}
     canonical = GenerationRequest(prompt=body.prompt[:4000], model=proto.model_for(body.model, known),
                                   width=width, height=height, n=body.n)
-    return await _respond(request, service, canonical, body.response_format or "url")
+    return await _respond(request, service, caller, canonical, body.response_format or "url")
 
 
 def _read_upload(value: Any, field: str) -> Image.Image:
@@ -95,7 +97,7 @@ def _edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image | No
                        "size": {"type": "string"}, "response_format": {"type": "string", "enum": ["url", "b64_json"]},
                        "user": {"type": "string"}}}}}}},
 )
-async def edits(request: Request, service: ServiceDep) -> dict[str, Any]:
+async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
     try:
         form = await request.form(max_files=16, max_fields=64)
     except Exception as exc:  # not multipart, or malformed
@@ -134,7 +136,7 @@ async def edits(request: Request, service: ServiceDep) -> dict[str, Any]:
         # An edit regenerates the masked area outright; without any mask it is a whole-image variation.
         strength=1.0 if mask is not None else 0.75, mask_blur=4,
     )
-    return await _respond(request, service, canonical, response_format)
+    return await _respond(request, service, caller, canonical, response_format)
 
 
 @router.get("/models", summary="OpenAI models.list: the models this server can load")

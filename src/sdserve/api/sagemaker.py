@@ -12,8 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from sdserve.api import a1111
-from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_of
+from sdserve.api.deps import CallerDep, ServiceDep
 from sdserve.core import failure_status, public_job
 from sdserve.protocols import a1111 as a1111_proto
 from sdserve.schema import GenerationRequest, ImageRef, JobStatus
@@ -34,7 +33,7 @@ async def ping(service: ServiceDep) -> JSONResponse:
 
 @router.post("/invocations", summary="JSON with A1111 txt2img or native fields; JSON with base64 images, or "
                                       "one PNG with Accept: image/png")
-async def invocations(request: Request, service: ServiceDep) -> Response:
+async def invocations(request: Request, service: ServiceDep, caller: CallerDep) -> Response:
     try:
         body = await request.json()
     except ValueError:
@@ -47,7 +46,7 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
             parsed: Any = a1111_proto.Img2ImgRequest(**body) if body.get("init_images") else a1111_proto.Txt2ImgRequest(**body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        response = await a1111.generate(parsed, request, service, extra=lambda refs: _located(service, refs))
+        response = await a1111.generate(parsed, request, service, caller, extra=lambda refs: _located(service, refs))
         if not wants_png or response.status_code != 200:
             return response
         import json
@@ -58,7 +57,7 @@ async def invocations(request: Request, service: ServiceDep) -> Response:
         canonical = GenerationRequest(**body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    job, pngs = await service.generate(canonical, caller_of(request.scope), source="sagemaker",
+    job, pngs = await service.generate(canonical, caller, source="sagemaker",
                                        disconnected=request.is_disconnected)
     if job.status is not JobStatus.succeeded:
         return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdserve import bounds
 from sdserve.api.deps import CallerDep, ServiceDep, build_request
 from sdserve.api.native import PNG, png_response
-from sdserve.api.security import caller_of
 from sdserve.core import failure_status
 from sdserve.schema import JobStatus
 from sdserve.storage import valid_key
@@ -28,6 +27,7 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 async def index(
     http: Request,
     service: ServiceDep,
+    caller: CallerDep,
     prompt: str | None = None,
     negative_prompt: str | None = None,
     steps: int | None = None,
@@ -42,7 +42,7 @@ async def index(
         return HTMLResponse((WEB / "index.html").read_text())
     request = build_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, width=width,
                             height=height, cfg_scale=scale, sampler=sampler, model=model)
-    job, pngs = await service.generate(request, caller_of(http.scope), source="simple",
+    job, pngs = await service.generate(request, caller, source="simple",
                                        disconnected=http.is_disconnected)
     return png_response(job, pngs)
 

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from sdserve.api import tensors
-from sdserve.api.deps import ServiceDep
-from sdserve.api.security import caller_of
+from sdserve.api.deps import CallerDep, ServiceDep
+from sdserve.keys import Caller
 from sdserve.protocols import tfserving as proto
 from sdserve.protocols.tensors import VERSION, TensorProtocolError
 from sdserve.service import Service
@@ -43,22 +43,24 @@ async def metadata(name: str, service: ServiceDep) -> dict[str, Any]:
             "metadata": {"signature_def": {"signature_def": {"serving_default": proto.signature()}}}}
 
 
-async def _predict(name: str, version: str | None, request: Request, service: Service) -> dict[str, Any]:
+async def _predict(name: str, version: str | None, request: Request, service: Service,
+                   caller: Caller) -> dict[str, Any]:
     known = await _known(service, name, version)
     try:
         body = await request.json()
     except ValueError:
         raise TensorProtocolError("the body must be JSON") from None
     rows, columnar = proto.parse_predict(body, service.limits.max_images)
-    images = await tensors.generate(service, caller_of(request.scope), rows, known, SOURCE, request.is_disconnected)
+    images = await tensors.generate(service, caller, rows, known, SOURCE, request.is_disconnected)
     return proto.predictions([(base64.b64encode(png).decode(), seed) for png, seed in images], columnar)
 
 
 @router.post("/{name}:predict", summary="TF Serving predict: {instances: [...]} or {inputs: ...}; one image each")
-async def predict(name: str, request: Request, service: ServiceDep) -> dict[str, Any]:
-    return await _predict(name, None, request, service)
+async def predict(name: str, request: Request, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    return await _predict(name, None, request, service, caller)
 
 
 @router.post("/{name}/versions/{version}:predict", summary="TF Serving predict on a version")
-async def predict_version(name: str, version: str, request: Request, service: ServiceDep) -> dict[str, Any]:
-    return await _predict(name, version, request, service)
+async def predict_version(name: str, version: str, request: Request, service: ServiceDep,
+                          caller: CallerDep) -> dict[str, Any]:
+    return await _predict(name, version, request, service, caller)
