@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
 from server import ServerProcess, until, wait_for
 
 LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}
@@ -207,10 +206,7 @@ def test_readyz_says_when_redis_is_gone(cluster, redis_server):
         assert httpx.post(f"{a.url}/api/v1/jobs", json={"prompt": "x"}).status_code == 503
     finally:
         redis_server.start()
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{a.url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    until(lambda: httpx.get(f"{a.url}/readyz", timeout=60).status_code == 200, "A never ready after Redis came back")
 
 
 def test_concurrent_submissions_respect_one_queue_bound(models_dir, tmp_path, redis_server):
@@ -271,10 +267,7 @@ def test_a1111_interrupt_through_b_stops_only_the_callers_call_made_through_a(cl
     for t in threads:
         t.start()
     with b.client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as mine:
-        deadline = time.monotonic() + 60
-        while mine.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
-            assert time.monotonic() < deadline, "my call never started"
-            time.sleep(0.05)
+        until(lambda: mine.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 1, "my call never started")
         assert mine.post("/sdapi/v1/interrupt").json() == {}
     for t in threads:
         t.join(120)
@@ -303,15 +296,14 @@ def test_a_worker_process_joins_and_hands_back_its_batch_on_sigterm(models_dir, 
          "--metrics-port", str(probe), "--host", "127.0.0.1"],
         stdout=log, stderr=subprocess.STDOUT, env={**__import__("os").environ, "SDSERVE_SHUTDOWN_GRACE_S": "1"})
     try:
-        deadline = time.monotonic() + 90
-        while True:
+        def worker_ready() -> bool:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{probe}/readyz").status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{probe}/readyz", timeout=60).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
-            time.sleep(0.2)
+                return False
+
+        until(worker_ready, lambda: (tmp_path / "worker.log").read_text(), every=0.2)
         assert "sdserve_workers" in httpx.get(f"http://127.0.0.1:{probe}/metrics").text
         assert {w["name"] for w in httpx.get(f"{api.url}/api/v1/workers").json()} == {"A", "W"}
         # Two shapes, so each worker takes one.

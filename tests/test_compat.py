@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +13,7 @@ import openai
 import pytest
 import webuiapi
 from PIL import Image
-from server import ServerProcess
+from server import ServerProcess, until
 
 KEY = "sk-test-key"
 USER, PASSWORD = "alice", "s3cret"
@@ -113,11 +112,11 @@ def test_webuiapi_progress_while_running_then_interrupt(a1111):
     worker = threading.Thread(target=lambda: out.update(r=a1111.txt2img(prompt="long", width=256, height=256, steps=150,
                                                                          seed=5)))
     worker.start()
-    deadline = time.monotonic() + 60
-    progress = a1111.get_progress()
-    while progress["state"]["sampling_step"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    def past_step_two() -> dict | None:
         progress = a1111.get_progress()
+        return progress if progress["state"]["sampling_step"] >= 2 else None
+
+    progress = until(past_step_two, "the long call never reached step 2")
     assert progress["state"]["sampling_steps"] == 150 and progress["state"]["job_count"] == 1
     assert 0.01 < progress["progress"] < 1 and progress["eta_relative"] >= 0
     a1111.interrupt()

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from components import fill_disk
-from server import ServerProcess, wait_for
+from PIL import Image
+from server import ServerProcess, until, wait_for
 
 LONG = {"prompt": "long", "steps": 150, "seed": 1, "width": 256, "height": 256}  # seconds of work
 
@@ -115,15 +115,22 @@ def _a1111_call(url: str, headers: dict, body: dict, out: dict, key: str, **clie
         out[key] = c.post("/sdapi/v1/txt2img", json=body)
 
 
+def _says_failed(client: httpx.Client) -> bool:
+    """/readyz says the model failed to load (the process may not listen yet)."""
+    try:
+        ready = client.get("/readyz")
+    except httpx.HTTPError:
+        return False
+    return ready.status_code == 503 and "failed to load" in ready.json()["reason"]
+
+
 def _wait_running_together(clients: list[httpx.Client], count: int) -> list[dict]:
     """The running jobs of every one of these callers (each lists only its own), once `count` of them run."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def together() -> list[dict] | None:
         running = [j for c in clients for j in c.get("/api/v1/jobs", params={"status": "running"}).json()]
-        if len(running) >= count and all(j["step"] >= 1 for j in running):
-            return running
-        time.sleep(0.05)
-    raise AssertionError(f"{count} jobs never ran together")
+        return running if len(running) >= count and all(j["step"] >= 1 for j in running) else None
+
+    return until(together, f"{count} jobs never ran together")
 
 
 A1111_LONG = {"prompt": "x", "steps": 40, "width": 128, "height": 128, "seed": 1, "sampler_name": "Euler"}
@@ -293,16 +300,7 @@ def test_no_loadable_model_is_503_and_queued_jobs_end(models_dir, tmp_path):
     broken.launch()
     try:
         with httpx.Client(base_url=broken.url, timeout=30) as c:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    ready = c.get("/readyz")
-                    if ready.status_code == 503 and "failed to load" in ready.json()["reason"]:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, broken.log()
-                time.sleep(0.1)
+            until(lambda: _says_failed(c), broken.log, 300, broken, every=0.1)
             started = time.monotonic()
             r = c.post("/api/v1/jobs", json={"prompt": "x", "steps": 1})
             assert r.status_code == 503 and "broken" in r.json()["detail"], r.text
@@ -520,16 +518,11 @@ def test_a_full_disk_fails_jobs_clearly_and_recovers(full_disk_server):
         _assert_consistent(c)
 
         filler.unlink()
-        deadline = time.monotonic() + 15
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never ready again after space came back"
-            time.sleep(0.2)
+        until(lambda: c.get("/readyz").status_code == 200, "never ready again after space came back", every=0.2)
         ok = c.post("/api/v1/generate", json={"prompt": "after", "steps": 1})
         assert ok.status_code == 200 and ok.content[:4] == b"\x89PNG"
-        deadline = time.monotonic() + 30
-        while c.get("/api/v1/jobs", params={"status": "running"}).json():
-            assert time.monotonic() < deadline, "a job stayed running"
-            time.sleep(0.2)
+        until(lambda: not c.get("/api/v1/jobs", params={"status": "running"}).json(), "a job stayed running",
+              every=0.2)
         for job in c.get("/api/v1/jobs", params={"limit": 200}).json():
             assert job["status"] in ("succeeded", "failed"), job
             if job["status"] == "failed":

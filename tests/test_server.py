@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from server import wait_for
+from server import until, wait_for
 
 from sdserve import bounds
 from sdserve.engine import infotext
@@ -228,17 +228,17 @@ def test_metrics(client):
     assert float(line.split()[-1]) >= 1
 
 
-def job_log_line(server, job_id: str, status: str, timeout: float = 30) -> dict:
-    """The structured log line of a job's end, once the server has written it (by deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
+def job_log_line(server, job_id: str, status: str) -> dict:
+    """The structured log line of a job's end, once the server has written it."""
+    def written() -> dict | None:
         for line in server.log().splitlines():
             if "sdserve.jobs: " in line:
                 entry = json.loads(line.split("sdserve.jobs: ", 1)[1])
                 if entry["id"] == job_id and entry["status"] == status:
                     return entry
-        assert time.monotonic() < deadline, f"no log line for job {job_id}"
-        time.sleep(0.05)
+        return None
+
+    return until(written, f"no log line for job {job_id}")
 
 
 def test_structured_job_log(server, client):
