@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sdserve import bounds
@@ -111,17 +111,12 @@ class Settings(BaseSettings):
 
     @field_validator("models", "api_keys", "api_auth", "optimize", "allowed_hosts", mode="before")
     @classmethod
-    def _split_commas(cls, value: object) -> object:
-        # SDSERVE_API_KEYS="k1,k2" is friendlier than a JSON list in a shell or a Helm value.
+    def _split_commas(cls, value: object, info: ValidationInfo) -> object:
+        # SDSERVE_API_KEYS="k1,k2" is friendlier than a JSON list in a shell or a Helm value. Names (never secrets
+        # or paths) are split in a flag's values too: `--allowed-hosts a,b` is the flag given twice.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",")] if value.strip() else []
-        return value
-
-    @field_validator("optimize", "allowed_hosts", mode="before")
-    @classmethod
-    def _split_flag_commas(cls, value: object) -> object:
-        # Names, never secrets or paths: `--allowed-hosts a,b` is the same as the flag given twice.
-        if isinstance(value, list):
+        if isinstance(value, list) and info.field_name in ("optimize", "allowed_hosts"):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
 
