@@ -77,17 +77,38 @@ def test_idempotency(queue):
         queue.submit(other, idempotency_key="k", fingerprint=fingerprint(other))
 
 
-def test_recover_requeues_running_then_gives_up(tmp_path):
+CLAIM_AND_HANG = """
+import sys, time
+from pathlib import Path
+from sdserve.jobs.local import SQLiteJobQueue
+queue = SQLiteJobQueue(Path(sys.argv[1]))
+print(queue.claim(wait_s=30, worker="doomed")[0].id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_s_jobs_are_requeued_at_once_then_given_up(tmp_path):
+    """SQLite, across processes on one host: a job whose claiming process was killed goes back to the queue at the
+    next recover(), without waiting for its lease; after MAX_ATTEMPTS deliveries it fails with the reason."""
+    import signal
+    import subprocess
+    import sys
+
     path = tmp_path / "jobs.db"
-    job_id = submit(SQLiteJobQueue(path), "x").id
+    queue = SQLiteJobQueue(path, lease_s=600)
+    job_id = submit(queue, "x").id
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        q = SQLiteJobQueue(path)  # a new process after a crash
-        assert q.recover() == (1 if attempt > 1 else 0)
-        claimed = q.claim(wait_s=0)
-        assert claimed[0].id == job_id and claimed[0].attempts == attempt
-    q = SQLiteJobQueue(path)
-    assert q.recover() == 0
-    job = q.get(job_id)
+        worker = subprocess.Popen([sys.executable, "-c", CLAIM_AND_HANG, str(path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert worker.stdout.readline().strip() == job_id
+            assert queue.recover() == 0  # its process runs: its lease holds
+            assert queue.get(job_id).status is JobStatus.running and queue.get(job_id).attempts == attempt
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        recovered = queue.recover()
+        assert recovered == (1 if attempt < MAX_ATTEMPTS else 0)
+    job = queue.get(job_id)
     assert job.status is JobStatus.failed and f"{MAX_ATTEMPTS} times" in job.error
 
 
@@ -206,28 +227,9 @@ def test_every_backend_estimates_by_the_one_policy(queue):
         policy.queued_eta(0, 1, 5, left, 5, policy.blend_speed(0.1, 0.2)))
 
 
-def test_in_memory_counts_match_the_table(tmp_path):
-    """Depth and positions are kept in memory; every transition must keep them equal to the table."""
-    queue = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
-    jobs = [submit(queue, str(i), priority=i % 2, steps=5) for i in range(4)]
-    assert [j.queue_position for j in jobs] == [0, 0, 2, 1]  # returned at submit: priority 1 jumps ahead
-    queue.claim(wait_s=0)                      # queued -> running
-    queue.cancel(jobs[2].id)                   # queued -> canceled
-    running = queue.list(status="running")[0]
-    queue.requeue(running.id)                  # running -> queued
-    assert queue.depth() == 3
-    table = queue._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-    assert table == 3
-    for job in queue.list(status="queued"):
-        fresh = queue.get(job.id).queue_position
-        assert fresh is not None
-    reopened = SQLiteJobQueue(tmp_path / "jobs.db", max_queue=4)
-    assert reopened.depth() == 3
-
-
-# ---------------------------------------------------------------- Redis: leases, workers, events across processes
-def test_an_expired_lease_is_delivered_again_then_gives_up(redis_server):
-    q = redis_queue(redis_server, lease_s=1)
+# ---------------------------------------------------------------- leases, workers, events across processes
+def test_an_expired_lease_is_delivered_again_then_gives_up(make_queue):
+    q = make_queue(lease_s=1)
     job = submit(q, "x")
     for attempt in range(1, MAX_ATTEMPTS + 1):
         claimed = q.claim(wait_s=1, worker=f"w{attempt}")
@@ -240,8 +242,8 @@ def test_an_expired_lease_is_delivered_again_then_gives_up(redis_server):
     assert q.claim(wait_s=0) == [] and q.depth() == 0 and q.list(status="running") == []
 
 
-def test_a_heartbeat_keeps_the_lease(redis_server):
-    q = redis_queue(redis_server, lease_s=1)
+def test_a_heartbeat_keeps_the_lease(make_queue):
+    q = make_queue(lease_s=1)
     job = submit(q, "x")
     q.claim(wait_s=0, worker="w")
     for _ in range(4):
@@ -251,11 +253,8 @@ def test_a_heartbeat_keeps_the_lease(redis_server):
     assert q.get(job.id).status is JobStatus.running and q.get(job.id).attempts == 1
 
 
-def test_two_workers_never_claim_the_same_job(redis_server):
-    a, b = redis_queue(redis_server, max_queue=100), None
-    from sdserve.jobs.redis import RedisJobQueue
-
-    b = RedisJobQueue(redis_server.url, max_queue=100)
+def test_two_workers_never_claim_the_same_job(make_queue):
+    a, b = make_queue(max_queue=100), make_queue(max_queue=100)  # two processes on the same data
     ids = {submit(a, str(i)).id for i in range(40)}
     got: dict[str, list[str]] = {"a": [], "b": []}
 
@@ -274,11 +273,9 @@ def test_two_workers_never_claim_the_same_job(redis_server):
     assert sorted(got["a"] + got["b"]) == sorted(ids) and not set(got["a"]) & set(got["b"])
 
 
-def test_events_cross_processes_and_resume_after_an_id(redis_server):
-    from sdserve.jobs.redis import RedisJobQueue
-
-    submitter = redis_queue(redis_server)
-    watcher = RedisJobQueue(redis_server.url)  # another replica
+def test_events_cross_processes_and_resume_after_an_id(make_queue):
+    submitter = make_queue()
+    watcher = make_queue()  # another process
     job = submit(submitter, "x", steps=3)
 
     async def watch(after=None, until="succeeded"):
@@ -291,7 +288,7 @@ def test_events_cross_processes_and_resume_after_an_id(redis_server):
                     return seen
 
     async def scenario():
-        first = asyncio.create_task(watch(after="0-0", until="progress"))
+        first = asyncio.create_task(watch(after="0-0" if make_queue.backend == "redis" else "0", until="progress"))
         await asyncio.sleep(0.2)
         submitter.claim(wait_s=0)
         for step in (1, 2, 3):

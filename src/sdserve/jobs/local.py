@@ -1,25 +1,37 @@
-"""Embedded job queue and store: one SQLite table in WAL mode, in the data dir.
+"""Embedded job queue and store: SQLite in WAL mode, in the data dir, shared by the processes of one host.
 
+`sdserve serve` runs its HTTP API and its engine processes over this file (so does `sdserve api` beside
+`sdserve worker` on one machine). Everything a process needs from another lives in the database: job records,
+the queue with leases, progress, cancel flags, events (replayable after an event id), the fair-share passes,
+rate-limit buckets and the worker registry. Every state change and its event commit in one transaction, and
+each commit that someone may wait for rings the other processes (jobs/wake.py).
+
+A claimed job is leased to its worker (`--lease-s`), renewed by its heartbeat. It goes back to the queue when
+the lease runs out, or at once when the process that claimed it is gone (same host: its pid no longer runs).
 Every accepted job is committed before `submit` returns, so a crash or restart loses none.
-Progress (step/steps) lives in memory: it is only meaningful while this process runs the job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
+import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sdserve.jobs import fairshare, policy
-from sdserve.jobs.events import EventBus, job_event, progress_event
+from sdserve.jobs.events import Event, job_event, progress_event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
@@ -32,8 +44,11 @@ from sdserve.jobs.queue import (
     Stops,
     StorageError,
 )
+from sdserve.jobs.wake import Wakeup
 from sdserve.ratelimit import Rate, refill
 from sdserve.schema import FINAL_STATUSES, ImageRef, Job, JobRequest, JobStatus
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -64,10 +79,22 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, data TEXT NOT NULL,
+                                   at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS workers (name TEXT PRIMARY KEY, info TEXT NOT NULL, expires REAL NOT NULL);
 """
 
-
 _FINAL = ", ".join(f"'{status.value}'" for status in sorted(FINAL_STATUSES))  # SQL: the final statuses
+# The queue's own rows of the shared table: the measured speed, fair share's virtual time and passes.
+_QUEUE, _PASSES = "_queue", "_fairshare"
+# Events are kept this long (a client resuming an SSE stream after Last-Event-ID), and pruned this often.
+EVENTS_KEEP_S = 3600.0
+EVENTS_PRUNE_S = 60.0
+# A process looks at the table at least this often, whether or not it was rung (jobs/wake.py).
+POLL_S = 0.25
+HOST = socket.gethostname()
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -81,45 +108,199 @@ def _storage_error(exc: sqlite3.Error) -> StorageError:
     return StorageError(f"the job store cannot write: {text}", full=full)
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a committed job survives a process crash or kill; only a power cut could lose the last
+    # moments. FULL would fsync every submission.
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def claimer_gone(claimer: str | None) -> bool:
+    """The process that claimed a job (`host:pid`) no longer runs. Known on this host only: elsewhere, and for a
+    process that still runs but hangs, the lease decides."""
+    host, _, pid_text = (claimer or "").rpartition(":")
+    if host != HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) runs nothing
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass(eq=False)
+class _Subscription:
+    job_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    types: frozenset[str] | None
+    last: int  # the last event id delivered (or skipped)
+    caught_up: bool  # events up to the dispatcher's cursor were read for it
+
+
+class SQLiteEventBus:
+    """Job events in the `events` table: any process publishes (in the transaction of the change it reports), any
+    process subscribes, and a subscriber can resume after an event id (SSE's Last-Event-ID). One dispatcher thread
+    per process reads new events when rung (or every POLL_S) and hands them to its subscribers and listeners.
+    Listeners (metrics) see every event of this job store, whichever process published it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._subs: dict[str, set[_Subscription]] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+        self._rung = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cursor = 0
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+
+    def ring(self) -> None:
+        self._rung.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._db = _connect(self._path)
+            self._cursor = self._max_id(self._db)
+            self._thread = threading.Thread(target=self._dispatch, name="sdserve-events", daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _max_id(db: sqlite3.Connection) -> int:
+        return db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+        self._start()
+
+    def _dispatch(self) -> None:
+        db = self._db
+        assert db is not None
+        while not self._closed:
+            self._rung.wait(POLL_S)
+            self._rung.clear()
+            try:
+                self._deliver(db)
+            except sqlite3.Error as exc:
+                log.warning("reading job events: %s", exc)
+            except Exception:
+                log.exception("job event dispatch failed")
+
+    def _deliver(self, db: sqlite3.Connection) -> None:
+        # The cursor moves, and subscribers join, under the lock: a subscriber gets every event after its start.
+        with self._lock:
+            for sub in [s for subs in self._subs.values() for s in subs if not s.caught_up]:
+                # resuming after an older event id: its job's events up to the cursor first, in order
+                for row in db.execute("SELECT id, data FROM events WHERE job_id = ? AND id > ? AND id <= ? "
+                                      "ORDER BY id", (sub.job_id, sub.last, self._cursor)).fetchall():
+                    self._put(sub, row["id"], json.loads(row["data"]))
+                sub.caught_up = True
+        while True:
+            rows = db.execute("SELECT id, job_id, data FROM events WHERE id > ? ORDER BY id LIMIT 500",
+                              (self._cursor,)).fetchall()
+            events = [(row["id"], row["job_id"], json.loads(row["data"])) for row in rows]
+            for _, _, event in events:  # listeners first: a client told of its job's end finds it in /metrics
+                for listener in self._listeners:
+                    try:
+                        listener(event)
+                    except Exception:  # a broken listener must not break the job
+                        log.exception("event listener failed")
+            with self._lock:
+                for event_id, job_id, event in events:
+                    for sub in self._subs.get(job_id, ()):
+                        if sub.caught_up and event_id > sub.last:
+                            self._put(sub, event_id, event)
+                    self._cursor = event_id
+            if len(rows) < 500:
+                return
+
+    @staticmethod
+    def _put(sub: _Subscription, event_id: int, event: Event) -> None:
+        sub.last = event_id
+        if sub.types is not None and event["type"] not in sub.types:
+            return
+        try:
+            sub.loop.call_soon_threadsafe(sub.queue.put_nowait, {**event, "event_id": str(event_id)})
+        except RuntimeError:  # the subscriber's loop is closed: it went away
+            pass
+
+    @contextmanager
+    def subscribe(self, job_id: str, types: frozenset[str] | None = None,
+                  after: str | None = None) -> Iterator[asyncio.Queue[Event]]:
+        """Subscribe before reading the job's current state, so no event slips between the two. `types` limits the
+        events delivered (e.g. only the end); `after`: resume after this event id, else deliver from now."""
+        self._start()
+        try:
+            resume = int(after) if after is not None else None
+        except ValueError:
+            resume = None  # not an id of this store: from now
+        with self._lock:
+            last = self._cursor if resume is None else resume
+            entry = _Subscription(job_id, asyncio.get_running_loop(), asyncio.Queue(), types, last,
+                                  caught_up=last >= self._cursor)
+            self._subs.setdefault(job_id, set()).add(entry)
+        if not entry.caught_up:
+            self._rung.set()
+        try:
+            yield entry.queue
+        finally:
+            with self._lock:
+                subs = self._subs.get(job_id)
+                if subs is not None:
+                    subs.discard(entry)
+                    if not subs:
+                        del self._subs[job_id]
+
+    def close(self) -> None:
+        self._closed = True
+        self._rung.set()
+
+
 class SQLiteJobQueue(JobEnds):
     def __init__(
-        self, path: Path, *, max_queue: int = 256, default_timeout_s: float | None = None,
-        events: EventBus | None = None,
+        self, path: Path, *, max_queue: int = 256, default_timeout_s: float | None = None, lease_s: float = 30.0,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.events = events or EventBus()
+        self.path = path
         self.max_queue = max_queue
         self.default_timeout_s = default_timeout_s
+        self.lease_s = lease_s
         self.accepting = True
-        self.shared = False  # one process: its events and recovery at start-up are in-process
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a committed job survives a process crash or kill; only a power cut
-        # could lose the last moments. FULL would fsync every submission.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        self.shared = True  # every process of this host that opens the file
+        self.claimer = f"{HOST}:{os.getpid()}"
+        try:
+            self._db = _connect(path)
+            self._db.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from None
         self._lock = threading.RLock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # rate-limit buckets: name -> (tokens, monotonic time)
         self._wakeup = threading.Condition(self._lock)
-        self._progress: dict[str, tuple[int, int]] = {}
-        self._cancel: set[str] = set()
-        self._seconds_per_step: float | None = None
-        self._workers: dict[str, dict[str, Any]] = {}  # this process's runner: the only worker of this queue
-        self._passes: dict[str, float] = {}  # fair share (jobs/fairshare.py): each caller's pass, and the
-        self._vt = 0.0  # virtual time
-        # Queued jobs per priority: (count, work). Kept in step with the table so that a submission's
-        # position and the queue-full check cost O(priorities), not a scan of the queue.
-        self._queued: dict[int, list[int]] = {}
-        self._recount()
+        self.events = SQLiteEventBus(path)
+        self._wake = Wakeup(path, self._rung)
+        self._events_pruned = -1e9
 
     def _migrate(self) -> None:
         """Columns added after the first release of the table: add them to an older jobs.db in place."""
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
         for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER"), ("worker", "TEXT"),
                              ("owner", "TEXT NOT NULL DEFAULT ''"), ("label", "TEXT"),
-                             ("weight", "REAL NOT NULL DEFAULT 1")):
+                             ("weight", "REAL NOT NULL DEFAULT 1"), ("step", "INTEGER NOT NULL DEFAULT 0"),
+                             ("steps", "INTEGER"), ("lease_until", "REAL"), ("claimer", "TEXT")):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         # Fair share reads each caller's oldest queued job; retention the oldest ended ones.
@@ -127,28 +308,29 @@ class SQLiteJobQueue(JobEnds):
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owned ON jobs (owner, seq)")  # a caller's own, listed
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL")
 
-    def _recount(self) -> None:
-        self._queued = {
-            prio: [count, work] for prio, count, work in self._db.execute(
-                "SELECT priority, COUNT(*), SUM(work) FROM jobs WHERE status = 'queued' GROUP BY priority")
-        }
+    def _rung(self) -> None:
+        """Another process committed something: claims and event streams look again now."""
+        with self._lock:
+            self._wakeup.notify_all()
+        self.events.ring()
 
-    def _count(self, priority: int, work: int, sign: int) -> None:
-        entry = self._queued.setdefault(priority, [0, 0])
-        entry[0] += sign
-        entry[1] += sign * work
+    def _changed(self) -> None:
+        """This process committed something others may wait for."""
+        self._rung()
+        self._wake.ring()
 
     def close(self) -> None:
+        self.events.close()
+        self._wake.close()
         with self._lock:
             self._db.close()
 
     def ping(self) -> None:
-        """The file is in this process: reachable while the process runs (writes are checked by WriteHealth)."""
+        """The file is on this host: reachable while the process runs (writes are checked by WriteHealth)."""
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        """One transaction: all of it is committed, or none of it (a full disk rolls it back). Callers change
-        the in-memory counts only after it commits, so they never drift from the table."""
+        """One transaction: all of it is committed, or none of it (a full disk rolls it back)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -170,6 +352,18 @@ class SQLiteJobQueue(JobEnds):
         except sqlite3.Error:
             pass  # SQLite already rolled back (it does on SQLITE_FULL)
 
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise _storage_error(exc) from None
+
+    def _event(self, job_id: str, event: Event) -> None:
+        """Inside a transaction: the event commits with the change it reports."""
+        self._db.execute("INSERT INTO events (job_id, data, at) VALUES (?, ?, ?)",
+                         (job_id, json.dumps(event), time.time()))
+
     # ----- reading ---------------------------------------------------------------------------
     def _row(self, job_id: str) -> sqlite3.Row:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -177,12 +371,20 @@ class SQLiteJobQueue(JobEnds):
             raise JobNotFound(f"no job {job_id!r}")
         return row
 
+    def _speed(self) -> float | None:
+        row = self._db.execute("SELECT value FROM shared WHERE tbl = ? AND key = 'speed'", (_QUEUE,)).fetchone()
+        return float(row[0]) if row else None
+
+    def _queued(self) -> dict[int, tuple[int, int]]:
+        """Queued jobs per priority: (count, work)."""
+        return {prio: (count, work) for prio, count, work in self._db.execute(
+            "SELECT priority, COUNT(*), SUM(work) FROM jobs WHERE status = 'queued' GROUP BY priority")}
+
     def _to_job(self, row: sqlite3.Row, with_position: bool = True) -> Job:
         status = JobStatus(row["status"])
         request = JobRequest.model_validate_json(row["request"])
-        step, steps = self._progress.get(row["id"], (0, request.steps))
-        if status is JobStatus.succeeded:
-            step = steps
+        steps = row["steps"] or request.steps
+        step = steps if status is JobStatus.succeeded else (row["step"] if status is JobStatus.running else 0)
         position = eta = None
         if status is JobStatus.queued and with_position:
             position = self._db.execute(
@@ -191,7 +393,7 @@ class SQLiteJobQueue(JobEnds):
             ).fetchone()[0]
             eta = self._queued_eta(position, row["work"])
         elif status is JobStatus.running:
-            eta = policy.running_eta(steps, step, row["batch_images"] or request.n, self._seconds_per_step)
+            eta = policy.running_eta(steps, step, row["batch_images"] or request.n, self._speed())
         return Job(
             id=row["id"],
             status=status,
@@ -217,17 +419,15 @@ class SQLiteJobQueue(JobEnds):
         )
 
     def _queued_eta(self, position: int, work: float) -> float | None:
-        depth = sum(count for count, _ in self._queued.values())
-        queued_work = sum(w for _, w in self._queued.values())
-        return policy.queued_eta(position, depth, queued_work, self._running_left(), work, self._seconds_per_step)
+        queued = self._queued().values()
+        depth = sum(count for count, _ in queued)
+        queued_work = sum(w for _, w in queued)
+        return policy.queued_eta(position, depth, queued_work, self._running_left(), work, self._speed())
 
     def _running_left(self) -> float:
         """The image-steps the running jobs have left (all of a job's work until its first step)."""
-        left = 0.0
-        for r in self._db.execute("SELECT id, work FROM jobs WHERE status = 'running'").fetchall():
-            step, steps = self._progress.get(r["id"], (0, 1))
-            left += policy.work_left(r["work"], steps, step)
-        return left
+        return sum(policy.work_left(r["work"], r["steps"] or 1, r["step"]) for r in self._db.execute(
+            "SELECT work, step, steps FROM jobs WHERE status = 'running'").fetchall())
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -246,14 +446,15 @@ class SQLiteJobQueue(JobEnds):
 
     def depth(self) -> int:
         with self._lock:
-            return sum(count for count, _ in self._queued.values())
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
 
     # ----- client side -----------------------------------------------------------------------
     def retry_after_s(self) -> int:
         """A guess at when a slot frees up: the queue's work at the measured speed, within 1..300 s."""
         with self._lock:
-            queued_work = sum(w for _, w in self._queued.values())
-        return policy.retry_after_s(queued_work, self._seconds_per_step, self.max_queue)
+            queued_work = sum(w for _, w in self._queued().values())
+            speed = self._speed()
+        return policy.retry_after_s(queued_work, speed, self.max_queue)
 
     def idempotent(self, idempotency_key: str, fingerprint: str | None) -> Job | None:
         with self._lock:
@@ -269,7 +470,11 @@ class SQLiteJobQueue(JobEnds):
         fingerprint: str | None = None, timeout_s: float | None = None, owner: str = "", label: str | None = None,
         weight: float = 1.0,
     ) -> tuple[Job, bool]:
-        with self._lock:
+        now = time.time()
+        timeout = timeout_s or request.timeout_s or self.default_timeout_s
+        job_id = uuid.uuid4().hex
+        work = request.steps * request.n
+        with self._write():  # the checks and the insert in one transaction: two processes never both take the last slot
             if idempotency_key is not None:
                 existing = self.idempotent(idempotency_key, fingerprint)
                 if existing is not None:
@@ -278,112 +483,119 @@ class SQLiteJobQueue(JobEnds):
                 raise NotAccepting("the server is shutting down or not ready; retry shortly")
             if self.depth() >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s())
-            now = time.time()
-            timeout = timeout_s or request.timeout_s or self.default_timeout_s
-            job_id = uuid.uuid4().hex
-            work = request.steps * request.n
-            with self._write():
-                self._db.execute(
-                    "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, "
-                    "idem_hash, owner, label, weight) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, request.priority, work, request.model_dump_json(), source, now,
-                     now + timeout if timeout else None, idempotency_key, fingerprint, owner, label, weight),
-                )
-            # Ahead of a new job: every queued job of its priority or higher.
-            position = sum(count for prio, (count, _) in self._queued.items() if prio >= request.priority)
-            self._count(request.priority, work, +1)
-            eta = self._queued_eta(position, work)
-            job = Job(id=job_id, status=JobStatus.queued, request=request, source=source, queue_position=position,
-                      steps=request.steps, eta_s=eta, created_at=_ts(now), label=label)
-            self._wakeup.notify_all()
-        self._publish("queued", job)
+            self._db.execute(
+                "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, "
+                "idem_hash, owner, label, weight, steps) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request.priority, work, request.model_dump_json(), source, now,
+                 now + timeout if timeout else None, idempotency_key, fingerprint, owner, label, weight,
+                 request.steps),
+            )
+            job = self._to_job(self._row(job_id))
+            self._event(job_id, job_event("queued", job))
+        self._changed()
         return job, True
 
     def cancel(self, job_id: str, running: bool = True) -> Job:
-        with self._lock:
+        with self._write():
             row = self._row(job_id)
             status = JobStatus(row["status"])
             if status.terminal:
                 raise JobFinished(f"job {job_id} already {status.value}")
-            if status is JobStatus.running and not running:
-                return self._to_job(row)
             if status is JobStatus.running:
-                self._cancel.add(job_id)
-                with self._write():
+                if running:  # flagged: its runner stops it at its next step
                     self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 return self._to_job(self._row(job_id))
-        return self.mark_canceled(job_id)
+            job = self._end(row, JobStatus.canceled, error="canceled", error_kind="canceled")
+        self._changed()
+        return job
 
     # ----- runner side -----------------------------------------------------------------------
     def claim(
         self, select: Selector | None = None, wait_s: float = 0.5, linger_s: float = 0.0,
         full: Callable[[Sequence[Job]], bool] | None = None, worker: str | None = None,
     ) -> list[Job]:
-        """Wait up to `wait_s` for work; then, while the selection is not `full`, up to `linger_s` more
-        for companions to arrive (a batch that waits a few ms can double its size)."""
+        """Wait up to `wait_s` for work; then, while the selection is not `full`, up to `linger_s` more for
+        companions to arrive (a batch that waits a few ms can double its size). The selection is made again inside
+        the claiming transaction, so two processes never claim the same job."""
         deadline = time.monotonic() + wait_s
         with self._lock:
-            chosen: list[Job] = []
             linger_until: float | None = None
             while True:
-                rows = self._fair_window()
+                rows, _ = self._fair_window()
                 if rows:
                     candidates = [self._to_job(r, with_position=False) for r in rows]
                     chosen = list(select(candidates)) if select else candidates[:1]
                     if linger_until is None:
                         linger_until = time.monotonic() + linger_s
                     if full is None or full(chosen) or time.monotonic() >= linger_until:
-                        break
-                    self._wakeup.wait(linger_until - time.monotonic())
+                        claimed = self._claim(select, worker)
+                        if claimed:
+                            break
+                        linger_until = None
+                        continue
+                    self._wakeup.wait(min(POLL_S, linger_until - time.monotonic()))
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                self._wakeup.wait(remaining)
-            now = time.time()
-            batch_id = uuid.uuid4().hex[:12]
-            with self._write():  # the whole batch is claimed, or none of it
-                for job in chosen:
-                    self._db.execute(
-                        "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
-                        "batch_images = ?, worker = ? WHERE id = ?",
-                        (now, batch_id, sum(j.request.n for j in chosen), worker, job.id),
-                    )
-            claimed = []
-            owners = {row["id"]: row for row in rows}  # the window the selection was made from
-            for job in chosen:
-                row = owners[job.id]
-                fairshare.charge(self._passes, self._vt, row["owner"], job.request.steps * job.request.n, row["weight"])
-                self._count(job.request.priority, job.request.steps * job.request.n, -1)
-                self._progress[job.id] = (0, job.request.steps)
-                claimed.append(self._to_job(self._row(job.id)))
-        for job in claimed:
-            self._publish("started", job)
+                self._wakeup.wait(min(POLL_S, remaining))
+        self._changed()
         return claimed
 
-    def _fair_window(self) -> list[sqlite3.Row]:
-        """The queued jobs the selector sees: the head of the caller whose fair-share turn it is, then the
-        queue in order (to fill its batch from)."""
+    def _claim(self, select: Selector | None, worker: str | None) -> list[Job]:
+        now = time.time()
+        batch_id = uuid.uuid4().hex[:12]
+        with self._write():
+            rows, vt = self._fair_window()
+            if not rows:
+                return []
+            candidates = [self._to_job(r, with_position=False) for r in rows]
+            chosen = list(select(candidates)) if select else candidates[:1]
+            images = sum(j.request.n for j in chosen)
+            passes = self._passes()
+            by_id = {row["id"]: row for row in rows}
+            claimed = []
+            for job in chosen:
+                self._db.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, batch_id = ?, "
+                    "batch_images = ?, worker = ?, step = 0, steps = ?, lease_until = ?, claimer = ? "
+                    "WHERE id = ?",
+                    (now, batch_id, images, worker, job.request.steps, now + self.lease_s, self.claimer, job.id),
+                )
+                row = by_id[job.id]
+                fairshare.charge(passes, vt, row["owner"], job.request.steps * job.request.n, row["weight"])
+                claimed.append(self._to_job(self._row(job.id)))
+                self._event(job.id, job_event("started", claimed[-1]))
+            self._db.executemany("INSERT OR REPLACE INTO shared (tbl, key, value) VALUES (?, ?, ?)",
+                                 [(_PASSES, owner, repr(value)) for owner, value in passes.items()]
+                                 + [(_QUEUE, "vt", repr(vt))])
+        return claimed
+
+    def _passes(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._db.execute("SELECT key, value FROM shared WHERE tbl = ?", (_PASSES,))}
+
+    def _fair_window(self) -> tuple[list[sqlite3.Row], float]:
+        """The queued jobs the selector sees: the head of the caller whose fair-share turn it is, then the queue in
+        order (to fill its batch from); and the virtual time after this turn."""
+        row = self._db.execute("SELECT value FROM shared WHERE tbl = ? AND key = 'vt'", (_QUEUE,)).fetchone()
+        vt = float(row[0]) if row else 0.0
         rows = self._db.execute(
             "SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT ?", (policy.CLAIM_WINDOW,)
         ).fetchall()
         if not rows:
-            return rows
+            return rows, vt
         heads = self._db.execute(
             "SELECT owner, MIN(seq) AS first FROM jobs WHERE status = 'queued' AND priority = ? GROUP BY owner "
             "ORDER BY first", (rows[0]["priority"],)).fetchall()
         if len(heads) < 2:
-            return rows
-        owner, self._vt = fairshare.pick([h["owner"] for h in heads], self._passes, self._vt)
+            return rows, vt
+        owner, vt = fairshare.pick([h["owner"] for h in heads], self._passes(), vt)
         first = next(h["first"] for h in heads if h["owner"] == owner)
         head = self._db.execute("SELECT * FROM jobs WHERE seq = ?", (first,)).fetchone()
-        if len(self._passes) > 10_000:  # callers come and go: keep those with jobs queued
-            self._passes = {h["owner"]: self._passes[h["owner"]] for h in heads if h["owner"] in self._passes}
-        return [head, *(r for r in rows if r["seq"] != first)]
+        return [head, *(r for r in rows if r["seq"] != first)], vt
 
     def shared_get(self, table: str) -> dict[str, str]:
-        with self._lock:
-            return dict(self._db.execute("SELECT key, value FROM shared WHERE tbl = ?", (table,)).fetchall())
+        return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM shared WHERE tbl = ?", (table,))}
 
     def shared_put(self, table: str, key: str, value: str | None) -> None:
         with self._write():
@@ -392,128 +604,142 @@ class SQLiteJobQueue(JobEnds):
             else:
                 self._db.execute("INSERT OR REPLACE INTO shared (tbl, key, value) VALUES (?, ?, ?)", (table, key, value))
 
-
     def take_tokens(self, bucket: str, rate: float, burst: float, n: float) -> tuple[bool, float, float]:
-        # One process owns this queue: the buckets live in its memory (a restart refills them).
-        with self._lock:
-            tokens, at = self._buckets.get(bucket, (None, 0.0))
-            now = time.monotonic()
+        now = time.time()
+        with self._write():
+            row = self._db.execute("SELECT tokens, at FROM buckets WHERE name = ?", (bucket,)).fetchone()
+            tokens, at = (row["tokens"], row["at"]) if row else (None, now)
             taken, left, retry = refill(tokens, now - at, Rate(rate, burst), n)
-            self._buckets[bucket] = (left, now)
-            if len(self._buckets) > 100_000:  # callers come and go: forget those idle for an hour
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 3600}
-            return taken, left, retry
+            self._db.execute("INSERT OR REPLACE INTO buckets (name, tokens, at) VALUES (?, ?, ?)", (bucket, left, now))
+        return taken, left, retry
+
     def register_worker(self, info: dict[str, Any], ttl_s: float) -> None:
-        with self._lock:
-            self._workers[info["name"]] = {**info, "last_heartbeat": time.time(), "ttl_s": ttl_s}
+        now = time.time()
+        with self._write():
+            self._db.execute("INSERT OR REPLACE INTO workers (name, info, expires) VALUES (?, ?, ?)",
+                             (info["name"], json.dumps({**info, "last_heartbeat": now}), now + ttl_s))
+
+    def drop_worker(self, name: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM workers WHERE name = ?", (name,))
 
     def workers(self) -> list[dict[str, Any]]:
-        now = time.time()
-        with self._lock:
-            live = [w for w in self._workers.values() if now - w["last_heartbeat"] <= w["ttl_s"]]
-        return [{k: v for k, v in w.items() if k != "ttl_s"} for w in live]
+        rows = self._read("SELECT info FROM workers WHERE expires >= ? ORDER BY name", (time.time(),))
+        return [json.loads(row["info"]) for row in rows]
 
     def heartbeat(self, job_ids: Sequence[str]) -> None:
-        """No leases here: one process owns the queue and its runner; a restart recovers running jobs."""
+        with self._write():
+            self._db.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running'",
+                                 [(time.time() + self.lease_s, job_id) for job_id in job_ids])
 
     def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         with self._lock:
             return {job_id: self._row(job_id)["deadline"] for job_id in job_ids}
 
     def canceled(self, job_ids: Sequence[str]) -> set[str]:
-        return {job_id for job_id in job_ids if job_id in self._cancel}
+        marks = ",".join("?" * len(job_ids))
+        return {row["id"] for row in self._read(
+            f"SELECT id FROM jobs WHERE id IN ({marks}) AND status = 'running' AND cancel_requested = 1", job_ids)}
 
     def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
-        """No leases here (one process owns the queue and its runner): a job is lost only when it ended meanwhile
-        (the reaper timed it out)."""
-        stops = Stops(self.canceled(job_ids), set())
-        for job_id in job_ids:
-            if job_id in stops.canceled:
-                continue
-            with self._lock:
-                row = self._db.execute("SELECT status, batch_images FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is None or row["status"] != "running":
+        """One transaction for the batch: each job's step and its event, and which jobs to stop."""
+        stops = Stops(set(), set())
+        with self._write():
+            speed = self._speed()
+            for job_id in job_ids:
+                row = self._db.execute("SELECT status, batch_id, batch_images, cancel_requested FROM jobs "
+                                       "WHERE id = ?", (job_id,)).fetchone()
+                if row is None or row["status"] != "running" or (batch_id is not None and row["batch_id"] != batch_id):
                     stops.lost.add(job_id)
-                    self._progress.pop(job_id, None)
                     continue
-                self._progress[job_id] = (step, steps)
-                eta = policy.running_eta(steps, step, row["batch_images"] or 1, self._seconds_per_step)
-            self.events.publish(job_id, progress_event(job_id, step, steps, eta))
+                if row["cancel_requested"]:
+                    stops.canceled.add(job_id)
+                    continue
+                self._db.execute("UPDATE jobs SET step = ?, steps = ? WHERE id = ?", (step, steps, job_id))
+                eta = policy.running_eta(steps, step, row["batch_images"] or 1, speed)
+                self._event(job_id, progress_event(job_id, step, steps, eta))
+        self._changed()
         return stops
 
     def record_speed(self, seconds_per_step: float) -> None:
-        with self._lock:
-            self._seconds_per_step = policy.blend_speed(self._seconds_per_step, seconds_per_step)
+        with self._write():
+            self._db.execute("INSERT OR REPLACE INTO shared (tbl, key, value) VALUES (?, 'speed', ?)",
+                             (_QUEUE, repr(policy.blend_speed(self._speed(), seconds_per_step))))
+
+    def _end(self, row: sqlite3.Row, status: JobStatus, **fields: Any) -> Job:
+        """Inside a transaction: record the end of a job that has not ended, with its event."""
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(
+            f"UPDATE jobs SET status = ?, finished_at = ?, lease_until = NULL{', ' + sets if sets else ''} WHERE id = ?",
+            (status.value, time.time(), *fields.values(), row["id"]),
+        )
+        job = self._to_job(self._row(row["id"]))
+        self._event(job.id, job_event(status.value, job))  # type: ignore[arg-type]
+        return job
 
     def _finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
         """Record the job's end, once: a job that already ended is returned unchanged, with no event."""
-        with self._lock:
+        with self._write():
             before = self._row(job_id)
             if JobStatus(before["status"]).terminal:
                 return self._to_job(before)
-            sets = ", ".join(f"{k} = ?" for k in fields)
-            with self._write():
-                self._db.execute(
-                    f"UPDATE jobs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE id = ?",
-                    (status.value, time.time(), *fields.values(), job_id),
-                )
-            if before["status"] == "queued":
-                self._count(before["priority"], before["work"], -1)
-            job = self._to_job(self._row(job_id))
-            self._progress.pop(job_id, None)
-            self._cancel.discard(job_id)
-        self._publish(status.value, job)
+            job = self._end(before, status, **fields)
+        self._changed()
         return job
 
     def requeue(self, job_id: str) -> None:
-        with self._lock:
-            row = self._row(job_id)
-            if row["status"] != "running":
-                return
-            with self._write():
-                self._db.execute(
-                    "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1) WHERE id = ?",
-                    (job_id,),
-                )
-            self._count(row["priority"], row["work"], +1)
-            self._progress.pop(job_id, None)
-            self._wakeup.notify_all()
+        """Graceful stop: back to the queue, the attempt not counted."""
+        with self._write():
+            self._db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1), step = 0, "
+                "lease_until = NULL, claimer = NULL WHERE id = ? AND status = 'running'", (job_id,))
+        self._changed()
 
     def recover(self) -> int:
-        """After a restart: jobs that were running go back to the queue, or fail after MAX_ATTEMPTS."""
+        """Jobs whose worker is gone go back to the queue, or fail after MAX_ATTEMPTS deliveries: those whose
+        lease ran out, and at once those whose claiming process no longer runs on this host (a crash, kill -9,
+        a restart). Jobs a live worker holds are left alone."""
+        now = time.time()
         with self._lock:
-            given_up = self._db.execute(
-                "SELECT id, attempts FROM jobs WHERE status = 'running' AND attempts >= ?", (MAX_ATTEMPTS,)
-            ).fetchall()
+            rows = [r for r in self._read("SELECT id, attempts, lease_until, claimer FROM jobs WHERE status = 'running'")
+                    if r["lease_until"] is None or r["lease_until"] < now or claimer_gone(r["claimer"])]
+        requeued = 0
+        for row in rows:
+            if row["attempts"] >= MAX_ATTEMPTS:
+                self.fail(row["id"], policy.given_up(row["attempts"]), kind="internal")
+                continue
             with self._write():
-                requeued = self._db.execute(
-                    "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running' AND attempts < ?",
-                    (MAX_ATTEMPTS,),
-                ).rowcount
-            self._recount()
-        for row in given_up:
-            self.fail(row["id"], policy.given_up(row["attempts"]), kind="internal")
+                requeued += self._db.execute(
+                    "UPDATE jobs SET status = 'queued', started_at = NULL, step = 0, lease_until = NULL, "
+                    "claimer = NULL WHERE id = ? AND status = 'running' AND claimer IS ?",
+                    (row["id"], row["claimer"])).rowcount
+        if requeued:
+            self._changed()
         return requeued
 
     def expire(self) -> list[Job]:
-        """Fail jobs whose timeout passed: queued ones at once; running ones when the runner, which stops
-        them at their next step, has not done so within `policy.RUNNING_GRACE_S` (it is stuck or gone)."""
+        """Reclaim the jobs of workers that are gone; fail jobs whose timeout passed: queued ones at once, running
+        ones when the runner, which stops them at its next step, has not done so within `policy.RUNNING_GRACE_S`
+        (it is stuck or gone). Old events are pruned here too."""
+        self.recover()
         now = time.time()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, status, created_at, deadline FROM jobs WHERE deadline IS NOT NULL AND "
-                "((status = 'queued' AND deadline < ?) OR (status = 'running' AND deadline < ?))",
-                (now, now - policy.RUNNING_GRACE_S),
-            ).fetchall()
+        rows = self._read(
+            "SELECT id, status, created_at, deadline FROM jobs WHERE deadline IS NOT NULL AND "
+            "((status = 'queued' AND deadline < ?) OR (status = 'running' AND deadline < ?))",
+            (now, now - policy.RUNNING_GRACE_S))
+        if time.monotonic() - self._events_pruned > EVENTS_PRUNE_S:
+            self._events_pruned = time.monotonic()
+            with self._write():
+                self._db.execute("DELETE FROM events WHERE at < ?", (now - EVENTS_KEEP_S,))
+                self._db.execute("DELETE FROM workers WHERE expires < ?", (now,))
         return [self.fail(r["id"], policy.timed_out(r["deadline"] - r["created_at"], r["status"]), "timeout")
                 for r in rows]
 
     def prune(self, finished_before: float, limit: int = 1000) -> int:
         with self._write():
-            return self._db.execute(
-                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ? "
-                f"AND status IN ({_FINAL}) LIMIT ?)", (finished_before, limit)).rowcount
-
-    def _publish(self, kind: str, job: Job) -> None:
-        self.events.publish(job.id, job_event(kind, job))
-
+            ids = [r["id"] for r in self._db.execute(
+                f"SELECT id FROM jobs WHERE finished_at < ? AND status IN ({_FINAL}) LIMIT ?",
+                (finished_before, limit)).fetchall()]
+            marks = ",".join("?" * len(ids))
+            self._db.execute(f"DELETE FROM events WHERE job_id IN ({marks})", ids)
+            return self._db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids).rowcount

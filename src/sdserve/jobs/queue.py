@@ -1,11 +1,12 @@
-"""The job queue and job store interface. Embedded: `jobs.local` (SQLite). Scale-out: `jobs.redis` (sorted sets,
+"""The job queue and job store interface. Embedded: `jobs.local` (SQLite, the processes of one host). Scale-out: `jobs.redis` (sorted sets,
 Lua scripts for the atomic steps, and a Redis Stream of events per job).
 
 Order is priority first (higher first), then, across callers, fair share (jobs/fairshare.py), and within
 one caller first-in-first-out. A claimed job is `running`;
 a job's end is recorded once: finishing a job that already ended changes nothing and returns it.
-if the process dies, `recover()` on the next start puts it back in the queue, up to
-`MAX_ATTEMPTS` tries, after which it fails with its reason.
+A claimed job is leased to its worker, which renews the lease while it runs; if the worker dies, `recover()`
+(from `expire()`, which every API process and worker calls periodically) puts the job back in the queue, up to
+`MAX_ATTEMPTS` deliveries, after which it fails with its reason.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class SharedState(Protocol):
     def workers(self) -> list[dict[str, Any]]:
         """The live workers, each with its `last_heartbeat` (unix time)."""
 
+    def drop_worker(self, name: str) -> None:
+        """A worker is gone (it stopped, or its supervisor saw it die): no longer listed, before its ttl."""
+
 
 class JobQueue(SharedState, Protocol):
     """The job store. Each backend also holds the shared state (`SharedState`), in the same database."""
@@ -154,7 +158,7 @@ class JobQueue(SharedState, Protocol):
         `worker`."""
 
     def heartbeat(self, job_ids: Sequence[str]) -> None:
-        """Extend the lease of jobs this worker is running (a no-op where leases do not apply)."""
+        """Extend the lease of jobs this worker is running."""
 
     def canceled(self, job_ids: Sequence[str]) -> set[str]:
         """Those of these running jobs whose cancellation was requested (one round trip)."""

@@ -701,6 +701,13 @@ class RedisJobQueue(JobEnds):
                 pipe.execute()
             return sorted((json.loads(v) for v in self.client.hvals(f"{self.p}workers")), key=lambda w: w["name"])
 
+    def drop_worker(self, name: str) -> None:
+        with self._redis():
+            pipe = self.client.pipeline()
+            pipe.zrem(f"{self.p}workers:seen", name)
+            pipe.hdel(f"{self.p}workers", name)
+            pipe.execute()
+
     def _fields(self, job_ids: Sequence[str], field: str) -> list[str | None]:
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
