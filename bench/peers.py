@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -65,7 +66,9 @@ def _launch(system: str, model: str, port: int, work: Path) -> tuple[subprocess.
     if system == "sdserve":
         cmd = [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(work / f"sdserve-{port}"), "--model", model]
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), base + "/api/v1/generate", "/readyz"
+        # its own session, as the peers: the engine processes it starts are stopped with it
+        return (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True),
+                base + "/api/v1/generate", "/readyz")
     script = {"fastapi-1t": "fastapi_loop.py", "fastapi-2t": "fastapi_loop.py", "litserve": "litserve_app.py",
               "ray": "ray_app.py"}[system]
     env["PEER_THREADS"] = "1" if system == "fastapi-1t" else "2"
@@ -159,15 +162,31 @@ def measure(system: str, model: str, levels: list[int], requests: int, size: int
         return {"system": system, "levels": [_level(url, system, c, max(requests, 4 * c), size, steps, 0)
                                              for c in levels]}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM) if system != "sdserve" else proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL) if system != "sdserve" else proc.kill()
+        stop(proc)
         if system == "ray":
             subprocess.run([str(PEERS_DIR / "ray" / "bin" / "ray"), "stop", "--force"], capture_output=True,
                            env={**os.environ, "PYTHONPATH": str(PEERS_DIR / "ray")})
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group (its workers, engine processes, Ray's raylets), then SIGKILL to
+    what is left of it, so that no process of one pass competes with the next."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- the comparison
@@ -267,10 +286,10 @@ PROFILE_RULES = (
 )
 
 
-def profile(args, seconds: float = 15) -> dict:
-    """One client against `sdserve serve`, sampled by py-spy from outside (200 Hz, idle included): the runner
-    thread's time by phase, and each job's queue wait and run time against the client's latency (the rest is
-    HTTP and the hand-over between threads)."""
+def profile(args, clients: int = 1, seconds: float = 15) -> dict:
+    """`clients` closed-loop clients against `sdserve serve`, sampled by py-spy from outside (200 Hz, idle included,
+    the engine processes too): the runner thread's time by phase, and each job's queue wait and run time against
+    the client's latency (the rest is HTTP and the hand-over between processes)."""
     from datetime import datetime
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -280,32 +299,33 @@ def profile(args, seconds: float = 15) -> dict:
     raw = work / "profile.txt"
     try:
         _wait_ready(proc, port, probe, work, "sdserve")
-        with httpx.Client(timeout=120) as c:
-            for seed in range(12):  # warm-up, and the thread count measured
-                c.post(url, json=_body("sdserve", seed, args.size, args.steps)).raise_for_status()
-            latencies, jobs = [], []
-            stop = threading.Event()
+        _level(url, "sdserve", clients, 4 * clients, args.size, args.steps, 10_000)  # warm-up: batch shapes
+        latencies, jobs = [], []
+        stop_clients = threading.Event()
 
-            def client() -> None:  # busy before the sampling starts and after it ends: no idle edges
-                while not stop.is_set():
+        def client(k: int) -> None:  # busy before the sampling starts and after it ends: no idle edges
+            with httpx.Client(timeout=120) as c:
+                while not stop_clients.is_set():
                     started = time.perf_counter()
-                    r = c.post(url, json=_body("sdserve", 100 + len(jobs), args.size, args.steps))
+                    r = c.post(url, json=_body("sdserve", 1000 * k + len(jobs), args.size, args.steps))
                     latencies.append(time.perf_counter() - started)
                     jobs.append(r.headers["X-Job-Id"])
 
-            loop = threading.Thread(target=client)
+        loops = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for loop in loops:
             loop.start()
-            time.sleep(1)
-            subprocess.run([spy, "record", "--pid", str(proc.pid), "--rate", "200", "--duration", str(int(seconds)),
-                            "--idle", "--threads", "--format", "raw", "-o", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
-            stop.set()
+        time.sleep(1)
+        subprocess.run([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--rate", "200", "--duration",
+                        str(int(seconds)), "--idle", "--threads", "--format", "raw", "-o", str(raw)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        stop_clients.set()
+        for loop in loops:
             loop.join()
+        with httpx.Client(timeout=120) as c:
             records = [c.get(f"http://127.0.0.1:{port}/api/v1/jobs/{j}").json() for j in jobs]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop(proc)
 
     def seconds_between(job: dict, a: str, b: str) -> float:
         return datetime.fromisoformat(job[b]).timestamp() - datetime.fromisoformat(job[a]).timestamp()
@@ -313,20 +333,20 @@ def profile(args, seconds: float = 15) -> dict:
     phases: dict[str, int] = {}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if "sdserve-runner" not in stack.split(";")[0]:
+        if "sdserve-runner" not in stack:  # the runner thread (of each engine process)
             continue
         phase = next((name for name, marks in PROFILE_RULES if any(m in stack for m in marks)), "other")
         phases[phase] = phases.get(phase, 0) + int(count)
     total = sum(phases.values()) or 1
     result = {
-        "requests": len(jobs), "latency_p50_ms": statistics.median(latencies) * 1000,
+        "clients": clients, "requests": len(jobs), "latency_p50_ms": statistics.median(latencies) * 1000,
         "queue_wait_p50_ms": statistics.median(seconds_between(j, "created_at", "started_at") for j in records) * 1000,
         "run_p50_ms": statistics.median(seconds_between(j, "started_at", "finished_at") for j in records) * 1000,
         "runner_thread_share": {k: v / total for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "note": "py-spy's sampling slows the process; shares matter, not the absolute times",
     }
     result["http_and_handover_p50_ms"] = result["latency_p50_ms"] - result["queue_wait_p50_ms"] - result["run_p50_ms"]
-    print(f"  profile, one client: latency p50 {result['latency_p50_ms']:.0f} ms = queue wait "
+    print(f"  profile, {clients} client(s): latency p50 {result['latency_p50_ms']:.0f} ms = queue wait "
           f"{result['queue_wait_p50_ms']:.1f} + run {result['run_p50_ms']:.0f} + HTTP and hand-over "
           f"{result['http_and_handover_p50_ms']:.1f}; runner thread: " + ", ".join(
               f"{k} {v:.1%}" for k, v in result["runner_thread_share"].items()), flush=True)
@@ -387,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sdserve beside its peers on {results['machine']['label']}", flush=True)
     results["peers"] = peers(args)
     if not args.no_profile:
-        results["profile_one_client"] = profile(args)
+        results["profiles"] = {str(c): profile(args, c) for c in (1, 16)}
     name = args.name or "peers-" + results["machine"]["label"].lower().replace(" ", "-").replace(",", "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))

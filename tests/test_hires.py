@@ -79,7 +79,8 @@ def test_max_steps_bounds_the_hires_pass_too(models_dir, tmp_path):
     from sdserve.core import RequestRejected
     from sdserve.service import Service
 
-    service = Service(Settings(data_dir=tmp_path, models_dir=models_dir, models=["tiny"], device="cpu", max_steps=10))
+    service = Service(Settings(data_dir=tmp_path, models_dir=models_dir, models=["tiny"], device="cpu", max_steps=10),
+                      "worker")
     service.validate(GenerationRequest(prompt="x", steps=10, hires=Hires(scale=2, steps=10)))
     with pytest.raises(RequestRejected, match="hires steps 20 is over this server's limit of 10") as raised:
         service.validate(GenerationRequest(prompt="x", steps=10, hires=Hires(scale=2, steps=20)))

@@ -169,3 +169,58 @@ def test_sigterm_answers_waiting_synchronous_calls_503_and_ends_within_its_grace
             assert len(stored_at_exit) == (1 if done_before_exit else 0), (ended, stored_at_exit)
     finally:
         restarted.terminate()
+
+
+def test_a_killed_engine_process_is_restarted_and_its_jobs_run_again_once(models_dir, tmp_path):
+    """`serve` runs its engine in a process of its own: kill -9 it mid-batch and the server says why it is not
+    ready, restarts it, and the jobs it held run again, each ending once, with each image stored once; jobs
+    queued meanwhile are kept. The API process itself never stops answering."""
+    import os
+    import signal
+    import sqlite3
+
+    server = ServerProcess(models_dir, tmp_path).start()
+    try:
+        with server.client() as c:
+            held = c.post("/api/v1/jobs", json={**BLOCKER, "prompt": "held", "steps": 30, "n": 2}).json()["id"]
+            wait_for(c, held, ("running",), predicate=lambda j: j["step"] >= 1)
+            queued = c.post("/api/v1/jobs", json={"prompt": "queued", "steps": 2}).json()["id"]
+            [engine] = c.get("/api/v1/workers").json()
+            assert engine["pid"] != server.proc.pid and engine["batch"] == [held]
+            os.kill(engine["pid"], signal.SIGKILL)
+            reason = until(lambda: (r := c.get("/readyz")).status_code == 503 and r.json()["reason"],
+                           "readiness never said the engine died", 120, server)
+            assert "killed by SIGKILL" in reason and "restarting" in reason
+            assert c.post("/api/v1/jobs", json={"prompt": "meanwhile", "steps": 2}).status_code == 202
+            until(lambda: c.get("/readyz").status_code == 200, "the engine never came back", 300, server)
+            [restarted] = c.get("/api/v1/workers").json()
+            assert restarted["pid"] not in (engine["pid"], server.proc.pid)
+            job = wait_for(c, held)
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            assert wait_for(c, queued)["status"] == "succeeded"
+        assert len(list(tmp_path.rglob(f"{held}-*"))) == 2  # its two images, each stored once
+        with sqlite3.connect(tmp_path / "jobs.db") as db:
+            kinds = [row[0] for row in db.execute(
+                "SELECT json_extract(data, '$.type') FROM events WHERE job_id = ? AND "
+                "json_extract(data, '$.type') != 'progress' ORDER BY id", (held,))]
+        assert kinds == ["queued", "started", "started", "succeeded"], kinds
+    finally:
+        server.terminate()
+
+
+def test_engine_processes_split_the_cpu_and_share_the_queue(models_dir, tmp_path):
+    """--workers 2: two engine processes, listed with their own pids, each taking jobs from the one queue."""
+    server = ServerProcess(models_dir, tmp_path, "--workers", "2", "--max-batch", "1").start()
+    try:
+        with server.client() as c:
+            until(lambda: sum(w["ready"] for w in c.get("/api/v1/workers").json()) == 2, "two ready engines", 300,
+                  server)
+            workers = c.get("/api/v1/workers").json()
+            assert len({w["pid"] for w in workers}) == 2 and server.proc.pid not in {w["pid"] for w in workers}
+            ids = [c.post("/api/v1/jobs", json={"prompt": f"p{i}", "steps": 6, "seed": i}).json()["id"]
+                   for i in range(8)]
+            jobs = [wait_for(c, job_id) for job_id in ids]
+            assert all(j["status"] == "succeeded" for j in jobs)
+            assert {j["worker"] for j in jobs} == {w["name"] for w in workers}
+    finally:
+        server.terminate()

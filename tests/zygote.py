@@ -36,23 +36,14 @@ PR_SET_CHILD_SUBREAPER = 36
 # ----- the zygote process ------------------------------------------------------------------------------------------
 def _preload() -> None:
     """What a serve or worker process imports before its first job (measured: a load adds only a few modules)."""
-    import torch  # noqa: F401
-    from diffusers import (  # noqa: F401
-        AutoPipelineForImage2Image,
-        AutoPipelineForInpainting,
-        AutoPipelineForText2Image,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+    from sdserve.engine import preload
 
+    preload()
     import sdserve.api.app  # noqa: F401
     import sdserve.cli  # noqa: F401
-    import sdserve.engine.models  # noqa: F401
-    import sdserve.engine.pipeline  # noqa: F401
     import sdserve.jobs.local  # noqa: F401
     import sdserve.jobs.redis  # noqa: F401
-    import sdserve.jobs.runner  # noqa: F401
-    import sdserve.service  # noqa: F401
+    import sdserve.supervisor  # noqa: F401
 
 
 def _serve(sock: socket.socket) -> dict:

@@ -278,13 +278,16 @@ def serve(
     storage: StorageURL = None,
     public_url: PublicURL = None,
     allowed_hosts: AllowedHosts = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="Engine processes: 0 (default) is one per visible GPU, each pinned to its own, and one on "
+        "CPU; on a CPU, N processes split the cores. [env: SDSERVE_WORKERS]")] = None,
     sagemaker: Annotated[
         Optional[bool],
         typer.Option("--sagemaker/--no-sagemaker", help="SageMaker container mode: bind 0.0.0.0:$SAGEMAKER_BIND_TO_PORT "
                      "(else 8080), model from /opt/ml/model. [env: SDSERVE_SAGEMAKER]"),
     ] = None,
 ) -> None:
-    """Serve the web UI and every API, with the runner, in one process."""
+    """Serve the web UI and every API, with its engine processes, on one host."""
     settings = _settings(
         host=host, port=port, models=model or None, models_dir=models_dir, data_dir=data_dir, device=device,
         api_keys=api_key or None, api_auth=api_auth, max_queue=max_queue, max_work=max_work, allow_pickle=allow_pickle,
@@ -293,6 +296,7 @@ def serve(
         images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, moderation=moderation,
         safety_checker=safety_checker, blocklist=blocklist, keep_jobs_days=keep_jobs_days,
         keep_images_days=keep_images_days, public_url=public_url, allowed_hosts=allowed_hosts or None,
+        workers=workers,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
@@ -340,13 +344,19 @@ def api(
 
 
 def _serve_http(settings: Settings, role: str) -> None:
+    supervisor = None
+    if role == "serve":  # the engine processes' launcher is forked first, while this process has one thread
+        from sdserve.supervisor import Supervisor
+
+        supervisor = Supervisor(settings)
+
     import uvicorn
 
     from sdserve.api.app import create_app
     from sdserve.service import Service
 
     try:
-        fastapi_app = create_app(settings, Service(settings, role))  # type: ignore[arg-type]
+        fastapi_app = create_app(settings, Service(settings, role, supervisor))  # type: ignore[arg-type]
     except ValueError as exc:  # a bad --storage URL, an unknown --optimize name, no shared queue, ...
         _fail(str(exc))
     service = fastapi_app.state.service
@@ -367,6 +377,7 @@ def _serve_http(settings: Settings, role: str) -> None:
                   f"{', '.join(settings.models) or 'as the workers publish'}; queue: {settings.queue or 'sqlite'}; "
                   f"images: {service.images.location}; auth: {auth})")
     Server(config).run()
+    service.shutdown()  # waits for the engine processes (begun by the signal), so none outlives the server
 
 
 @app.command()
@@ -392,10 +403,7 @@ def worker(
     host: Annotated[Optional[str], typer.Option(help="Address for --metrics-port. [env: SDSERVE_HOST]")] = None,
 ) -> None:
     """A GPU worker: takes jobs from the shared queue and runs them; no public HTTP. One per GPU."""
-    import signal
-    import threading
-
-    from sdserve.service import Service
+    from sdserve.supervisor import run_worker
 
     settings = _settings(
         models=model or None, models_dir=models_dir, data_dir=data_dir, device=device, queue=queue, storage=storage,
@@ -404,30 +412,9 @@ def worker(
         safety_checker=safety_checker,
     )
     try:
-        service = Service(settings, "worker")
+        run_worker(settings, settings.metrics_port)
     except ValueError as exc:
         _fail(str(exc))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    service.start()
-    probe = None
-    if settings.metrics_port:
-        import uvicorn
-
-        from sdserve.api.app import create_ops_app
-
-        probe = uvicorn.Server(uvicorn.Config(create_ops_app(service), host=settings.host, port=settings.metrics_port,
-                                              log_level="warning", access_log=False))
-        probe.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # signals stay ours
-        threading.Thread(target=probe.run, name="sdserve-probe", daemon=True).start()
-    console.print(f"sdserve worker {service.runner.name} (queue: {settings.queue or 'sqlite'}; images: "
-                  f"{service.images.location}; model: {settings.models[0] if settings.models else '-'})")
-    stop.wait()
-    # SIGTERM: finish the running batch within the grace period, else hand it back to the queue.
-    service.shutdown()
-    if probe is not None:
-        probe.should_exit = True
 
 
 def _sagemaker_defaults(settings: Settings, *, host_given: bool, port_given: bool, model_given: bool) -> None:

@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     queue: str | None = None
     # Redis key prefix: deployments sharing one Redis keep apart. KEDA's trigger reads the stream <prefix>demand.
     queue_prefix: str = Field("sdserve:", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9:_.-]+$")
-    lease_s: float = Field(30.0, ge=1, le=3600, description="How long a silent worker keeps its jobs (Redis).")
+    lease_s: float = Field(30.0, ge=1, le=3600, description="How long a silent worker keeps its jobs.")
+    # sdserve serve: engine processes (0: one per visible GPU, else one), each pinned to its own GPU.
+    workers: int = Field(0, ge=0, le=64, description="sdserve serve: engine processes; 0: one per GPU, one on CPU.")
     name: str | None = Field(None, description="This worker's name in job records; default hostname-pid.")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="sdserve worker: probe and metrics port.")
     # Where images live: file:///path (default: <data dir>/images) or s3://bucket/prefix?endpoint_url=&region=

@@ -4,9 +4,9 @@ It wires the queue, the image store, the model catalog and (except in the `api` 
 its runner together. Dialects translate their request into a `GenerationRequest` and call `submit`;
 synchronous endpoints then `wait`.
 
-Roles: `serve` (HTTP and a runner in one process), `api` (HTTP only: no engine, neither torch nor
-diffusers is imported, no model files; models come from `catalog.SharedCatalog`) and `worker` (a runner
-and no public HTTP).
+Roles: `api` (HTTP only: no engine, neither torch nor diffusers is imported; models come from
+`catalog.SharedCatalog`), `worker` (a runner and no public HTTP) and `serve`, which is `api` plus the engine
+processes it supervises (supervisor.py), each a `worker` on the same embedded job store.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from sdserve.storage import ImageStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from sdserve.jobs.runner import Runner
+    from sdserve.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def open_queue(settings: Settings) -> JobQueue:
         from sdserve.jobs.local import SQLiteJobQueue
 
         return SQLiteJobQueue(Path(url.removeprefix("sqlite://")), max_queue=settings.max_queue,
-                              default_timeout_s=settings.job_timeout_s)
+                              default_timeout_s=settings.job_timeout_s, lease_s=settings.lease_s)
     if scheme in ("redis", "rediss", "unix"):
         from sdserve.jobs.redis import RedisJobQueue
 
@@ -121,13 +122,14 @@ def open_queue(settings: Settings) -> JobQueue:
 
 
 class Service:
-    def __init__(self, settings: Settings, role: Role = "serve") -> None:
+    def __init__(self, settings: Settings, role: Role, supervisor: Supervisor | None = None) -> None:
         self.settings = settings
         self.role = role
+        self.supervisor = supervisor  # `serve`: the engine processes
         self.limits = Limits(settings.max_size, settings.max_steps, settings.max_images)
         self.queue: JobQueue = open_queue(settings)
         self.shared: SharedState = self.queue  # the same database; the dialects' state needs only this part
-        if role != "serve" and not self.queue.shared:
+        if not self.queue.shared:
             raise ValueError(f"sdserve {role} needs a queue other processes share: --queue redis://host:port/db")
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.blocklist = Blocklist.load(settings.blocklist)
@@ -138,7 +140,9 @@ class Service:
             Rate(settings.images_per_minute / 60, settings.images_per_minute) if settings.images_per_minute else None,
         )
         self.runner: Runner | None = None
-        if role == "api":
+        if role != "worker":
+            self.queue.events.add_listener(self._writes_failed)
+        if role in ("api", "serve"):
             self.models: ModelCatalog = SharedCatalog(self.shared, settings.models, settings.allow_pickle)
             self.loras = addons.loras(settings.models_dir)  # listing only: the workers load them
             self.vaes = addons.vaes(settings.models_dir)
@@ -217,8 +221,24 @@ class Service:
         self._reaper.start()
         if self.role != "worker":  # the API side keeps history bounded; workers only make images
             self._pruner.start()
+        if self.supervisor is not None:  # the engine processes start beside the API, which listens meanwhile
+            threading.Thread(target=self._start_engines, name="sdserve-engines", daemon=True).start()
         if not self._connect():
             threading.Thread(target=self._keep_connecting, name="sdserve-connect", daemon=True).start()
+
+    def _writes_failed(self, event: Event) -> None:
+        """A worker could not store a job's images (a full disk, a refused write): this API process refuses
+        submissions too (507/503) until its own write probe of the stores passes again."""
+        if event.get("type") == "failed" and event.get("error_kind") == "storage":
+            self.health.failed(event.get("error") or "the image store refused a write", full=True)
+
+    def _start_engines(self) -> None:
+        assert self.supervisor is not None
+        try:
+            self.supervisor.start(self.shared)
+        except Exception as exc:
+            log.exception("cannot start the engine processes")
+            self.waiting_for = f"the engine processes, which could not start: {exc}"
 
     def _connect(self) -> bool:
         """Reach the image store, recover what the last run left running, then take jobs: False while either
@@ -292,6 +312,8 @@ class Service:
             self._stopped.set()
             if self.runner is not None:
                 self.runner.stop(self.settings.shutdown_grace_s)
+            if self.supervisor is not None:
+                self.supervisor.stop(self.settings.shutdown_grace_s)
 
     def _reap(self) -> None:
         """Timeouts hold whether or not a runner is alive (its model failed to load, it is stuck, ...)."""
@@ -346,6 +368,10 @@ class Service:
             return False, f"model failed to load: {self.runner.load_error}"
         if self.runner is not None and not self.runner.ready:
             return False, f"loading model {self.settings.models[0] if self.settings.models else ''}".strip()
+        if self.supervisor is not None:
+            engines_ready, reason = self.supervisor.readiness()
+            if not engines_ready:
+                return False, reason
         if not self.queue.accepting:
             return False, "shutting down: not accepting new jobs"
         try:
@@ -399,11 +425,9 @@ class Service:
     def live_workers(self) -> int:
         return len(self.shared.workers())
 
-    def observe(self, on_event: Callable[[Event], None], on_batch: Callable[[int], None]) -> None:
-        """Metrics: every job event this process sees, and the images of each batch its runner computes."""
+    def observe(self, on_event: Callable[[Event], None]) -> None:
+        """Metrics: every job event this process sees."""
         self.queue.events.add_listener(on_event)
-        if self.runner is not None:
-            self.runner.on_batch = on_batch
 
     def workers(self, caller: Caller) -> list[dict]:
         """The live workers; each one's current batch shows only the caller's own jobs."""
@@ -477,7 +501,7 @@ class Service:
         wanted += [(self.controlnets, control.model_name(unit.model), f"controlnet.{i}.model")
                    for i, unit in enumerate(request.controlnet)]
         for catalog_, name, field in wanted:
-            if not catalog_.folder.is_dir() and self.runner is None:
+            if not catalog_.folder.is_dir() and self.role == "api":
                 continue  # an API replica without the models folder: the workers check it when they load it
             try:
                 catalog_.get(name)

@@ -40,7 +40,7 @@ def _metrics(service: Service) -> Metrics:
         return value
 
     metrics = Metrics(queue_depth=measured(service.depth), live_workers=measured(service.live_workers))
-    service.observe(metrics.on_event, metrics.batch_images.observe)
+    service.observe(metrics.on_event)
     return metrics
 
 

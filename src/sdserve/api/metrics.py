@@ -51,6 +51,7 @@ class Metrics:
                                registry=self.registry)
         self.batch_images = Histogram("sdserve_batch_images", "Images per UNet pass (dynamic batching)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self._batches: dict[str, None] = {}  # the batches seen lately (their jobs each start one event)
         self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect and caller label",
                                  ["source", "label"], registry=self.registry)
 
@@ -62,6 +63,11 @@ class Metrics:
             return
         if kind == "started":
             self.queue_seconds.observe(_seconds(event["created_at"], event["started_at"]))
+            if event.get("batch_id") and event["batch_id"] not in self._batches:  # a batch's first job: its size
+                self._batches[event["batch_id"]] = None
+                self.batch_images.observe(event.get("batch_images") or 1)
+                if len(self._batches) > 1024:
+                    self._batches.pop(next(iter(self._batches)))
             return
         if kind not in END_EVENTS:
             return

@@ -9,3 +9,21 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def preload() -> None:
+    """Import what an engine process needs before its first job (torch, diffusers' pipelines: most of a worker's
+    start), so that processes forked from this one start in the time of a model load."""
+    import torch  # noqa: F401
+    from diffusers import (  # noqa: F401
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    import sdserve.engine.models  # noqa: F401
+    import sdserve.engine.pipeline  # noqa: F401
+    import sdserve.jobs.runner  # noqa: F401
+    import sdserve.service  # noqa: F401

@@ -1,9 +1,13 @@
-"""The runner: one thread per device owns the pipeline, takes batches from the queue and runs them.
+"""The runner: one thread per engine process owns the pipeline, takes batches from the queue and runs them.
 
-Generation happens here, never on the HTTP event loop. Each denoising step reports progress
-and is where cancellation, timeouts and shutdown are checked. A job canceled or timed out in
-the middle of a batch is dropped at that step (it ends at once, and its images are never
-stored); its companions run on.
+Each denoising step reports progress and is where cancellation, timeouts and shutdown are checked. A job
+canceled or timed out in the middle of a batch is dropped at that step (it ends at once, and its images are
+never stored); its companions run on.
+
+What needs no tensor is off the runner thread: once a batch's images exist, a finisher thread encodes the PNGs
+(with their infotext), has them moderated and stored, and records each job's end, while the runner claims and
+computes the next batch. The batch's leases are held until its finisher is done; the finisher is at most one
+batch behind (the runner waits for it rather than pile up images).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import enum
 import errno
 import logging
 import math
+import os
+import queue as queues
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TypeVar
 
 from PIL import Image
@@ -162,7 +168,9 @@ class Runner:
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdserve-runner", daemon=True)
-        self.on_batch: Callable[[int], None] | None = None  # told the images of each batch (metrics)
+        # Batches whose images are made, for the finisher: (finish, the batch's leases to release after it).
+        self._finishing: queues.Queue[tuple[Callable[[], None], ExitStack] | None] = queues.Queue(maxsize=1)
+        self._finisher = threading.Thread(target=self._finish_loop, name="sdserve-finisher", daemon=True)
         # Publishes this worker's models; called between batches every heartbeat_s. The worker counts as ready
         # once its default model has loaded and a call succeeded.
         self.on_ready: Callable[[], None] | None = None
@@ -173,18 +181,40 @@ class Runner:
         return self.state is RunnerState.ready
 
     def start(self) -> None:
+        self._finisher.start()
         self._thread.start()
 
     def stop(self, grace_s: float = 25.0) -> None:
-        """Finish the running batch (within `grace_s`, else stop it and requeue), then exit."""
+        """Finish the running batch (within `grace_s`, else stop it and requeue) and store what is made, then exit."""
         self._stopping.set()
         if not self._thread.is_alive():  # never started (the job store never answered), or ended
             return
+        started = time.monotonic()
         self._thread.join(grace_s)
         if self._thread.is_alive():
             self._abort.set()
             self._thread.join(30)
+        self._finishing.put(None)
+        self._finisher.join(max(1.0, grace_s - (time.monotonic() - started)))
+        if self._finisher.is_alive():
+            self._abort.set()  # the image store is away: what is not stored fails now, rather than hold the exit
+            self._finisher.join(30)
 
+    def _finish_loop(self) -> None:
+        while True:
+            item = self._finishing.get()
+            if item is None:
+                return
+            finish, leases = item
+            try:
+                finish()
+            except _LeftToLeases:
+                log.warning("job store away for over %.0f s while storing a batch: its jobs are left to their "
+                            "leases, to run again once it is back", QUEUE_RETRY_S)
+            except Exception:
+                log.exception("finishing a batch failed")
+            finally:
+                leases.close()
     def _warm_up(self) -> None:
         """Load the default model. If it fails, keep running: the model is listed as failed with the reason,
         jobs on it are refused, other models' jobs run, and this is tried again every WARM_UP_RETRY_S (at no
@@ -261,7 +291,8 @@ class Runner:
             if self.state is RunnerState.loaded:
                 self.state = RunnerState.ready
         self.queue.register_worker({
-            "name": self.name, "model": self.default_model, "device": self.engine.device, "ready": self.ready,
+            "name": self.name, "pid": os.getpid(), "model": self.default_model, "device": self.engine.device,
+            "ready": self.ready,
             "state": self.state.value,
             "load_error": self.load_error, "batch": list(self._batch), "max_batch": self.max_batch,
         }, ttl_s=3 * self.heartbeat_s)
@@ -283,8 +314,8 @@ class Runner:
 
     @contextmanager
     def _leased(self, jobs: Sequence[Job]) -> Iterator[None]:
-        """While a batch runs, and its images are stored: heartbeat its leases (steps can be slow, loads
-        slower) and show it in this worker's registration."""
+        """While a batch runs, and until its images are stored: heartbeat its leases (steps can be slow, loads
+        slower). Entered on the runner thread, left on the finisher's."""
         done = threading.Event()
         ids = [job.id for job in jobs]
 
@@ -300,22 +331,12 @@ class Runner:
                 except Exception:
                     log.exception("heartbeat failed")
 
-        self._batch = ids
-        try:
-            self._register()
-        except StorageError as exc:  # the heartbeat tries again; the batch runs either way
-            self.health.failed(str(exc), full=exc.full)
         beater = threading.Thread(target=heartbeat, name="sdserve-heartbeat", daemon=True)
         beater.start()
         try:
             yield
         finally:
             done.set()
-            self._batch = []
-            try:
-                self._register()  # idle again: other workers' shares count this one (batcher.fair_share)
-            except StorageError as exc:
-                self.health.failed(str(exc), full=exc.full)
 
     def _keep(self, job: Job, i: int, generated: GeneratedImage, png: bytes, verdict: Verdict) -> ImageRef:
         """Store an image moderation allowed; one it blocked is never stored, only recorded as blocked."""
@@ -354,16 +375,36 @@ class Runner:
             outage.record(call, *args)
         ends.clear()
 
+    def _showing(self, ids: list[str]) -> None:
+        """This worker's registration shows the batch it computes (GET /api/v1/workers); empty: idle, so other
+        workers' shares count this one (batcher.fair_share)."""
+        self._batch = ids
+        try:
+            self._register()
+        except StorageError as exc:  # the heartbeat tries again; the batch runs either way
+            self.health.failed(str(exc), full=exc.full)
+
     def _run(self, jobs: Sequence[Job]) -> None:
         outage = _Outage(self.health, self._stopping, leases=self.queue.shared)
+        leases = ExitStack()
+        leases.enter_context(self._leased(jobs))
+        finish = None
+        self._showing([job.id for job in jobs])
         try:
-            with self._leased(jobs):
-                self._run_leased(jobs, outage)
+            finish = self._run_leased(jobs, outage)
         except _LeftToLeases:
             log.warning("job store away for over %.0f s: jobs %s are left to their leases, to run again once it "
                         "is back", QUEUE_RETRY_S, [job.id for job in jobs])
+        finally:
+            if finish is None:
+                leases.close()
+            self._showing([])
+        if finish is not None:
+            self._finishing.put((finish, leases))  # waits while the finisher is a whole batch behind
 
-    def _run_leased(self, jobs: Sequence[Job], outage: _Outage) -> None:
+    def _run_leased(self, jobs: Sequence[Job], outage: _Outage) -> Callable[[], None] | None:
+        """Compute the batch; returns what is left to do with its images (for the finisher), or None when every
+        job's end is already recorded."""
         # Unreadable now (the store away): no deadline here; the reaper still enforces them once it is back.
         deadlines = outage.attempt(self.queue.deadlines, [job.id for job in jobs], default={})
         batch_id = jobs[0].batch_id
@@ -371,8 +412,6 @@ class Runner:
         unrecorded: list[tuple[Callable[..., object], tuple[object, ...]]] = []  # ends the store missed, for later
         started = time.monotonic()
         steps_done = 0
-        if self.on_batch is not None:
-            self.on_batch(batcher.images_in(jobs))
 
         def on_step(step: int, steps: int) -> None:
             nonlocal steps_done
@@ -445,8 +484,10 @@ class Runner:
             if len(jobs) > 1:
                 # One bad request must not fail its companions: run each alone to find it.
                 for job in live():
-                    self._run_leased([job], outage)
-                return
+                    finish = self._run_leased([job], outage)
+                    if finish is not None:
+                        finish()
+                return None
             for job in live():
                 outage.record(self.queue.fail, job.id, str(exc), "invalid")
             return
@@ -455,15 +496,21 @@ class Runner:
             for job in live():
                 outage.record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
-        self._record_all(outage, unrecorded)
         self._last_batch = (batcher.images_in(jobs), generated_at)
         elapsed = time.monotonic() - started
+        return lambda: self._finish_batch(jobs, results, dropped, unrecorded, outage, elapsed, steps_done)
+
+    def _finish_batch(self, jobs: Sequence[Job], results: list[list[GeneratedImage]], dropped: set[str],
+                      unrecorded: list[tuple[Callable[..., object], tuple[object, ...]]], outage: _Outage,
+                      elapsed: float, steps_done: int) -> None:
+        """On the finisher thread: each job's PNGs, moderated and stored, and its end recorded."""
+        self._record_all(outage, unrecorded)
         if steps_done:
             # Seconds per denoising step of one image, so ETAs scale with queued work (skipped if the store is away).
             outage.attempt(self.queue.record_speed, elapsed / steps_done / max(1, batcher.images_in(jobs)),
                            default=None)
         canceled: set[str] = set()
-        outage.record(lambda: canceled.update(self.queue.canceled([job.id for job in live()])))
+        outage.record(lambda: canceled.update(self.queue.canceled([job.id for job in jobs if job.id not in dropped])))
         for job, generated in zip(jobs, results):
             if job.id in dropped or job.id in canceled:
                 if job.id not in dropped:
