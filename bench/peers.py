@@ -287,9 +287,11 @@ PROFILE_RULES = (
 
 
 def profile(args, clients: int = 1, seconds: float = 15) -> dict:
-    """`clients` closed-loop clients against `sdserve serve`, sampled by py-spy from outside (200 Hz, idle included,
-    the engine processes too): the runner thread's time by phase, and each job's queue wait and run time against
-    the client's latency (the rest is HTTP and the hand-over between processes)."""
+    """`clients` closed-loop clients against `sdserve serve`. First unsampled, for the times: each job's queue
+    wait (submitted in the API process, claimed in the engine's), run, and the rest of the client's latency (HTTP,
+    and the hand-over of the result from the engine process to the API's); of that rest, the part after the end was
+    recorded (`end_to_client`). Then sampled by py-spy from outside (200 Hz, idle included, the engine processes
+    too), for the runner thread's time by phase."""
     from datetime import datetime
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -297,38 +299,48 @@ def profile(args, clients: int = 1, seconds: float = 15) -> dict:
     port = free_port()
     proc, url, probe = _launch("sdserve", args.model, port, work)
     raw = work / "profile.txt"
+    samples: list[tuple[float, float, str]] = []  # (sent, answered) as unix times, job id
     try:
         _wait_ready(proc, port, probe, work, "sdserve")
         _level(url, "sdserve", clients, 4 * clients, args.size, args.steps, 10_000)  # warm-up: batch shapes
-        latencies, jobs = [], []
         stop_clients = threading.Event()
 
-        def client(k: int) -> None:  # busy before the sampling starts and after it ends: no idle edges
+        def client(k: int) -> None:
             with httpx.Client(timeout=120) as c:
+                n = 0
                 while not stop_clients.is_set():
-                    started = time.perf_counter()
-                    r = c.post(url, json=_body("sdserve", 1000 * k + len(jobs), args.size, args.steps))
-                    latencies.append(time.perf_counter() - started)
-                    jobs.append(r.headers["X-Job-Id"])
+                    sent = time.time()
+                    r = c.post(url, json=_body("sdserve", 1000 * k + n, args.size, args.steps))
+                    samples.append((sent, time.time(), r.headers["X-Job-Id"]))
+                    n += 1
 
-        loops = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        for loop in loops:
-            loop.start()
-        time.sleep(1)
-        subprocess.run([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--rate", "200", "--duration",
-                        str(int(seconds)), "--idle", "--threads", "--format", "raw", "-o", str(raw)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1)
-        stop_clients.set()
-        for loop in loops:
-            loop.join()
+        def load(sample: bool) -> None:
+            loops = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            for loop in loops:
+                loop.start()
+            if sample:  # busy before the sampling starts and after it ends: no idle edges
+                time.sleep(1)
+                subprocess.run([spy, "record", "--pid", str(proc.pid), "--subprocesses", "--rate", "200",
+                                "--duration", str(int(seconds)), "--idle", "--threads", "--format", "raw", "-o",
+                                str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+            else:
+                time.sleep(seconds)
+            stop_clients.set()
+            for loop in loops:
+                loop.join()
+            stop_clients.clear()
+
+        load(sample=False)
+        timed = list(samples)
+        load(sample=True)
         with httpx.Client(timeout=120) as c:
-            records = [c.get(f"http://127.0.0.1:{port}/api/v1/jobs/{j}").json() for j in jobs]
+            records = {j: c.get(f"http://127.0.0.1:{port}/api/v1/jobs/{j}").json() for _, _, j in timed}
     finally:
         stop(proc)
 
-    def seconds_between(job: dict, a: str, b: str) -> float:
-        return datetime.fromisoformat(job[b]).timestamp() - datetime.fromisoformat(job[a]).timestamp()
+    def at(job: dict, field: str) -> float:
+        return datetime.fromisoformat(job[field]).timestamp()
 
     phases: dict[str, int] = {}
     for line in raw.read_text().splitlines():
@@ -338,17 +350,21 @@ def profile(args, clients: int = 1, seconds: float = 15) -> dict:
         phase = next((name for name, marks in PROFILE_RULES if any(m in stack for m in marks)), "other")
         phases[phase] = phases.get(phase, 0) + int(count)
     total = sum(phases.values()) or 1
+    ms = lambda values: statistics.median(values) * 1000  # noqa: E731
+    jobs = [(sent, answered, records[j]) for sent, answered, j in timed]
     result = {
-        "clients": clients, "requests": len(jobs), "latency_p50_ms": statistics.median(latencies) * 1000,
-        "queue_wait_p50_ms": statistics.median(seconds_between(j, "created_at", "started_at") for j in records) * 1000,
-        "run_p50_ms": statistics.median(seconds_between(j, "started_at", "finished_at") for j in records) * 1000,
+        "clients": clients, "requests": len(jobs), "latency_p50_ms": ms([a - s for s, a, _ in jobs]),
+        "queue_wait_p50_ms": ms([at(j, "started_at") - at(j, "created_at") for _, _, j in jobs]),
+        "run_p50_ms": ms([at(j, "finished_at") - at(j, "started_at") for _, _, j in jobs]),
+        "end_to_client_p50_ms": ms([a - at(j, "finished_at") for _, a, j in jobs]),
         "runner_thread_share": {k: v / total for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
-        "note": "py-spy's sampling slows the process; shares matter, not the absolute times",
+        "note": "times unsampled; shares sampled by py-spy (which slows the process: shares matter there)",
     }
     result["http_and_handover_p50_ms"] = result["latency_p50_ms"] - result["queue_wait_p50_ms"] - result["run_p50_ms"]
     print(f"  profile, {clients} client(s): latency p50 {result['latency_p50_ms']:.0f} ms = queue wait "
           f"{result['queue_wait_p50_ms']:.1f} + run {result['run_p50_ms']:.0f} + HTTP and hand-over "
-          f"{result['http_and_handover_p50_ms']:.1f}; runner thread: " + ", ".join(
+          f"{result['http_and_handover_p50_ms']:.1f} (from the recorded end to the client "
+          f"{result['end_to_client_p50_ms']:.1f}); runner thread: " + ", ".join(
               f"{k} {v:.1%}" for k, v in result["runner_thread_share"].items()), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return result

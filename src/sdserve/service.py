@@ -577,9 +577,12 @@ class Service:
                 # between recording the end and publishing it) is still seen.
                 timeout = WAIT_POLL_S if given_up is None else max(0.1, min(WAIT_POLL_S, given_up - time.time()))
                 try:
-                    if (await asyncio.wait_for(events.get(), timeout))["type"] == _SHUTDOWN:
+                    event = await asyncio.wait_for(events.get(), timeout)
+                    if event["type"] == _SHUTDOWN:
                         raise ShuttingDown("the server is shutting down: this call's jobs are canceled; send it "
                                            "again shortly (another replica, or this one once it is back)")
+                    if event["type"] in END_EVENTS:  # the end's event holds the job as it ended: no read needed
+                        return Job.model_validate({k: v for k, v in event.items() if k not in ("type", "event_id")})
                 except asyncio.TimeoutError:
                     pass
                 try:

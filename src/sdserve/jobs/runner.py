@@ -97,9 +97,9 @@ class _Outage:
             self.since = now
             log.warning("job store unreachable during a batch; the batch goes on: %s", exc)
         self.health.failed(str(exc), full=exc.full)
-        self._within_bound()
+        self.within_bound()
 
-    def _within_bound(self) -> None:
+    def within_bound(self) -> None:
         if self.leases and self.since is not None and time.monotonic() - self.since > QUEUE_RETRY_S:
             raise _LeftToLeases()
 
@@ -112,7 +112,7 @@ class _Outage:
         """One try, or none during the backoff after a failure: `default` then (for what can be skipped, such as
         one step's progress)."""
         if time.monotonic() - self.last_failure < self.BACKOFF_S:
-            self._within_bound()
+            self.within_bound()
             return default
         try:
             result = call(*args)
@@ -142,6 +142,59 @@ class _Outage:
             return
 
 
+class _Reporter:
+    """A batch's progress, written by a thread of its own: each step hands its progress over and goes on at once,
+    and gets back what the last write found (jobs canceled or lost), so a cancel takes effect a step later. A
+    writer that falls behind writes only the latest step. On a GPU a step takes milliseconds: a write to the job
+    store on the runner thread would cost a share of each."""
+
+    def __init__(self, queue: JobQueue, outage: _Outage, batch_id: str | None) -> None:
+        self.queue, self.outage, self.batch_id = queue, outage, batch_id
+        self._lock = threading.Condition()
+        self._pending: tuple[list[str], int, int] | None = None
+        self._found = Stops(set(), set())
+        self._closed = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._write, name="sdserve-progress", daemon=True)
+        self._thread.start()
+
+    def report(self, job_ids: list[str], step: int, steps: int) -> Stops:
+        with self._lock:
+            self._pending = (job_ids, step, steps)
+            found, self._found = self._found, Stops(set(), set())
+            self._lock.notify_all()
+        return found
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                while self._pending is None and not self._closed:
+                    self._lock.wait()
+                if self._pending is None:
+                    return
+                pending, self._pending = self._pending, None
+                self._busy = True
+            try:
+                # The store away: this step's progress is skipped and the batch goes on (see _Outage).
+                stops = self.outage.attempt(self.queue.progress, *pending, self.batch_id,
+                                            default=Stops(set(), set()))
+            except Exception:  # the bound passed (_LeftToLeases) or worse: the runner thread finds out itself
+                stops = Stops(set(), set())
+            with self._lock:
+                self._found.canceled.update(stops.canceled)
+                self._found.lost.update(stops.lost)
+                self._busy = False
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """The batch's computation ended: the write under way completes, a pending one is dropped."""
+        with self._lock:
+            self._closed, self._pending = True, None
+            self._lock.notify_all()
+            while self._busy:
+                self._lock.wait()
+
+
 class Runner:
     def __init__(
         self, engine: Engine, queue: JobQueue, images: ImageStore, health: WriteHealth, *,
@@ -163,6 +216,7 @@ class Runner:
         self.state = RunnerState.loading
         # (images, when the engine finished it, before any of its clients was told): see _companions
         self._last_batch: tuple[int, float] | None = None
+        self._last_run_s: float | None = None  # how long the last batch's computation took
         self.load_error: str | None = None  # why the default model failed to load (state `failed`)
         self._warmed_at = -1e9
         self._stopping = threading.Event()
@@ -257,7 +311,7 @@ class Runner:
                 jobs = self.queue.claim(
                     select=select,
                     wait_s=0.25,
-                    linger_s=self.batch_wait_s if self.max_batch > 1 else 0.0,
+                    linger_s=batcher.linger_s(self.batch_wait_s, self._last_run_s) if self.max_batch > 1 else 0.0,
                     full=lambda chosen: batcher.images_in(chosen) >= enough[0],
                     worker=self.name,
                 )
@@ -271,7 +325,7 @@ class Runner:
                 time.sleep(0.5)
 
     def _companions(self, candidates: Sequence[Job]) -> int:
-        """How many images a batch may wait `--batch-wait-ms` to gather: as many as can come. Those of the last
+        """How many images a batch may wait (`batcher.linger_s`) to gather: as many as can come. Those of the last
         batch (its clients may send their next request as soon as they have their answer) plus those that
         arrived while it ran (other clients, out of step). A lone client's next job has no companion to wait
         for, so it runs at once; sixteen clients in step wait for each other. Before any batch: the most."""
@@ -412,6 +466,7 @@ class Runner:
         unrecorded: list[tuple[Callable[..., object], tuple[object, ...]]] = []  # ends the store missed, for later
         started = time.monotonic()
         steps_done = 0
+        reporter = _Reporter(self.queue, outage, batch_id)
 
         def on_step(step: int, steps: int) -> None:
             nonlocal steps_done
@@ -426,13 +481,12 @@ class Runner:
                     limit = deadline - job.created_at.timestamp()
                     ends.append((self.queue.fail, (job.id, policy.timed_out(limit, "running"), "timeout")))
                     dropped.add(job.id)
-            # The store away: this step's progress is skipped and the batch goes on (see _Outage).
-            stops = outage.attempt(self.queue.progress, [job.id for job in live()], step, steps, batch_id,
-                                   default=Stops(set(), set()))
-            for job_id in stops.lost:
+            outage.within_bound()  # the store away too long: the batch is left to its leases
+            stops = reporter.report([job.id for job in live()], step, steps)
+            for job_id in stops.lost - dropped:
                 log.info("job %s is no longer this batch's (it ended, or another worker holds it): dropped", job_id)
                 dropped.add(job_id)
-            for job_id in stops.canceled:
+            for job_id in stops.canceled - dropped:
                 dropped.add(job_id)
                 ends.append((self.queue.mark_canceled, (job_id,)))
             for call, args in ends:  # one try now; what the store missed is recorded after the batch
@@ -455,9 +509,12 @@ class Runner:
 
 
         try:
-            inputs = self._inputs(jobs)
-            results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs,
-                                      on_decode=on_decode)
+            try:
+                inputs = self._inputs(jobs)
+                results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs,
+                                          on_decode=on_decode)
+            finally:
+                reporter.close()  # no progress is written after this: the ends come next
             generated_at = time.time()  # before any client hears of its result (see _companions)
         except (_LeftToLeases, StorageError):
             raise
@@ -497,7 +554,7 @@ class Runner:
                 outage.record(self.queue.fail, job.id, f"generation failed: {type(exc).__name__}: {exc}", "internal")
             return
         self._last_batch = (batcher.images_in(jobs), generated_at)
-        elapsed = time.monotonic() - started
+        elapsed = self._last_run_s = time.monotonic() - started
         return lambda: self._finish_batch(jobs, results, dropped, unrecorded, outage, elapsed, steps_done)
 
     def _finish_batch(self, jobs: Sequence[Job], results: list[list[GeneratedImage]], dropped: set[str],
