@@ -4,7 +4,8 @@
   litserve                LitServe 0.2.19, max_batch_size=16, batch_timeout=0.02 (else its defaults), 2 threads
   ray                     Ray Serve 2.60, @serve.batch(16, 0.02) (else its defaults), 2 threads; inside a network
                           namespace with only loopback (`unshare --net`, root), as Ray listens on every interface
-  sdserve                 `sdserve serve` with its defaults
+  sdserve                 `sdserve serve` with its defaults (one engine process on a CPU, on every core)
+  sdserve-w2              `sdserve serve --workers 2`: two engine processes, each on half the cores
 
 Every system runs the same pipeline object type, loaded by sdserve's registry (the demo model unless --model),
 the same 64x64, 20-step DPM++ 2M requests and the same seeds; only the serving layer differs. Closed-loop HTTP
@@ -40,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS_DIR = ROOT / ".venv" / "peers"
 PACKAGES = {"litserve": "litserve==0.2.19", "ray": "ray[serve]==2.60.0"}
-SYSTEMS = ("fastapi-1t", "fastapi-2t", "litserve", "ray", "sdserve")
+SYSTEMS = ("fastapi-1t", "fastapi-2t", "litserve", "ray", "sdserve", "sdserve-w2")
 
 sys.path.insert(0, str(HERE))
 from run import RESULTS, free_port, machine, pct  # noqa: E402
@@ -63,9 +64,11 @@ def _launch(system: str, model: str, port: int, work: Path) -> tuple[subprocess.
            "TRANSFORMERS_VERBOSITY": "error"}
     log = (work / f"{system}-{port}.log").open("ab")
     base = f"http://127.0.0.1:{port}"
-    if system == "sdserve":
+    if system.startswith("sdserve"):
         cmd = [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(work / f"sdserve-{port}"), "--model", model]
+        if system == "sdserve-w2":
+            cmd += ["--workers", "2"]
         # its own session, as the peers: the engine processes it starts are stopped with it
         return (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True),
                 base + "/api/v1/generate", "/readyz")
@@ -82,7 +85,7 @@ def _launch(system: str, model: str, port: int, work: Path) -> tuple[subprocess.
 
 
 def _body(system: str, seed: int, size: int, steps: int) -> dict:
-    if system == "sdserve":
+    if system.startswith("sdserve"):
         return {"prompt": "a red circle", "seed": seed, "steps": steps, "width": size, "height": size,
                 "sampler": "DPM++ 2M"}
     return {"prompt": "a red circle", "seed": seed, "steps": steps, "size": size}
@@ -228,21 +231,29 @@ def peers(args) -> dict:
            for s, runs in passes.items()}
     batching = [s for s in ("litserve", "ray") if s in table]
     ceiling = compute_ceiling(args.model, levels, args.size, args.steps)
-    ratios = {}
-    for c in map(str, levels):
-        ratios[c] = {f"vs_{s}": table["sdserve"][c] / table[s][c] for s in table if s != "sdserve"}
-        bare = [s for s in ("fastapi-1t", "fastapi-2t") if s in table]
-        if bare:
-            ratios[c]["vs_best_bare_loop"] = table["sdserve"][c] / max(table[s][c] for s in bare)
-        ratios[c]["of_compute_ceiling"] = table["sdserve"][c] / ceiling[c]
-        if batching:
-            best = max(batching, key=lambda s: table[s][c])
-            ratios[c]["vs_best_batching_server"] = table["sdserve"][c] / table[best][c]
-            ratios[c]["best_batching_server"] = best
+    peers_only = [s for s in table if not s.startswith("sdserve")]
+
+    def ratios_of(ours: str) -> dict:
+        ratios = {}
+        for c in map(str, levels):
+            ratios[c] = {f"vs_{s}": table[ours][c] / table[s][c] for s in peers_only}
+            bare = [s for s in ("fastapi-1t", "fastapi-2t") if s in table]
+            if bare:
+                ratios[c]["vs_best_bare_loop"] = table[ours][c] / max(table[s][c] for s in bare)
+            ratios[c]["of_compute_ceiling"] = table[ours][c] / ceiling[c]
+            if batching:
+                best = max(batching, key=lambda s: table[s][c])
+                ratios[c]["vs_best_batching_server"] = table[ours][c] / table[best][c]
+                ratios[c]["best_batching_server"] = best
+        return ratios
+
+    ratios = ratios_of("sdserve")
+    more = {f"ratios_{s}": ratios_of(s) for s in table if s.startswith("sdserve-")}
     first = {s: runs[0]["levels"][0]["pixels"] for s, runs in passes.items()}
     return {"settings": {"model": args.model, "size": args.size, "steps": args.steps, "sampler": "DPM++ 2M",
                          "levels": levels, "passes": args.passes},
-            "images_per_s": table, "compute_ceiling_images_per_s": ceiling, "p50_s": p50, "ratios": ratios, "passes": passes,
+            "images_per_s": table, "compute_ceiling_images_per_s": ceiling, "p50_s": p50, "ratios": ratios, **more,
+            "passes": passes,
             "same_pixels": {s: first[s] == first["sdserve"] for s in first}}
 
 
@@ -441,9 +452,10 @@ def print_table(results: dict) -> None:
         print(f"| {system} | " + " | ".join(f"{row[str(c)]:.2f}" for c in levels) + " |")
     ceiling = r["compute_ceiling_images_per_s"]
     print("| compute ceiling (no server) | " + " | ".join(f"{ceiling[str(c)]:.2f}" for c in levels) + " |")
-    for c, ratio in r["ratios"].items():
-        print(f"{c} client(s): " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in ratio.items()))
+    for key in [k for k in r if k.startswith("ratios")]:
+        for c, ratio in r[key].items():
+            print(f"{key}, {c} client(s): " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in ratio.items()))
 
 
 if __name__ == "__main__":

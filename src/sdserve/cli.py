@@ -56,7 +56,7 @@ QueueURL = Annotated[
                  "redis://HOST:PORT/DB, shared by every process that names it. [env: SDSERVE_QUEUE]"),
 ]
 LeaseS = Annotated[
-    Optional[float], typer.Option(help="Redis: how long a silent worker keeps its jobs. [env: SDSERVE_LEASE_S]"),
+    Optional[float], typer.Option(help="How long a silent worker keeps its jobs. [env: SDSERVE_LEASE_S]"),
 ]
 WorkerName = Annotated[
     Optional[str], typer.Option(help="This worker's name in job records (default hostname-pid). "

@@ -227,8 +227,8 @@ class Service:
             threading.Thread(target=self._keep_connecting, name="sdserve-connect", daemon=True).start()
 
     def _writes_failed(self, event: Event) -> None:
-        """A worker could not store a job's images (a full disk, a refused write): this API process refuses
-        submissions too (507/503) until its own write probe of the stores passes again."""
+        """A worker could not store a job's images (kind `storage`: a full disk, a refused write): this API process
+        refuses submissions too (507) until its own write probe of the stores passes again."""
         if event.get("type") == "failed" and event.get("error_kind") == "storage":
             self.health.failed(event.get("error") or "the image store refused a write", full=True)
 

@@ -75,6 +75,9 @@ def _launcher(sock: socket.socket, settings: Settings, parent: int) -> None:
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # torch.cuda.is_available() and device_count() would initialize CUDA here, and a process forked after that
+    # cannot use it: ask NVML instead, and leave CUDA to each engine process.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     lines = _Lines(sock)
     children: dict[int, int] = {}  # pid -> slot
     imported = False
@@ -103,10 +106,11 @@ def _launcher(sock: socket.socket, settings: Settings, parent: int) -> None:
                         count = torch.cuda.device_count()
                     _send(sock, {"op": "devices", "device": device, "count": count})
                 elif message["op"] == "start":
+                    me = os.getpid()
                     pid = os.fork()
                     if pid == 0:
                         sock.close()
-                        _engine(settings, message)  # never returns
+                        _engine(settings, message, me)  # never returns
                     children[pid] = message["slot"]
                     _send(sock, {"op": "started", "slot": message["slot"], "pid": pid})
         while children:
@@ -121,11 +125,13 @@ def _launcher(sock: socket.socket, settings: Settings, parent: int) -> None:
                 _send(sock, {"op": "exited", "slot": slot, "pid": pid, "status": status})
 
 
-def _engine(settings: Settings, message: dict[str, Any]) -> None:
+def _engine(settings: Settings, message: dict[str, Any], launcher: int) -> None:
     """An engine process: `sdserve worker` on the API's job store, in a fork of the launcher."""
     code = 1
     try:
         die_with_parent(signal.SIGKILL)  # the launcher is gone only when the API process is: a crash, not a stop
+        if os.getppid() != launcher:  # it died before that took effect
+            os._exit(1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process stops it (SIGTERM) once intake is closed
         os.environ.update(message["env"])
         if message.get("threads"):
@@ -271,9 +277,10 @@ class Supervisor:
             for message in messages:
                 self._handle(message)
             now = time.monotonic()
-            for slot in self.slots:
-                if slot.restart_at is not None and now >= slot.restart_at and not self._stopping:
-                    self._launch(slot)
+            with self._lock:  # no start once stop() began
+                for slot in self.slots:
+                    if slot.restart_at is not None and now >= slot.restart_at and not self._stopping:
+                        self._launch(slot)
 
     def _handle(self, message: dict[str, Any]) -> None:
         slot = self.slots[message["slot"]]
@@ -333,15 +340,16 @@ class Supervisor:
     def stop(self, grace_s: float) -> None:
         """SIGTERM every engine process (each finishes its batch within the grace, else hands it back), wait, then
         SIGKILL what is left, and let the launcher go."""
-        self._stopping = True
         with self._lock:
-            pids = [slot.pid for slot in self.slots if slot.pid is not None]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            self._stopping = True
+        signalled: set[int] = set()
         deadline = time.monotonic() + grace_s + 35  # the runner's own stop: grace, then 30 s to hand back
         with self._lock:
             while any(slot.pid is not None for slot in self.slots) and time.monotonic() < deadline:
+                for pid in {slot.pid for slot in self.slots if slot.pid is not None} - signalled:
+                    signalled.add(pid)  # one that started just before stop() is told too
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
                 self._exits.wait(min(0.5, deadline - time.monotonic()))
             left = [slot.pid for slot in self.slots if slot.pid is not None]
         for pid in left:

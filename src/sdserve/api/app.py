@@ -1,4 +1,4 @@
-"""create_app(settings): the one FastAPI app serving every dialect, the UI and operations routes."""
+"""create_app(settings, service): the one FastAPI app serving every dialect, the UI and operations routes."""
 
 from __future__ import annotations
 
@@ -54,9 +54,7 @@ def create_ops_app(service: Service) -> FastAPI:
     return app
 
 
-def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
-    settings = settings or Settings()
-    service = service or Service(settings)
+def create_app(settings: Settings, service: Service) -> FastAPI:
     metrics = _metrics(service)
 
     @asynccontextmanager

@@ -75,7 +75,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     owner TEXT NOT NULL DEFAULT '',  -- the caller (keys.Caller.id): whose fair-share turn it is
     label TEXT,  -- the caller's label, shown in the job and metrics
-    weight REAL NOT NULL DEFAULT 1
+    weight REAL NOT NULL DEFAULT 1,
+    step INTEGER NOT NULL DEFAULT 0,  -- progress of a running job
+    steps INTEGER,
+    lease_until REAL,  -- a running job's lease: its worker heartbeats it
+    claimer TEXT  -- the process that claimed it: host:pid-namespace:pid
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
@@ -95,6 +99,18 @@ EVENTS_PRUNE_S = 60.0
 # A process looks at the table at least this often, whether or not it was rung (jobs/wake.py).
 POLL_S = 0.25
 HOST = socket.gethostname()
+
+
+def _pid_namespace() -> str:
+    """Processes in other containers on one host can share a hostname: their pids are compared only within one
+    pid namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
+PID_NAMESPACE = _pid_namespace()
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -119,10 +135,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def claimer_gone(claimer: str | None) -> bool:
-    """The process that claimed a job (`host:pid`) no longer runs. Known on this host only: elsewhere, and for a
-    process that still runs but hangs, the lease decides."""
-    host, _, pid_text = (claimer or "").rpartition(":")
-    if host != HOST or not pid_text.isdigit():
+    """The process that claimed a job (`host:pid-namespace:pid`) no longer runs. Known on this host and in this
+    pid namespace only: elsewhere, and for a process that still runs but hangs, the lease decides."""
+    where, _, pid_text = (claimer or "").rpartition(":")
+    if where != f"{HOST}:{PID_NAMESPACE}" or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():
@@ -268,6 +284,10 @@ class SQLiteEventBus:
     def close(self) -> None:
         self._closed = True
         self._rung.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        if self._db is not None:
+            self._db.close()
 
 
 class SQLiteJobQueue(JobEnds):
@@ -281,7 +301,7 @@ class SQLiteJobQueue(JobEnds):
         self.lease_s = lease_s
         self.accepting = True
         self.shared = True  # every process of this host that opens the file
-        self.claimer = f"{HOST}:{os.getpid()}"
+        self.claimer = f"{HOST}:{PID_NAMESPACE}:{os.getpid()}"
         try:
             self._db = _connect(path)
             self._db.executescript(SCHEMA)
@@ -295,7 +315,17 @@ class SQLiteJobQueue(JobEnds):
         self._events_pruned = -1e9
 
     def _migrate(self) -> None:
-        """Columns added after the first release of the table: add them to an older jobs.db in place."""
+        """Columns added after the first release of the table: add them to an older jobs.db in place (in one
+        transaction: two processes opening it at once must not both add a column)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._add_columns()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _add_columns(self) -> None:
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
         for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER"), ("worker", "TEXT"),
                              ("owner", "TEXT NOT NULL DEFAULT ''"), ("label", "TEXT"),
@@ -700,20 +730,23 @@ class SQLiteJobQueue(JobEnds):
         lease ran out, and at once those whose claiming process no longer runs on this host (a crash, kill -9,
         a restart). Jobs a live worker holds are left alone."""
         now = time.time()
-        with self._lock:
-            rows = [r for r in self._read("SELECT id, attempts, lease_until, claimer FROM jobs WHERE status = 'running'")
-                    if r["lease_until"] is None or r["lease_until"] < now or claimer_gone(r["claimer"])]
-        requeued = 0
-        for row in rows:
-            if row["attempts"] >= MAX_ATTEMPTS:
-                self.fail(row["id"], policy.given_up(row["attempts"]), kind="internal")
-                continue
-            with self._write():
+        running = self._read("SELECT DISTINCT claimer FROM jobs WHERE status = 'running'")
+        gone = [r["claimer"] for r in running if claimer_gone(r["claimer"])]  # checked outside the write lock
+        due = ("FROM jobs WHERE status = 'running' AND (lease_until IS NULL OR lease_until < ? "
+               f"OR claimer IN ({','.join('?' * len(gone))}))")
+        if not self._read(f"SELECT 1 {due} LIMIT 1", (now, *gone)):
+            return 0  # the usual case, every reaper tick: no write transaction
+        requeued = ended = 0
+        with self._write():  # what to take back is decided again inside the transaction that takes it
+            for row in self._db.execute(f"SELECT * {due}", (now, *gone)).fetchall():
+                if row["attempts"] >= MAX_ATTEMPTS:
+                    self._end(row, JobStatus.failed, error=policy.given_up(row["attempts"]), error_kind="internal")
+                    ended += 1
+                    continue
                 requeued += self._db.execute(
                     "UPDATE jobs SET status = 'queued', started_at = NULL, step = 0, lease_until = NULL, "
-                    "claimer = NULL WHERE id = ? AND status = 'running' AND claimer IS ?",
-                    (row["id"], row["claimer"])).rowcount
-        if requeued:
+                    "claimer = NULL WHERE id = ?", (row["id"],)).rowcount
+        if requeued or ended:
             self._changed()
         return requeued
 

@@ -144,14 +144,14 @@ class _Outage:
 
 class _Reporter:
     """A batch's progress, written by a thread of its own: each step hands its progress over and goes on at once,
-    and gets back what the last write found (jobs canceled or lost), so a cancel takes effect a step later. A
-    writer that falls behind writes only the latest step. On a GPU a step takes milliseconds: a write to the job
-    store on the runner thread would cost a share of each."""
+    and gets back what the writes so far found (jobs canceled or lost), so a cancel takes effect a step later.
+    Every step is written, in order (each is an event a client may watch). On a GPU a step takes milliseconds: a
+    write to the job store on the runner thread would cost a share of each."""
 
     def __init__(self, queue: JobQueue, outage: _Outage, batch_id: str | None) -> None:
         self.queue, self.outage, self.batch_id = queue, outage, batch_id
         self._lock = threading.Condition()
-        self._pending: tuple[list[str], int, int] | None = None
+        self._pending: list[tuple[list[str], int, int]] = []
         self._found = Stops(set(), set())
         self._closed = False
         self._busy = False
@@ -160,7 +160,7 @@ class _Reporter:
 
     def report(self, job_ids: list[str], step: int, steps: int) -> Stops:
         with self._lock:
-            self._pending = (job_ids, step, steps)
+            self._pending.append((job_ids, step, steps))
             found, self._found = self._found, Stops(set(), set())
             self._lock.notify_all()
         return found
@@ -168,30 +168,35 @@ class _Reporter:
     def _write(self) -> None:
         while True:
             with self._lock:
-                while self._pending is None and not self._closed:
+                while not self._pending and not self._closed:
                     self._lock.wait()
-                if self._pending is None:
+                if not self._pending:
                     return
-                pending, self._pending = self._pending, None
+                pending, self._pending = self._pending, []
                 self._busy = True
-            try:
-                # The store away: this step's progress is skipped and the batch goes on (see _Outage).
-                stops = self.outage.attempt(self.queue.progress, *pending, self.batch_id,
-                                            default=Stops(set(), set()))
-            except Exception:  # the bound passed (_LeftToLeases) or worse: the runner thread finds out itself
-                stops = Stops(set(), set())
+            found = Stops(set(), set())
+            for job_ids, step, steps in pending:
+                job_ids = [job_id for job_id in job_ids if job_id not in found.canceled | found.lost]
+                try:
+                    # The store away: this step's progress is skipped and the batch goes on (see _Outage).
+                    stops = self.outage.attempt(self.queue.progress, job_ids, step, steps, self.batch_id,
+                                                default=Stops(set(), set()))
+                except Exception:  # the bound passed (_LeftToLeases) or worse: the runner thread finds out itself
+                    stops = Stops(set(), set())
+                found.canceled.update(stops.canceled)
+                found.lost.update(stops.lost)
             with self._lock:
-                self._found.canceled.update(stops.canceled)
-                self._found.lost.update(stops.lost)
+                self._found.canceled.update(found.canceled)
+                self._found.lost.update(found.lost)
                 self._busy = False
                 self._lock.notify_all()
 
     def close(self) -> None:
-        """The batch's computation ended: the write under way completes, a pending one is dropped."""
+        """The batch's computation ended: its steps are all written before its jobs' ends (events in order)."""
         with self._lock:
-            self._closed, self._pending = True, None
+            self._closed = True
             self._lock.notify_all()
-            while self._busy:
+            while self._busy or self._pending:
                 self._lock.wait()
 
 
@@ -531,7 +536,7 @@ class Runner:
         except StoreError as exc:  # an input image the image store could not give back, even after retries
             self._record_all(outage, unrecorded)
             for job in live():
-                outage.record(self.queue.fail, job.id, f"could not read an input image: {exc}", "storage")
+                outage.record(self.queue.fail, job.id, f"could not read an input image: {exc}", "unavailable")
             return
         except ModelError as exc:  # the model cannot be loaded: every job of this batch fails alike
             for job in live():

@@ -61,7 +61,8 @@ class Wakeup:
         assert sock is not None
         while True:
             try:
-                sock.recv(64)
+                if not sock.recv(64):
+                    return  # shut down (close)
             except OSError:
                 return  # closed
             sock.setblocking(False)  # drain: one wake-up covers every ring so far
@@ -97,6 +98,8 @@ class Wakeup:
         if self._sock is not None and os.getpid() == self._pid:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)  # type: ignore[arg-type]
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver's recv()
             self._sock.close()
             self._sock = None
         self._out.close()
