@@ -19,8 +19,12 @@ def load(model: str, threads: int):
 
     path = Path(model)
     registry = ModelRegistry(path.parent, Path(os.environ.get("PEER_DATA", "/tmp")), extra=[str(path)], device="cpu")
-    pipe = registry.load(str(path)).pipelines["txt2img"]
-    pipe.scheduler = samplers.make_scheduler(samplers.resolve(DEFAULT_SAMPLER), dict(pipe.scheduler.config))
+    model = registry.load(str(path))
+    pipe = model.pipelines["txt2img"]
+    # As sdserve resolves its default sampler for this model: a zero-terminal-SNR model (the demo) gets the
+    # schedule made for it under "Automatic", so every system runs the same timesteps.
+    resolved = samplers.resolve(DEFAULT_SAMPLER, zero_snr=model.zero_snr)
+    pipe.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -29,7 +33,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, size: int) 
     """One pipeline call for the batch; PNG bytes per image."""
     import torch
 
-    images = pipe(prompts, num_inference_steps=steps, width=size, height=size,
+    images = pipe(prompts, num_inference_steps=steps, width=size, height=size, guidance_scale=7.0,  # A1111 default
                   generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
     out = []
     for image in images:
