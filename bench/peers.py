@@ -42,6 +42,7 @@ ROOT = HERE.parent
 PEERS_DIR = ROOT / ".venv" / "peers"
 PACKAGES = {"litserve": "litserve==0.2.19", "ray": "ray[serve]==2.60.0"}
 SYSTEMS = ("fastapi-1t", "fastapi-2t", "litserve", "ray", "sdserve", "sdserve-w2")
+CEILING = "ceiling"  # measured as a pass of its own, between the systems' passes: the machine drifts
 
 sys.path.insert(0, str(HERE))
 from run import RESULTS, free_port, machine, pct  # noqa: E402
@@ -211,7 +212,7 @@ def _pass(system: str, args) -> dict | None:
 def peers(args) -> dict:
     for name in PACKAGES:
         ensure_installed(name)
-    systems = [s for s in SYSTEMS if s in args.systems.split(",")]
+    systems = [s for s in SYSTEMS if s in args.systems.split(",")] + [CEILING]
     passes: dict[str, list[dict]] = {s: [] for s in systems}
     for number in range(args.passes):
         for system in systems if number % 2 == 0 else reversed(systems):  # alternate the order: drift cancels
@@ -227,10 +228,11 @@ def peers(args) -> dict:
     levels = [int(c) for c in args.levels.split(",")]
     table = {s: {str(c): statistics.median(p["levels"][i]["images_per_s"] for p in runs)
                  for i, c in enumerate(levels)} for s, runs in passes.items()}
+    ceiling = table.pop(CEILING)
+    ceiling_passes = passes.pop(CEILING)
     p50 = {s: {str(c): statistics.median(p["levels"][i]["p50_s"] for p in runs) for i, c in enumerate(levels)}
            for s, runs in passes.items()}
     batching = [s for s in ("litserve", "ray") if s in table]
-    ceiling = compute_ceiling(args.model, levels, args.size, args.steps)
     peers_only = [s for s in table if not s.startswith("sdserve")]
 
     def ratios_of(ours: str) -> dict:
@@ -253,8 +255,10 @@ def peers(args) -> dict:
     return {"settings": {"model": args.model, "size": args.size, "steps": args.steps, "sampler": "DPM++ 2M",
                          "levels": levels, "passes": args.passes},
             "images_per_s": table, "compute_ceiling_images_per_s": ceiling, "p50_s": p50, "ratios": ratios, **more,
-            "passes": passes,
-            "same_pixels": {s: first[s] == first["sdserve"] for s in first}}
+            "passes": passes, "ceiling_passes": ceiling_passes,
+            # each system's first images against each sdserve's: equal bytes at the same thread count
+            **{f"same_pixels_as_{ours}": {s: first[s] == first[ours] for s in first if s != ours}
+               for ours in first if ours.startswith("sdserve")}}
 
 
 def compute_ceiling(model: str, levels: list[int], size: int, steps: int) -> dict[str, float]:
@@ -410,7 +414,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--one", choices=SYSTEMS, help="(internal) run one pass of one system, print its JSON")
+    parser.add_argument("--one", choices=(*SYSTEMS, CEILING), help="(internal) run one pass of one system, print "
+                        "its JSON")
     parser.add_argument("--model", default=None, help="default: the demo model")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--levels", default="1,4,16")
@@ -425,6 +430,13 @@ def main(argv: list[str] | None = None) -> None:
         from sdserve.engine.demo import DEMO_PATH
 
         args.model = str(DEMO_PATH)
+    if args.one == CEILING:
+        levels = [int(c) for c in args.levels.split(",")]
+        best = compute_ceiling(args.model, levels, args.size, args.steps)
+        result = {"system": CEILING, "levels": [{"clients": c, "images_per_s": best[str(c)], "p50_s": 0.0,
+                                                 "pixels": {}} for c in levels]}
+        print(json.dumps(result))
+        return
     if args.one:
         result = measure(args.one, args.model, [int(c) for c in args.levels.split(",")], args.requests, args.size,
                          args.steps)
