@@ -129,8 +129,6 @@ class Service:
         self.limits = Limits(settings.max_size, settings.max_steps, settings.max_images)
         self.queue: JobQueue = open_queue(settings)
         self.shared: SharedState = self.queue  # the same database; the dialects' state needs only this part
-        if not self.queue.shared:
-            raise ValueError(f"sdserve {role} needs a queue other processes share: --queue redis://host:port/db")
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.blocklist = Blocklist.load(settings.blocklist)
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])

@@ -300,7 +300,6 @@ class SQLiteJobQueue(JobEnds):
         self.default_timeout_s = default_timeout_s
         self.lease_s = lease_s
         self.accepting = True
-        self.shared = True  # every process of this host that opens the file
         self.claimer = f"{HOST}:{PID_NAMESPACE}:{os.getpid()}"
         try:
             self._db = _connect(path)
@@ -410,7 +409,9 @@ class SQLiteJobQueue(JobEnds):
         return {prio: (count, work) for prio, count, work in self._db.execute(
             "SELECT priority, COUNT(*), SUM(work) FROM jobs WHERE status = 'queued' GROUP BY priority")}
 
-    def _to_job(self, row: sqlite3.Row, with_position: bool = True) -> Job:
+    def _to_job(self, row: sqlite3.Row, with_position: bool = True, figures: dict[str, Any] | None = None) -> Job:
+        """`figures`: the queue-wide numbers ETAs need, read once for all the rows of one listing."""
+        figures = {} if figures is None else figures
         status = JobStatus(row["status"])
         request = JobRequest.model_validate_json(row["request"])
         steps = row["steps"] or request.steps
@@ -421,9 +422,9 @@ class SQLiteJobQueue(JobEnds):
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority > ? OR (priority = ? AND seq < ?))",
                 (row["priority"], row["priority"], row["seq"]),
             ).fetchone()[0]
-            eta = self._queued_eta(position, row["work"])
+            eta = self._queued_eta(position, row["work"], figures)
         elif status is JobStatus.running:
-            eta = policy.running_eta(steps, step, row["batch_images"] or request.n, self._speed())
+            eta = policy.running_eta(steps, step, row["batch_images"] or request.n, self._figure(figures, "speed"))
         return Job(
             id=row["id"],
             status=status,
@@ -448,11 +449,17 @@ class SQLiteJobQueue(JobEnds):
             owner=row["owner"] or "",
         )
 
-    def _queued_eta(self, position: int, work: float) -> float | None:
-        queued = self._queued().values()
+    def _figure(self, figures: dict[str, Any], name: str) -> Any:
+        if name not in figures:
+            figures[name] = {"speed": self._speed, "queued": self._queued, "running_left": self._running_left}[name]()
+        return figures[name]
+
+    def _queued_eta(self, position: int, work: float, figures: dict[str, Any]) -> float | None:
+        queued = self._figure(figures, "queued").values()
         depth = sum(count for count, _ in queued)
         queued_work = sum(w for _, w in queued)
-        return policy.queued_eta(position, depth, queued_work, self._running_left(), work, self._speed())
+        return policy.queued_eta(position, depth, queued_work, self._figure(figures, "running_left"), work,
+                                 self._figure(figures, "speed"))
 
     def _running_left(self) -> float:
         """The image-steps the running jobs have left (all of a job's work until its first step)."""
@@ -472,7 +479,8 @@ class SQLiteJobQueue(JobEnds):
                 f"SELECT * FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq DESC LIMIT ? OFFSET ?",
                 (*args, limit, offset),
             ).fetchall()
-            return [self._to_job(r) for r in rows]
+            figures: dict[str, Any] = {}
+            return [self._to_job(r, figures=figures) for r in rows]
 
     def depth(self) -> int:
         with self._lock:

@@ -118,7 +118,6 @@ class JobQueue(SharedState, Protocol):
 
     events: EventBus
     accepting: bool
-    shared: bool  # other processes (API replicas, workers) can use it too
 
     def submit(
         self, request: JobRequest, *, source: str = "native", idempotency_key: str | None = None,

@@ -378,7 +378,6 @@ class RedisJobQueue(JobEnds):
         self.default_timeout_s = default_timeout_s
         self.lease_s = lease_s
         self.accepting = True
-        self.shared = True
         self._submit = self.client.register_script(_SUBMIT)
         self._claim = self.client.register_script(_CLAIM)
         self._finish_script = self.client.register_script(_FINISH)

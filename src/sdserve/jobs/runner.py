@@ -49,7 +49,7 @@ T = TypeVar("T")
 STORE_RETRY_S = 60.0
 # How long a running batch rides out an unreachable job store (Redis restarting, a network blip) before it is
 # left to its leases: the batch keeps computing meanwhile, and its progress, cancel checks and end are tried
-# again. Past this, another worker re-runs its jobs once the store is back (on a queue with leases).
+# again. Past this, another worker re-runs its jobs once the store is back.
 QUEUE_RETRY_S = 60.0
 # How often a worker whose default model failed to load tries again (free until the model's file changes).
 WARM_UP_RETRY_S = 5.0
@@ -76,18 +76,16 @@ class _LeftToLeases(Cancelled):
 class _Outage:
     """The job store as one running batch sees it: each call that fails for the store's sake is ridden out (a
     step's progress is skipped, an end is retried with backoff), and after QUEUE_RETRY_S of failures the batch
-    is left to its leases (`_LeftToLeases`). A queue without leases (the embedded one) has nobody to hand the
-    batch to: its ends are retried until shutdown instead. A job the store no longer has (a Redis that came back
+    is left to its leases (`_LeftToLeases`). A job the store no longer has (a Redis that came back
     empty, retention) is gone: there is nothing to record for it."""
 
     # After a failure, skippable calls are not tried again for this long: a store that hangs (rather than
     # refusing) would otherwise cost a socket timeout on every step.
     BACKOFF_S = 1.0
 
-    def __init__(self, health: WriteHealth, stopping: threading.Event, leases: bool) -> None:
+    def __init__(self, health: WriteHealth, stopping: threading.Event) -> None:
         self.health = health
         self.stopping = stopping
-        self.leases = leases
         self.since: float | None = None
         self.last_failure = -1e9
 
@@ -100,7 +98,7 @@ class _Outage:
         self.within_bound()
 
     def within_bound(self) -> None:
-        if self.leases and self.since is not None and time.monotonic() - self.since > QUEUE_RETRY_S:
+        if self.since is not None and time.monotonic() - self.since > QUEUE_RETRY_S:
             raise _LeftToLeases()
 
     def _ok(self) -> None:
@@ -305,13 +303,10 @@ class Runner:
                 enough = [self.max_batch]  # a batch this big is claimed at once; a smaller one lingers first
 
                 def select(candidates: Sequence[Job]) -> list[Job]:
-                    enough[0] = self._companions(candidates)
-                    limit = self.max_batch
-                    if self.queue.shared:  # other workers take from this queue: take a share of it
-                        idle = max(1, sum(1 for w in self.queue.workers() if w.get("ready") and not w.get("batch")))
-                        limit = batcher.fair_share(candidates, self.max_batch, idle)
-                        enough[0] = min(enough[0], math.ceil(self.max_batch / idle))
-                    return batcher.select(candidates, limit)
+                    # other workers may take from this queue: take a share of it
+                    idle = max(1, sum(1 for w in self.queue.workers() if w.get("ready") and not w.get("batch")))
+                    enough[0] = min(self._companions(candidates), math.ceil(self.max_batch / idle))
+                    return batcher.select(candidates, batcher.fair_share(candidates, self.max_batch, idle))
 
                 jobs = self.queue.claim(
                     select=select,
@@ -444,7 +439,7 @@ class Runner:
             self.health.failed(str(exc), full=exc.full)
 
     def _run(self, jobs: Sequence[Job]) -> None:
-        outage = _Outage(self.health, self._stopping, leases=self.queue.shared)
+        outage = _Outage(self.health, self._stopping)
         leases = ExitStack()
         leases.enter_context(self._leased(jobs))
         finish = None
