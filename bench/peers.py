@@ -42,6 +42,9 @@ ROOT = HERE.parent
 PEERS_DIR = ROOT / ".venv" / "peers"
 PACKAGES = {"litserve": "litserve==0.2.19", "ray": "ray[serve]==2.60.0"}
 SYSTEMS = ("fastapi-1t", "fastapi-2t", "litserve", "ray", "sdserve", "sdserve-w2")
+# sdserve's configurations by name: its defaults, and the flags of the others (bench/accel.py runs the speed-ups)
+SDSERVE = {"sdserve": [], "sdserve-w2": ["--workers", "2"], "sdserve-none": ["--optimize", "none"],
+           "sdserve-compile": ["--optimize", "compile"], "sdserve-freezing": ["--optimize", "compile,freezing"]}
 CEILING = "ceiling"  # measured as a pass of its own, between the systems' passes: the machine drifts
 
 sys.path.insert(0, str(HERE))
@@ -67,9 +70,7 @@ def _launch(system: str, model: str, port: int, work: Path) -> tuple[subprocess.
     base = f"http://127.0.0.1:{port}"
     if system.startswith("sdserve"):
         cmd = [sys.executable, "-m", "sdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--data-dir", str(work / f"sdserve-{port}"), "--model", model]
-        if system == "sdserve-w2":
-            cmd += ["--workers", "2"]
+               "--data-dir", str(work / f"sdserve-{port}"), "--model", model, *SDSERVE[system]]
         # its own session, as the peers: the engine processes it starts are stopped with it
         return (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True),
                 base + "/api/v1/generate", "/readyz")
@@ -159,12 +160,17 @@ def measure(system: str, model: str, levels: list[int], requests: int, size: int
     """Start `system`, warm it, run each level, stop it: the JSON of one pass."""
     work = Path(tempfile.mkdtemp(prefix=f"peer-{system}-"))
     port = free_port()
+    started = time.perf_counter()
     proc, url, probe = _launch(system, model, port, work)
     try:
         _wait_ready(proc, port, probe, work, system)
-        _level(url, system, 4, 8, size, steps, 10_000)  # warm-up: first calls, batch shapes
-        return {"system": system, "levels": [_level(url, system, c, max(requests, 4 * c), size, steps, 0)
-                                             for c in levels]}
+        ready_s = time.perf_counter() - started
+        first = _level(url, system, 1, 1, size, steps, 20_000)["p50_s"]  # start-up to the first image: this too
+        # warm-up: first calls, and each batch shape the levels will meet (a compiler's first call of a shape)
+        for c in sorted({4, *levels}):
+            _level(url, system, c, 2 * c, size, steps, 10_000)
+        return {"system": system, "ready_s": ready_s, "first_image_s": ready_s + first,
+                "levels": [_level(url, system, c, max(requests, 4 * c), size, steps, 0) for c in levels]}
     finally:
         stop(proc)
         if system == "ray":
@@ -414,7 +420,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--one", choices=(*SYSTEMS, CEILING), help="(internal) run one pass of one system, print "
+    parser.add_argument("--one", choices=(*SYSTEMS, *SDSERVE, CEILING), help="(internal) run one pass of one system, print "
                         "its JSON")
     parser.add_argument("--model", default=None, help="default: the demo model")
     parser.add_argument("--systems", default=",".join(SYSTEMS))

@@ -6,6 +6,8 @@
   overhead       at one client, latency of (b) over (a).
   coldstart      seconds from launching `sdserve serve` to the first image.
   controlplane   jobs/s through queue, store and HTTP with a no-op engine.
+  accel          --optimize none / auto / compile beside the peers, start-up and the quality gate (bench/accel.py;
+                 run on its own: `make bench BENCH_ARGS=accel`).
   peers          sdserve beside a bare FastAPI loop, LitServe and Ray Serve (bench/peers.py; run on its own:
                  `make bench BENCH_ARGS=peers`).
   mixedcfg       (c) at 16 clients, every client at CFG 7 vs each client at its own CFG (2..12): guidance is per
@@ -364,6 +366,11 @@ def main() -> None:
         import peers
 
         peers.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["accel"]:  # the engine paths (--optimize) beside each other and the peers: bench/accel.py
+        import accel
+
+        accel.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["seeds"]:  # how far a seed's image moves with its batch: bench/seeds.py
         import seeds

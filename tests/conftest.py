@@ -28,16 +28,26 @@ def models_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> Path:
+    """One compile cache for every server and registry of the session (as replicas on a shared volume would have):
+    each model is traced for OpenVINO once per session, not once per server."""
+    folder = tmp_path_factory.mktemp("compiled")
+    os.environ["SDSERVE_COMPILE_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
 @pytest.fixture(scope="session")
-def registry(models_dir, data_dir):
+def registry(models_dir, data_dir, compile_cache):
     from sdserve.engine.models import ModelRegistry
 
-    return ModelRegistry(models_dir, data_dir, extra=[str(models_dir / "tiny")], device="cpu", max_loaded=2)
+    return ModelRegistry(models_dir, data_dir, extra=[str(models_dir / "tiny")], device="cpu", max_loaded=2,
+                         compile_cache=compile_cache)
 
 
 @pytest.fixture(scope="session")

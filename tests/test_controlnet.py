@@ -90,7 +90,9 @@ def diff(a, b) -> float:
 def test_weight_zero_equals_no_controlnet_and_the_edge_map_steers(cn_engine):
     plain, zero, circle, bar = generate(cn_engine, {})[0], *(
         generate(cn_engine, {"controlnet": [u]})[0] for u in (unit(weight=0), unit(), unit("bar")))
-    assert diff(zero, plain) == 0
+    # A ControlNet batch runs its UNet on torch (engine/accel.py), the plain one compiled: equal up to float order.
+    assert (zero.engine, zero.fallback, plain.fallback) == ("torch", "controlnet", None)
+    assert diff(zero, plain) <= tolerance.FLOAT
     assert diff(circle, plain) > 1e-2 and diff(bar, plain) > 1e-2
     assert diff(circle, bar) > 1e-2  # a different edge map, a different picture
     assert diff(generate(cn_engine, {"controlnet": [unit()]})[0], circle) == 0
@@ -102,7 +104,7 @@ def test_the_step_range_bounds_the_control(cn_engine):
     never = generate(cn_engine, {"controlnet": [unit(guidance_start=0.0, guidance_end=0.0)]})[0]
     late = generate(cn_engine, {"controlnet": [unit(guidance_start=0.5)]})[0]
     full = generate(cn_engine, {"controlnet": [unit()]})[0]
-    assert diff(never, plain) == 0
+    assert diff(never, plain) <= tolerance.FLOAT  # torch's UNet (a ControlNet batch) against the compiled one
     assert 0 < diff(late, plain) and diff(late, full) > 1e-3
 
 

@@ -10,6 +10,7 @@ import pytest
 import tolerance
 import torch
 import webuiapi
+from server import wait_for
 from tinymodels import lora_factors, save_diffusers, save_lora
 
 from sdserve import addons, core, loras
@@ -125,6 +126,16 @@ def test_alias_finds_the_file_and_infotext_keeps_the_tag(lora_engine):
     assert image.infotext.splitlines()[0] == "a red circle <lora:ink_v2:0.7>"
 
 
+def test_a_lora_batch_runs_its_unet_on_torch_and_says_so(lora_engine, lora_models, tmp_path):
+    """The compiled UNet holds the base weights: a batch with LoRAs runs the torch UNet (engine/accel.py), and draws
+    what plain torch draws."""
+    plain = Engine(ModelRegistry(lora_models, tmp_path, extra=["tiny"], device="cpu", optimize=["none"]))
+    with_lora = pixels(lora_engine, "a red circle <lora:ink:1>")
+    assert (with_lora.engine, with_lora.fallback) == ("torch", "lora")
+    assert diff(with_lora, pixels(plain, "a red circle <lora:ink:1>")) <= tolerance.FLOAT
+    assert (pixels(lora_engine).engine, pixels(lora_engine).fallback) == ("openvino", None)
+
+
 def test_unknown_or_unusable_lora_is_the_clients_error(lora_engine):
     with pytest.raises(InvalidRequestError, match="unknown LoRA 'nope'"):
         pixels(lora_engine, "<lora:nope:1>")
@@ -163,9 +174,13 @@ def test_webuiapi_lora_tag_and_routes(lora_server):
 def test_native_field_and_unknown_name(lora_server):
     with lora_server.client() as c:
         assert {entry["name"] for entry in c.get("/api/v1/loras").json()} >= {"ink", "paper"}
-        job = c.post("/api/v1/jobs", json={"prompt": "a cat <lora:paper:0.5>", "loras": [{"name": "ink"}]}).json()
+        job = c.post("/api/v1/jobs", json={"prompt": "a cat <lora:paper:0.5>", "loras": [{"name": "ink"}],
+                                           "steps": 2}).json()
         assert job["request"]["prompt"] == "a cat"
         assert job["request"]["loras"] == [{"name": "ink", "weight": 1.0}, {"name": "paper", "weight": 0.5}]
+        done = wait_for(c, job["id"])
+        assert [(i["engine"], i["fallback"]) for i in done["images"]] == [("torch", "lora")]
+        assert 'sdserve_engine_fallbacks_total{reason="lora"}' in c.get("/metrics").text
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "<lora:missing:1> x", "steps": 2})
         assert r.status_code == 422 and "unknown LoRA 'missing'" in r.json()["detail"]
         r = c.post("/api/v1/jobs", json={"prompt": "<lora:x:loud>"})

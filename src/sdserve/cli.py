@@ -47,8 +47,9 @@ BatchWait = Annotated[
 ]
 Optimize = Annotated[
     Optional[str],
-    typer.Option(help="Opt-in speed-ups, comma-separated: channels_last, compile, cuda_graphs. "
-                 "[env: SDSERVE_OPTIMIZE]"),
+    typer.Option(help="Speed-ups, comma-separated: auto (the default: openvino on a CPU, channels_last on CUDA), "
+                 "none (plain torch), openvino, channels_last, compile, freezing, cuda_graphs. "
+                 "[env: SDSERVE_OPTIMIZE; compiled graphs cache in SDSERVE_COMPILE_CACHE, default <data dir>/compiled]"),
 ]
 QueueURL = Annotated[
     Optional[str],

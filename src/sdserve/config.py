@@ -37,8 +37,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(25.0, ge=0, description="On SIGTERM, time to finish the running batch.")
     max_batch: int | None = Field(None, ge=1, le=64, description="Images per UNet pass; default by device.")
     batch_wait_ms: float = Field(20.0, ge=0, le=5000, description="How long a batch waits for companions.")
-    # Opt-in speed-ups: channels_last, compile, cuda_graphs (see engine/models.py OPTIMIZATIONS).
+    # Speed-ups (engine/accel.py OPTIMIZATIONS): empty is `auto`, the fastest gated path for the device; `none` is
+    # plain torch.
     optimize: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Compiled graphs (OpenVINO IR and blobs), keyed by model hash: default <data dir>/compiled. Share it between
+    # replicas or keep it on a volume, and a restart skips the tracing.
+    compile_cache: Path | None = None
     engine: Literal["diffusers", "noop"] = Field("diffusers", description="noop: no generation, for benchmarks.")
     noop_step_ms: float = Field(0.0, ge=0, le=10000, description="noop engine: how long each step takes.")
 

@@ -213,6 +213,9 @@ class ImageRef(BaseModel):
     height: int | None = None
     blocked: bool = Field(False, description="Moderation withheld this image: it was never stored.")
     reason: str | None = Field(None, description="Why it was blocked.")
+    engine: str | None = Field(None, description="What ran its UNet: 'openvino', 'torch.compile' or 'torch'.")
+    fallback: str | None = Field(None, description="Why it ran on torch although a compiled path was on: 'lora', "
+                                                   "'controlnet'.")
 
 
 class Job(BaseModel):

@@ -172,6 +172,7 @@ class Service:
         registry = ModelRegistry(
             settings.models_dir, settings.data_dir, extra=settings.models, device=settings.device,
             allow_pickle=settings.allow_pickle, max_loaded=settings.max_loaded_models, optimize=settings.optimize,
+            compile_cache=settings.compile_cache,
         )
         self.models = registry
         self.loras: addons.AddonCatalog = registry.loras

@@ -52,6 +52,8 @@ class Metrics:
         self.batch_images = Histogram("sdserve_batch_images", "Images per UNet pass (dynamic batching)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self._batches: dict[str, None] = {}  # the batches seen lately (their jobs each start one event)
+        self.fallbacks = Counter("sdserve_engine_fallbacks", "Images whose UNet ran on torch although a compiled path "
+                                 "was on (engine/accel.py), by reason", ["reason"], registry=self.registry)
         self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect and caller label",
                                  ["source", "label"], registry=self.registry)
 
@@ -81,6 +83,9 @@ class Metrics:
             self.images.labels(label).inc(len(event["images"]) - blocked)
             if blocked:
                 self.blocked.labels(label).inc(blocked)
+            for image in event["images"]:
+                if image.get("fallback"):
+                    self.fallbacks.labels(image["fallback"]).inc()
         request = event["request"]
         job_log.info(json.dumps({
             "event": "job", "id": event["id"], "status": kind, "source": event["source"], "label": label,

@@ -27,3 +27,7 @@ def preload() -> None:
     import sdserve.engine.pipeline  # noqa: F401
     import sdserve.jobs.runner  # noqa: F401
     import sdserve.service  # noqa: F401
+    from sdserve.engine import accel
+
+    if accel.auto_options("cpu"):  # OpenVINO, the CPU's default engine (importing it starts no thread)
+        accel.import_openvino()

@@ -27,7 +27,7 @@ from typing import Any
 
 from sdserve import addons
 from sdserve.catalog import Arch, Kind, ModelError, ModelFailedError, ModelInfo, UnknownModelError, find
-from sdserve.engine import demo, quiet_libraries, samplers
+from sdserve.engine import accel, demo, quiet_libraries, samplers
 from sdserve.engine.adapters import AdapterState
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class LoadedModel:
     zero_snr: bool = False  # trained to zero terminal SNR (samplers.zero_terminal_snr): "Automatic" differs
     device: str = "cpu"
     adapters: AdapterState = field(default_factory=AdapterState)  # its LoRAs, loaded and active
+    speedups: accel.Accelerated = field(default_factory=accel.Accelerated)  # what --optimize did to it
 
 
 def resolve_device(device: str) -> str:
@@ -122,6 +123,7 @@ class ModelRegistry:
         allow_pickle: bool = False,
         max_loaded: int = 1,
         optimize: list[str] | None = None,
+        compile_cache: Path | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.loras = addons.loras(self.models_dir)
@@ -133,10 +135,11 @@ class ModelRegistry:
         self.device = resolve_device(device)
         self.allow_pickle = allow_pickle
         self.max_loaded = max(1, max_loaded)
-        unknown = set(optimize or []) - set(OPTIMIZATIONS)
-        if unknown:
-            raise ModelError(f"unknown optimization(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIMIZATIONS)}")
-        self.optimize = list(optimize or [])
+        try:
+            self.optimize = accel.resolve(optimize, self.device)  # None or [] = auto
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        self.compile_cache = Path(compile_cache) if compile_cache else self.data_dir / "compiled"
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._hash_cache: dict[str, Any] | None = None  # _read_hash_cache
         self._lock = threading.RLock()
@@ -349,7 +352,8 @@ class ModelRegistry:
             txt2img = self._from_single_file(info, dtype)
         txt2img.to(self.device)
         txt2img.set_progress_bar_config(disable=True)
-        apply_optimizations(txt2img, self.optimize)  # before deriving: all modes share the optimized UNet
+        # Before deriving: every mode shares the optimized modules. The cache is keyed by the weights' hash.
+        speedups = accel.apply(txt2img, self.optimize, self.compile_cache, self.sha256(info))
         pipelines = _derive_pipelines(txt2img)
         vae_scale = getattr(txt2img, "vae_scale_factor", 8)
         sample_size = txt2img.unet.config.sample_size
@@ -363,6 +367,7 @@ class ModelRegistry:
             scheduler_config=dict(txt2img.scheduler.config),
             zero_snr=samplers.zero_terminal_snr(txt2img.scheduler.config),
             device=self.device,
+            speedups=speedups,
         )
 
     def _from_pretrained(self, info: ModelInfo, dtype: Any) -> Any:
@@ -427,25 +432,6 @@ class ModelRegistry:
                 f"of the same architecture at {config_dir}"
             )
         return f"cannot load model {info.name!r} ({info.kind}): {text[:500]}"
-
-
-OPTIMIZATIONS = {
-    "channels_last": "UNet and VAE in channels-last memory format",
-    "compile": "torch.compile the UNet (inductor, no CUDA graphs)",
-    "cuda_graphs": "torch.compile the UNet with CUDA graphs (mode reduce-overhead); one graph per batch shape",
-}
-
-
-def apply_optimizations(pipe: Any, options: list[str]) -> None:
-    """Opt-in speed-ups (`--optimize`); each one's measured gain belongs in the benchmark results."""
-    import torch
-
-    if "channels_last" in options:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if "compile" in options or "cuda_graphs" in options:
-        mode = "reduce-overhead" if "cuda_graphs" in options else "max-autotune-no-cudagraphs"
-        pipe.unet = torch.compile(pipe.unet, mode=mode)
 
 
 def _derive_pipelines(txt2img: Any) -> dict[str, Any]:

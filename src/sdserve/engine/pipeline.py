@@ -9,6 +9,7 @@ must share a `batch_key`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,8 @@ class GeneratedImage:
     seed: int
     infotext: str
     pixels: Any = None  # float32 HxWx3 in 0..1, before 8-bit rounding (and before the inpaint overlay)
+    engine: str = "torch"  # what ran the UNet (accel.Route)
+    fallback: str | None = None  # why torch although a compiled path was on
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,14 @@ class Engine:
         return self.registry.device
 
     def warm_up(self, model: str | None) -> None:
-        """Load the model before the first job, so readiness means "can generate now"."""
-        self.registry.load(model)
+        """Load the model before the first job, so readiness means "can generate now"; with compiled graphs, draw
+        one step of one image at the native size, so its first request does not wait for their compilation."""
+        loaded = self.registry.load(model)
+        if loaded.speedups.graphs:
+            started = time.perf_counter()
+            self.run([JobRequest(prompt="warm-up", model=model, steps=1, seed=0)])
+            log.info("warmed up %s (%s) in %.1f s", loaded.info.name, loaded.speedups.engine,
+                     time.perf_counter() - started)
 
     @staticmethod
     def resolve_size(request: JobRequest, model: LoadedModel) -> tuple[int, int]:
@@ -232,11 +241,12 @@ class Engine:
                          height=key.height)
         if units:
             extra.update(_control_inputs(units, prepared, key.mode))
-        if hires is None:
-            output = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height),
-                                   on_step)
-        else:
-            output = self._hires_fix(model, pipe, key, resolved, hires, rows, extra, on_step)
+        with model.speedups.batch(key.loras, key.controlnet) as route:
+            if hires is None:
+                output = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height),
+                                       on_step)
+            else:
+                output = self._hires_fix(model, pipe, key, resolved, hires, rows, extra, on_step)
 
         results: list[list[GeneratedImage]] = [[] for _ in prepared]
         owner = {id(p): n for n, p in enumerate(prepared)}
@@ -247,7 +257,10 @@ class Engine:
                 # A1111's overlay: outside the (blurred) mask, the original pixels are pasted back unchanged.
                 image = Image.composite(image, p.init_image, p.mask)
             results[owner[id(p)]].append(
-                GeneratedImage(image, row.seed, self._infotext(p, row.index, key, resolved, model), pixels))
+                GeneratedImage(image, row.seed, self._infotext(p, row.index, key, resolved, model), pixels,
+                               route.engine, route.fallback))
+        if route.fallback:
+            log.info("batch of %d image(s) ran its UNet on torch: %s", len(rows), route.fallback)
         return results
 
     def _denoise(
