@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def load(model: str, threads: int):
-    """The txt2img pipeline as sdserve's registry loads it, with sdserve's DPM++ 2M scheduler."""
+    """The txt2img pipeline as sdserve's registry loads it with `--optimize none`, with sdserve's DPM++ 2M
+    scheduler."""
     import torch
 
     torch.set_num_threads(threads)
@@ -18,7 +19,9 @@ def load(model: str, threads: int):
     from sdserve.schema import DEFAULT_SAMPLER
 
     path = Path(model)
-    registry = ModelRegistry(path.parent, Path(os.environ.get("PEER_DATA", "/tmp")), extra=[str(path)], device="cpu")
+    # Plain diffusers in eager torch, as the peers document serving it: sdserve's compiled paths are sdserve's own.
+    registry = ModelRegistry(path.parent, Path(os.environ.get("PEER_DATA", "/tmp")), extra=[str(path)], device="cpu",
+                             optimize=["none"])
     model = registry.load(str(path))
     pipe = model.pipelines["txt2img"]
     # As sdserve resolves its default sampler for this model: a zero-terminal-SNR model (the demo) gets the
