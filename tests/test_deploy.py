@@ -20,8 +20,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-import helm_python as helm
 import hcl2
+import helm_sdk as helm
 import httpx
 import kubernetes_validate
 import pytest
@@ -45,8 +45,7 @@ KUBERNETES = "1.30.0"
 
 # ---------------------------------------------------------------- the chart
 def render(values: dict | None = None) -> list[dict]:
-    with helm.Chart.load(str(CHART)) as chart:
-        manifests = chart.render(values, name="sd", namespace="gen")
+    manifests = helm.render(str(CHART), values, name="sd", namespace="gen")
     return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
             for doc in yaml.safe_load_all(text) if doc]
 
