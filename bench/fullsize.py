@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -115,6 +116,16 @@ def bench(argv: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from run import RESULTS, machine
 
+    def call(pipe: Any, batch: int) -> float:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        pipe(["a red circle"] * batch, num_inference_steps=args.steps, width=args.size, height=args.size,
+             output_type="np")
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
     rows = []
     for choice in (args.options or default).split(";"):
         options = accel.resolve(choice.split(","), args.device)
@@ -123,18 +134,8 @@ def bench(argv: list[str]) -> None:
         pipe.set_progress_bar_config(disable=True)
         accel.apply(pipe, options, None, None)
         for batch in map(int, args.batches.split(",")):
-            def call() -> float:
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                pipe(["a red circle"] * batch, num_inference_steps=args.steps, width=args.size, height=args.size,
-                     output_type="np")
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - started
-
-            first = call()
-            seconds = statistics.median(call() for _ in range(3))
+            first = call(pipe, batch)
+            seconds = statistics.median(call(pipe, batch) for _ in range(3))
             row = {"optimize": choice, "resolved": options, "batch": batch, "first_call_s": round(first, 2),
                    "s_per_image": round(seconds / batch, 4), "images_per_s": round(batch / seconds, 3),
                    "it_per_s_batch1": round(args.steps / seconds, 1) if batch == 1 else None}
