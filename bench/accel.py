@@ -56,7 +56,7 @@ def quality(systems: list[str]) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     reference = drawn["sdserve-none"][0]
     return {system: {**gate.measure(reference, images), "first_batch_of_50_s": round(seconds, 2),
-                     "engine": images[0].engine} for system, (images, seconds) in drawn.items()}
+                     "engine": images[0].route.engine} for system, (images, seconds) in drawn.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,8 +56,8 @@ def demo_engines(tmp_path_factory, compile_cache):
 def test_every_path_auto_takes_here_passes_the_quality_gate(demo_engines):
     plain, auto = demo_engines
     reference, candidate = gate.draw(plain), gate.draw(auto)
-    assert {g.engine for g in reference} == {"torch"}
-    assert {g.engine for g in candidate} == {"openvino"} and {g.fallback for g in candidate} == {None}
+    assert {g.route.engine for g in reference} == {"torch"}
+    assert {g.route.engine for g in candidate} == {"openvino"} and {g.route.fallback for g in candidate} == {None}
     figures = gate.measure(reference, candidate)
     assert figures["passed"], figures
     # The gate has teeth: another seed's pictures (same prompts) are far below it.
@@ -79,7 +79,7 @@ def test_sizes_the_graph_cannot_take_run_on_torch_and_draw_the_same(models_dir, 
     plain, auto = _engines(models_dir, tmp_path, compile_cache)
     for size in ({}, {"width": 128, "height": 64}, {"width": 72, "height": 96}):  # 72x96: a latent of 9x12
         a, b = _draw(plain, **size), _draw(auto, **size)
-        assert b.engine == "openvino" and b.image.size == a.image.size
+        assert b.route.engine == "openvino" and b.image.size == a.image.size
         assert float(np.abs(a.pixels - b.pixels).max()) <= tolerance.FLOAT, size
 
 

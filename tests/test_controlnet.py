@@ -91,7 +91,7 @@ def test_weight_zero_equals_no_controlnet_and_the_edge_map_steers(cn_engine):
     plain, zero, circle, bar = generate(cn_engine, {})[0], *(
         generate(cn_engine, {"controlnet": [u]})[0] for u in (unit(weight=0), unit(), unit("bar")))
     # A ControlNet batch runs its UNet on torch (engine/accel.py), the plain one compiled: equal up to float order.
-    assert (zero.engine, zero.fallback, plain.fallback) == ("torch", "controlnet", None)
+    assert (zero.route.engine, zero.route.fallback, plain.route.fallback) == ("torch", "controlnet", None)
     assert diff(zero, plain) <= tolerance.FLOAT
     assert diff(circle, plain) > 1e-2 and diff(bar, plain) > 1e-2
     assert diff(circle, bar) > 1e-2  # a different edge map, a different picture

@@ -131,9 +131,9 @@ def test_a_lora_batch_runs_its_unet_on_torch_and_says_so(lora_engine, lora_model
     what plain torch draws."""
     plain = Engine(ModelRegistry(lora_models, tmp_path, extra=["tiny"], device="cpu", optimize=["none"]))
     with_lora = pixels(lora_engine, "a red circle <lora:ink:1>")
-    assert (with_lora.engine, with_lora.fallback) == ("torch", "lora")
+    assert (with_lora.route.engine, with_lora.route.fallback) == ("torch", "lora")
     assert diff(with_lora, pixels(plain, "a red circle <lora:ink:1>")) <= tolerance.FLOAT
-    assert (pixels(lora_engine).engine, pixels(lora_engine).fallback) == ("openvino", None)
+    assert (pixels(lora_engine).route.engine, pixels(lora_engine).route.fallback) == ("openvino", None)
 
 
 def test_unknown_or_unusable_lora_is_the_clients_error(lora_engine):

@@ -131,9 +131,8 @@ class Accelerated:
     """What `apply` did to one loaded pipeline."""
 
     engine: str = TORCH  # the UNet's path when a batch may use it: "openvino", "torch.compile", "torch"
-    unet: Any = None  # the UNet's _Graph when it runs on OpenVINO (its patched forward asks `unet_enabled`)
-    graphs: list[Any] = field(default_factory=list)  # every _Graph, for warm-up figures
-    unet_enabled: bool = True
+    graphs: list[Any] = field(default_factory=list)  # every _Graph: compiled per shape, so a warm-up pays off
+    unet_enabled: bool = True  # the patched UNet forward asks it (batch() sets it per batch)
 
     @contextlib.contextmanager
     def batch(self, loras: tuple, controlnet: tuple) -> Iterator[Route]:
@@ -164,7 +163,7 @@ def apply(pipe: Any, options: list[str], cache: Path | None, model_hash: str | N
         pipe.unet.compile(mode=mode)  # in place: the module (its config, its LoRA methods) stays the pipeline's
         state.engine = "torch.compile"
     if "openvino" in options:
-        _openvino(pipe, state, cache if model_hash else None, model_hash)
+        _openvino(pipe, state, cache, model_hash)
     return state
 
 
@@ -242,7 +241,7 @@ def _openvino(pipe: Any, state: Accelerated, cache: Path | None, model_hash: str
         size_of = sum(p.numel() * p.element_size() for p in module.parameters())
         graphs[name] = _Graph(core, model, config, name, size_of)
     if "unet" in graphs:
-        state.engine, state.unet = "openvino", graphs["unet"]
+        state.engine = "openvino"
         _patch(unet, _unet_forward(unet.forward, graphs["unet"], state, sdxl, 2 ** unet.num_upsamplers))
     if "vae-decoder" in graphs:
         _patch(vae.decoder, _module_forward(vae.decoder.forward, graphs["vae-decoder"], "latent_embeds"))

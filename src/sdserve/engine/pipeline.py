@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 
 from sdserve import __version__, bounds, controlnet, loras
-from sdserve.engine import adapters, infotext, prompts, samplers
+from sdserve.engine import accel, adapters, infotext, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
@@ -49,8 +49,7 @@ class GeneratedImage:
     seed: int
     infotext: str
     pixels: Any = None  # float32 HxWx3 in 0..1, before 8-bit rounding (and before the inpaint overlay)
-    engine: str = "torch"  # what ran the UNet (accel.Route)
-    fallback: str | None = None  # why torch although a compiled path was on
+    route: accel.Route = field(default_factory=lambda: accel.Route(accel.TORCH))  # what ran its UNet, and why
 
 
 @dataclass(frozen=True)
@@ -258,7 +257,7 @@ class Engine:
                 image = Image.composite(image, p.init_image, p.mask)
             results[owner[id(p)]].append(
                 GeneratedImage(image, row.seed, self._infotext(p, row.index, key, resolved, model), pixels,
-                               route.engine, route.fallback))
+                               route))
         if route.fallback:
             log.info("batch of %d image(s) ran its UNet on torch: %s", len(rows), route.fallback)
         return results

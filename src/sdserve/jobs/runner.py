@@ -398,11 +398,12 @@ class Runner:
         if not verdict.allowed:
             log.info("job %s: image %d blocked by moderation: %s", job.id, i, verdict.reason)
             return ImageRef(id=f"{job.id}-{i}", url=None, seed=generated.seed, width=width, height=height,
-                            blocked=True, reason=verdict.reason, engine=generated.engine, fallback=generated.fallback)
+                            blocked=True, reason=verdict.reason, engine=generated.route.engine,
+                            fallback=generated.route.fallback)
         # Keys are the job's: a job run twice (a worker died after storing) stores each image once.
         key = self._put(png, f"{job.id}-{i}")
         return ImageRef(id=key, url=f"/api/v1/images/{key}", seed=generated.seed, width=width, height=height,
-                        engine=generated.engine, fallback=generated.fallback)
+                        engine=generated.route.engine, fallback=generated.route.fallback)
 
     def _put(self, png: bytes, key: str) -> str:
         return self._stored(lambda: self.images.put(png, key=key))
