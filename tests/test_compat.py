@@ -119,6 +119,20 @@ def test_webuiapi_progress_while_running_then_interrupt(a1111):
     progress = until(past_step_two, "the long call never reached step 2")
     assert progress["state"]["sampling_steps"] == 150 and progress["state"]["job_count"] == 1
     assert 0.01 < progress["progress"] < 1 and progress["eta_relative"] >= 0
+
+    # The live preview (A1111's show_progress_every_n_steps, 10 by default) changes as the picture forms.
+    def preview_after(step: int) -> tuple[int, str] | None:
+        progress = a1111.get_progress()
+        image, at = progress["current_image"], progress["state"]["sampling_step"]
+        return (at, image) if image and at >= step else None
+
+    at, first = until(lambda: preview_after(10), "no live preview by step 10")
+    _, second = until(lambda: preview_after(at - at % 10 + 10), "the live preview never changed")
+    assert first != second
+    preview = Image.open(io.BytesIO(base64.b64decode(second)))
+    assert preview.format == "JPEG" and preview.size == (32, 32)  # the latent's size: 256 / 8
+    assert httpx.get(f"{a1111.baseurl}/progress?skip_current_image=true",
+                     auth=(USER, PASSWORD)).json()["current_image"] is None
     a1111.interrupt()
     worker.join(60)
     assert not worker.is_alive()
@@ -204,6 +218,31 @@ def test_openai_edit_with_mask(oai):
     border[4:60, 4:60] = False
     assert np.array_equal(out[border], src[border])  # opaque part of the mask: kept
     assert np.abs(out[24:40, 24:40] - src[24:40, 24:40]).mean() > 10  # transparent part: edited
+
+
+def test_openai_streams_partial_images(oai):
+    # The unmodified SDK, streaming: two previews of the forming picture, then the image.
+    events = list(oai.images.generate(model="gpt-image-1", prompt="a red circle", size="64x64", stream=True,
+                                      partial_images=2))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    partials = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events[:2]]
+    assert all(p.format == "JPEG" and p.size == (64, 64) for p in partials) and events[0].size == "64x64"
+    assert px(partials[0]).tolist() != px(partials[1]).tolist()  # two different moments of the picture
+    final = Image.open(io.BytesIO(base64.b64decode(events[-1].b64_json)))
+    assert final.size == (64, 64) and "a red circle" in final.info["parameters"]
+    assert events[-1].output_format == "png" and events[-1].usage.total_tokens == 0
+
+
+def test_openai_streams_an_edit_and_refuses_partials_without_stream(oai):
+    buf = io.BytesIO()
+    noise_image(7).save(buf, format="PNG")
+    events = list(oai.images.edit(image=("init.png", buf.getvalue(), "image/png"), prompt="a hat", size="64x64",
+                                  stream=True, partial_images=1))
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.images.generate(prompt="x", size="64x64", partial_images=2)
+    assert err.value.body["param"] == "partial_images"
 
 
 def test_openai_models_list(oai):

@@ -415,3 +415,29 @@ def test_the_queued_work_is_recounted_where_redis_lacks_it(redis_server):
     q.claim(wait_s=0)  # one leaves the queue: counted from the queue, not subtracted from nothing
     q.record_speed(0.1)
     assert q.get(last.id).eta_s == pytest.approx(policy.queued_eta(1, 2, 20, 10, 10, 0.1)) == pytest.approx(3.0)
+
+
+def test_previews_go_to_the_jobs_watchers_and_are_never_kept(make_queue):
+    submitter, watcher = make_queue(), make_queue()  # the engine's process and an API replica
+    job = submit(submitter, "x", steps=4)
+    other = submit(submitter, "y", steps=4)
+    preview = {"image": "AAAA", "media_type": "image/jpeg", "width": 8, "height": 8}
+
+    async def scenario():
+        with watcher.events.subscribe(job.id, after="0") as events:
+            claimed = submitter.claim(wait_s=0, select=lambda jobs: jobs[:2])
+            assert len(claimed) == 2
+            submitter.progress([job.id, other.id], 1, 4, claimed[0].batch_id, {job.id: preview})
+            while (event := await asyncio.wait_for(events.get(), 10))["type"] != "preview":
+                pass
+            return event
+
+    event = asyncio.run(scenario())
+    assert {k: event[k] for k in ("id", "step", "steps", "image", "width")} == {
+        "id": job.id, "step": 1, "steps": 4, "image": "AAAA", "width": 8}
+    assert watcher.latest_preview(job.id)["image"] == "AAAA" and watcher.latest_preview(other.id) is None
+    submitter.progress([job.id], 2, 4, None, {job.id: {**preview, "image": "BBBB"}})
+    assert watcher.latest_preview(job.id)["step"] == 2  # the latest only
+    assert "AAAA" not in watcher.get(job.id).model_dump_json()  # not part of the job
+    submitter.succeed(job.id, [])
+    assert watcher.latest_preview(job.id) is None  # gone once the job ended

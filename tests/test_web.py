@@ -5,12 +5,14 @@ Set SDSERVE_SCREENSHOTS=docs to save screenshots of the main screens there.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -128,7 +130,11 @@ def test_generate_shows_progress_and_the_image(page, server):
     page.evaluate("""() => { window.seen = [];
         new MutationObserver(ms => ms.forEach(m => m.target.dataset && m.target.dataset.progress !== undefined
             && window.seen.push(Number(m.target.dataset.progress))))
-          .observe(document.getElementById('jobs'), {subtree: true, attributes: true, attributeFilter: ['data-progress']}); }""")
+          .observe(document.getElementById('jobs'), {subtree: true, attributes: true, attributeFilter: ['data-progress']});
+        window.previews = [];  // and every forming picture the card shows (`preview` events)
+        new MutationObserver(ms => ms.forEach(m => m.target.classList.contains('preview')
+            && window.previews.push({src: m.target.src, step: Number(m.target.dataset.step)})))
+          .observe(document.getElementById('jobs'), {subtree: true, attributes: true, attributeFilter: ['src']}); }""")
     page.fill("#prompt", "a red circle on a blue background")
     page.fill("#negative_prompt", "")  # a clean form: an earlier test may have left a negative prompt there
     page.fill("#steps", "100")  # enough steps at the demo's 64x64 to see progress between start and end
@@ -141,7 +147,16 @@ def test_generate_shows_progress_and_the_image(page, server):
     assert card.locator(".progress-text").inner_text() == "100/100"
     seen = page.evaluate("() => window.seen")
     assert any(0 < v < 1 for v in seen) and seen[-1] == 1, seen
+    # The picture formed on the card: a preview every 20 of the 100 steps, hidden once the images came.
+    previews = page.evaluate("() => window.previews")
+    assert [p["step"] for p in previews] == [20, 40, 60, 80], [p["step"] for p in previews]
+    assert card.locator(".preview").is_hidden()
+    last = Image.open(io.BytesIO(base64.b64decode(previews[-1]["src"].split(",", 1)[1]))).convert("RGB")
+    assert previews[-1]["src"].startswith("data:image/jpeg;base64,") and last.size == (8, 8)  # the latent's size
+    red, _, blue = np.asarray(last, dtype=float).reshape(-1, 3).mean(axis=0)
+    assert blue > red + 20, (red, blue)  # the blue background is already there
     job = api_job(server, card)
+    assert job["request"]["preview_every"] == 20
     assert job["request"]["negative_prompt"] == "" and job["images"][0]["seed"] == 1234
     # What a newcomer types first, drawn: the demo model follows the prompt.
     drawn = demo_data.read(Image.open(io.BytesIO(httpx.get(server.url + job["images"][0]["url"]).content)))

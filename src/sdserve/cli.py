@@ -109,6 +109,15 @@ PublicURL = Annotated[Optional[str], typer.Option(
 AllowedHosts = Annotated[Optional[list[str]], typer.Option(
     "--allowed-hosts", help="Host headers to answer (repeat; *.example.org, * for any); others get 400. Default: "
     "loopback and this machine's names, or any with --public-url. [env: SDSERVE_ALLOWED_HOSTS, comma-separated]")]
+PreviewEvery = Annotated[Optional[int], typer.Option(
+    "--preview-every", help="Send a job's watchers the forming picture every N steps (0, the default: only jobs "
+    "that ask, by preview_every). [env: SDSERVE_PREVIEW_EVERY]")]
+WebhookSecret = Annotated[Optional[str], typer.Option(
+    "--webhook-secret", help="Signs webhook deliveries (Standard Webhooks; whsec_<base64> or 16+ characters) for "
+    "keys without a secret of their own. [env: SDSERVE_WEBHOOK_SECRET]")]
+WebhookAllowHosts = Annotated[Optional[list[str]], typer.Option(
+    "--webhook-allow-hosts", help="Hosts a webhook may reach although they resolve to a private, loopback or "
+    "link-local address (repeat, or host,host). [env: SDSERVE_WEBHOOK_ALLOW_HOSTS, comma-separated]")]
 KeepJobsDays = Annotated[Optional[float], typer.Option(
     "--keep-jobs-days", help="Delete ended jobs older than this (default 30; 0: keep). [env: SDSERVE_KEEP_JOBS_DAYS]")]
 KeepImagesDays = Annotated[Optional[float], typer.Option(
@@ -279,6 +288,9 @@ def serve(
     storage: StorageURL = None,
     public_url: PublicURL = None,
     allowed_hosts: AllowedHosts = None,
+    preview_every: PreviewEvery = None,
+    webhook_secret: WebhookSecret = None,
+    webhook_allow_hosts: WebhookAllowHosts = None,
     workers: Annotated[Optional[int], typer.Option(
         "--workers", help="Engine processes: 0 (default) is one per visible GPU, each pinned to its own, and one on "
         "CPU; on a CPU, N processes split the cores. [env: SDSERVE_WORKERS]")] = None,
@@ -297,7 +309,8 @@ def serve(
         images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file, moderation=moderation,
         safety_checker=safety_checker, blocklist=blocklist, keep_jobs_days=keep_jobs_days,
         keep_images_days=keep_images_days, public_url=public_url, allowed_hosts=allowed_hosts or None,
-        workers=workers,
+        workers=workers, preview_every=preview_every, webhook_secret=webhook_secret,
+        webhook_allow_hosts=webhook_allow_hosts or None,
     )
     if settings.sagemaker:
         _sagemaker_defaults(settings, host_given=host is not None, port_given=port is not None, model_given=bool(model))
@@ -330,6 +343,9 @@ def api(
     storage: StorageURL = None,
     public_url: PublicURL = None,
     allowed_hosts: AllowedHosts = None,
+    preview_every: PreviewEvery = None,
+    webhook_secret: WebhookSecret = None,
+    webhook_allow_hosts: WebhookAllowHosts = None,
 ) -> None:
     """An API replica: the web UI and every API, no engine (no torch, no model files). Needs a shared --queue."""
     settings = _settings(
@@ -337,7 +353,8 @@ def api(
         max_queue=max_queue, max_work=max_work, queue=queue, storage=storage, rate_limit=rate_limit,
         rate_burst=rate_burst, images_per_minute=images_per_minute, on_disconnect=on_disconnect, keys_file=keys_file,
         blocklist=blocklist, keep_jobs_days=keep_jobs_days, keep_images_days=keep_images_days, public_url=public_url,
-        allowed_hosts=allowed_hosts or None,
+        allowed_hosts=allowed_hosts or None, preview_every=preview_every, webhook_secret=webhook_secret,
+        webhook_allow_hosts=webhook_allow_hosts or None,
     )
     if not model and "SDSERVE_MODELS" not in os.environ:
         settings.models = []  # not "demo": the API offers what the workers publish

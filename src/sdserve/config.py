@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(25.0, ge=0, description="On SIGTERM, time to finish the running batch.")
     max_batch: int | None = Field(None, ge=1, le=64, description="Images per UNet pass; default by device.")
     batch_wait_ms: float = Field(20.0, ge=0, le=5000, description="How long a batch waits for companions.")
+    # Step previews: every this many steps a job's watchers get the forming picture (0: only jobs that ask, by
+    # their own preview_every; A1111 calls follow its show_progress_every_n_steps option).
+    preview_every: int = Field(0, ge=0, le=bounds.MAX_STEPS, description="Default steps between previews; 0: none.")
+    # Webhooks (webhooks.py): the Standard Webhooks signing secret (whsec_<base64>, or any text of 16+ characters)
+    # for jobs whose key has none of its own; and hosts a delivery may reach although they resolve to a private,
+    # loopback or link-local address (by default none may).
+    webhook_secret: str | None = Field(None, min_length=16)
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Speed-ups (engine/accel.py OPTIMIZATIONS): empty is `auto`, the fastest gated path for the device; `none` is
     # plain torch.
     optimize: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -115,14 +123,14 @@ class Settings(BaseSettings):
             Rate.parse(value)  # a clear error at startup, not at the first request
         return value
 
-    @field_validator("models", "api_keys", "api_auth", "optimize", "allowed_hosts", mode="before")
+    @field_validator("models", "api_keys", "api_auth", "optimize", "allowed_hosts", "webhook_allow_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object, info: ValidationInfo) -> object:
         # SDSERVE_API_KEYS="k1,k2" is friendlier than a JSON list in a shell or a Helm value. Names (never secrets
         # or paths) are split in a flag's values too: `--allowed-hosts a,b` is the flag given twice.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",")] if value.strip() else []
-        if isinstance(value, list) and info.field_name in ("optimize", "allowed_hosts"):
+        if isinstance(value, list) and info.field_name in ("optimize", "allowed_hosts", "webhook_allow_hosts"):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
 
@@ -141,7 +149,7 @@ class Settings(BaseSettings):
     def _unset_if_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("models", "optimize", "allowed_hosts")
+    @field_validator("models", "optimize", "allowed_hosts", "webhook_allow_hosts")
     @classmethod
     def _drop_empty(cls, value: list[str]) -> list[str]:
         return [entry for entry in value if entry.strip()]

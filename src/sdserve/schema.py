@@ -151,6 +151,9 @@ class GenerationRequest(BaseModel):
     hires: Hires | None = Field(None, description="A1111's hires fix: a second pass at a larger size (txt2img).")
     controlnet: list[ControlUnit] = Field(default_factory=list, max_length=3, description="ControlNet units.")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
+    preview_every: int | None = Field(None, ge=0, le=bounds.MAX_STEPS, description="Send a preview of the forming "
+                                      "picture every this many steps (a `preview` event on the job's stream); 0: "
+                                      "none; None: the server's --preview-every.")
     timeout_s: float | None = Field(None, ge=1, le=86400, description="Seconds the job may take, waiting and running.")
 
     @model_validator(mode="after")

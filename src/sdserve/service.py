@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -554,6 +554,8 @@ class Service:
         # Pin the model now (validate resolved it): a later change of the default does not change what this job draws.
         model = info.name
         queued = core.job_request(request, model=model, keys=keys, init_size=init.image.size if init else None)
+        if queued.preview_every is None:
+            queued.preview_every = self.settings.preview_every
         if caller is not None:  # the key's priority caps the job's (keys file)
             queued.priority = caller.priority_for(request.priority, "priority" in request.model_fields_set)
         try:
@@ -565,9 +567,20 @@ class Service:
             raise
 
     async def wait(self, job_id: str) -> Job:
-        """Until the job ends. Subscribes before reading, so the end cannot slip past unseen. Never hangs:
-        past the job's deadline (plus a grace) a job nothing could end is reported as timed out."""
-        with self.queue.events.subscribe(job_id, END_EVENTS) as events, self._waiting_on(events):
+        """Until the job ends (`watch`, seeing none of its other events)."""
+        async for item in self.watch(job_id):
+            if isinstance(item, Job):
+                return item
+        raise AssertionError("watch ends with the job")  # pragma: no cover
+
+    async def watch(self, job_id: str, types: frozenset[str] = frozenset(),
+                    after: str | None = None) -> AsyncIterator[Event | Job]:
+        """The job's events of `types` as they come (after an event id; "0": all of them, for a job just
+        submitted), then, last, the job as it ended. Subscribes before reading, so the end cannot slip past
+        unseen. Never hangs: past the job's deadline (plus a grace) a job nothing could end is reported as timed
+        out."""
+        with self.queue.events.subscribe(job_id, types | END_EVENTS, after=after) as events, \
+                self._waiting_on(events):
             job = await asyncio.to_thread(self.queue.get, job_id)
             deadline = (await asyncio.to_thread(self.queue.deadlines, [job_id]))[job_id]
             while not job.status.terminal:
@@ -581,7 +594,10 @@ class Service:
                         raise ShuttingDown("the server is shutting down: this call's jobs are canceled; send it "
                                            "again shortly (another replica, or this one once it is back)")
                     if event["type"] in END_EVENTS:  # the end's event holds the job as it ended: no read needed
-                        return Job.model_validate({k: v for k, v in event.items() if k not in ("type", "event_id")})
+                        yield Job.model_validate({k: v for k, v in event.items() if k not in ("type", "event_id")})
+                        return
+                    yield event
+                    continue
                 except asyncio.TimeoutError:
                     pass
                 try:
@@ -589,10 +605,11 @@ class Service:
                 except StorageError:
                     pass  # the store is away: wait on (its events or the next read tell the end)
                 if not job.status.terminal and given_up is not None and time.time() > given_up:
-                    return job.model_copy(update={
+                    yield job.model_copy(update={
                         "status": JobStatus.failed, "error_kind": "timeout",
                         "error": "timed out, and its end could not be recorded (see /readyz)"})
-            return job
+                    return
+            yield job
 
     @contextmanager
     def _waiting_on(self, events: asyncio.Queue) -> Iterator[None]:

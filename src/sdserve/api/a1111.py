@@ -45,7 +45,8 @@ SOURCE = "a1111"
 OPTIONS = "a1111:options"
 CALLS = "a1111:calls"
 DEFAULT_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-                                   "enable_pnginfo": True, "return_grid": False}
+                                   "enable_pnginfo": True, "return_grid": False, "live_previews_enable": True,
+                                   "show_progress_every_n_steps": 10}
 
 
 @dataclass
@@ -186,13 +187,17 @@ async def progress(request: Request, service: ServiceDep, caller: CallerDep, ski
     active = jobs[job_no]
     value = proto.progress_value(job_no, len(jobs), active.step, active.steps)
     eta = sum((j.eta_s or 0) for j in jobs[job_no:] if not j.status.terminal)
+    preview = None
+    if not skip_current_image and active.status is JobStatus.running:
+        # the job's own latest preview (its caller's: _own_call checked), as A1111's live preview
+        preview = await asyncio.to_thread(service.queue.latest_preview, active.id)
     return {
         "progress": value,
         "eta_relative": eta,
         "state": {**idle_state, "job": call.task_id, "job_count": len(jobs), "job_no": job_no,
                   "job_timestamp": active.created_at.strftime("%Y%m%d%H%M%S"),
                   "sampling_step": active.step, "sampling_steps": active.steps},
-        "current_image": None,
+        "current_image": preview["image"] if preview else None,
         "textinfo": f"Step {active.step}/{active.steps}",
     }
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
+from sse_starlette.sse import EventSourceResponse
 
 from sdserve import bounds
 from sdserve.api.deps import CallerDep, ServiceDep
@@ -49,6 +52,61 @@ async def _respond(request: Request, service: Service, caller: Caller, canonical
     return {"created": int(time.time()), "data": data}
 
 
+async def _stream(request: Request, service: Service, caller: Caller, canonical: GenerationRequest,
+                  kind: str, partial_images: int) -> EventSourceResponse:
+    """`stream: true`: `partial_images` previews of the forming picture, then each image, as Server-Sent Events.
+    Whatever is wrong with the request is answered before the stream starts; a job that fails after is an
+    `error` event (the SDK raises it)."""
+    canonical.preview_every = proto.partial_every(canonical.steps, partial_images)
+    try:
+        job, _ = await service.submit_async(canonical, caller, source=SOURCE)
+    except RequestRejected as exc:
+        raise proto.OpenAIError(str(exc), exc.field, code=_code(exc)) from None
+
+    async def events():
+        sent, ended = 0, None
+        try:
+            async for item in service.watch(job.id, frozenset({"preview"}), after="0"):
+                if isinstance(item, Job):
+                    ended = item
+                    break
+                if sent < partial_images:
+                    b64, size = await asyncio.to_thread(_partial, item)
+                    yield _sse(proto.stream_event(kind, "partial_image", b64, size, "jpeg", sent))
+                    sent += 1
+            if ended is None or ended.status is not JobStatus.succeeded:
+                error = _job_error(ended) if ended else proto.OpenAIError("the stream ended", status=500)
+                yield _sse(proto.error_body(str(error), error.type, error.param, error.code), "error")
+                return
+            refused = [ref for ref in ended.images if ref.blocked]
+            if refused:
+                yield _sse(proto.error_body(f"moderation blocked the image: {refused[0].reason}", param=None,
+                                            code="content_policy_violation"), "error")
+                return
+            for ref in ended.images:
+                png = await asyncio.to_thread(service.image, ref.id) or b""
+                yield _sse(proto.stream_event(kind, "completed", base64.b64encode(png).decode(),
+                                              f"{ref.width}x{ref.height}", "png"))
+        finally:
+            if ended is None:  # the client went away (or the server stops): nobody will read this job
+                await asyncio.to_thread(service.abandon, [job.id])
+
+    return EventSourceResponse(events(), headers={"X-Job-Id": job.id})
+
+
+def _sse(data: dict[str, Any], event: str | None = None) -> dict[str, str]:
+    return {"event": event or data["type"], "data": json.dumps(data)}
+
+
+def _partial(preview: dict[str, Any]) -> tuple[str, str]:
+    """A preview (latent-sized) at the picture's size, as the SDK's partial images are: base64 JPEG, WxH."""
+    image = Image.open(io.BytesIO(base64.b64decode(preview["image"]))).convert("RGB")
+    width, height = preview["width"] * 8, preview["height"] * 8
+    buffer = io.BytesIO()
+    image.resize((width, height), Image.BILINEAR).save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode(), f"{width}x{height}"
+
+
 def _code(exc: RequestRejected) -> str | None:
     return "content_policy_violation" if isinstance(exc, ContentBlocked) else None
 
@@ -61,12 +119,16 @@ def _job_error(job: Job) -> proto.OpenAIError:
 
 @router.post("/images/generations", summary="OpenAI images.generate")
 async def generations(body: proto.ImageGenerationRequest, request: Request, service: ServiceDep,
-                      caller: CallerDep) -> dict[str, Any]:
+                      caller: CallerDep) -> Any:
     _check_n(body.n, service)
     width, height = proto.parse_size(body.size, service.limits.max_size)
     known = {m.name for m in await asyncio.to_thread(service.models.list)}
     canonical = GenerationRequest(prompt=body.prompt[:4000], model=proto.model_for(body.model, known),
                                   width=width, height=height, n=body.n)
+    if body.stream:
+        return await _stream(request, service, caller, canonical, "image_generation", body.partial_images)
+    if body.partial_images:
+        raise proto.OpenAIError("partial_images needs stream: true", "partial_images")
     return await _respond(request, service, caller, canonical, body.response_format or "url")
 
 
@@ -95,9 +157,10 @@ def _edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image | No
         "properties": {"image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
                        "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "integer"},
                        "size": {"type": "string"}, "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+                       "stream": {"type": "boolean"}, "partial_images": {"type": "integer", "minimum": 0, "maximum": 3},
                        "user": {"type": "string"}}}}}}},
 )
-async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> Any:
     try:
         form = await request.form(max_files=16, max_fields=64)
     except Exception as exc:  # not multipart, or malformed
@@ -126,6 +189,17 @@ async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> dic
     response_format = form.get("response_format") or "url"
     if response_format not in ("url", "b64_json"):
         raise proto.OpenAIError("response_format must be 'url' or 'b64_json'", "response_format")
+    stream = str(form.get("stream") or "false").lower()
+    if stream not in ("true", "false"):
+        raise proto.OpenAIError("stream must be true or false", "stream")
+    try:
+        partial_images = int(form.get("partial_images") or 0)
+    except ValueError:
+        raise proto.OpenAIError("partial_images must be an integer from 0 to 3", "partial_images") from None
+    if not 0 <= partial_images <= 3:
+        raise proto.OpenAIError("partial_images must be an integer from 0 to 3", "partial_images")
+    if partial_images and stream != "true":
+        raise proto.OpenAIError("partial_images needs stream: true", "partial_images")
 
     def b64(im: Image.Image) -> str:
         return base64.b64encode(encode_png(im)).decode()
@@ -136,6 +210,8 @@ async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> dic
         # An edit regenerates the masked area outright; without any mask it is a whole-image variation.
         strength=1.0 if mask is not None else 0.75, mask_blur=4,
     )
+    if stream == "true":
+        return await _stream(request, service, caller, canonical, "image_edit", partial_images)
     return await _respond(request, service, caller, canonical, response_format)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
-from sdserve.engine.pipeline import DecodeCallback, Engine, GeneratedImage, StepCallback
+from sdserve.engine.pipeline import DecodeCallback, Engine, GeneratedImage, PreviewCallback, StepCallback
 from sdserve.schema import JobRequest
 
 
@@ -24,7 +24,7 @@ class NoopEngine(Engine):
 
     def run(self, requests: Sequence[JobRequest], on_step: StepCallback | None = None,
             inputs: Mapping[str, Image.Image] | None = None, on_decode: DecodeCallback | None = None,
-            ) -> list[list[GeneratedImage]]:
+            on_preview: PreviewCallback | None = None) -> list[list[GeneratedImage]]:
         steps = requests[0].steps
         if self.step_s:
             for step in range(1, steps + 1):

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 
 from sdserve import __version__, bounds, controlnet, loras
-from sdserve.engine import accel, adapters, infotext, prompts, samplers
+from sdserve.engine import accel, adapters, infotext, previews, prompts, samplers
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
@@ -28,6 +28,9 @@ StepCallback = Callable[[int, int], None]
 # Called before each VAE decoder call (each tile of a tiled decode): where a cancel or shutdown is noticed outside
 # the denoising steps. Raises Cancelled to stop.
 DecodeCallback = Callable[[], None]
+# Told, just before a step's on_step, the previews due at that step: {index of the request in the batch: picture}
+# (each request asks for one every `preview_every` steps; engine/previews.py draws them).
+PreviewCallback = Callable[[int, dict[int, Image.Image]], None]
 
 # Above this many pixels per image the VAE decodes in tiles of TILE_PX (blended at the seams, as diffusers' tiled
 # decode does): memory stays bounded whatever the size, and a cancel is noticed between tiles.
@@ -164,6 +167,7 @@ class Engine:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self._on_decode: DecodeCallback | None = None  # the running batch's (run)
+        self._on_preview: PreviewCallback | None = None
 
     @property
     def device(self) -> str:
@@ -194,13 +198,15 @@ class Engine:
     def run(
         self, requests: Sequence[JobRequest], on_step: StepCallback | None = None,
         inputs: Mapping[str, Image.Image] | None = None, on_decode: DecodeCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[list[GeneratedImage]]:
         """Generate every image of every request in one pipeline call; one result list per request.
 
         `inputs` holds the decoded input images by the keys in each request's `init_image` and `mask`.
         `on_step` is told each denoising step, `on_decode` each VAE decoder call; either may raise Cancelled.
+        `on_preview` gets the previews the requests asked for (`preview_every`).
         """
-        self._on_decode = on_decode
+        self._on_decode, self._on_preview = on_decode, on_preview
 
         if not requests:
             return []
@@ -286,9 +292,13 @@ class Engine:
         }
         if on_step is not None:
             before, total = progress
+            show = self._previewer(pipe, rows)
 
             def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                on_step(before + step + 1, total or pipeline.num_timesteps)
+                done, steps = before + step + 1, total or pipeline.num_timesteps
+                if show is not None and done < steps:
+                    show(done, previews.denoised(pipeline.scheduler, tensors["latents"]))
+                on_step(done, steps)
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
@@ -296,6 +306,28 @@ class Engine:
         # pixels reproducible to the bit (the summation order follows the thread count).
         with torch.inference_mode(), _decoding(pipe.vae, self._on_decode, size[0] * size[1] > TILE_ABOVE_PX):
             return pipe(**kwargs).images
+
+    def _previewer(self, pipe: Any, rows: Sequence[_Row]) -> Callable[[int, Any], None] | None:
+        """What a step calls with its latents to send the previews due then; None when no request wants any."""
+        on_preview = self._on_preview
+        wanted = [row.job.request.preview_every or 0 for row in rows]
+        if on_preview is None or not any(wanted):
+            return None
+        projection = previews.projection(pipe.vae)
+        previews.watch_denoised(pipe.scheduler)  # this batch's own scheduler (made per pass)
+        order: dict[int, int] = {}  # a request's rows -> its index in the batch (rows are in request order)
+        jobs = [order.setdefault(id(row.job), len(order)) for row in rows]
+
+        def show(step: int, latents: Any) -> None:
+            due = [r for r, every in enumerate(wanted) if every and step % every == 0]
+            if not due:
+                return
+            pictures: dict[int, list[Image.Image]] = {}
+            for r, picture in zip(due, projection.render(latents[due])):
+                pictures.setdefault(jobs[r], []).append(picture)
+            on_preview(step, {job: previews.grid(images) for job, images in pictures.items()})
+
+        return show
 
     def _hires_fix(
         self, model: LoadedModel, pipe: Any, key: BatchKey, resolved: samplers.ResolvedSampler, hires: Hires,

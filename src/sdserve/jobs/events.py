@@ -12,7 +12,7 @@ from sdserve.schema import FINAL_STATUSES, Job
 
 # ----- the events, built here only ------------------------------------------------------------------------
 # On the wire (SSE data, the Redis stream) an event is a JSON object.
-EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled"]
+EventType = Literal["queued", "started", "progress", "preview", "succeeded", "failed", "canceled"]
 END_EVENTS = frozenset(status.value for status in FINAL_STATUSES)  # a job's last event
 
 
@@ -28,6 +28,25 @@ class ProgressEvent(TypedDict):
     eta_s: float | None  # jobs/policy.py: running_eta
 
 
+class Preview(TypedDict):
+    """A step preview as the engine's finisher encodes it (engine/previews.py): small, never a result."""
+
+    image: str  # base64
+    media_type: str
+    width: int
+    height: int
+
+
+class PreviewEvent(Preview):
+    """The forming picture of a running job, sent every `preview_every` steps to the job's watchers only."""
+
+    type: Literal["preview"]
+    id: str
+    status: Literal["running"]
+    step: int
+    steps: int
+
+
 # What subscribers get; a backend that keeps events adds `event_id` (SSE's id, for Last-Event-ID).
 Event = dict[str, Any]
 
@@ -41,6 +60,12 @@ def progress_event(job_id: str, step: int, steps: int, eta_s: float | None) -> E
     event: ProgressEvent = {"type": "progress", "id": job_id, "status": "running", "step": step, "steps": steps,
                             "progress": step / steps if steps else 0.0, "eta_s": eta_s}
     return event  # type: ignore[return-value]  (a TypedDict is a dict on the wire)
+
+
+def preview_event(job_id: str, step: int, steps: int, preview: Preview) -> Event:
+    event: PreviewEvent = {"type": "preview", "id": job_id, "status": "running", "step": step, "steps": steps,
+                           **preview}
+    return event  # type: ignore[return-value]
 
 
 class EventBus(Protocol):

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.jobs import fairshare, policy
-from sdserve.jobs.events import Event, job_event, progress_event
+from sdserve.jobs.events import Event, Preview, job_event, preview_event, progress_event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     step INTEGER NOT NULL DEFAULT 0,  -- progress of a running job
     steps INTEGER,
     lease_until REAL,  -- a running job's lease: its worker heartbeats it
-    claimer TEXT  -- the process that claimed it: host:pid-namespace:pid
+    claimer TEXT,  -- the process that claimed it: host:pid-namespace:pid
+    preview TEXT  -- a running job's latest preview event (JSON); cleared when it ends
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
@@ -329,7 +330,8 @@ class SQLiteJobQueue(JobEnds):
         for column, kind in (("batch_id", "TEXT"), ("batch_images", "INTEGER"), ("worker", "TEXT"),
                              ("owner", "TEXT NOT NULL DEFAULT ''"), ("label", "TEXT"),
                              ("weight", "REAL NOT NULL DEFAULT 1"), ("step", "INTEGER NOT NULL DEFAULT 0"),
-                             ("steps", "INTEGER"), ("lease_until", "REAL"), ("claimer", "TEXT")):
+                             ("steps", "INTEGER"), ("lease_until", "REAL"), ("claimer", "TEXT"),
+                             ("preview", "TEXT")):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         # Fair share reads each caller's oldest queued job; retention the oldest ended ones.
@@ -679,8 +681,10 @@ class SQLiteJobQueue(JobEnds):
         return {row["id"] for row in self._read(
             f"SELECT id FROM jobs WHERE id IN ({marks}) AND status = 'running' AND cancel_requested = 1", job_ids)}
 
-    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
-        """One transaction for the batch: each job's step and its event, and which jobs to stop."""
+    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None,
+                 previews: Mapping[str, Preview] | None = None) -> Stops:
+        """One transaction for the batch: each job's step and its event (and preview), and which jobs to stop."""
+        previews = previews or {}
         stops = Stops(set(), set())
         with self._write():
             speed = self._speed()
@@ -696,8 +700,16 @@ class SQLiteJobQueue(JobEnds):
                 self._db.execute("UPDATE jobs SET step = ?, steps = ? WHERE id = ?", (step, steps, job_id))
                 eta = policy.running_eta(steps, step, row["batch_images"] or 1, speed)
                 self._event(job_id, progress_event(job_id, step, steps, eta))
+                if job_id in previews:
+                    event = preview_event(job_id, step, steps, previews[job_id])
+                    self._db.execute("UPDATE jobs SET preview = ? WHERE id = ?", (json.dumps(event), job_id))
+                    self._event(job_id, event)
         self._changed()
         return stops
+
+    def latest_preview(self, job_id: str) -> Event | None:
+        rows = self._read("SELECT preview FROM jobs WHERE id = ? AND status = 'running'", (job_id,))
+        return json.loads(rows[0]["preview"]) if rows and rows[0]["preview"] else None
 
     def record_speed(self, seconds_per_step: float) -> None:
         with self._write():
@@ -708,7 +720,8 @@ class SQLiteJobQueue(JobEnds):
         """Inside a transaction: record the end of a job that has not ended, with its event."""
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._db.execute(
-            f"UPDATE jobs SET status = ?, finished_at = ?, lease_until = NULL{', ' + sets if sets else ''} WHERE id = ?",
+            f"UPDATE jobs SET status = ?, finished_at = ?, lease_until = NULL, preview = NULL"
+            f"{', ' + sets if sets else ''} WHERE id = ?",
             (status.value, time.time(), *fields.values(), row["id"]),
         )
         job = self._to_job(self._row(row["id"]))
@@ -730,7 +743,7 @@ class SQLiteJobQueue(JobEnds):
         with self._write():
             self._db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1), step = 0, "
-                "lease_until = NULL, claimer = NULL WHERE id = ? AND status = 'running'", (job_id,))
+                "lease_until = NULL, claimer = NULL, preview = NULL WHERE id = ? AND status = 'running'", (job_id,))
         self._changed()
 
     def recover(self) -> int:
@@ -753,7 +766,7 @@ class SQLiteJobQueue(JobEnds):
                     continue
                 requeued += self._db.execute(
                     "UPDATE jobs SET status = 'queued', started_at = NULL, step = 0, lease_until = NULL, "
-                    "claimer = NULL WHERE id = ?", (row["id"],)).rowcount
+                    "claimer = NULL, preview = NULL WHERE id = ?", (row["id"],)).rowcount
         if requeued or ended:
             self._changed()
         return requeued

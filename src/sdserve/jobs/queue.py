@@ -12,10 +12,10 @@ A claimed job is leased to its worker, which renews the lease while it runs; if 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from sdserve.jobs.events import EventBus
+from sdserve.jobs.events import Event, EventBus, Preview
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
 
 MAX_ATTEMPTS = 3
@@ -165,10 +165,15 @@ class JobQueue(SharedState, Protocol):
     def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         """Each job's unix time after which it fails with a timeout, or None (one round trip)."""
 
-    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
+    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None,
+                 previews: Mapping[str, Preview] | None = None) -> Stops:
         """One denoising step of batch `batch_id`: record each job's progress (and tell its watchers), and return
         the jobs to stop (`Stops`), whose progress is not recorded. Few round trips on Redis: the runner calls it
-        on every step, between two UNet passes."""
+        on every step, between two UNet passes. `previews`: the jobs' pictures due at this step, each kept as the
+        job's latest (`latest_preview`, until it ends) and sent as a `preview` event."""
+
+    def latest_preview(self, job_id: str) -> Event | None:
+        """A running job's last preview event, or None (none yet, or the job ended: previews are never kept)."""
 
     def succeed(self, job_id: str, images: list[ImageRef]) -> Job: ...
 

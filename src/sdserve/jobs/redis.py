@@ -29,13 +29,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
 from sdserve.jobs import fairshare, policy
-from sdserve.jobs.events import Event, job_event, progress_event
+from sdserve.jobs.events import Event, Preview, job_event, preview_event, progress_event
 from sdserve.jobs.queue import (
     MAX_ATTEMPTS,
     IdempotencyConflict,
@@ -206,6 +206,7 @@ if """ + " or ".join(f"status == '{status.value}'" for status in sorted(FINAL_ST
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', p .. 'job:' .. id, k, v) end
 redis.call('HSET', p .. 'job:' .. id, 'status', ARGV[3])
+redis.call('HDEL', p .. 'job:' .. id, 'preview')
 if redis.call('ZREM', p .. 'queued', id) == 1 then
   consume(p, 1)
   unqueue_owner(p, id)
@@ -270,6 +271,7 @@ if ARGV[3] == '0' then redis.call('HINCRBY', p .. 'job:' .. id, 'attempts', -1) 
 local priority = redis.call('HGET', p .. 'job:' .. id, 'priority')
 local seq = redis.call('HGET', p .. 'job:' .. id, 'seq')
 redis.call('HSET', p .. 'job:' .. id, 'status', 'queued', 'started_at', '', 'worker', '', 'step', 0)
+redis.call('HDEL', p .. 'job:' .. id, 'preview')
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZADD', p .. 'queued', {_SCORE}, id)
 queue_owner(p, id, {_SCORE})
@@ -720,7 +722,9 @@ class RedisJobQueue(JobEnds):
     def deadlines(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         return {job_id: float(v) if v else None for job_id, v in zip(job_ids, self._fields(job_ids, "deadline"))}
 
-    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None) -> Stops:
+    def progress(self, job_ids: Sequence[str], step: int, steps: int, batch_id: str | None = None,
+                 previews: Mapping[str, Preview] | None = None) -> Stops:
+        previews = previews or {}
         speed = self._speed()
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
@@ -742,8 +746,17 @@ class RedisJobQueue(JobEnds):
                 pipe.hset(f"{self.p}job:{job_id}", mapping={"step": step, "steps": steps})
                 eta = policy.running_eta(steps, step, images[job_id], speed)
                 self.events.publish(job_id, progress_event(job_id, step, steps, eta), pipe)
+                if job_id in previews:
+                    event = preview_event(job_id, step, steps, previews[job_id])
+                    pipe.hset(f"{self.p}job:{job_id}", "preview", json.dumps(event))
+                    self.events.publish(job_id, event, pipe)
             pipe.execute()
         return stops
+
+    def latest_preview(self, job_id: str) -> Event | None:
+        with self._redis():
+            status, preview = self.client.hmget(f"{self.p}job:{job_id}", "status", "preview")
+        return json.loads(preview) if preview and status == "running" else None
 
     def record_speed(self, seconds_per_step: float) -> None:
         value = policy.blend_speed(self._speed(), seconds_per_step)

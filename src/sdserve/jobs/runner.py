@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from PIL import Image
 
+from sdserve.engine import previews
 from sdserve.engine.models import ModelError
 from sdserve.engine.pipeline import (
     Cancelled,
@@ -36,6 +37,7 @@ from sdserve.engine.pipeline import (
 from sdserve.health import WriteHealth
 from sdserve.images import ImageDecodeError, decode_image, encode_png
 from sdserve.jobs import batcher, policy
+from sdserve.jobs.events import Preview
 from sdserve.jobs.queue import JobNotFound, JobQueue, Stops, StorageError
 from sdserve.moderation import ModerationUnavailable, Moderator, NoModeration, Verdict
 from sdserve.schema import ImageRef, Job
@@ -149,16 +151,17 @@ class _Reporter:
     def __init__(self, queue: JobQueue, outage: _Outage, batch_id: str | None) -> None:
         self.queue, self.outage, self.batch_id = queue, outage, batch_id
         self._lock = threading.Condition()
-        self._pending: list[tuple[list[str], int, int]] = []
+        self._pending: list[tuple[list[str], int, int, dict[str, Image.Image]]] = []
         self._found = Stops(set(), set())
         self._closed = False
         self._busy = False
         self._thread = threading.Thread(target=self._write, name="sdserve-progress", daemon=True)
         self._thread.start()
 
-    def report(self, job_ids: list[str], step: int, steps: int) -> Stops:
+    def report(self, job_ids: list[str], step: int, steps: int, previews: dict[str, Image.Image]) -> Stops:
+        """`previews`: pictures due at this step by job id, encoded here, off the runner thread."""
         with self._lock:
-            self._pending.append((job_ids, step, steps))
+            self._pending.append((job_ids, step, steps, previews))
             found, self._found = self._found, Stops(set(), set())
             self._lock.notify_all()
         return found
@@ -173,11 +176,12 @@ class _Reporter:
                 pending, self._pending = self._pending, []
                 self._busy = True
             found = Stops(set(), set())
-            for job_ids, step, steps in pending:
+            for job_ids, step, steps, pictures in pending:
                 job_ids = [job_id for job_id in job_ids if job_id not in found.canceled | found.lost]
                 try:
+                    encoded = {job_id: _preview(picture) for job_id, picture in pictures.items() if job_id in job_ids}
                     # The store away: this step's progress is skipped and the batch goes on (see _Outage).
-                    stops = self.outage.attempt(self.queue.progress, job_ids, step, steps, self.batch_id,
+                    stops = self.outage.attempt(self.queue.progress, job_ids, step, steps, self.batch_id, encoded,
                                                 default=Stops(set(), set()))
                 except Exception:  # the bound passed (_LeftToLeases) or worse: the runner thread finds out itself
                     stops = Stops(set(), set())
@@ -196,6 +200,11 @@ class _Reporter:
             self._lock.notify_all()
             while self._busy or self._pending:
                 self._lock.wait()
+
+
+def _preview(picture: Image.Image) -> Preview:
+    image, width, height = previews.encode(picture)
+    return {"image": image, "media_type": "image/jpeg", "width": width, "height": height}
 
 
 class Runner:
@@ -469,6 +478,10 @@ class Runner:
         started = time.monotonic()
         steps_done = 0
         reporter = _Reporter(self.queue, outage, batch_id)
+        due: dict[str, Image.Image] = {}  # the previews of the step being reported
+
+        def on_preview(step: int, pictures: dict[int, Image.Image]) -> None:
+            due.update({jobs[index].id: picture for index, picture in pictures.items()})
 
         def on_step(step: int, steps: int) -> None:
             nonlocal steps_done
@@ -484,7 +497,8 @@ class Runner:
                     ends.append((self.queue.fail, (job.id, policy.timed_out(limit, "running"), "timeout")))
                     dropped.add(job.id)
             outage.within_bound()  # the store away too long: the batch is left to its leases
-            stops = reporter.report([job.id for job in live()], step, steps)
+            stops = reporter.report([job.id for job in live()], step, steps, dict(due))
+            due.clear()
             for job_id in stops.lost - dropped:
                 log.info("job %s is no longer this batch's (it ended, or another worker holds it): dropped", job_id)
                 dropped.add(job_id)
@@ -514,7 +528,7 @@ class Runner:
             try:
                 inputs = self._inputs(jobs)
                 results = self.engine.run([job.request for job in jobs], on_step=on_step, inputs=inputs,
-                                          on_decode=on_decode)
+                                          on_decode=on_decode, on_preview=on_preview)
             finally:
                 reporter.close()  # no progress is written after this: the ends come next
             generated_at = time.time()  # before any client hears of its result (see _companions)

@@ -116,7 +116,8 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "noise", 3: "nothing"}
 # A1111 settings a request honours, from override_settings or else the saved /options.
-HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae")
+HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "live_previews_enable",
+                     "show_progress_every_n_steps")
 MODEL_OWN_VAE = ("Automatic", "None", "")  # A1111's sd_vae values meaning the checkpoint's own VAE
 
 
@@ -229,6 +230,9 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         raise TranslationError(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, not {clip_skip!r}",
                                "override_settings.CLIP_stop_at_last_layers", 422)
     vae = settings.get("sd_vae")
+    every = settings.get("show_progress_every_n_steps", 10)
+    # A1111: 0 turns live previews off, -1 shows the picture only once done (no preview while it forms)
+    preview_every = every if settings.get("live_previews_enable", True) and isinstance(every, int) and every > 0 else 0
     hires = None
     if body.enable_hr and not isinstance(body, Img2ImgRequest):
         upscaler = body.hr_upscaler or "Latent"
@@ -254,6 +258,7 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
         scheduler=body.scheduler or "automatic",
         n=body.batch_size,
+        preview_every=min(preview_every, bounds.MAX_STEPS),
     )
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +34,8 @@ class ImageGenerationRequest(BaseModel):
     output_format: str | None = None
     output_compression: int | None = None
     moderation: str | None = None
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3, description="Streaming: previews sent before the image.")
 
 
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1")
@@ -76,3 +79,25 @@ def image_data(*, b64: str | None, url: str | None, prompt: str) -> dict[str, An
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# The usage block the SDK's completed events carry (GPT image models count tokens; a diffusion model has none).
+NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+            "total_tokens": 0}
+
+
+def stream_event(kind: Literal["image_generation", "image_edit"], stage: Literal["partial_image", "completed"],
+                 b64: str, size: str, output_format: str, index: int | None = None) -> dict[str, Any]:
+    """One event of a streamed generation or edit, as the openai SDK parses it (its event name is `type`)."""
+    event: dict[str, Any] = {"type": f"{kind}.{stage}", "b64_json": b64, "created_at": int(time.time()),
+                             "size": size, "quality": "auto", "background": "opaque", "output_format": output_format}
+    if stage == "partial_image":
+        event["partial_image_index"] = index
+    else:
+        event["usage"] = NO_USAGE
+    return event
+
+
+def partial_every(steps: int, partial_images: int) -> int:
+    """Steps between previews so that `partial_images` come before the image (0: none)."""
+    return 0 if not partial_images else max(1, steps // (partial_images + 1))

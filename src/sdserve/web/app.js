@@ -147,6 +147,8 @@ function readForm() {
     width: num(f.width),
     height: num(f.height),
   };
+  // watch it form: about five previews over the run (each a small JPEG on the job's event stream)
+  body.preview_every = Math.max(1, Math.round((body.steps ?? 20) / 5));
   if (controlImage && f["control-model"].value) {
     body.controlnet = [{ image: controlImage, module: f["control-module"].value, model: f["control-model"].value,
                          weight: Number(f["control-weight"].value || 1) }];
@@ -305,6 +307,7 @@ function render(card, state) {
     text.textContent = status === "succeeded" ? `${state.steps}/${state.steps}` : "";
   }
   card.querySelector(".cancel").hidden = !["queued", "running"].includes(status);
+  if (status !== "running") card.querySelector(".preview").hidden = true;
   const err = card.querySelector(".job-error");
   err.hidden = !state.error || status === "canceled";
   err.textContent = state.error || "";
@@ -312,6 +315,15 @@ function render(card, state) {
     card.dataset.thumbs = "1";
     showThumbs(card, state);
   }
+}
+
+// The forming picture (a `preview` event): shown on the card while the job runs, replaced by the images.
+function showPreview(card, event) {
+  const img = card.querySelector(".preview");
+  img.src = `data:${event.media_type};base64,${event.image}`;
+  img.dataset.step = event.step;
+  img.title = `step ${event.step}/${event.steps}`;
+  img.hidden = false;
 }
 
 async function showThumbs(card, job) {
@@ -341,7 +353,8 @@ async function follow(id) {
   const card = cards.get(id);
   try {
     await followJob(id, (name, data) => {
-      if (name === "progress") render(card, { ...data, status: "running" });
+      if (name === "preview") showPreview(card, data);
+      else if (name === "progress") render(card, { ...data, status: "running" });
       else render(card, data);
       if (name === "succeeded" && data.images?.length) lastSeed = data.images[0].seed;
     });
