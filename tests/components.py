@@ -186,3 +186,47 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(20)
+
+
+class WebhookReceiver:
+    """An HTTP server on loopback that records each POST (its headers and body) and answers with the next status
+    of `answers` (then 200): where the tests' webhooks go, allowed by name (`localhost`)."""
+
+    def __init__(self, answers: list[int] | None = None) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.answers = list(answers or [])
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with receiver.arrived:
+                    status = receiver.answers.pop(0) if receiver.answers else 200
+                    receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    receiver.arrived.notify_all()
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://localhost:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def wait_for(self, count: int, timeout: float = 120) -> list[tuple[dict[str, str], bytes]]:
+        """Until `count` deliveries arrived (a hang guard, not a pace: it returns as soon as they are here)."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: len(self.received) >= count, timeout):
+                raise AssertionError(f"{len(self.received)} of {count} webhook deliveries in {timeout} s")
+            return list(self.received)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -388,3 +388,38 @@ def test_every_role_starts_before_its_stores_and_an_empty_redis_is_restocked(mod
             p.kill()
         redis_server.stop()
         s3.stop()
+
+
+def test_a_webhook_arrives_signed_after_a_kill_9_of_the_replica_that_accepted_the_job(cluster, redis_server,
+                                                                                     tmp_path):
+    """The outbox is Redis's, not the accepting replica's memory: the job's worker queues the delivery with the
+    job's end, and a surviving replica sends it. (The module's replicas a and b have no signing secret: they send
+    no webhooks, and leave the delivery to a replica that can sign it.)"""
+    from components import WebhookReceiver
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    common = ("--queue", redis_server.url.rsplit("/", 1)[0] + "/0", "--storage", f"file://{cluster.shared}",
+              "--webhook-secret", secret, "--webhook-allow-hosts", "localhost")
+    accepting = ServerProcess(None, tmp_path / "x", *common, role="api").start()
+    surviving = ServerProcess(None, tmp_path / "y", *common, role="api").start()
+    receiver = WebhookReceiver()
+    try:
+        job_id = submit(accepting, {**LONG, "steps": 20, "webhook_url": receiver.url,
+                                    "webhook_events": ["completed"]})
+        with surviving.client() as c:
+            wait_for(c, job_id, ("running",))
+            accepting.kill()  # kill -9 while its job runs
+            done = wait_for(c, job_id, timeout=600)
+            assert done["status"] == "succeeded"
+            [(headers, body)] = receiver.wait_for(1)
+            message = Webhook(secret).verify(body, headers)
+            assert message["type"] == "job.completed" and message["data"]["id"] == job_id
+            assert headers["webhook-id"] == f"msg_{job_id}_completed"
+            delivered = until(lambda: [a for a in c.get(f"/api/v1/jobs/{job_id}/webhooks").json()["attempts"]
+                                       if a["delivered"]] or None, "the delivery was never logged")
+            assert len(delivered) == 1  # once: at least once, and here exactly once
+    finally:
+        accepting.kill()
+        surviving.kill()
+        receiver.stop()

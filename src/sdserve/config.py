@@ -40,10 +40,10 @@ class Settings(BaseSettings):
     # Step previews: every this many steps a job's watchers get the forming picture (0: only jobs that ask, by
     # their own preview_every; A1111 calls follow its show_progress_every_n_steps option).
     preview_every: int = Field(0, ge=0, le=bounds.MAX_STEPS, description="Default steps between previews; 0: none.")
-    # Webhooks (webhooks.py): the Standard Webhooks signing secret (whsec_<base64>, or any text of 16+ characters)
+    # Webhooks (webhooks.py): the Standard Webhooks signing secret (whsec_ and the base64 of 16+ random bytes)
     # for jobs whose key has none of its own; and hosts a delivery may reach although they resolve to a private,
     # loopback or link-local address (by default none may).
-    webhook_secret: str | None = Field(None, min_length=16)
+    webhook_secret: str | None = None
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Speed-ups (engine/accel.py OPTIMIZATIONS): empty is `auto`, the fastest gated path for the device; `none` is
     # plain torch.
@@ -113,6 +113,15 @@ class Settings(BaseSettings):
         if value not in ("none", "safety-checker") and not value.startswith(("http://", "https://")):
             raise ValueError("use none, safety-checker, or the URL of an HTTP hook (http://… or https://…)")
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: str | None) -> str | None:
+        if value:
+            from sdserve.webhooks import check_secret
+
+            check_secret(value)
+        return value or None
 
     @field_validator("rate_limit")
     @classmethod

@@ -42,6 +42,16 @@ class ModelUnavailable(Exception):
         self.named = named
 
 
+class NotDoneYet(Exception):
+    """A synchronous call's `Prefer: wait=N` ran out before its jobs ended: 202 with where to find them (they go
+    on, and their results stay in the job history)."""
+
+    def __init__(self, job_ids: list[str], wait_s: float) -> None:
+        super().__init__(f"not done within the {wait_s:g} s its Prefer: wait allowed; the job goes on: "
+                         f"GET /api/v1/jobs/{job_ids[0]}")
+        self.job_ids, self.wait_s = job_ids, wait_s
+
+
 class ContentBlocked(RequestRejected):
     """Moderation withheld it: a prompt on the blocklist, or an image a check blocked. 400 in every dialect
     (OpenAI's code: content_policy_violation)."""

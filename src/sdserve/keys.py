@@ -12,6 +12,7 @@ priority and fair-share weight:
     priority = 10                  # its jobs' priority; a request may ask for lower, never higher
     weight = 2                     # its share of the workers when several keys have jobs queued
     admin = true                   # sees and manages every key's jobs (default: only its own)
+    webhook_secret = "whsec_..."   # signs its jobs' webhooks (default: --webhook-secret)
 
 A caller is the key auth accepted, a Basic user, or (auth off) the client's address. Its `id` names its rate
 limit buckets and its fair-share turn; its `label` is what it shows. The file is read again when it changes.
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sdserve import webhooks
 from sdserve.ratelimit import Rate
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Caller:
     images: Rate | None = None
     # Sees and manages every caller's jobs: an `admin` key, and (auth off) everyone, who are then one caller.
     sees_all: bool = False
+    webhook_secret: str | None = field(default=None, repr=False)  # signs its jobs' webhooks (keys file)
 
     @property
     def account(self) -> str:
@@ -95,9 +98,12 @@ class KeyEntry(BaseModel):
     priority: int | None = Field(None, ge=-100, le=100)
     weight: float = Field(1.0, gt=0, le=1000)
     admin: bool = False  # sees and manages every caller's jobs and images
+    webhook_secret: str | None = Field(None, repr=False)
 
     @model_validator(mode="after")
     def _one_key(self) -> KeyEntry:
+        if self.webhook_secret is not None:
+            webhooks.check_secret(self.webhook_secret)
         if (self.key is None) == (self.sha256 is None):
             raise ValueError("give each entry either `key` or `sha256`")
         if self.rate_limit is not None:
@@ -113,7 +119,7 @@ class KeyEntry(BaseModel):
             id="key:" + self.digest[:16], label=self.label, weight=self.weight, priority=self.priority,
             requests=Rate.parse(self.rate_limit, self.rate_burst) if self.rate_limit else None,
             images=Rate(self.images_per_minute / 60, self.images_per_minute) if self.images_per_minute else None,
-            sees_all=self.admin,
+            sees_all=self.admin, webhook_secret=self.webhook_secret,
         )
 
 
@@ -222,6 +228,10 @@ class KeyBook:
         if listed == 0 and not users:
             return "on, but no keys are listed: every request is refused"
         return f"on ({', '.join(parts)})"
+
+    def webhook_secret(self, caller_id: str) -> str | None:
+        """The keys file's webhook secret of the key behind this caller id, if it has one."""
+        return next((caller.webhook_secret for _, caller in self._fresh() if caller.id == caller_id), None)
 
     def lookup(self, candidate: bytes | str | None) -> Caller | None:
         """The caller this key (the header's bytes, read as UTF-8) belongs to, or None. Constant time in which key

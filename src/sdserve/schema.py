@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sdserve import bounds
+from sdserve import bounds, webhooks
 from sdserve.loras import LoraRef
+from sdserve.webhooks import WebhookEvent
 
 MAX_SEED = 2**32 - 1
 DEFAULT_SAMPLER = "DPM++ 2M"
@@ -155,6 +156,19 @@ class GenerationRequest(BaseModel):
                                       "picture every this many steps (a `preview` event on the job's stream); 0: "
                                       "none; None: the server's --preview-every.")
     timeout_s: float | None = Field(None, ge=1, le=86400, description="Seconds the job may take, waiting and running.")
+    cancel_after_s: float | None = Field(None, ge=1, le=86400, description="Seconds after which the job is no longer "
+                                         "wanted: it ends canceled if it has not finished (the Cancel-After header "
+                                         "sets it in every dialect).")
+    webhook_url: str | None = Field(None, max_length=2000, description="POST the job's events here, signed (Standard "
+                                    "Webhooks); a public http(s) address.")
+    webhook_events: list[WebhookEvent] | None = Field(None, max_length=6, description="Which events to POST: queued, "
+                                                      "started, progress (throttled), completed, failed, canceled. "
+                                                      "Default: completed, failed, canceled.")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        return None if url is None else webhooks.check_url(url)
 
     @model_validator(mode="after")
     def _mask_needs_image(self) -> GenerationRequest:
@@ -162,7 +176,15 @@ class GenerationRequest(BaseModel):
             raise ValueError("mask needs an init_image to paint into")
         if self.hires is not None and self.init_image is not None:
             raise ValueError("hires is for txt2img; for a larger img2img, ask for the larger size")
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
         return self
+
+    @property
+    def webhook(self) -> str | None:
+        """What the job store keeps of the webhook (webhooks.spec), or None."""
+        events = self.webhook_events if self.webhook_events is not None else webhooks.DEFAULT_EVENTS
+        return webhooks.spec(self.webhook_url, list(dict.fromkeys(events)))
 
     def input_images(self) -> dict[str, str]:
         """The request's input images by where they sit: `init_image`, `mask`, `controlnet.<i>`."""

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sdserve import addons, bounds, catalog, core, loras
+from sdserve import addons, bounds, catalog, core, loras, webhooks
 from sdserve import controlnet as control
 from sdserve.catalog import ModelCatalog, ModelInfo, SharedCatalog, UnknownModelError
 from sdserve.config import Settings
-from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
+from sdserve.core import ContentBlocked, ModelUnavailable, NotDoneYet, RequestRejected
 from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.images import black_png
@@ -514,6 +514,18 @@ class Service:
             raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=request.model is not None)
         return info
 
+    def _check_webhook(self, request: GenerationRequest, caller: Caller | None) -> None:
+        """A webhook the server could never deliver is refused now: no secret to sign it, or an address that is
+        not public (a name is resolved, and checked, at each delivery)."""
+        if request.webhook_url is None:
+            return
+        if not ((caller.webhook_secret if caller else None) or self.settings.webhook_secret):
+            raise RequestRejected("webhooks need a signing secret, and this server has none: the operator starts it "
+                                  "with --webhook-secret (or gives the key a webhook_secret)", "webhook_url")
+        blocked = webhooks.literal_blocked(request.webhook_url, self.settings.webhook_allow_hosts)
+        if blocked:
+            raise RequestRejected(blocked, "webhook_url")
+
     def _bound_work(self, work: float) -> None:
         if work > self.limits.max_work:
             raise RequestRejected(
@@ -533,6 +545,7 @@ class Service:
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
         info = self.validate(request)
+        self._check_webhook(request, caller)
         if idempotency_key is not None and caller is not None and caller.account:
             idempotency_key = f"{caller.account}:{idempotency_key}"  # one caller's keys never reach another's job
         fingerprint = core.fingerprint(request) if idempotency_key is not None else None
@@ -633,10 +646,10 @@ class Service:
         return await asyncio.to_thread(self.submit, request, caller, source=source, idempotency_key=idempotency_key)
 
     async def generate(self, request: GenerationRequest, caller: Caller | None, *, source: str,
-                       disconnected: Disconnected | None = None) -> tuple[Job, list[bytes]]:
+                       disconnected: Disconnected | None = None, wait_s: float | None = None) -> tuple[Job, list[bytes]]:
         """Submit, await, and return the PNGs: the synchronous endpoints' whole path."""
         job, _ = await self.submit_async(request, caller, source=source)
-        [(job, pngs)] = await self.results([job.id], disconnected)
+        [(job, pngs)] = await self.results([job.id], disconnected, wait_s=wait_s)
         return job, pngs
 
     async def _watch(self, job_ids: list[str], disconnected: Disconnected) -> None:
@@ -667,6 +680,7 @@ class Service:
 
         def read(request: GenerationRequest) -> tuple[dict[str, core.InputImage], float]:
             info = self.validate(request)  # cheap: bounds and names; submit checks again
+            self._check_webhook(request, caller)
             return core.read_inputs(request, self.limits.max_pixels), request_work(request, info)
 
         read_all = [await asyncio.to_thread(read, r) for r in requests]
@@ -684,14 +698,18 @@ class Service:
         return jobs
 
     async def results(self, job_ids: list[str], disconnected: Disconnected | None = None,
-                      blocked: Literal["refuse", "black"] = "refuse") -> list[tuple[Job, list[bytes]]]:
+                      blocked: Literal["refuse", "black"] = "refuse",
+                      wait_s: float | None = None) -> list[tuple[Job, list[bytes]]]:
         """Await every job's end; each with its PNGs (none unless it succeeded). `disconnected`: whether the
         synchronous client has gone (Starlette's `request.is_disconnected`); if it goes, its jobs are
         abandoned (`abandon`) rather than run for nobody. An image moderation blocked: ContentBlocked
         (`refuse`), or a black picture of its size in its place (`black`, as A1111 answers)."""
         watcher = asyncio.create_task(self._watch(job_ids, disconnected)) if disconnected is not None else None
         try:
-            done = await asyncio.gather(*(self.wait(job_id) for job_id in job_ids))
+            # `wait_s` (the client's Prefer: wait): past it the client is told where its jobs are; they go on
+            done = await asyncio.wait_for(asyncio.gather(*(self.wait(job_id) for job_id in job_ids)), wait_s)
+        except asyncio.TimeoutError:
+            raise NotDoneYet(job_ids, wait_s or 0) from None
         except ShuttingDown:
             await asyncio.to_thread(self._cancel_all, job_ids)
             raise

@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from sdserve.api import errors
-from sdserve.api.deps import CallerDep, ServiceDep
+from sdserve.api.deps import CallerDep, ServiceDep, get_preferences
 from sdserve.catalog import ModelInfo, UnknownModelError
 from sdserve.core import RequestRejected, failure_status
 from sdserve.engine import infotext as infotext_mod
@@ -103,11 +103,13 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     except proto.TranslationError as exc:
         return errors.render(request.url.path, exc.status, str(exc))
     ignored = proto.ignored_fields(body)
+    prefs = get_preferences(request)  # headers: Webhook-Url, Cancel-After, Prefer: wait
+    canonical = [prefs.apply(c) for c in canonical]
     jobs = await service.submit_all(canonical, caller, source=SOURCE)
     call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller.id, [j.id for j in jobs])
     await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
     try:
-        outcomes = await service.results(call.job_ids, request.is_disconnected, blocked="black")
+        outcomes = await service.results(call.job_ids, request.is_disconnected, blocked="black", wait_s=prefs.wait_s)
     finally:
         await asyncio.to_thread(state.remove, call)
     done = [job for job, _ in outcomes]

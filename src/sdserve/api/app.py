@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from sdserve import __version__
+from sdserve import __version__, webhooks
 from sdserve.api import a1111, controlnet, errors, inference_v2, native, openai, ops, sagemaker, simple, tfserving
 from sdserve.api.metrics import Metrics
 from sdserve.api.middleware import (
@@ -57,12 +57,25 @@ def create_ops_app(service: Service) -> FastAPI:
 def create_app(settings: Settings, service: Service) -> FastAPI:
     metrics = _metrics(service)
 
+    keys = KeyBook(settings.api_keys, settings.keys_file)
+    # Webhook deliveries, from every API process that can sign them (the outbox is the job store's): with the
+    # key's own secret, else the server's. A replica with neither leaves them to those that have one.
+    dispatcher = None
+    if settings.webhook_secret or settings.keys_file:
+        dispatcher = webhooks.Dispatcher(service.queue,
+                                         lambda owner: keys.webhook_secret(owner) or settings.webhook_secret,
+                                         settings.webhook_allow_hosts)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
+        if dispatcher is not None:
+            dispatcher.start()
         try:
             yield
         finally:
+            if dispatcher is not None:
+                await asyncio.to_thread(dispatcher.stop)
             await asyncio.to_thread(service.shutdown)
 
     app = FastAPI(
@@ -77,7 +90,7 @@ def create_app(settings: Settings, service: Service) -> FastAPI:
     )
     app.state.service = service
     app.state.metrics = metrics
-    app.state.keys = keys = KeyBook(settings.api_keys, settings.keys_file)
+    app.state.keys = keys
     metrics.keys_file_problem.set_function(lambda: 1.0 if keys.check() else 0.0)
     app.state.links = links = ImageLinks.for_settings(settings, service.shared)
     app.state.a1111 = a1111.A1111State(service.shared)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdserve.core import ContentBlocked, ModelUnavailable, RequestRejected
+from sdserve.core import ContentBlocked, ModelUnavailable, NotDoneYet, RequestRejected
 from sdserve.jobs.queue import (
     IdempotencyConflict,
     JobFinished,
@@ -131,6 +131,11 @@ def install(app: FastAPI) -> None:
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
         return render(request.url.path, 422, str(exc), field=exc.field,
                       errors=[{"field": exc.field, "message": str(exc)}] if exc.field else [])
+
+    @app.exception_handler(NotDoneYet)
+    async def _not_done(request: Request, exc: NotDoneYet) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "job_ids": exc.job_ids}, status_code=202, headers={
+            "Location": f"/api/v1/jobs/{exc.job_ids[0]}", "Preference-Applied": f"wait={exc.wait_s:g}"})
 
     @app.exception_handler(ModelUnavailable)
     async def _model_unavailable(request: Request, exc: ModelUnavailable) -> JSONResponse:

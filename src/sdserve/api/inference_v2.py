@@ -81,7 +81,7 @@ async def _infer(name: str, version: str | None, request: Request, service: Serv
     known = await _known(service, name, version)
     header, tail = proto.split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     rows, reply = proto.parse_infer(header, tail, service.limits.max_images)
-    images = await tensors.generate(service, caller, rows, known, SOURCE, request.is_disconnected)
+    images = await tensors.generate(service, caller, rows, known, SOURCE, request)
     body, header_length = proto.encode_response(known, reply, images)
     if header_length is None:
         return Response(body, media_type="application/json")

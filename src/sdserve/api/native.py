@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sse_starlette.sse import EventSourceResponse
 
 from sdserve import bounds
-from sdserve.api.deps import CallerDep, ServiceDep
+from sdserve.api.deps import CallerDep, PreferencesDep, ServiceDep
 from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status, public_job
 from sdserve.engine import samplers
@@ -29,12 +29,22 @@ PNG = {200: {"content": {"image/png": {}}, "description": "The PNG, with A1111 i
 
 @router.post("/jobs", status_code=202, summary="Submit a job", response_model=Job)
 async def submit_job(
-    body: GenerationRequest, service: ServiceDep, caller: CallerDep,
+    body: GenerationRequest, service: ServiceDep, caller: CallerDep, prefs: PreferencesDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
-    job, created = await service.submit_async(body, caller, source="native", idempotency_key=idempotency_key)
-    return JSONResponse(public_job(job), status_code=202 if created else 200,
-                        headers={"Location": f"/api/v1/jobs/{job.id}"})
+    """With `Prefer: wait=N`, the answer waits up to N seconds for the job to end: 200 with the ended job, else
+    202 with it as it stands (then follow it by its Location)."""
+    job, created = await service.submit_async(prefs.apply(body), caller, source="native",
+                                              idempotency_key=idempotency_key)
+    headers = {"Location": f"/api/v1/jobs/{job.id}"}
+    if prefs.wait_s is not None:
+        headers["Preference-Applied"] = f"wait={prefs.wait_s:g}"
+        try:
+            job = await asyncio.wait_for(service.wait(job.id), prefs.wait_s)
+        except asyncio.TimeoutError:
+            job = await asyncio.to_thread(service.own_job, job.id, caller)
+    return JSONResponse(public_job(job), status_code=200 if job.status.terminal or not created else 202,
+                        headers=headers)
 
 
 @router.get("/jobs", summary="Recent jobs, newest first, a page at a time (Link: rel=next)", response_model=list[Job])
@@ -97,6 +107,16 @@ async def job_events(
     return EventSourceResponse(stream())
 
 
+@router.get("/jobs/{job_id}/webhooks", summary="A job's webhook deliveries: each attempt, its answer or error")
+async def job_webhooks(job_id: str, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
+    """Each attempt: the message id (`webhook-id`, the same on retries), the event, the attempt number, when,
+    the receiver's status code or the error, and when the next try is due (null: delivered, or given up)."""
+    job = await asyncio.to_thread(service.own_job, job_id, caller)
+    attempts = await asyncio.to_thread(service.queue.webhook_log, job_id)
+    return {"job_id": job_id, "webhook_url": job.request.webhook_url,
+            "events": json.loads(job.request.webhook or "{}").get("events", []), "attempts": attempts}
+
+
 @router.get("/images/{image_id}", summary="An image by its opaque id (in S3: a redirect to a presigned URL)",
             responses={**PNG, 307: {"description": "Redirect to a presigned URL (S3 storage, image_route=redirect)"}})
 async def get_image(image_id: str, request: Request, service: ServiceDep, caller: CallerDep) -> Response:
@@ -117,8 +137,10 @@ async def get_image(image_id: str, request: Request, service: ServiceDep, caller
 
 
 @router.post("/generate", summary="Submit, wait, and return the first image as PNG", responses=PNG)
-async def generate(body: GenerationRequest, request: Request, service: ServiceDep, caller: CallerDep) -> Response:
-    job, pngs = await service.generate(body, caller, source="native", disconnected=request.is_disconnected)
+async def generate(body: GenerationRequest, request: Request, service: ServiceDep, caller: CallerDep,
+                   prefs: PreferencesDep) -> Response:
+    job, pngs = await service.generate(prefs.apply(body), caller, source="native",
+                                       disconnected=request.is_disconnected, wait_s=prefs.wait_s)
     return png_response(job, pngs)
 
 

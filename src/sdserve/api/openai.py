@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from sse_starlette.sse import EventSourceResponse
 
 from sdserve import bounds
-from sdserve.api.deps import CallerDep, ServiceDep
+from sdserve.api.deps import CallerDep, ServiceDep, get_preferences
 from sdserve.api.urls import ImageLinks, base_url
 from sdserve.core import ContentBlocked, RequestRejected, failure_status
 from sdserve.images import ImageDecodeError, decode_image, encode_png
@@ -34,9 +34,10 @@ def _check_n(n: int, service: Service) -> None:
 
 async def _respond(request: Request, service: Service, caller: Caller, canonical: GenerationRequest,
                    response_format: str | None) -> dict:
+    prefs = get_preferences(request)
     try:
-        job, pngs = await service.generate(canonical, caller, source=SOURCE,
-                                           disconnected=request.is_disconnected)
+        job, pngs = await service.generate(prefs.apply(canonical), caller, source=SOURCE,
+                                           disconnected=request.is_disconnected, wait_s=prefs.wait_s)
     except RequestRejected as exc:
         raise proto.OpenAIError(str(exc), exc.field, code=_code(exc)) from None
     if job.status is not JobStatus.succeeded:
@@ -57,6 +58,7 @@ async def _stream(request: Request, service: Service, caller: Caller, canonical:
     """`stream: true`: `partial_images` previews of the forming picture, then each image, as Server-Sent Events.
     Whatever is wrong with the request is answered before the stream starts; a job that fails after is an
     `error` event (the SDK raises it)."""
+    canonical = get_preferences(request).apply(canonical)
     canonical.preview_every = proto.partial_every(canonical.steps, partial_images)
     try:
         job, _ = await service.submit_async(canonical, caller, source=SOURCE)

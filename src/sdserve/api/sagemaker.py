@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from sdserve.api import a1111
-from sdserve.api.deps import CallerDep, ServiceDep
+from sdserve.api.deps import CallerDep, ServiceDep, get_preferences
 from sdserve.core import failure_status, public_job
 from sdserve.protocols import a1111 as a1111_proto
 from sdserve.schema import GenerationRequest, ImageRef, JobStatus
@@ -57,8 +57,9 @@ async def invocations(request: Request, service: ServiceDep, caller: CallerDep) 
         canonical = GenerationRequest(**body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    job, pngs = await service.generate(canonical, caller, source="sagemaker",
-                                       disconnected=request.is_disconnected)
+    prefs = get_preferences(request)
+    job, pngs = await service.generate(prefs.apply(canonical), caller, source="sagemaker",
+                                       disconnected=request.is_disconnected, wait_s=prefs.wait_s)
     if job.status is not JobStatus.succeeded:
         return JSONResponse({"detail": job.error, "job_id": job.id}, status_code=failure_status(job.error_kind))
     if wants_png:

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdserve import bounds
-from sdserve.api.deps import CallerDep, ServiceDep, build_request
+from sdserve.api.deps import CallerDep, PreferencesDep, ServiceDep, build_request, get_preferences
 from sdserve.api.native import PNG, png_response
 from sdserve.core import failure_status
 from sdserve.schema import JobStatus
@@ -42,8 +42,9 @@ async def index(
         return HTMLResponse((WEB / "index.html").read_text())
     request = build_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, width=width,
                             height=height, cfg_scale=scale, sampler=sampler, model=model)
-    job, pngs = await service.generate(request, caller, source="simple",
-                                       disconnected=http.is_disconnected)
+    prefs = get_preferences(http)
+    job, pngs = await service.generate(prefs.apply(request), caller, source="simple",
+                                       disconnected=http.is_disconnected, wait_s=prefs.wait_s)
     return png_response(job, pngs)
 
 
@@ -58,10 +59,10 @@ class GenerateBody(BaseModel):
 
 
 @router.post("/generate", summary="Generate; returns {download_id, time} for GET /download/{id}")
-async def generate(body: GenerateBody, service: ServiceDep, caller: CallerDep) -> dict:
+async def generate(body: GenerateBody, service: ServiceDep, caller: CallerDep, prefs: PreferencesDep) -> dict:
     started = time.monotonic()
     request = build_request(prompt=body.prompt, cfg_scale=body.scale, steps=body.steps, seed=body.seed)
-    job, _ = await service.generate(request, caller, source="simple")
+    job, _ = await service.generate(prefs.apply(request), caller, source="simple", wait_s=prefs.wait_s)
     if job.status is not JobStatus.succeeded:
         raise HTTPException(failure_status(job.error_kind), job.error or job.status.value)
     return {"download_id": job.images[0].id, "time": round(time.monotonic() - started, 3)}

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sdserve.api.deps import build_request
+from fastapi import Request
+
+from sdserve.api.deps import build_request, get_preferences
 from sdserve.catalog import UnknownModelError
 from sdserve.core import failure_status
 from sdserve.keys import Caller
 from sdserve.protocols.tensors import VERSION, TensorProtocolError
 from sdserve.schema import JobStatus
-from sdserve.service import Disconnected, Service
+from sdserve.service import Service
 
 
 async def model_named(service: Service, name: str, version: str | None, missing: str) -> str:
@@ -26,12 +28,13 @@ async def model_named(service: Service, name: str, version: str | None, missing:
 
 
 async def generate(service: Service, caller: Caller, rows: list[dict[str, Any]], model: str, source: str,
-                   disconnected: Disconnected | None = None) -> list[tuple[bytes, int]]:
+                   request: Request) -> list[tuple[bytes, int]]:
     """Each row (native request fields) as one job; all validated before any is queued. (PNG, seed) per row,
     or the first failure as the error a synchronous client gets."""
-    canonical = [build_request(**{**row, "model": model}) for row in rows]
+    prefs = get_preferences(request)
+    canonical = [prefs.apply(build_request(**{**row, "model": model})) for row in rows]
     jobs = await service.submit_all(canonical, caller, source=source)
-    outcomes = await service.results([job.id for job in jobs], disconnected)
+    outcomes = await service.results([job.id for job in jobs], request.is_disconnected, wait_s=prefs.wait_s)
     for job, _ in outcomes:
         if job.status is not JobStatus.succeeded:
             status = failure_status(job.error_kind)

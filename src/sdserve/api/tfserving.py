@@ -51,7 +51,7 @@ async def _predict(name: str, version: str | None, request: Request, service: Se
     except ValueError:
         raise TensorProtocolError("the body must be JSON") from None
     rows, columnar = proto.parse_predict(body, service.limits.max_images)
-    images = await tensors.generate(service, caller, rows, known, SOURCE, request.is_disconnected)
+    images = await tensors.generate(service, caller, rows, known, SOURCE, request)
     return proto.predictions([(base64.b64encode(png).decode(), seed) for png, seed in images], columnar)
 
 

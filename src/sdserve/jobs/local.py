@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sdserve import webhooks
 from sdserve.jobs import fairshare, policy
 from sdserve.jobs.events import Event, Preview, job_event, preview_event, progress_event
 from sdserve.jobs.queue import (
@@ -80,7 +81,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     steps INTEGER,
     lease_until REAL,  -- a running job's lease: its worker heartbeats it
     claimer TEXT,  -- the process that claimed it: host:pid-namespace:pid
-    preview TEXT  -- a running job's latest preview event (JSON); cleared when it ends
+    preview TEXT,  -- a running job's latest preview event (JSON); cleared when it ends
+    webhook TEXT  -- its webhook (webhooks.spec: url and events), or NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS shared (tbl TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (tbl, key));
@@ -89,6 +91,12 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id 
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
 CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (name TEXT PRIMARY KEY, info TEXT NOT NULL, expires REAL NOT NULL);
+-- The webhook outbox (webhooks.py): one row per message to send, written with the event it reports.
+CREATE TABLE IF NOT EXISTS webhooks (key TEXT PRIMARY KEY, job_id TEXT NOT NULL, event TEXT NOT NULL, step INTEGER,
+                                     due REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, first_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (due);
+CREATE TABLE IF NOT EXISTS webhook_log (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS webhook_log_job ON webhook_log (job_id, id);
 """
 
 _FINAL = ", ".join(f"'{status.value}'" for status in sorted(FINAL_STATUSES))  # SQL: the final statuses
@@ -331,7 +339,7 @@ class SQLiteJobQueue(JobEnds):
                              ("owner", "TEXT NOT NULL DEFAULT ''"), ("label", "TEXT"),
                              ("weight", "REAL NOT NULL DEFAULT 1"), ("step", "INTEGER NOT NULL DEFAULT 0"),
                              ("steps", "INTEGER"), ("lease_until", "REAL"), ("claimer", "TEXT"),
-                             ("preview", "TEXT")):
+                             ("preview", "TEXT"), ("webhook", "TEXT")):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         # Fair share reads each caller's oldest queued job; retention the oldest ended ones.
@@ -391,9 +399,51 @@ class SQLiteJobQueue(JobEnds):
                 raise _storage_error(exc) from None
 
     def _event(self, job_id: str, event: Event) -> None:
-        """Inside a transaction: the event commits with the change it reports."""
-        self._db.execute("INSERT INTO events (job_id, data, at) VALUES (?, ?, ?)",
-                         (job_id, json.dumps(event), time.time()))
+        """Inside a transaction: the event commits with the change it reports, and so does the webhook delivery
+        it makes due (the outbox)."""
+        now = time.time()
+        self._db.execute("INSERT INTO events (job_id, data, at) VALUES (?, ?, ?)", (job_id, json.dumps(event), now))
+        if event["type"] == "preview":
+            return
+        row = self._db.execute("SELECT webhook FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        name = webhooks.wanted(row["webhook"] if row else None, event["type"])
+        if name == "progress":  # one pending per job, with the latest step, at most every PROGRESS_EVERY_S
+            self._db.execute(
+                "INSERT INTO webhooks (key, job_id, event, step, due, first_at) VALUES (?, ?, 'progress', ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET step = excluded.step WHERE attempts = 0",
+                (f"{job_id}:progress", job_id, event["step"], now + webhooks.PROGRESS_EVERY_S, now))
+        elif name is not None:
+            self._db.execute("INSERT OR IGNORE INTO webhooks (key, job_id, event, due, first_at) VALUES (?, ?, ?, ?, ?)",
+                             (f"{job_id}:{name}", job_id, name, now, now))
+
+    # ----- webhooks (webhooks.Outbox) ---------------------------------------------------------------
+    def claim_webhooks(self, limit: int, lease_s: float) -> list[webhooks.Delivery]:
+        now = time.time()
+        if not self._read("SELECT 1 FROM webhooks WHERE due <= ? LIMIT 1", (now,)):
+            return []  # the usual case: no write transaction
+        with self._write():
+            rows = self._db.execute("SELECT * FROM webhooks WHERE due <= ? ORDER BY due LIMIT ?",
+                                    (now, limit)).fetchall()
+            self._db.executemany("UPDATE webhooks SET due = ?, attempts = attempts + 1 WHERE key = ?",
+                                 [(now + lease_s, row["key"]) for row in rows])
+        return [webhooks.Delivery(row["key"], row["job_id"], row["event"], row["attempts"] + 1, row["first_at"],
+                                  row["step"]) for row in rows]
+
+    def webhook_attempted(self, delivery: webhooks.Delivery, record: dict[str, Any], retry_at: float | None) -> None:
+        with self._write():
+            self._db.execute("INSERT INTO webhook_log (job_id, data) VALUES (?, ?)",
+                             (delivery.job_id, json.dumps(record)))
+            if retry_at is None:
+                self._db.execute("DELETE FROM webhooks WHERE key = ?", (delivery.key,))
+            else:
+                self._db.execute("UPDATE webhooks SET due = ? WHERE key = ?", (retry_at, delivery.key))
+            self._db.execute("DELETE FROM webhook_log WHERE job_id = ? AND id NOT IN (SELECT id FROM webhook_log "
+                             "WHERE job_id = ? ORDER BY id DESC LIMIT ?)",
+                             (delivery.job_id, delivery.job_id, webhooks.LOG_KEEP))
+
+    def webhook_log(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(row["data"]) for row in
+                self._read("SELECT data FROM webhook_log WHERE job_id = ? ORDER BY id", (job_id,))]
 
     # ----- reading ---------------------------------------------------------------------------
     def _row(self, job_id: str) -> sqlite3.Row:
@@ -525,10 +575,11 @@ class SQLiteJobQueue(JobEnds):
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s())
             self._db.execute(
                 "INSERT INTO jobs (id, status, priority, work, request, source, created_at, deadline, idem_key, "
-                "idem_hash, owner, label, weight, steps) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "idem_hash, owner, label, weight, steps, webhook) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?)",
                 (job_id, request.priority, work, request.model_dump_json(), source, now,
-                 now + timeout if timeout else None, idempotency_key, fingerprint, owner, label, weight,
-                 request.steps),
+                 policy.deadline(now, timeout, request.cancel_after_s), idempotency_key, fingerprint, owner, label,
+                 weight, request.steps, request.webhook),
             )
             job = self._to_job(self._row(job_id))
             self._event(job_id, job_event("queued", job))
@@ -778,7 +829,7 @@ class SQLiteJobQueue(JobEnds):
         self.recover()
         now = time.time()
         rows = self._read(
-            "SELECT id, status, created_at, deadline FROM jobs WHERE deadline IS NOT NULL AND "
+            "SELECT id, status, created_at, deadline, request FROM jobs WHERE deadline IS NOT NULL AND "
             "((status = 'queued' AND deadline < ?) OR (status = 'running' AND deadline < ?))",
             (now, now - policy.RUNNING_GRACE_S))
         if time.monotonic() - self._events_pruned > EVENTS_PRUNE_S:
@@ -786,8 +837,8 @@ class SQLiteJobQueue(JobEnds):
             with self._write():
                 self._db.execute("DELETE FROM events WHERE at < ?", (now - EVENTS_KEEP_S,))
                 self._db.execute("DELETE FROM workers WHERE expires < ?", (now,))
-        return [self.fail(r["id"], policy.timed_out(r["deadline"] - r["created_at"], r["status"]), "timeout")
-                for r in rows]
+        return [self.end_past_deadline(r["id"], json.loads(r["request"]).get("cancel_after_s"), r["created_at"],
+                                       r["deadline"], r["status"]) for r in rows]
 
     def prune(self, finished_before: float, limit: int = 1000) -> int:
         with self._write():
@@ -796,4 +847,6 @@ class SQLiteJobQueue(JobEnds):
                 (finished_before, limit)).fetchall()]
             marks = ",".join("?" * len(ids))
             self._db.execute(f"DELETE FROM events WHERE job_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM webhooks WHERE job_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM webhook_log WHERE job_id IN ({marks})", ids)
             return self._db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids).rowcount

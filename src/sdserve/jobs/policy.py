@@ -51,6 +51,21 @@ def retry_after_s(queued_work: float, speed: float | None, max_queue: int) -> in
     return int(min(MAX_RETRY_S, max(1, queued_work * speed / max(1, max_queue))))
 
 
+def deadline(created: float, timeout_s: float | None, cancel_after_s: float | None) -> float | None:
+    """A job's deadline (unix time): the sooner of its timeout and when it is no longer wanted (cancel-after)."""
+    limits = [limit for limit in (timeout_s, cancel_after_s) if limit]
+    return created + min(limits) if limits else None
+
+
+def past_deadline(cancel_after_s: float | None, created: float, deadline_at: float,
+                  status: str) -> tuple[str, str, str]:
+    """How a job ends when its deadline passed: (status, error, error kind). Canceled when the deadline was its
+    cancel-after (nobody wants it any more: not a failure), else failed with a timeout."""
+    if cancel_after_s and abs(created + cancel_after_s - deadline_at) < 1e-3:
+        return "canceled", f"canceled: not wanted after {cancel_after_s:g} s (cancel-after)", "canceled"
+    return "failed", timed_out(deadline_at - created, status), "timeout"
+
+
 def timed_out(limit_s: float, status: str) -> str:
     """The error of a job whose timeout passed (`status`: where it was then)."""
     where = "waiting in the queue" if status == "queued" else "waiting and running"

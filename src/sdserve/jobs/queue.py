@@ -15,8 +15,10 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from sdserve.jobs import policy
 from sdserve.jobs.events import Event, EventBus, Preview
 from sdserve.schema import ImageRef, Job, JobRequest, JobStatus
+from sdserve.webhooks import Outbox
 
 MAX_ATTEMPTS = 3
 
@@ -88,6 +90,13 @@ class JobEnds:
     def mark_canceled(self, job_id: str) -> Job:
         return self._finish(job_id, JobStatus.canceled, error="canceled", error_kind="canceled")
 
+    def end_past_deadline(self, job_id: str, cancel_after_s: float | None, created: float, deadline: float,
+                          status: str) -> Job:
+        """The job's deadline passed (`status`: where it was then): failed with a timeout, or canceled when the
+        deadline was its cancel-after (policy.past_deadline)."""
+        ended, error, kind = policy.past_deadline(cancel_after_s, created, deadline, status)
+        return self._finish(job_id, JobStatus(ended), error=error, error_kind=kind)
+
 
 class SharedState(Protocol):
     """What every replica and worker shares besides the jobs: small tables, token buckets and the worker registry.
@@ -113,8 +122,9 @@ class SharedState(Protocol):
         """A worker is gone (it stopped, or its supervisor saw it die): no longer listed, before its ttl."""
 
 
-class JobQueue(SharedState, Protocol):
-    """The job store. Each backend also holds the shared state (`SharedState`), in the same database."""
+class JobQueue(SharedState, Outbox, Protocol):
+    """The job store. Each backend also holds the shared state (`SharedState`) and the webhook outbox
+    (`webhooks.Outbox`), in the same database."""
 
     events: EventBus
     accepting: bool

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
+from sdserve import webhooks
 from sdserve.jobs import fairshare, policy
 from sdserve.jobs.events import Event, Preview, job_event, preview_event, progress_event
 from sdserve.jobs.queue import (
@@ -214,7 +215,52 @@ end
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZREM', p .. 'deadlines', id)
 redis.call('ZADD', p .. 'finished', fields['finished_at'], id)
+-- the webhook outbox: the end's delivery, in the same step as the end (webhooks.py)
+local hook = redis.call('HGET', p .. 'job:' .. id, 'webhook')
+if hook and hook ~= '' then
+  local name = ({succeeded = 'completed', failed = 'failed', canceled = 'canceled'})[ARGV[3]]
+  for _, wanted in ipairs(cjson.decode(hook)['events']) do
+    if wanted == name then
+      local key = id .. ':' .. name
+      if redis.call('ZADD', p .. 'hooks', 'NX', fields['finished_at'], key) == 1 then
+        redis.call('HSET', p .. 'hook:' .. key, 'job_id', id, 'event', name, 'attempts', 0,
+                   'first_at', fields['finished_at'])
+      end
+    end
+  end
+end
 return redis.call('HGETALL', p .. 'job:' .. id)
+"""
+
+# ARGV: prefix, key, job id, event, due, now, step ('' for none). A delivery joins the webhook outbox once; a
+# pending progress delivery not yet tried takes the latest step instead.
+_HOOK = """
+local p, key = ARGV[1], ARGV[2]
+local h = p .. 'hook:' .. key
+local attempts = redis.call('HGET', h, 'attempts')
+if not attempts then
+  redis.call('HSET', h, 'job_id', ARGV[3], 'event', ARGV[4], 'attempts', 0, 'first_at', ARGV[6])
+  if ARGV[7] ~= '' then redis.call('HSET', h, 'step', ARGV[7]) end
+  redis.call('ZADD', p .. 'hooks', ARGV[5], key)
+elseif attempts == '0' and ARGV[7] ~= '' then
+  redis.call('HSET', h, 'step', ARGV[7])
+end
+return 1
+"""
+
+# ARGV: prefix, now, lease until, limit. Claims due deliveries: each is due again at the lease's end (if its
+# dispatcher dies, another sends it), its attempt counted. Returns each one's key and hash (flat).
+_HOOK_CLAIM = """
+local p = ARGV[1]
+local keys = redis.call('ZRANGEBYSCORE', p .. 'hooks', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, key in ipairs(keys) do
+  redis.call('ZADD', p .. 'hooks', ARGV[3], key)
+  redis.call('HINCRBY', p .. 'hook:' .. key, 'attempts', 1)
+  table.insert(out, key)
+  table.insert(out, redis.call('HGETALL', p .. 'hook:' .. key))
+end
+return out
 """
 
 # ARGV: prefix, finished before (unix time), limit. Retention: deletes ended jobs, their idempotency keys and events.
@@ -225,7 +271,7 @@ for _, id in ipairs(ids) do
   local idem = redis.call('HGET', p .. 'job:' .. id, 'idem_key')
   if idem and idem ~= '' then redis.call('DEL', p .. 'idem:' .. idem) end
   local owner = redis.call('HGET', p .. 'job:' .. id, 'owner') or ''
-  redis.call('DEL', p .. 'job:' .. id, p .. 'events:' .. id)
+  redis.call('DEL', p .. 'job:' .. id, p .. 'events:' .. id, p .. 'hooklog:' .. id)
   redis.call('ZREM', p .. 'all', id)
   redis.call('ZREM', p .. 'owned:' .. owner, id)
   redis.call('ZREM', p .. 'finished', id)
@@ -388,6 +434,8 @@ class RedisJobQueue(JobEnds):
         self._take_tokens = self.client.register_script(_TAKE_TOKENS)
         self._work = self.client.register_script(_WORK)
         self._prune = self.client.register_script(_PRUNE)
+        self._hook = self.client.register_script(_HOOK)
+        self._hook_claim = self.client.register_script(_HOOK_CLAIM)
         self._demand_ensured = -1e9  # when ensure_demand last ran (monotonic)
         self._unreachable_at = -1e9  # when a call last failed for Redis's sake (monotonic)
         self._owned_indexed = False  # jobs from before the per-owner index are in it (_index_owners)
@@ -541,7 +589,8 @@ class RedisJobQueue(JobEnds):
         fields = {
             "id": job_id, "status": "queued", "priority": request.priority, "work": request.steps * request.n,
             "request": request.model_dump_json(), "source": source, "created_at": now,
-            "deadline": now + timeout if timeout else "", "attempts": 0, "steps": request.steps,
+            "deadline": policy.deadline(now, timeout, request.cancel_after_s) or "", "attempts": 0,
+            "steps": request.steps, "webhook": request.webhook or "",
             "idem_hash": fingerprint or "", "idem_key": idempotency_key or "", "images": "[]", "owner": owner, "label": label or "", "weight": weight,
         }
         with self._redis():
@@ -656,6 +705,7 @@ class RedisJobQueue(JobEnds):
             pipe = self.client.pipeline()
             for job in claimed:
                 self.events.publish(job.id, job_event("started", job), pipe)
+                self._outbox(job.id, job.request.webhook, "started", pipe)
             pipe.execute()
         return claimed
 
@@ -729,11 +779,12 @@ class RedisJobQueue(JobEnds):
         with self._redis():
             pipe = self.client.pipeline(transaction=False)
             for job_id in job_ids:
-                pipe.hmget(f"{self.p}job:{job_id}", "cancel", "status", "batch_id", "batch_images")
+                pipe.hmget(f"{self.p}job:{job_id}", "cancel", "status", "batch_id", "batch_images", "webhook")
             states = pipe.execute()
         images = {job_id: int(state[3] or 1) for job_id, state in zip(job_ids, states)}
+        hooks = {job_id: state[4] for job_id, state in zip(job_ids, states)}
         stops = Stops(set(), set())
-        for job_id, (cancel, status, held_by, _) in zip(job_ids, states):
+        for job_id, (cancel, status, held_by, _, _) in zip(job_ids, states):
             if status != "running" or (batch_id is not None and held_by != batch_id):
                 stops.lost.add(job_id)
             elif cancel == "1":
@@ -746,6 +797,7 @@ class RedisJobQueue(JobEnds):
                 pipe.hset(f"{self.p}job:{job_id}", mapping={"step": step, "steps": steps})
                 eta = policy.running_eta(steps, step, images[job_id], speed)
                 self.events.publish(job_id, progress_event(job_id, step, steps, eta), pipe)
+                self._outbox(job_id, hooks[job_id], "progress", pipe, step)
                 if job_id in previews:
                     event = preview_event(job_id, step, steps, previews[job_id])
                     pipe.hset(f"{self.p}job:{job_id}", "preview", json.dumps(event))
@@ -845,10 +897,10 @@ class RedisJobQueue(JobEnds):
         ended = []
         for job in self._jobs(due, with_position=False):
             deadline = self.deadlines([job.id])[job.id] or now
-            limit = deadline - job.created_at.timestamp()
             if job.status is JobStatus.queued or (
                     job.status is JobStatus.running and deadline < now - policy.RUNNING_GRACE_S):
-                ended.append(self.fail(job.id, policy.timed_out(limit, job.status.value), "timeout"))
+                ended.append(self.end_past_deadline(job.id, job.request.cancel_after_s, job.created_at.timestamp(),
+                                                    deadline, job.status.value))
         return ended
 
     def prune(self, finished_before: float, limit: int = 1000) -> int:
@@ -856,4 +908,56 @@ class RedisJobQueue(JobEnds):
             return int(self._prune(args=[self.p, repr(finished_before), limit]))
 
     def _publish(self, kind: str, job: Job) -> None:
-        self.events.publish(job.id, job_event(kind, job))
+        """A job event (queued, or its end: whose webhook delivery _FINISH already queued, with the end)."""
+        with self._redis():
+            pipe = self.client.pipeline()
+            self.events.publish(job.id, job_event(kind, job), pipe)  # type: ignore[arg-type]
+            if kind == "queued":
+                self._outbox(job.id, job.request.webhook, kind, pipe)
+            pipe.execute()
+
+    def _outbox(self, job_id: str, spec: str | None, kind: str, pipe: Any, step: int | None = None) -> None:
+        """Queue the webhook delivery this event makes due, in the caller's pipeline (webhooks.py)."""
+        name = webhooks.wanted(spec, kind)
+        if name is None:
+            return
+        now = time.time()
+        due = now + webhooks.PROGRESS_EVERY_S if name == "progress" else now
+        self._hook(args=[self.p, f"{job_id}:{name}", job_id, name, repr(due), repr(now),
+                         "" if step is None else step], client=pipe)
+
+    # ----- webhooks (webhooks.Outbox) ---------------------------------------------------------------
+    def claim_webhooks(self, limit: int, lease_s: float) -> list[webhooks.Delivery]:
+        now = time.time()
+        with self._redis():
+            if not self.client.zrangebyscore(f"{self.p}hooks", "-inf", now, start=0, num=1):
+                return []
+            found = self._hook_claim(args=[self.p, repr(now), repr(now + lease_s), limit])
+        deliveries = []
+        for key, flat in zip(found[::2], found[1::2]):
+            h = dict(zip(flat[::2], flat[1::2]))
+            if "job_id" not in h:  # its hash is gone (a Redis that lost it): nothing to send
+                with self._redis():
+                    self.client.zrem(f"{self.p}hooks", key)
+                continue
+            deliveries.append(webhooks.Delivery(key, h["job_id"], h["event"], int(h["attempts"]),
+                                                float(h["first_at"]), int(h["step"]) if h.get("step") else None))
+        return deliveries
+
+    def webhook_attempted(self, delivery: webhooks.Delivery, record: dict[str, Any], retry_at: float | None) -> None:
+        log_key = f"{self.p}hooklog:{delivery.job_id}"
+        with self._redis():
+            pipe = self.client.pipeline()
+            pipe.rpush(log_key, json.dumps(record))
+            pipe.ltrim(log_key, -webhooks.LOG_KEEP, -1)
+            pipe.expire(log_key, EVENTS_TTL_S * 30)
+            if retry_at is None:
+                pipe.zrem(f"{self.p}hooks", delivery.key)
+                pipe.delete(f"{self.p}hook:{delivery.key}")
+            else:
+                pipe.zadd(f"{self.p}hooks", {delivery.key: retry_at}, xx=True)
+            pipe.execute()
+
+    def webhook_log(self, job_id: str) -> list[dict[str, Any]]:
+        with self._redis():
+            return [json.loads(item) for item in self.client.lrange(f"{self.p}hooklog:{job_id}", 0, -1)]

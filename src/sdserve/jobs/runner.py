@@ -36,7 +36,7 @@ from sdserve.engine.pipeline import (
 )
 from sdserve.health import WriteHealth
 from sdserve.images import ImageDecodeError, decode_image, encode_png
-from sdserve.jobs import batcher, policy
+from sdserve.jobs import batcher
 from sdserve.jobs.events import Preview
 from sdserve.jobs.queue import JobNotFound, JobQueue, Stops, StorageError
 from sdserve.moderation import ModerationUnavailable, Moderator, NoModeration, Verdict
@@ -493,8 +493,8 @@ class Runner:
             for job in live():
                 deadline = deadlines.get(job.id)
                 if deadline is not None and now > deadline:
-                    limit = deadline - job.created_at.timestamp()
-                    ends.append((self.queue.fail, (job.id, policy.timed_out(limit, "running"), "timeout")))
+                    ends.append((self.queue.end_past_deadline, (job.id, job.request.cancel_after_s,
+                                                                job.created_at.timestamp(), deadline, "running")))
                     dropped.add(job.id)
             outage.within_bound()  # the store away too long: the batch is left to its leases
             stops = reporter.report([job.id for job in live()], step, steps, dict(due))
