@@ -10,6 +10,8 @@
                  run on its own: `make bench BENCH_ARGS=accel`).
   peers          sdserve beside a bare FastAPI loop, LitServe and Ray Serve (bench/peers.py; run on its own:
                  `make bench BENCH_ARGS=peers`).
+  previews       what a step preview costs against a step at batch 16 (bench/previews.py; run on its own:
+                 `make bench BENCH_ARGS=previews`).
   mixedcfg       (c) at 16 clients, every client at CFG 7 vs each client at its own CFG (2..12): guidance is per
                  image, so mixed CFG still batches; mixed/same should be ~1.
 
@@ -376,6 +378,11 @@ def main() -> None:
         import seeds
 
         seeds.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["previews"]:  # what a step preview costs: bench/previews.py
+        import previews
+
+        previews.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["bounds"]:  # what one request may cost: bench/bounds.py
         import bounds

@@ -41,13 +41,15 @@ class Projection:
     fitted: bool  # fitted to this VAE (else a family's published coefficients)
 
     def render(self, latents: Any) -> list[Image.Image]:
-        """One picture per row of `latents` (rows, channels, h, w), latent-sized."""
-        import torch
+        """One picture per row of `latents` (rows, channels, h, w), latent-sized. In numpy, off torch's thread
+        pool: a torch op between two compiled UNet calls wakes its threads, which then spin against the
+        compiled engine's for the cores (measured: a step 4% slower than the preview's own time accounts for)."""
+        import numpy as np
 
-        with torch.inference_mode():
-            x = latents.detach().float()
-            rgb = torch.einsum("bchw,cr->bhwr", x, self.weight.to(x.device)) + self.bias.to(x.device)
-            pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        x = latents.detach().to("cpu", dtype=latents.new_zeros(()).float().dtype).numpy()
+        weight, bias = (t.detach().cpu().float().numpy() for t in (self.weight, self.bias))
+        rgb = np.tensordot(x.transpose(0, 2, 3, 1), weight, axes=1) + bias
+        pixels = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
         return [Image.fromarray(row) for row in pixels]
 
 
