@@ -142,6 +142,15 @@ def test_worker_grace_period_exceeds_the_longest_job(timeout):
     assert spec["terminationGracePeriodSeconds"] > float(env["SDSERVE_SHUTDOWN_GRACE_S"]["value"])
 
 
+def test_webhook_secret_and_allowed_hosts_reach_the_api_pods_only():
+    docs = render({"webhooks": {"existingSecret": "sd-hooks", "allowHosts": ["hook.apps.svc.cluster.local", "x.org"]}})
+    env = env_of(container(docs, "api"))
+    assert env["SDSERVE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "sd-hooks", "key": "webhook-secret"}
+    assert env["SDSERVE_WEBHOOK_ALLOW_HOSTS"]["value"] == "hook.apps.svc.cluster.local,x.org"
+    assert "SDSERVE_WEBHOOK_SECRET" not in env_of(container(docs, "worker"))  # workers send none
+    assert "SDSERVE_WEBHOOK_SECRET" not in env_of(container(render(), "api"))
+
+
 def test_worker_takes_a_gpu_and_mounts_the_shared_models_read_only():
     docs = render()
     worker = container(docs, "worker")
