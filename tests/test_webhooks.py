@@ -130,6 +130,9 @@ def test_a_job_posts_its_events_signed_and_retries_a_failed_delivery(server, rec
         attempts = until(logged, "the delivery log never showed the three attempts", 60)  # written after each
         assert [a["status_code"] for a in attempts].count(500) == 1 and attempts[0]["next_attempt_at"] is not None
         assert all(a["delivered"] for a in attempts if a["status_code"] == 200)
+        metrics = client.get("/metrics").text
+        assert 'sdserve_webhook_deliveries_total{event="started",result="retrying"} 1.0' in metrics
+        assert 'sdserve_webhook_deliveries_total{event="completed",result="delivered"} 1.0' in metrics
 
 
 def test_webhooks_are_refused_where_they_could_never_go(server):

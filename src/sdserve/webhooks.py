@@ -203,8 +203,10 @@ def signed_headers(secret: str, message_id: str, body: bytes, at: datetime) -> d
 class Dispatcher:
     """Sends the outbox's due deliveries, from a thread of its own, in every API process."""
 
-    def __init__(self, queue: Any, secret_for: Callable[[str], str | None], allow_hosts: Sequence[str]) -> None:
+    def __init__(self, queue: Any, secret_for: Callable[[str], str | None], allow_hosts: Sequence[str],
+                 on_attempt: Callable[[str, str], None] | None = None) -> None:
         self.queue = queue
+        self.on_attempt = on_attempt  # (event, delivered | retrying | given_up): the metric
         self.secret_for = secret_for  # a job's owner -> the secret its deliveries are signed with
         self.allow_hosts = list(allow_hosts)
         self._stop = threading.Event()
@@ -277,6 +279,8 @@ class Dispatcher:
             log.warning("webhook %s for job %s: %s%s", delivery.event, delivery.job_id, error or status,
                         "" if retry_at else " (given up)")
         self.queue.webhook_attempted(delivery, record, retry_at)
+        if self.on_attempt is not None:
+            self.on_attempt(delivery.event, "delivered" if delivered else "retrying" if retry_at else "given_up")
 
     def _post(self, url: str, secret: str, delivery: Delivery, job: Any) -> tuple[int | None, str | None]:
         import httpx

@@ -64,7 +64,8 @@ def create_app(settings: Settings, service: Service) -> FastAPI:
     if settings.webhook_secret or settings.keys_file:
         dispatcher = webhooks.Dispatcher(service.queue,
                                          lambda owner: keys.webhook_secret(owner) or settings.webhook_secret,
-                                         settings.webhook_allow_hosts)
+                                         settings.webhook_allow_hosts,
+                                         lambda event, result: metrics.webhooks.labels(event, result).inc())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

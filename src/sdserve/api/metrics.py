@@ -56,6 +56,9 @@ class Metrics:
                                  "was on (engine/accel.py), by reason", ["reason"], registry=self.registry)
         self.submitted = Counter("sdserve_jobs_submitted", "Jobs accepted, by API dialect and caller label",
                                  ["source", "label"], registry=self.registry)
+        self.webhooks = Counter("sdserve_webhook_deliveries", "Webhook delivery attempts this process made, by event "
+                                "and result (delivered, retrying, given_up)", ["event", "result"],
+                                registry=self.registry)
 
     def on_event(self, event: dict[str, Any]) -> None:
         """EventBus listener: count ends, observe durations, and write the one log line per job."""
