@@ -2,9 +2,9 @@
 Run on both queue backends; the lookup rule is the one ModelRegistry uses (tests/test_models.py)."""
 
 import pytest
+from test_queue import queue  # noqa: F401  (the fixture: SQLite and Redis)
 
 from sdserve.catalog import ModelInfo, SharedCatalog, UnknownModelError, publish
-from test_queue import queue  # noqa: F401  (the fixture: SQLite and Redis)
 
 SHA = "0123456789abcdef" * 4
 TINY = ModelInfo("tiny", "diffusers", "/models/tiny", "sd1", 1234)

@@ -3,7 +3,6 @@ or with --on-disconnect cancel stops. Real server, real HTTP clients that time o
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 from server import ServerProcess, until

@@ -441,3 +441,12 @@ def test_previews_go_to_the_jobs_watchers_and_are_never_kept(make_queue):
     assert "AAAA" not in watcher.get(job.id).model_dump_json()  # not part of the job
     submitter.succeed(job.id, [])
     assert watcher.latest_preview(job.id) is None  # gone once the job ended
+
+    async def replay() -> list[str]:
+        with watcher.events.subscribe(job.id, after="0") as events:
+            seen = []
+            while not seen or seen[-1] != "succeeded":
+                seen.append((await asyncio.wait_for(events.get(), 10))["type"])
+            return seen
+
+    assert "preview" not in asyncio.run(replay())  # and from its event log: progress stays, previews do not

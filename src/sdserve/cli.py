@@ -113,8 +113,8 @@ PreviewEvery = Annotated[Optional[int], typer.Option(
     "--preview-every", help="Send a job's watchers the forming picture every N steps (0, the default: only jobs "
     "that ask, by preview_every). [env: SDSERVE_PREVIEW_EVERY]")]
 WebhookSecret = Annotated[Optional[str], typer.Option(
-    "--webhook-secret", help="Signs webhook deliveries (Standard Webhooks; whsec_<base64> or 16+ characters) for "
-    "keys without a secret of their own. [env: SDSERVE_WEBHOOK_SECRET]")]
+    "--webhook-secret", help="Signs webhook deliveries (Standard Webhooks: whsec_ and the base64 of 16+ random "
+    "bytes) for keys without a secret of their own. [env: SDSERVE_WEBHOOK_SECRET]")]
 WebhookAllowHosts = Annotated[Optional[list[str]], typer.Option(
     "--webhook-allow-hosts", help="Hosts a webhook may reach although they resolve to a private, loopback or "
     "link-local address (repeat, or host,host). [env: SDSERVE_WEBHOOK_ALLOW_HOSTS, comma-separated]")]

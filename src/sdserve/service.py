@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -32,6 +32,7 @@ from sdserve.core import ContentBlocked, ModelUnavailable, NotDoneYet, RequestRe
 from sdserve.engine import samplers
 from sdserve.health import WriteHealth, probe_folder
 from sdserve.images import black_png
+from sdserve.jobs import policy
 from sdserve.jobs.events import END_EVENTS, Event
 from sdserve.jobs.queue import (
     JobFinished,
@@ -581,9 +582,10 @@ class Service:
 
     async def wait(self, job_id: str) -> Job:
         """Until the job ends (`watch`, seeing none of its other events)."""
-        async for item in self.watch(job_id):
-            if isinstance(item, Job):
-                return item
+        async with aclosing(self.watch(job_id)) as items:
+            async for item in items:
+                if isinstance(item, Job):
+                    return item
         raise AssertionError("watch ends with the job")  # pragma: no cover
 
     async def watch(self, job_id: str, types: frozenset[str] = frozenset(),
@@ -596,13 +598,15 @@ class Service:
                 self._waiting_on(events):
             job = await asyncio.to_thread(self.queue.get, job_id)
             deadline = (await asyncio.to_thread(self.queue.deadlines, [job_id]))[job_id]
+            read_at = time.monotonic()
             while not job.status.terminal:
                 given_up = None if deadline is None else deadline + WAIT_GRACE_S
-                # Wake at least every WAIT_POLL_S to read the job: an end whose event was lost (the store failed
-                # between recording the end and publishing it) is still seen.
-                timeout = WAIT_POLL_S if given_up is None else max(0.1, min(WAIT_POLL_S, given_up - time.time()))
+                # Read the job at least every WAIT_POLL_S, whatever events come: an end whose event was lost (the
+                # store failed between recording the end and publishing it) is still seen.
+                due = read_at + WAIT_POLL_S - time.monotonic()
+                timeout = due if given_up is None else min(due, given_up - time.time())
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout)
+                    event = await asyncio.wait_for(events.get(), max(0.05, timeout))
                     if event["type"] == _SHUTDOWN:
                         raise ShuttingDown("the server is shutting down: this call's jobs are canceled; send it "
                                            "again shortly (another replica, or this one once it is back)")
@@ -610,17 +614,21 @@ class Service:
                         yield Job.model_validate({k: v for k, v in event.items() if k not in ("type", "event_id")})
                         return
                     yield event
-                    continue
+                    if time.monotonic() - read_at < WAIT_POLL_S:
+                        continue
                 except asyncio.TimeoutError:
                     pass
                 try:
                     job = await asyncio.to_thread(self.queue.get, job_id)
                 except StorageError:
                     pass  # the store is away: wait on (its events or the next read tell the end)
+                read_at = time.monotonic()
                 if not job.status.terminal and given_up is not None and time.time() > given_up:
-                    yield job.model_copy(update={
-                        "status": JobStatus.failed, "error_kind": "timeout",
-                        "error": "timed out, and its end could not be recorded (see /readyz)"})
+                    # nothing could record its end (see /readyz): reported as the deadline would have ended it
+                    ended, error, kind = policy.past_deadline(job.request.cancel_after_s, job.created_at.timestamp(),
+                                                              deadline, job.status.value)
+                    yield job.model_copy(update={"status": JobStatus(ended), "error_kind": kind,
+                                                 "error": f"{error}, and its end could not be recorded"})
                     return
             yield job
 

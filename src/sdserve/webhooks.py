@@ -40,10 +40,12 @@ _NAMES = {"queued": "queued", "started": "started", "progress": "progress", "suc
 
 PROGRESS_EVERY_S = 2.0  # progress deliveries of one job: at most one per this, with its latest step
 RETRY_FOR_S = 3600.0  # a delivery that keeps failing is given up after this long
-TIMEOUT_S = 10.0  # one attempt's connect + answer
-LEASE_S = 30.0  # a claimed delivery is another dispatcher's to try after this (its claimer died)
+TIMEOUT_S = 10.0  # one step of an attempt (connect, send, each read)
+ATTEMPT_S = 15.0  # one attempt, whole: past it, it counts as failed and is tried again later
+LEASE_S = 60.0  # a claimed delivery is another dispatcher's to try after this (its claimer died): > ATTEMPT_S
 POLL_S = 0.25  # how often a dispatcher looks for due deliveries
-BATCH = 16
+BATCH = 8  # deliveries a dispatcher sends at once, each on a thread of its own (one slow receiver holds one)
+RELEASE_S = 5.0  # a delivery this replica cannot sign (no secret for its key) is left to others this long
 LOG_KEEP = 100  # attempts kept per job
 SECRET_PREFIX = "whsec_"
 
@@ -59,6 +61,10 @@ def check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("webhook_url must be an absolute http:// or https:// URL")
+    try:
+        ascii_host(parts.hostname)
+    except ValueError:
+        raise ValueError(f"webhook_url host {parts.hostname!r} is not a valid host name") from None
     if parts.username is not None or parts.password is not None:
         raise ValueError("webhook_url must not hold credentials (user:password@)")
     try:
@@ -68,14 +74,32 @@ def check_url(url: str) -> str:
     return url
 
 
+def ascii_host(host: str) -> str:
+    """The host as DNS, TLS and the Host header know it: an address as is, a name in IDNA (punycode)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:  # a label too long or empty, a character IDNA refuses
+        raise ValueError(str(exc)) from None
+
+
 def spec(url: str | None, events: Sequence[str]) -> str | None:
     """What the job store keeps with a job (JSON), or None without a webhook."""
     return None if url is None else json.dumps({"url": url, "events": list(events)})
 
 
+def event_name(job_event_type: str) -> str | None:
+    """The webhook event a job event (or a final status) is: succeeded -> completed; None for previews."""
+    return _NAMES.get(job_event_type)
+
+
 def wanted(spec_json: str | None, job_event_type: str) -> str | None:
     """The webhook event a job event is, if the job's webhook asked for it."""
-    name = _NAMES.get(job_event_type)
+    name = event_name(job_event_type)
     if name is None or not spec_json:
         return None
     return name if name in json.loads(spec_json)["events"] else None
@@ -100,10 +124,19 @@ class Blocked(Exception):
     """The webhook's host is not a public address and not allowed by name."""
 
 
+# IPv6 ranges that carry an IPv4 address a gateway may reach (NAT64, 6to4, Teredo, IPv4-compatible): refused
+# whole, since the address inside may be a private one.
+_TUNNELS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32",
+                                                    "::/96"))
+
+
 def public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif any(ip in net for net in _TUNNELS):
+            return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_link_local or ip.is_loopback
                                  or ip.is_private or ip.is_unspecified)
 
@@ -133,9 +166,9 @@ def literal_blocked(url: str, allow_hosts: Sequence[str]) -> str | None:
 def resolve(host: str, port: int, allow_hosts: Sequence[str]) -> str:
     """The address to connect to: every address the host resolves to must be public, unless it is allowed."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise Blocked(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        infos = socket.getaddrinfo(ascii_host(host), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise Blocked(f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}") from None
     addresses = [info[4][0] for info in infos]
     if not allowed_by_name(host, allow_hosts):
         bad = [a for a in addresses if not public(a)]
@@ -172,6 +205,9 @@ class Outbox(Protocol):
 
     def webhook_attempted(self, delivery: Delivery, record: dict[str, Any], retry_at: float | None) -> None:
         """Log an attempt; then the delivery is done (None) or due again at `retry_at`."""
+
+    def webhook_release(self, delivery: Delivery, due: float) -> None:
+        """Give a claimed delivery back untried (its attempt not counted), due again at `due`."""
 
     def webhook_log(self, job_id: str) -> list[dict[str, Any]]:
         """A job's delivery attempts, oldest first."""
@@ -216,14 +252,16 @@ class Dispatcher:
     def start(self) -> None:
         import httpx
 
-        # trust_env off: no proxy from the environment carries a delivery around the address check.
-        self._client = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False)
+        # trust_env off: no proxy from the environment carries a delivery around the address check. No kept-alive
+        # connections: one to an address is never reused for another host that resolves to it.
+        self._client = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False,
+                                    limits=httpx.Limits(max_keepalive_connections=0))
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(TIMEOUT_S + 5)
+            self._thread.join(ATTEMPT_S + 5)
         if self._client is not None:
             self._client.close()
 
@@ -238,15 +276,20 @@ class Dispatcher:
             except Exception:
                 log.exception("webhook outbox")
                 due = []
-            for delivery in due:
-                if self._stop.is_set():
-                    return  # its lease runs out: another dispatcher (or this one after a restart) sends it
-                try:
-                    self.deliver(delivery)
-                except Exception:
-                    log.exception("webhook delivery %s", delivery.message_id)
+            threads = [threading.Thread(target=self._deliver_logged, args=(d,), name="sdserve-webhook", daemon=True)
+                       for d in due]
+            for thread in threads:
+                thread.start()
+            for thread in threads:  # each attempt is bounded (ATTEMPT_S), and so is this wait
+                thread.join()
             if not due:
                 self._stop.wait(POLL_S)
+
+    def _deliver_logged(self, delivery: Delivery) -> None:
+        try:
+            self.deliver(delivery)
+        except Exception:  # the store failed recording it: its lease runs out and it is tried again
+            log.exception("webhook delivery %s", delivery.message_id)
 
     def deliver(self, delivery: Delivery) -> None:
         from sdserve.jobs.queue import JobNotFound
@@ -262,15 +305,21 @@ class Dispatcher:
         url = job.request.webhook_url
         secret = self.secret_for(job.owner)
         status, error = None, None
+        if secret is None and url and time.time() - delivery.first_at <= RETRY_FOR_S:
+            # not this replica's to sign (no secret for the job's key here): left to one that has it
+            return self.queue.webhook_release(delivery, time.time() + RELEASE_S)
         if not url:
             error = "the job has no webhook_url"
         elif secret is None:
-            error = "no signing secret (--webhook-secret, or the key's webhook_secret)"
+            error = "no replica could sign it (--webhook-secret, or the key's webhook_secret)"
         else:
-            status, error = self._post(url, secret, delivery, job)
+            try:
+                status, error = self._bounded_post(url, secret, delivery, job)
+            except Exception as exc:  # whatever the receiver or its name did: recorded, tried again with backoff
+                status, error = None, f"{type(exc).__name__}: {exc}"
         delivered = status is not None and 200 <= status < 300
         retry_at = None
-        if not delivered:  # (without a secret here, another replica, configured, may send it: tried again too)
+        if not delivered and secret is not None and url:
             retry = time.time() + _backoff(delivery.attempts)
             if retry - delivery.first_at <= RETRY_FOR_S:
                 retry_at = retry
@@ -282,11 +331,27 @@ class Dispatcher:
         if self.on_attempt is not None:
             self.on_attempt(delivery.event, "delivered" if delivered else "retrying" if retry_at else "given_up")
 
+    def _bounded_post(self, url: str, secret: str, delivery: Delivery, job: Any) -> tuple[int | None, str | None]:
+        """`_post`, bounded to ATTEMPT_S whatever the receiver does (a slow answer, a slow name lookup): past it the
+        attempt counts as failed, and its thread is left to end on its own timeouts."""
+        outcome: list[tuple[int | None, str | None]] = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(self._post(url, secret, delivery, job))
+            except Exception as exc:
+                outcome.append((None, f"{type(exc).__name__}: {exc}"))
+
+        thread = threading.Thread(target=attempt, name="sdserve-webhook-post", daemon=True)
+        thread.start()
+        thread.join(ATTEMPT_S)
+        return outcome[0] if outcome else (None, f"no answer within {ATTEMPT_S:g} s")
+
     def _post(self, url: str, secret: str, delivery: Delivery, job: Any) -> tuple[int | None, str | None]:
         import httpx
 
         parts = urlsplit(url)
-        host = parts.hostname or ""
+        host = ascii_host(parts.hostname or "")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             address = resolve(host, port, self.allow_hosts)
@@ -296,7 +361,8 @@ class Dispatcher:
         target = urlunsplit((parts.scheme, f"{netloc}:{port}", parts.path or "/", parts.query, ""))
         body = json.dumps(payload(delivery, job), separators=(",", ":")).encode()
         headers = signed_headers(secret, delivery.message_id, body, datetime.now(timezone.utc))
-        headers["host"] = parts.netloc.rpartition("@")[2]
+        bracketed = f"[{host}]" if ":" in host else host
+        headers["host"] = bracketed if parts.port is None else f"{bracketed}:{parts.port}"
         try:
             response = self._client.post(target, content=body, headers=headers,
                                          extensions={"sni_hostname": host} if parts.scheme == "https" else {})

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import time
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -68,12 +69,14 @@ async def _stream(request: Request, service: Service, caller: Caller, canonical:
     async def events():
         sent, ended = 0, None
         try:
-            async for item in service.watch(job.id, frozenset({"preview"}), after="0"):
-                if isinstance(item, Job):
-                    ended = item
-                    break
-                if sent < partial_images:
-                    b64, size = await asyncio.to_thread(_partial, item)
+            async with aclosing(service.watch(job.id, frozenset({"preview"}), after="0")) as items:
+                async for item in items:
+                    if isinstance(item, Job):
+                        ended = item
+                        break
+                    if sent >= partial_images:
+                        continue
+                    b64, size = await asyncio.to_thread(_partial, item, canonical)
                     yield _sse(proto.stream_event(kind, "partial_image", b64, size, "jpeg", sent))
                     sent += 1
             if ended is None or ended.status is not JobStatus.succeeded:
@@ -100,12 +103,14 @@ def _sse(data: dict[str, Any], event: str | None = None) -> dict[str, str]:
     return {"event": event or data["type"], "data": json.dumps(data)}
 
 
-def _partial(preview: dict[str, Any]) -> tuple[str, str]:
-    """A preview (latent-sized) at the picture's size, as the SDK's partial images are: base64 JPEG, WxH."""
-    image = Image.open(io.BytesIO(base64.b64decode(preview["image"]))).convert("RGB")
-    width, height = preview["width"] * 8, preview["height"] * 8
+def _partial(preview: dict[str, Any], request: GenerationRequest) -> tuple[str, str]:
+    """A preview at the picture's size, as the SDK's partial images are: base64 JPEG, WxH. The preview is
+    latent-sized (1/8 of a side) and shows a job's images side by side: the first one's is sent."""
+    grid = Image.open(io.BytesIO(base64.b64decode(preview["image"]))).convert("RGB")
+    cell = grid.crop((0, 0, grid.width // request.n, grid.height))
+    width, height = request.width or cell.width * 8, request.height or cell.height * 8
     buffer = io.BytesIO()
-    image.resize((width, height), Image.BILINEAR).save(buffer, format="JPEG", quality=85)
+    cell.resize((width, height), Image.BILINEAR).save(buffer, format="JPEG", quality=85)
     return base64.b64encode(buffer.getvalue()).decode(), f"{width}x{height}"
 
 
@@ -159,7 +164,8 @@ def _edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image | No
         "properties": {"image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
                        "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "integer"},
                        "size": {"type": "string"}, "response_format": {"type": "string", "enum": ["url", "b64_json"]},
-                       "stream": {"type": "boolean"}, "partial_images": {"type": "integer", "minimum": 0, "maximum": 3},
+                       "stream": {"type": "boolean"},
+                       "partial_images": {"type": "integer", "minimum": 0, "maximum": proto.MAX_PARTIAL_IMAGES},
                        "user": {"type": "string"}}}}}}},
 )
 async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> Any:
@@ -176,10 +182,13 @@ async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> Any
     image = _read_upload(uploads[0], "image")
     mask_upload = form.get("mask")
     mask_image = _read_upload(mask_upload, "mask") if mask_upload is not None else None
+    n_field = form.get("n") or "1"
     try:
-        n = int(form.get("n") or 1)
+        n = int(n_field) if isinstance(n_field, str) else None  # a file in that part is no number either
     except ValueError:
-        raise proto.OpenAIError("n must be an integer", "n") from None
+        n = None
+    if n is None:
+        raise proto.OpenAIError("n must be an integer", "n")
     _check_n(max(1, n), service)
     width, height = proto.parse_size(form.get("size") if isinstance(form.get("size"), str) else None,
                                      service.limits.max_size)
@@ -194,12 +203,14 @@ async def edits(request: Request, service: ServiceDep, caller: CallerDep) -> Any
     stream = str(form.get("stream") or "false").lower()
     if stream not in ("true", "false"):
         raise proto.OpenAIError("stream must be true or false", "stream")
+    field = form.get("partial_images") or "0"
     try:
-        partial_images = int(form.get("partial_images") or 0)
+        partial_images = int(field) if isinstance(field, str) else -1
     except ValueError:
-        raise proto.OpenAIError("partial_images must be an integer from 0 to 3", "partial_images") from None
-    if not 0 <= partial_images <= 3:
-        raise proto.OpenAIError("partial_images must be an integer from 0 to 3", "partial_images")
+        partial_images = -1
+    if not 0 <= partial_images <= proto.MAX_PARTIAL_IMAGES:
+        raise proto.OpenAIError(f"partial_images must be an integer from 0 to {proto.MAX_PARTIAL_IMAGES}",
+                                "partial_images")
     if partial_images and stream != "true":
         raise proto.OpenAIError("partial_images needs stream: true", "partial_images")
 

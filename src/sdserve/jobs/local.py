@@ -441,6 +441,11 @@ class SQLiteJobQueue(JobEnds):
                              "WHERE job_id = ? ORDER BY id DESC LIMIT ?)",
                              (delivery.job_id, delivery.job_id, webhooks.LOG_KEEP))
 
+    def webhook_release(self, delivery: webhooks.Delivery, due: float) -> None:
+        with self._write():
+            self._db.execute("UPDATE webhooks SET due = ?, attempts = MAX(0, attempts - 1) WHERE key = ?",
+                             (due, delivery.key))
+
     def webhook_log(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(row["data"]) for row in
                 self._read("SELECT data FROM webhook_log WHERE job_id = ? ORDER BY id", (job_id,))]
@@ -776,6 +781,9 @@ class SQLiteJobQueue(JobEnds):
             (status.value, time.time(), *fields.values(), row["id"]),
         )
         job = self._to_job(self._row(row["id"]))
+        # previews are never kept: once the job ended, its event log keeps none of them either
+        self._db.execute("DELETE FROM events WHERE job_id = ? AND json_extract(data, '$.type') = 'preview'",
+                         (row["id"],))
         self._event(job.id, job_event(status.value, job))  # type: ignore[arg-type]
         return job
 

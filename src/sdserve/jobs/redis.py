@@ -215,10 +215,15 @@ end
 redis.call('ZREM', p .. 'running', id)
 redis.call('ZREM', p .. 'deadlines', id)
 redis.call('ZADD', p .. 'finished', fields['finished_at'], id)
--- the webhook outbox: the end's delivery, in the same step as the end (webhooks.py)
+-- previews are never kept: once the job ended, its stream keeps none of them either
+local stream = p .. 'events:' .. id
+for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
+  if string.find(entry[2][2], '"type": "preview"', 1, true) then redis.call('XDEL', stream, entry[1]) end
+end
+-- the webhook outbox: the end's delivery (ARGV[5]: its webhook event, webhooks.event_name), in the same step
 local hook = redis.call('HGET', p .. 'job:' .. id, 'webhook')
 if hook and hook ~= '' then
-  local name = ({succeeded = 'completed', failed = 'failed', canceled = 'canceled'})[ARGV[3]]
+  local name = ARGV[5]
   for _, wanted in ipairs(cjson.decode(hook)['events']) do
     if wanted == name then
       local key = id .. ':' .. name
@@ -255,10 +260,14 @@ local p = ARGV[1]
 local keys = redis.call('ZRANGEBYSCORE', p .. 'hooks', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
 for _, key in ipairs(keys) do
-  redis.call('ZADD', p .. 'hooks', ARGV[3], key)
-  redis.call('HINCRBY', p .. 'hook:' .. key, 'attempts', 1)
-  table.insert(out, key)
-  table.insert(out, redis.call('HGETALL', p .. 'hook:' .. key))
+  if redis.call('EXISTS', p .. 'hook:' .. key) == 0 then
+    redis.call('ZREM', p .. 'hooks', key)  -- its record is gone (a Redis that lost it): nothing to send
+  else
+    redis.call('ZADD', p .. 'hooks', ARGV[3], key)
+    redis.call('HINCRBY', p .. 'hook:' .. key, 'attempts', 1)
+    table.insert(out, key)
+    table.insert(out, redis.call('HGETALL', p .. 'hook:' .. key))
+  end
 end
 return out
 """
@@ -820,7 +829,8 @@ class RedisJobQueue(JobEnds):
         values = {k: ("" if v is None else v) for k, v in fields.items()}
         with self._redis():
             done = self._finish_script(args=[self.p, job_id, status.value, json.dumps({**values,
-                                                                                   "finished_at": time.time()})])
+                                                                                   "finished_at": time.time()}),
+                                             webhooks.event_name(status.value)])
         if done == -1:
             raise JobNotFound(f"no job {job_id!r}")
         if done == 0:
@@ -936,10 +946,6 @@ class RedisJobQueue(JobEnds):
         deliveries = []
         for key, flat in zip(found[::2], found[1::2]):
             h = dict(zip(flat[::2], flat[1::2]))
-            if "job_id" not in h:  # its hash is gone (a Redis that lost it): nothing to send
-                with self._redis():
-                    self.client.zrem(f"{self.p}hooks", key)
-                continue
             deliveries.append(webhooks.Delivery(key, h["job_id"], h["event"], int(h["attempts"]),
                                                 float(h["first_at"]), int(h["step"]) if h.get("step") else None))
         return deliveries
@@ -956,6 +962,13 @@ class RedisJobQueue(JobEnds):
                 pipe.delete(f"{self.p}hook:{delivery.key}")
             else:
                 pipe.zadd(f"{self.p}hooks", {delivery.key: retry_at}, xx=True)
+            pipe.execute()
+
+    def webhook_release(self, delivery: webhooks.Delivery, due: float) -> None:
+        with self._redis():
+            pipe = self.client.pipeline()
+            pipe.zadd(f"{self.p}hooks", {delivery.key: due}, xx=True)
+            pipe.hincrby(f"{self.p}hook:{delivery.key}", "attempts", -1)
             pipe.execute()
 
     def webhook_log(self, job_id: str) -> list[dict[str, Any]]:

@@ -19,6 +19,9 @@ class OpenAIError(ValueError):
         self.param, self.status, self.type, self.code = param, status, type, code
 
 
+MAX_PARTIAL_IMAGES = 3  # what OpenAI's API allows
+
+
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -35,7 +38,8 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = None
     moderation: str | None = None
     stream: bool = False
-    partial_images: int = Field(0, ge=0, le=3, description="Streaming: previews sent before the image.")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="Streaming: previews sent before the "
+                                "image.")
 
 
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1")
