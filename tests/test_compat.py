@@ -19,8 +19,12 @@ KEY = "sk-test-key"
 USER, PASSWORD = "alice", "s3cret"
 
 
+STYLES = 'name,prompt,negative_prompt\nframed,"{prompt}, in a frame",blurry\nbright,vivid colours,"dull, {prompt}"\n'
+
+
 @pytest.fixture(scope="module")
 def server(models_dir, module_servers):
+    (models_dir / "styles.csv").write_text(STYLES)  # A1111's styles file, beside the models
     return module_servers(models_dir, "compat", "--api-key", KEY,
                           "--api-auth", f"{USER}:{PASSWORD},bob:other")
 
@@ -60,9 +64,26 @@ def test_webuiapi_txt2img(a1111):
     assert result.parameters["prompt"] == "a red circle"
 
 
+def test_webuiapi_styles_apply_as_a1111_applies_them(a1111, server):
+    assert a1111.get_prompt_styles() == [
+        {"name": "framed", "prompt": "{prompt}, in a frame", "negative_prompt": "blurry"},
+        {"name": "bright", "prompt": "vivid colours", "negative_prompt": "dull, {prompt}"}]
+    result = a1111.txt2img(prompt="a red circle", negative_prompt="text", styles=["framed", "bright"], width=64,
+                           height=64, seed=3)
+    # each in order: {prompt} takes the prompt so far, else the style follows it after a comma
+    assert result.info["prompt"] == "a red circle, in a frame, vivid colours"
+    assert result.info["negative_prompt"] == "dull, text, blurry"
+    assert result.info["infotexts"][0].startswith("a red circle, in a frame, vivid colours\nNegative prompt: "
+                                                  "dull, text, blurry\n")
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "styles": ["nope"]},
+                   auth=(USER, PASSWORD), timeout=60)
+    assert r.status_code == 422 and "no style 'nope'" in r.text and "framed" in r.text
+
+
 def test_webuiapi_reports_ignored_fields(a1111):
     result = a1111.txt2img(prompt="x", width=64, height=64, tiling=True, restore_faces=True)
-    assert {"tiling", "restore_faces"} <= set(result.info["ignored_fields"])
+    assert "restore_faces" in result.info["ignored_fields"]
+    assert "tiling" not in result.info["ignored_fields"] and "Tiling: True" in result.info["infotexts"][0]
     assert "eta" not in result.info["ignored_fields"]  # webuiapi's default eta=1.0 changes nothing
     assert "enable_hr" not in result.info["ignored_fields"]  # honoured now (tests/test_hires.py)
 

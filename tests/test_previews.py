@@ -69,3 +69,19 @@ def test_a_demo_preview_shows_the_picture_forming(demo):
     shown = np.concatenate([np.asarray(last[i], float).reshape(-1, 3) for i in range(len(requests))])
     correlation = [np.corrcoef(final[:, c], shown[:, c])[0, 1] for c in range(3)]
     assert np.mean(correlation) > 0.3 and min(correlation) > 0.1, correlation
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DPM++ SDE", "DDIM"])
+def test_previews_never_change_the_picture(engine, sampler):
+    """Watching the scheduler's prediction keeps its step's signature: an ancestral sampler still gets its seeded
+    generator (without it, it drew from the global RNG: another picture on every run)."""
+    def draw(every: int):
+        request = JobRequest(prompt="a red circle", steps=4, seed=5, sampler=sampler, preview_every=every)
+        seen = []
+        [[image]] = engine.run([request], on_step=lambda *_: None, on_preview=lambda step, p: seen.append(step))
+        return np.asarray(image.image), seen
+
+    plain, none_seen = draw(0)
+    watched, seen = draw(1)
+    assert none_seen == [] and seen == [1, 2, 3]
+    assert np.array_equal(plain, watched)  # the same path, the same pixels

@@ -134,6 +134,8 @@ class GenerationRequest(BaseModel):
                                  "their weights; A1111's <lora:name:weight> tags in the prompt add to these.")
     vae: str | None = Field(None, max_length=200, description="A VAE from models/VAE (its file name); "
                             "None: the model's own. A1111's sd_vae.")
+    styles: list[str] = Field(default_factory=list, max_length=16, description="Prompt styles from styles.csv "
+                              "(A1111's), applied in order to the prompt and negative prompt at submission.")
     sampler: str = Field(DEFAULT_SAMPLER, description="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'.")
     scheduler: str = Field("automatic", description="A1111 schedule type: automatic, karras, exponential, ...")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, strict=True, description="-1 draws a random seed (an integer: "
@@ -150,6 +152,8 @@ class GenerationRequest(BaseModel):
         "resize", description="Fit the init image to width x height by stretching, or by cropping to the aspect.")
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
     hires: Hires | None = Field(None, description="A1111's hires fix: a second pass at a larger size (txt2img).")
+    tiling: bool = Field(False, description="A seamless texture: the picture wraps around, left edge into right and "
+                         "top into bottom (circular padding in the UNet's and VAE's convolutions). A1111's tiling.")
     controlnet: list[ControlUnit] = Field(default_factory=list, max_length=3, description="ControlNet units.")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     preview_every: int | None = Field(None, ge=0, le=bounds.MAX_STEPS, description="Send a preview of the forming "

@@ -48,6 +48,7 @@ from sdserve.moderation import Blocklist, open_moderator
 from sdserve.ratelimit import Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, StoreError, open_store
+from sdserve.styles import StyleBook, UnknownStyle
 
 if TYPE_CHECKING:
     from sdserve.jobs.runner import Runner
@@ -132,6 +133,7 @@ class Service:
         self.shared: SharedState = self.queue  # the same database; the dialects' state needs only this part
         self.images: ImageStore = open_store(settings.storage, settings.data_dir)
         self.blocklist = Blocklist.load(settings.blocklist)
+        self.styles = StyleBook([settings.models_dir, settings.data_dir])  # A1111's styles.csv
         self.health = WriteHealth([lambda: probe_folder(settings.data_dir), self.images.probe])
         self.limiter = Limiter(
             self.shared,
@@ -515,6 +517,23 @@ class Service:
             raise ModelUnavailable(f"model {info.name!r} failed to load: {info.error}", named=request.model is not None)
         return info
 
+    def styled(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its `styles` applied to its prompts (the hires pass's too, where it has its own); the
+        job keeps the names. An unknown style is a 422 naming it."""
+        if not request.styles:
+            return request
+        try:
+            prompt, negative = self.styles.apply(request.styles, request.prompt, request.negative_prompt)
+            fields = request.model_dump(exclude_unset=True) | {"prompt": prompt, "negative_prompt": negative}
+            if request.hires is not None and (request.hires.prompt or request.hires.negative_prompt):
+                hires_prompt, hires_negative = self.styles.apply(request.styles, request.hires.prompt,
+                                                                 request.hires.negative_prompt)
+                fields["hires"] = request.hires.model_dump() | {"prompt": hires_prompt,
+                                                               "negative_prompt": hires_negative}
+        except UnknownStyle as exc:
+            raise RequestRejected(str(exc.args[0]), "styles") from None
+        return GenerationRequest.model_validate(fields)
+
     def _check_webhook(self, request: GenerationRequest, caller: Caller | None) -> None:
         """A webhook the server could never deliver is refused now: no secret to sign it, or an address that is
         not public (a name is resolved, and checked, at each delivery)."""
@@ -545,6 +564,7 @@ class Service:
         write_error = self.health.check()
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
+        request = self.styled(request)
         info = self.validate(request)
         self._check_webhook(request, caller)
         if idempotency_key is not None and caller is not None and caller.account:
@@ -687,7 +707,7 @@ class Service:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
 
         def read(request: GenerationRequest) -> tuple[dict[str, core.InputImage], float]:
-            info = self.validate(request)  # cheap: bounds and names; submit checks again
+            info = self.validate(self.styled(request))  # cheap: bounds and names; submit checks again
             self._check_webhook(request, caller)
             return core.read_inputs(request, self.limits.max_pixels), request_work(request, info)
 

@@ -134,11 +134,12 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
         return model.name, service.models.short_hash(model)
 
     model_name, model_hash = await asyncio.to_thread(describe_model)
+    shown = await asyncio.to_thread(service.styled, canonical[0])  # the prompts as run: styles applied
     info = proto.info_json(
         body, seeds=seeds, infotexts=texts, width=width or (body.width or 0), height=height or (body.height or 0),
         model_name=model_name, model_hash=model_hash,
         sampler=samplers.resolve(canonical[0].sampler, canonical[0].scheduler).sampler.name, ignored=ignored,
-        nsfw=nsfw,
+        nsfw=nsfw, prompts=(shown.prompt, shown.negative_prompt),
     )
     headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else None
     payload = {"images": images if body.send_images else [], "parameters": proto.echo_parameters(body), "info": info}
@@ -432,9 +433,10 @@ async def realesrgan_models() -> list:
     return []
 
 
-@router.get("/prompt-styles")
-async def prompt_styles() -> list:
-    return []
+@router.get("/prompt-styles", summary="The styles of styles.csv (models or data folder): name, prompt, negative")
+async def prompt_styles(service: ServiceDep) -> list[dict[str, str]]:
+    styles = await asyncio.to_thread(service.styles.all)
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in styles.values()]
 
 
 @router.get("/extensions")

@@ -109,12 +109,15 @@ def resolve(options: list[str] | None, device: str) -> list[str]:
     return chosen
 
 
-def unet_fallback(loras: tuple, controlnet: tuple) -> str | None:
-    """Why a batch's UNet cannot run on a compiled graph, or None: the one rule (Engine.run asks it)."""
+def unet_fallback(loras: tuple, controlnet: tuple, tiling: bool = False) -> str | None:
+    """Why a batch's UNet cannot run on a compiled graph, or None: the one rule (Engine.run asks it). A tiled batch
+    runs its VAE on torch too: the graphs hold zero padding, and tiling pads circularly."""
     if loras:
         return "lora"
     if controlnet:
         return "controlnet"
+    if tiling:
+        return "tiling"
     return None
 
 
@@ -133,16 +136,17 @@ class Accelerated:
     engine: str = TORCH  # the UNet's path when a batch may use it: "openvino", "torch.compile", "torch"
     graphs: list[Any] = field(default_factory=list)  # every _Graph: compiled per shape, so a warm-up pays off
     unet_enabled: bool = True  # the patched UNet forward asks it (batch() sets it per batch)
+    vae_enabled: bool = True  # and the patched VAE forwards this
 
     @contextlib.contextmanager
-    def batch(self, loras: tuple, controlnet: tuple) -> Iterator[Route]:
-        """Within: the UNet runs compiled, unless `unet_fallback` says this batch cannot."""
-        reason = unet_fallback(loras, controlnet) if self.engine != TORCH else None
-        self.unet_enabled = reason is None
+    def batch(self, loras: tuple, controlnet: tuple, tiling: bool = False) -> Iterator[Route]:
+        """Within: the UNet runs compiled, unless `unet_fallback` says this batch cannot; the VAE too, unless tiled."""
+        reason = unet_fallback(loras, controlnet, tiling) if self.engine != TORCH else None
+        self.unet_enabled, self.vae_enabled = reason is None, not tiling
         try:
             yield Route(TORCH if reason else self.engine, reason)
         finally:
-            self.unet_enabled = True
+            self.unet_enabled = self.vae_enabled = True
 
 
 def apply(pipe: Any, options: list[str], cache: Path | None, model_hash: str | None) -> Accelerated:
@@ -244,9 +248,9 @@ def _openvino(pipe: Any, state: Accelerated, cache: Path | None, model_hash: str
         state.engine = "openvino"
         _patch(unet, _unet_forward(unet.forward, graphs["unet"], state, sdxl, 2 ** unet.num_upsamplers))
     if "vae-decoder" in graphs:
-        _patch(vae.decoder, _module_forward(vae.decoder.forward, graphs["vae-decoder"], "latent_embeds"))
+        _patch(vae.decoder, _module_forward(vae.decoder.forward, graphs["vae-decoder"], "latent_embeds", state))
     if "vae-encoder" in graphs:
-        _patch(vae.encoder, _module_forward(vae.encoder.forward, graphs["vae-encoder"], None))
+        _patch(vae.encoder, _module_forward(vae.encoder.forward, graphs["vae-encoder"], None, state))
     state.graphs = list(graphs.values())
 
 
@@ -346,12 +350,13 @@ def _unet_forward(original: Any, graph: _Graph, state: Accelerated, sdxl: bool, 
     return forward
 
 
-def _module_forward(original: Any, graph: _Graph, optional: str | None) -> Any:
+def _module_forward(original: Any, graph: _Graph, optional: str | None, state: Accelerated) -> Any:
     """A VAE encoder's or decoder's forward: one tensor in, one out (the decoder's `latent_embeds` unset)."""
     import torch
 
     def forward(x, *args, **kwargs):
-        plain = not args and not (optional and kwargs.get(optional) is not None) and not set(kwargs) - {optional}
+        plain = state.vae_enabled and not args and not (optional and kwargs.get(optional) is not None) and not (
+            set(kwargs) - {optional})
         out = graph([_array(x)]) if plain and _plain(x) else None
         return original(x, *args, **kwargs) if out is None else torch.from_numpy(out)
 

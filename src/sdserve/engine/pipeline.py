@@ -75,6 +75,7 @@ class BatchKey:
     vae: str | None = None
     hires: tuple | None = None  # Hires.settings(): all but its prompts (those are per image)
     controlnet: tuple = ()  # each ControlNet unit's settings but its image (that is per job)
+    tiling: bool = False  # circular padding is the whole pass's: tiled and untiled rows never mix
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -109,7 +110,7 @@ def batch_key(request: JobRequest) -> BatchKey:
                     request.cfg_scale > 1, effective_strength(request), request.clip_skip,
                     tuple((r.name, r.weight) for r in request.loras), request.vae,
                     None if request.hires is None else request.hires.settings(),
-                    tuple(unit.settings() for unit in request.controlnet))
+                    tuple(unit.settings() for unit in request.controlnet), request.tiling)
 
 
 @dataclass
@@ -161,6 +162,33 @@ def _decoding(vae: Any, on_decode: DecodeCallback | None, tiled: bool) -> Iterat
         vae.use_slicing, vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = before
         if handle is not None:
             handle.remove()
+
+
+@contextmanager
+def _circular(pipes: Sequence[Any]) -> Iterator[None]:
+    """A1111's tiling, for one batch: every convolution of the pipelines' UNet, VAE and ControlNets pads circularly,
+    so the picture wraps around (a seamless texture); zero padding again after."""
+    import torch
+
+    convs = {id(m): m for pipe in pipes for part in ("unet", "vae", "controlnet")
+             for m in _modules(getattr(pipe, part, None)) if isinstance(m, torch.nn.Conv2d)}
+    for conv in convs.values():
+        conv.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for conv in convs.values():
+            conv.padding_mode = "zeros"
+
+
+def _modules(part: Any) -> list[Any]:
+    if part is None:
+        return []
+    if isinstance(part, (list, tuple)):  # several ControlNets
+        return [m for p in part for m in _modules(p)]
+    if hasattr(part, "nets"):  # diffusers' MultiControlNetModel
+        return [m for p in part.nets for m in p.modules()]
+    return list(part.modules())
 
 
 class Engine:
@@ -246,7 +274,8 @@ class Engine:
                          height=key.height)
         if units:
             extra.update(_control_inputs(units, prepared, key.mode))
-        with model.speedups.batch(key.loras, key.controlnet) as route:
+        with model.speedups.batch(key.loras, key.controlnet, key.tiling) as route, \
+                _circular([pipe, model.pipelines["img2img"]] if key.tiling else []):
             if hires is None:
                 output = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height),
                                        on_step)
@@ -405,6 +434,7 @@ class Engine:
             "Model": model.info.name,
             "Denoising strength": r.strength if key.mode != "txt2img" else None,
             "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+            "Tiling": True if r.tiling else None,
             "VAE": r.vae,
             **_hires_infotext(r),
             **{f"ControlNet {i}": _control_infotext(u) for i, u in enumerate(r.controlnet)},

@@ -10,6 +10,7 @@ a cost of one small matrix product per row.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import threading
 import weakref
@@ -150,6 +151,9 @@ def watch_denoised(scheduler: Any) -> None:
     DPM2...); the DPM-Solver++ and UniPC families keep it as their last model output instead (`denoised`)."""
     original = scheduler.step
 
+    # wraps: pipelines read step's signature to decide what to pass (`generator`, `eta`): an ancestral sampler
+    # given no generator would draw its noise from the global RNG, and the picture would change
+    @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         x0 = out[1] if isinstance(out, tuple) and len(out) > 1 else getattr(out, "pred_original_sample", None)

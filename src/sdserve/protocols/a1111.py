@@ -134,8 +134,6 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         note("hr_scheduler", body.hr_scheduler not in (None, "", body.scheduler))
         note("hr_checkpoint_name", body.hr_checkpoint_name not in (None, "", "Use same checkpoint"))
     note("restore_faces", bool(body.restore_faces))
-    note("tiling", bool(body.tiling))
-    note("styles", bool(body.styles))
     note("subseed_strength", body.subseed_strength > 0)
     note("seed_resize_from_w", body.seed_resize_from_w > 0)
     note("seed_resize_from_h", body.seed_resize_from_h > 0)
@@ -258,6 +256,8 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         sampler=body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
         scheduler=body.scheduler or "automatic",
         n=body.batch_size,
+        styles=body.styles or [],
+        tiling=bool(body.tiling),
         preview_every=min(preview_every, bounds.MAX_STEPS),
     )
     if isinstance(body, Img2ImgRequest):
@@ -293,14 +293,17 @@ def echo_parameters(body: Txt2ImgRequest) -> dict[str, Any]:
 def info_json(
     body: Txt2ImgRequest, *, seeds: list[int], infotexts: list[str], width: int, height: int, model_name: str,
     model_hash: str | None, sampler: str, ignored: list[str], nsfw: list[bool] | None = None,
+    prompts: tuple[str, str] | None = None,
 ) -> str:
-    """`info`: a JSON *string*, as A1111 returns it (clients json.loads it)."""
+    """`info`: a JSON *string*, as A1111 returns it (clients json.loads it). `prompts`: the prompt and negative
+    prompt as run (its styles applied), as A1111 reports them."""
     n = len(seeds)
+    prompt, negative = prompts or (body.prompt, body.negative_prompt)
     info = {
-        "prompt": body.prompt,
-        "all_prompts": [body.prompt] * n,
-        "negative_prompt": body.negative_prompt,
-        "all_negative_prompts": [body.negative_prompt] * n,
+        "prompt": prompt,
+        "all_prompts": [prompt] * n,
+        "negative_prompt": negative,
+        "all_negative_prompts": [negative] * n,
         "seed": seeds[0] if seeds else body.seed,
         "all_seeds": seeds,
         "subseed": body.subseed,
