@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tolerance import LEVELS
 
 from sdserve.schema import JobRequest
 from sdserve.styles import StyleBook, merge, parse
@@ -54,3 +55,33 @@ def test_styles_merge_as_a1111_merges_them(tmp_path: Path):
     assert book.apply(["ink", "ink"], "a cat", "") == ("a cat, ink, ink", "smudge, smudge")
     with pytest.raises(KeyError, match="no style 'pen'; styles: ink"):
         book.apply(["pen"], "a cat", "")
+
+
+def test_variation_seeds_lean_from_the_seed_toward_the_subseed(engine):
+    """subseed_strength 0 is the seed's own picture, 1 the subseed's, and between them a picture between the two;
+    seed_resize_from keeps a seed's composition at another size. Rows without variation draw exactly what they did."""
+
+    def draw(**fields) -> np.ndarray:
+        [[image]] = engine.run([JobRequest(**{"prompt": "a red circle", "steps": 6, "seed": 11, "sampler": "Euler",
+                                              **fields})])
+        return np.asarray(image.image, dtype=float)
+
+    own, other = draw(), draw(seed=99)
+    assert np.array_equal(draw(subseed=99, subseed_strength=0.0), own)
+    full = draw(subseed=99, subseed_strength=1.0)
+    assert np.abs(full - other).mean() < 1.0, np.abs(full - other).mean()  # the subseed's picture (Euler adds no noise)
+    half = draw(subseed=99, subseed_strength=0.5)
+    d_own, d_other = np.abs(half - own).mean(), np.abs(half - other).mean()
+    assert d_own > 2 and d_other > 2, (d_own, d_other)  # neither picture: between them
+    # the variation is per row: in one batch, a plain row next to a varied one draws what it draws alone
+    plain, varied = engine.run([JobRequest(prompt="a red circle", steps=6, seed=11, sampler="Euler"),
+                                JobRequest(prompt="a red circle", steps=6, seed=11, sampler="Euler", subseed=99,
+                                           subseed_strength=0.5)])
+    # (the same up to a batch's float rounding: tolerance.LEVELS)
+    assert np.abs(np.asarray(plain[0].image, dtype=float) - own).max() <= LEVELS
+    assert "Variation seed: 99, Variation seed strength: 0.5" in varied[0].infotext
+    # the 64x64 seed's noise, centred in a 128x64 picture: its middle keeps the 64x64 picture's composition
+    wide = draw(width=128, seed_resize_from_w=64, seed_resize_from_h=64)
+    plain_wide = draw(width=128)
+    middle = slice(32 + 8, 96 - 8)
+    assert np.abs(wide[8:-8, middle] - own[8:-8, 8:-8]).mean() < np.abs(plain_wide[8:-8, middle] - own[8:-8, 8:-8]).mean()

@@ -141,6 +141,14 @@ class GenerationRequest(BaseModel):
     seed: int = Field(-1, ge=-1, le=MAX_SEED, strict=True, description="-1 draws a random seed (an integer: "
                       "not a string or a boolean).")
     n: int = Field(1, ge=1, le=8, description="Images in this request.")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, strict=True, description="Variation seed (A1111's): with "
+                         "subseed_strength, the noise leans toward this seed's; image i uses subseed + i; -1 draws one.")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far toward the variation seed's noise "
+                                    "(a spherical interpolation): 0 none, 1 all the way.")
+    seed_resize_from_w: int = Field(0, ge=0, le=bounds.MAX_SIZE, description="Draw the seed's noise as for this "
+                                    "width (and seed_resize_from_h), centred: the same seed's picture at another "
+                                    "size keeps its composition. 0: off.")
+    seed_resize_from_h: int = Field(0, ge=0, le=bounds.MAX_SIZE)
     init_image: str | None = Field(None, description="img2img / inpaint source: base64 or data URL.")
     mask: str | None = Field(None, description="Inpaint mask, white = repaint: base64 or data URL.")
     mask_blur: int = Field(4, ge=0, le=64)
@@ -203,8 +211,19 @@ class GenerationRequest(BaseModel):
         return "inpaint" if self.mask is not None else "img2img"
 
     def with_seed(self) -> GenerationRequest:
-        """The same request with a concrete seed, so a re-run after a restart gives the same images."""
-        return self if self.seed >= 0 else self.model_copy(update={"seed": random_seed()})
+        """The same request with a concrete seed (and variation seed, where it has a strength), so a re-run after a
+        restart gives the same images."""
+        update = {}
+        if self.seed < 0:
+            update["seed"] = random_seed()
+        if self.subseed < 0 and self.subseed_strength > 0:
+            update["subseed"] = random_seed()
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def varied(self) -> bool:
+        """Its initial noise is not simply its seed's: a variation seed, or the noise of another size."""
+        return self.subseed_strength > 0 or (self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0)
 
 
 class JobRequest(GenerationRequest):

@@ -119,6 +119,7 @@ class _Prepared:
     width: int
     height: int
     seed: int
+    subseed: int
     init_image: Image.Image | None
     mask: Image.Image | None
     start_image: Image.Image | None  # what denoising starts from: the init image, maybe pre-filled under the mask
@@ -136,6 +137,10 @@ class _Row:
     @property
     def seed(self) -> int:
         return self.job.seed + self.index
+
+    @property
+    def subseed(self) -> int:
+        return self.job.subseed + self.index
 
     def prompts(self, second_pass: bool = False) -> tuple[str, str]:
         """(prompt, negative prompt); the hires pass's own where the request gives them."""
@@ -310,12 +315,15 @@ class Engine:
         texts, negatives = zip(*(row.prompts(second_pass) for row in rows))
         with torch.inference_mode():
             text_inputs = prompts.conditioning(pipe, list(texts), list(negatives), clip_skip)
+        generators = [torch.Generator(device=gen_device).manual_seed(row.seed) for row in rows]
+        if "strength" not in extra and any(row.job.request.varied for row in rows):  # from noise: txt2img
+            extra = {**extra, "latents": variation_noise(pipe, rows, generators, size)}
         kwargs: dict[str, Any] = {
             **text_inputs,
             **extra,
             "num_inference_steps": steps,
             "guidance_scale": PerImageGuidance([row.job.request.cfg_scale for row in rows]),
-            "generator": [torch.Generator(device=gen_device).manual_seed(row.seed) for row in rows],
+            "generator": generators,
             "num_images_per_prompt": 1,
             "output_type": output_type,  # np floats: converted to PIL by run, so exact values stay inspectable
         }
@@ -390,7 +398,8 @@ class Engine:
                              (width, height), on_step, "np", (key.steps, total), second_pass=True)
 
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
-        seed = request.with_seed().seed
+        pinned = request.with_seed()
+        seed, subseed = pinned.seed, pinned.subseed
         init = mask = None
         for name_of in ("init_image", "mask"):
             name = getattr(request, name_of)
@@ -416,7 +425,7 @@ class Engine:
             if unit.image not in inputs:
                 raise InvalidRequestError(f"ControlNet image {unit.image!r} was not given to the engine")
             controls.append(controlnet.control_map(unit, inputs[unit.image], (key.width, key.height)))
-        return _Prepared(request, key.width, key.height, seed, init, mask, start, controls)
+        return _Prepared(request, key.width, key.height, seed, subseed, init, mask, start, controls)
 
     @staticmethod
     def _infotext(
@@ -429,6 +438,10 @@ class Engine:
             "Schedule type": resolved.schedule.label,
             "CFG scale": r.cfg_scale,
             "Seed": p.seed + index,
+            "Variation seed": p.subseed + index if r.subseed_strength > 0 else None,
+            "Variation seed strength": r.subseed_strength if r.subseed_strength > 0 else None,
+            "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}"
+            if r.seed_resize_from_w > 0 and r.seed_resize_from_h > 0 else None,
             "Size": f"{key.width}x{key.height}",
             "Model hash": model.short_hash,
             "Model": model.info.name,
@@ -443,6 +456,59 @@ class Engine:
         }
         prompt = " ".join(filter(None, [r.prompt, loras.tags(r.loras)]))  # as A1111 shows it: tags in the prompt
         return infotext.build(prompt, r.negative_prompt, params)
+
+
+def slerp(strength: float, low: Any, high: Any) -> Any:
+    """A1111's slerp of two noises (C, H, W), norms taken along dim 1 as A1111 takes them: strength 0 is `low`,
+    1 is `high`."""
+    import torch
+
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:  # nearly parallel: a straight line is as good
+        return low * (1 - strength) + high * strength
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return ((torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * low
+            + (torch.sin(strength * omega) / so).unsqueeze(1) * high)
+
+
+def variation_noise(pipe: Any, rows: Sequence[_Row], generators: Sequence[Any], size: tuple[int, int]) -> Any:
+    """Each row's initial noise as A1111's create_random_tensors makes it: its seed's noise (drawn from the row's
+    own generator, as diffusers draws it, so an ancestral sampler's later noise is unchanged), leaned toward its
+    variation seed's by subseed_strength, and with seed_resize_from_w/h drawn for that size and centred in this
+    one. Rows without either are exactly the noise diffusers would draw."""
+    import torch
+
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    dtype = pipe.unet.dtype
+    shape = (pipe.unet.config.in_channels, size[1] // scale, size[0] // scale)
+    out = []
+    for row, generator in zip(rows, generators):
+        request = row.job.request
+        noise = torch.randn((1, *shape), generator=generator, device=generator.device, dtype=dtype)[0]
+        if request.varied:
+            resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+            noise_shape = (shape[0], request.seed_resize_from_h // scale, request.seed_resize_from_w // scale) \
+                if resized else shape
+            own = torch.Generator(device=generator.device).manual_seed(row.seed)
+            base = torch.randn((1, *noise_shape), generator=own, device=generator.device, dtype=dtype)[0]
+            if request.subseed_strength > 0:
+                other = torch.Generator(device=generator.device).manual_seed(row.subseed)
+                sub = torch.randn((1, *noise_shape), generator=other, device=generator.device, dtype=dtype)[0]
+                base = slerp(request.subseed_strength, base, sub)
+            if noise_shape != shape:  # centred: cropped, or padded with this size's own noise
+                dx, dy = (shape[2] - noise_shape[2]) // 2, (shape[1] - noise_shape[1]) // 2
+                w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+                h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+                tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+                noise = noise.clone()
+                noise[:, ty:ty + h, tx:tx + w] = base[:, sy:sy + h, sx:sx + w]
+            else:
+                noise = base
+        out.append(noise)
+    return torch.stack(out).to(pipe.unet.device)
 
 
 # A1111's latent upscalers -> torch interpolation mode and antialiasing.

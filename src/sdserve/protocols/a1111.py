@@ -134,9 +134,6 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         note("hr_scheduler", body.hr_scheduler not in (None, "", body.scheduler))
         note("hr_checkpoint_name", body.hr_checkpoint_name not in (None, "", "Use same checkpoint"))
     note("restore_faces", bool(body.restore_faces))
-    note("subseed_strength", body.subseed_strength > 0)
-    note("seed_resize_from_w", body.seed_resize_from_w > 0)
-    note("seed_resize_from_h", body.seed_resize_from_h > 0)
     note("script_name", bool(body.script_name))
     for name, script in body.alwayson_scripts.items():
         note(f"alwayson_scripts.{name}", name.lower() != "controlnet" and bool(script) and bool(
@@ -149,6 +146,8 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     for key, value in (body.override_settings or {}).items():
         note(f"override_settings.{key}", key not in HONOURED_SETTINGS and value is not None)
     if isinstance(body, Img2ImgRequest):
+        # variation seeds shape the starting noise of txt2img; img2img starts from its image
+        note("subseed_strength", body.subseed_strength > 0)
         note("init_images[1:]", len(body.init_images or []) > 1)
         note("resize_mode", body.resize_mode not in (0, 1))
         note("inpaint_full_res", body.mask is not None and body.inpaint_full_res)
@@ -258,6 +257,9 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
         n=body.batch_size,
         styles=body.styles or [],
         tiling=bool(body.tiling),
+        subseed_strength=body.subseed_strength,
+        seed_resize_from_w=max(0, body.seed_resize_from_w),
+        seed_resize_from_h=max(0, body.seed_resize_from_h),
         preview_every=min(preview_every, bounds.MAX_STEPS),
     )
     if isinstance(body, Img2ImgRequest):
@@ -278,7 +280,11 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
             inpaint_fill=INPAINTING_FILL.get(body.inpainting_fill, "original"),
             resize_mode="crop" if body.resize_mode == 1 else "resize",
         )
-    return [GenerationRequest(**common, seed=seed + k * body.batch_size) for k in range(body.n_iter)]
+    # image i of the call uses seed + i and (its variation) subseed + i, as in A1111, across n_iter too
+    subseed = body.subseed if body.subseed >= 0 or body.subseed_strength <= 0 else random_seed()
+    return [GenerationRequest(**common, seed=seed + k * body.batch_size,
+                              subseed=subseed + k * body.batch_size if subseed >= 0 else -1)
+            for k in range(body.n_iter)]
 
 
 def echo_parameters(body: Txt2ImgRequest) -> dict[str, Any]:
