@@ -221,9 +221,14 @@ class GenerationRequest(BaseModel):
         return self.model_copy(update=update) if update else self
 
     @property
+    def seed_resized(self) -> bool:
+        """Its seed's noise is drawn as for another size (seed_resize_from_w/h)."""
+        return self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0
+
+    @property
     def varied(self) -> bool:
         """Its initial noise is not simply its seed's: a variation seed, or the noise of another size."""
-        return self.subseed_strength > 0 or (self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0)
+        return self.subseed_strength > 0 or self.seed_resized
 
 
 class JobRequest(GenerationRequest):

@@ -323,7 +323,7 @@ class Dispatcher:
             retry = time.time() + _backoff(delivery.attempts)
             if retry - delivery.first_at <= RETRY_FOR_S:
                 retry_at = retry
-        record = self._record(delivery, status, error, retry_at)
+        record = self._record(delivery, status, error, retry_at, delivered)
         if not delivered:
             log.warning("webhook %s for job %s: %s%s", delivery.event, delivery.job_id, error or status,
                         "" if retry_at else " (given up)")
@@ -375,9 +375,9 @@ class Dispatcher:
         return response.status_code, None
 
     @staticmethod
-    def _record(delivery: Delivery, status: int | None, error: str | None,
-                retry_at: float | None = None) -> dict[str, Any]:
+    def _record(delivery: Delivery, status: int | None, error: str | None, retry_at: float | None = None,
+                delivered: bool = False) -> dict[str, Any]:
         return {"id": delivery.message_id, "event": delivery.event, "attempt": delivery.attempts,
                 "at": datetime.now(timezone.utc).isoformat(), "status_code": status, "error": error,
-                "delivered": status is not None and 200 <= status < 300,
+                "delivered": delivered,
                 "next_attempt_at": datetime.fromtimestamp(retry_at, timezone.utc).isoformat() if retry_at else None}

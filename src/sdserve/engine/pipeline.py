@@ -187,13 +187,8 @@ def _circular(pipes: Sequence[Any]) -> Iterator[None]:
 
 
 def _modules(part: Any) -> list[Any]:
-    if part is None:
-        return []
-    if isinstance(part, (list, tuple)):  # several ControlNets
-        return [m for p in part for m in _modules(p)]
-    if hasattr(part, "nets"):  # diffusers' MultiControlNetModel
-        return [m for p in part.nets for m in p.modules()]
-    return list(part.modules())
+    """A pipeline part's modules (a MultiControlNetModel's include each of its nets)."""
+    return [] if part is None else list(part.modules())
 
 
 class Engine:
@@ -440,8 +435,7 @@ class Engine:
             "Seed": p.seed + index,
             "Variation seed": p.subseed + index if r.subseed_strength > 0 else None,
             "Variation seed strength": r.subseed_strength if r.subseed_strength > 0 else None,
-            "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}"
-            if r.seed_resize_from_w > 0 and r.seed_resize_from_h > 0 else None,
+            "Seed resize from": f"{r.seed_resize_from_w}x{r.seed_resize_from_h}" if r.seed_resized else None,
             "Size": f"{key.width}x{key.height}",
             "Model hash": model.short_hash,
             "Model": model.info.name,
@@ -489,11 +483,12 @@ def variation_noise(pipe: Any, rows: Sequence[_Row], generators: Sequence[Any], 
         request = row.job.request
         noise = torch.randn((1, *shape), generator=generator, device=generator.device, dtype=dtype)[0]
         if request.varied:
-            resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
-            noise_shape = (shape[0], request.seed_resize_from_h // scale, request.seed_resize_from_w // scale) \
-                if resized else shape
-            own = torch.Generator(device=generator.device).manual_seed(row.seed)
-            base = torch.randn((1, *noise_shape), generator=own, device=generator.device, dtype=dtype)[0]
+            noise_shape = shape
+            base = noise  # the seed's own noise at this size; at another size, drawn for that one
+            if request.seed_resized:
+                noise_shape = (shape[0], request.seed_resize_from_h // scale, request.seed_resize_from_w // scale)
+                own = torch.Generator(device=generator.device).manual_seed(row.seed)
+                base = torch.randn((1, *noise_shape), generator=own, device=generator.device, dtype=dtype)[0]
             if request.subseed_strength > 0:
                 other = torch.Generator(device=generator.device).manual_seed(row.subseed)
                 sub = torch.randn((1, *noise_shape), generator=other, device=generator.device, dtype=dtype)[0]
