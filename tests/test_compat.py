@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import tolerance
 import webuiapi
 from PIL import Image
 from server import ServerProcess, until
@@ -78,6 +79,18 @@ def test_webuiapi_styles_apply_as_a1111_applies_them(a1111, server):
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "styles": ["nope"]},
                    auth=(USER, PASSWORD), timeout=60)
     assert r.status_code == 422 and "no style 'nope'" in r.text and "framed" in r.text
+
+
+def test_webuiapi_prompt_editing(a1111):
+    def draw(prompt):
+        return a1111.txt2img(prompt=prompt, width=64, height=64, seed=5, steps=4)
+
+    edited = draw("a [red:blue:0.5] circle")
+    assert edited.info["prompt"] == "a [red:blue:0.5] circle" and edited.info["ignored_fields"] == []
+    assert edited.info["infotexts"][0].startswith("a [red:blue:0.5] circle\n")
+    blue = px(draw("a blue circle").images[0])
+    assert np.array_equal(px(draw("a [red:blue:0] circle").images[0]), blue)  # switched before the first step
+    assert np.abs(px(edited.images[0]) - blue).max() > tolerance.LEVELS  # steps 0-2 of 4 read "red"
 
 
 def test_webuiapi_reports_ignored_fields(a1111):

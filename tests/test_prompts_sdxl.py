@@ -44,3 +44,23 @@ def test_sdxl_emphasis_and_long_prompts_change_the_picture(sdxl):
     assert np.abs(pixels(sdxl, "a (red:1.6) circle") - plain).max() > 1e-4
     base = "x" * 100
     assert np.abs(pixels(sdxl, base + " red") - pixels(sdxl, base + " blue")).max() > 1e-4
+
+
+def test_sdxl_prompt_editing_swaps_both_encoders_and_the_pooled_embedding(sdxl):
+    pipe = sdxl.registry.load(None).pipelines["txt2img"]
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        (kwargs["encoder_hidden_states"][1], kwargs["added_cond_kwargs"]["text_embeds"][1])), with_kwargs=True)
+    try:
+        pixels(sdxl, "a [red:blue:0.5] circle")
+    finally:
+        handle.remove()
+    encoded = {p: prompts.conditioning(pipe, [p], [""]) for p in ("a red circle", "a blue circle")}
+
+    def which(z, pooled):
+        for p, e in encoded.items():
+            if torch.allclose(z, e["prompt_embeds"][0], atol=1e-4) and torch.allclose(pooled, e["pooled_prompt_embeds"][0],
+                                                                                       atol=1e-4):
+                return p
+    # 3 steps: when = int(1.5) = 1, so steps 0 and 1 read "red", step 2 "blue"
+    assert [which(*c) for c in calls] == ["a red circle", "a red circle", "a blue circle"]

@@ -300,16 +300,22 @@ class Engine:
     def _denoise(
         self, model: LoadedModel, pipe: Any, steps: int, clip_skip: int, rows: Sequence[_Row], extra: dict[str, Any],
         size: tuple[int, int], on_step: StepCallback | None, output_type: str = "np",
-        progress: tuple[int, int | None] = (0, None), second_pass: bool = False,
+        progress: tuple[int, int | None] = (0, None), second_pass: bool = False, first_pass_steps: int | None = None,
     ) -> Any:
         """One pipeline call over the batch's rows. `progress`: steps done before this pass and the job's
-        total (None: this pass's own count), so a two-pass job reports one progress across both."""
+        total (None: this pass's own count), so a two-pass job reports one progress across both. The prompts
+        follow their schedules (`prompts.schedule`; a hires pass's count on from `first_pass_steps`)."""
         import torch
 
         gen_device = "cpu" if model.device == "mps" else model.device
         texts, negatives = zip(*(row.prompts(second_pass) for row in rows))
+        # A1111 counts a second-order sampler's steps twice (one per model call), and a hires pass's on from the
+        # first pass's.
+        order = getattr(pipe.scheduler, "order", 1)
         with torch.inference_mode():
-            text_inputs = prompts.conditioning(pipe, list(texts), list(negatives), clip_skip)
+            text = prompts.ScheduledConditioning(pipe, texts, negatives, clip_skip, steps * order,
+                                                 first_pass_steps and first_pass_steps * order)
+            text_inputs = text.at(0)
         generators = [torch.Generator(device=gen_device).manual_seed(row.seed) for row in rows]
         if "strength" not in extra and any(row.job.request.varied for row in rows):  # from noise: txt2img
             extra = {**extra, "latents": variation_noise(pipe, rows, generators, size)}
@@ -322,18 +328,23 @@ class Engine:
             "num_images_per_prompt": 1,
             "output_type": output_type,  # np floats: converted to PIL by run, so exact values stay inspectable
         }
-        if on_step is not None:
+        if on_step is not None or not text.constant:
             before, total = progress
-            show = self._previewer(pipe, rows)
+            show = self._previewer(pipe, rows) if on_step is not None else None
 
             def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
                 done, steps = before + step + 1, total or pipeline.num_timesteps
                 if show is not None and done < steps:
                     show(done, previews.denoised(pipeline.scheduler, tensors["latents"]))
-                on_step(done, steps)
+                if on_step is not None:
+                    on_step(done, steps)
+                if not text.constant and text.texts(step + 1) != text.texts(step):  # the next step's prompts
+                    tensors.update({name: value.to(tensors[name]) for name, value in
+                                    text.step_inputs(pipeline, step + 1).items()})
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents", *text.swapped]
         # Whatever threads the process was given (torch's default), every batch: a fixed count keeps a seed's
         # pixels reproducible to the bit (the summation order follows the thread count).
         with torch.inference_mode(), _decoding(pipe.vae, self._on_decode, size[0] * size[1] > TILE_ABOVE_PX):
@@ -390,7 +401,8 @@ class Engine:
         second.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
         adapters.choose_vae(second, model.adapters, key.vae, self.registry.vaes)
         return self._denoise(model, second, second_steps, key.clip_skip, rows, {"image": image, "strength": strength},
-                             (width, height), on_step, "np", (key.steps, total), second_pass=True)
+                             (width, height), on_step, "np", (key.steps, total), second_pass=True,
+                             first_pass_steps=key.steps)
 
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         pinned = request.with_seed()

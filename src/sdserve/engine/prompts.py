@@ -1,4 +1,10 @@
-"""Prompts as A1111 reads them: emphasis, BREAK, any length, clip skip.
+"""Prompts as A1111 reads them: prompt editing and alternation, emphasis, BREAK, any length, clip skip.
+
+- `schedule` reads A1111's prompt editing (`[from:to:when]`, `[to:when]`, `[from::when]`) and alternation
+  (`[a|b|c]`), nested in each other and in emphasis, into the plain prompts a pass uses and the step each
+  one ends at. `when` is a fraction of the steps when it has a decimal point, else a step number; a hires pass
+  counts on from the first (`1.5`, or the first pass's steps plus n). A prompt the grammar cannot read is one
+  plain prompt, as in A1111.
 
 - `parse_attention` reads A1111's emphasis grammar: `(word)` x1.1, `((word))` x1.21, `(word:1.3)`, `[word]`
   /1.1, the escapes `\\(` `\\)` `\\[` `\\]` `\\\\`, and `BREAK`. It returns A1111's own (text, weight) runs.
@@ -129,6 +135,156 @@ def chunk(runs: Sequence[tuple[str, float]], tokenize, comma: int | None, start:
     return chunks
 
 
+# --- prompt editing and alternation ---------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*")
+
+
+class _Unreadable(Exception):
+    """The text is not in the grammar here: at the top level its brackets are plain text; nested, the
+    enclosing bracket is."""
+
+
+@dataclass
+class _Scheduled:
+    before: list[Any]  # empty for `[to:when]`
+    after: list[Any]
+    number: str
+
+
+@dataclass
+class _Alternate:
+    options: list[list[Any]]
+
+
+class _ScheduleParser:
+    """A1111's prompt grammar (emphasis, editing, alternation) as nested lists of text and nodes. Emphasis is
+    kept as text: it is read later (`parse_attention`), from whatever prompt a step uses."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def parse(self) -> list[Any]:
+        items, pos = self._sequence(0, "", top=True)
+        return items
+
+    def _sequence(self, pos: int, stops: str, top: bool = False) -> tuple[list[Any], int]:
+        text, items = self.text, []
+        while pos < len(text) and text[pos] not in stops:
+            c = text[pos]
+            if c == "\\":
+                if pos + 1 == len(text):
+                    raise _Unreadable  # a lone trailing backslash is outside the grammar
+                items.append(text[pos:pos + 2])
+                pos += 2
+            elif c in "([":
+                try:
+                    node, pos = (self._round if c == "(" else self._square)(pos + 1)
+                    items.extend(node) if isinstance(node, list) else items.append(node)
+                except _Unreadable:
+                    if not top:
+                        raise
+                    items.append(c)  # a stray bracket: plain text, as A1111's top level allows
+                    pos += 1
+            elif c in ")]:":
+                if not top:
+                    raise _Unreadable
+                items.append(c)
+                pos += 1
+            elif c == "|":
+                raise _Unreadable  # `|` outside an alternation: the whole prompt is read as plain text
+            else:
+                end = pos
+                while end < len(text) and text[end] not in "\\[]():|":
+                    end += 1
+                items.append(text[pos:end])
+                pos = end
+        return items, pos
+
+    def _round(self, pos: int) -> tuple[list[Any], int]:
+        """`(prompt)` or `(prompt:weight)`: emphasis, kept as text around what it holds."""
+        inner, pos = self._sequence(pos, "):")
+        out = ["(", *inner]
+        if pos < len(self.text) and self.text[pos] == ":":
+            weight, pos = self._sequence(pos + 1, ")")
+            out += [":", *weight]
+        if pos >= len(self.text):
+            raise _Unreadable
+        return [*out, ")"], pos + 1
+
+    def _square(self, pos: int) -> tuple[Any, int]:
+        """`[prompt]` (emphasis), `[a|b|...]` (alternation) or `[from:to:when]` / `[to:when]` (editing)."""
+        parts, separators = [], []
+        while True:
+            part, pos = self._sequence(pos, "]:|")
+            parts.append(part)
+            if pos >= len(self.text):
+                raise _Unreadable
+            if self.text[pos] == "]":
+                break
+            separators.append(self.text[pos])
+            pos += 1
+        pos += 1
+        if not separators:
+            return ["[", *parts[0], "]"], pos
+        if set(separators) == {"|"}:
+            return _Alternate(parts), pos
+        last = parts[-1]
+        number = _NUMBER.fullmatch(last[0]) if len(last) == 1 and isinstance(last[0], str) else None
+        if set(separators) != {":"} or len(separators) > 2 or number is None:
+            raise _Unreadable
+        return _Scheduled(parts[0] if len(parts) == 3 else [], parts[-2], number.group(1)), pos
+
+
+def schedule(prompt: str, steps: int, first_pass_steps: int | None = None) -> list[tuple[int, str]]:
+    """A1111's prompt schedule for a pass of `steps` steps: [(last step, prompt)], in order, the last ending at
+    `steps`. Step s of the pass (0-based) uses the first prompt whose last step is >= s. For a hires pass,
+    `first_pass_steps` is the first pass's: a step number counts from the first pass's start, and a fraction
+    over 1 reaches into this pass (`1.5` is its middle)."""
+    try:
+        tree = _ScheduleParser(prompt).parse()
+    except _Unreadable:
+        return [(steps, prompt)]
+    int_offset, float_offset = (0, 0.0) if first_pass_steps is None else (first_pass_steps, 1.0)
+    ends = {steps}
+
+    def when(node: _Scheduled) -> int:
+        v = float(node.number)
+        v = (v - float_offset) * steps if "." in node.number else v - int_offset
+        return min(steps, int(v))
+
+    def collect(items: list[Any]) -> None:
+        for item in items:
+            if isinstance(item, _Scheduled):
+                if when(item) >= 1:
+                    ends.add(when(item))
+                collect(item.before)
+                collect(item.after)
+            elif isinstance(item, _Alternate):
+                ends.update(range(1, steps + 1))
+                for option in item.options:
+                    collect(option)
+
+    def at(step: int, items: list[Any]) -> str:
+        out = []
+        for item in items:
+            if isinstance(item, _Scheduled):
+                out.append(at(step, item.before if step <= when(item) else item.after))
+            elif isinstance(item, _Alternate):
+                out.append(at(step, item.options[(step - 1) % len(item.options)]))
+            else:
+                out.append(item)
+        return "".join(out)
+
+    collect(tree)
+    return [(end, at(end, tree)) for end in sorted(ends)]
+
+
+def prompt_at(entries: Sequence[tuple[int, str]], step: int) -> str:
+    """The prompt a schedule uses at 0-based step `step` (the last one's after its end)."""
+    return next((text for end, text in entries if step <= end), entries[-1][1])
+
+
 class PromptEncoder:
     """Encodes prompts for one CLIP text encoder and its tokenizer, A1111's way (see the module doc).
     `expand` rewrites a text before tokenizing: diffusers' `maybe_convert_prompt`, which spells a
@@ -236,3 +392,55 @@ def conditioning(pipe, prompts: Sequence[str], negatives: Sequence[str], clip_sk
         pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
     return {"prompt_embeds": z[:n], "negative_prompt_embeds": z[n:],
             "pooled_prompt_embeds": pooled[:n], "negative_pooled_prompt_embeds": pooled[n:]}
+
+
+class ScheduledConditioning:
+    """A batch's text conditioning as a function of the step: each row's prompt and negative prompt read as
+    A1111's prompt schedules (`schedule`) for a pass of `steps`, every distinct prompt encoded once, and the
+    pipeline's text inputs gathered per row for any step. Rows with different schedules share the pass; a
+    batch whose prompts never change is `constant` (the pipeline needs no callback to swap them)."""
+
+    def __init__(self, pipe, prompts: Sequence[str], negatives: Sequence[str], clip_skip: int, steps: int,
+                 first_pass_steps: int | None = None) -> None:
+        self.positive = [schedule(p, steps, first_pass_steps) for p in prompts]
+        self.negative = [schedule(n, steps, first_pass_steps) for n in negatives]
+        self.constant = all(len(s) == 1 for s in (*self.positive, *self.negative))
+        texts = list(dict.fromkeys(t for s in self.positive for _, t in s))
+        negative_texts = list(dict.fromkeys(t for s in self.negative for _, t in s))
+        self._index = {t: i for i, t in enumerate(texts)}
+        self._negative_index = {t: i for i, t in enumerate(negative_texts)}
+        self._encoded = conditioning(pipe, texts, negative_texts, clip_skip)
+        # The loop's tensors `step_inputs` replaces, for `callback_on_step_end_tensor_inputs`.
+        self.swapped: tuple[str, ...] = () if self.constant else (
+            ("prompt_embeds", "add_text_embeds") if "pooled_prompt_embeds" in self._encoded else ("prompt_embeds",))
+
+    def texts(self, step: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Each row's (prompts, negative prompts) at 0-based step `step` of the pass."""
+        return (tuple(prompt_at(s, step) for s in self.positive), tuple(prompt_at(s, step) for s in self.negative))
+
+    def at(self, step: int) -> dict[str, Any]:
+        """The pipeline's text inputs (`conditioning`'s keys) for step `step`, one row per image."""
+        import torch
+
+        prompts, negatives = self.texts(step)
+        rows = torch.tensor([self._index[t] for t in prompts])
+        negative_rows = torch.tensor([self._negative_index[t] for t in negatives])
+        return {key: value[negative_rows.to(value.device) if key.startswith("negative") else rows.to(value.device)]
+                for key, value in self._encoded.items()}
+
+    def step_inputs(self, pipeline: Any, step: int) -> dict[str, Any]:
+        """The tensors a diffusers pipeline's denoising loop reads its text from, for `step`: `prompt_embeds`
+        (the negative rows first under classifier-free guidance, as the pipelines concatenate them) and SDXL's
+        pooled `add_text_embeds`. For `callback_on_step_end`, named in `callback_on_step_end_tensor_inputs`."""
+        import torch
+
+        inputs = self.at(step)
+        guided = pipeline.do_classifier_free_guidance
+
+        def joined(negative: str, positive: str) -> Any:
+            return torch.cat([inputs[negative], inputs[positive]]) if guided else inputs[positive]
+
+        out = {"prompt_embeds": joined("negative_prompt_embeds", "prompt_embeds")}
+        if "pooled_prompt_embeds" in inputs:
+            out["add_text_embeds"] = joined("negative_pooled_prompt_embeds", "pooled_prompt_embeds")
+        return out
