@@ -8,6 +8,11 @@ BIN    := $(VENV)/bin
 # Override, e.g.:  make serve TORCH='torch==2.5.1'
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
+# spandrel reads ESRGAN-family upscalers (models/ESRGAN). It requires torchvision, and PyPI's torchvision wheels
+# are CUDA builds that cannot import beside the CPU torch: with CUDA, torchvision comes with it (a build matching
+# the newest torch); on CPU, spandrel goes in without it (src/sdserve/engine/upscale.py says how it imports).
+UPSCALERS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torchvision spandrel==0.4.2' || echo '--no-deps spandrel==0.4.2 einops')
+
 # Extra flags for `make serve`, e.g.:  make serve ARGS='--model models/my.safetensors --port 8000'
 ARGS ?=
 
@@ -23,6 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet $(UPSCALERS)
 	touch $@
 
 serve: install

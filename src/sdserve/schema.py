@@ -34,8 +34,7 @@ def random_seed() -> int:
 
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                     "Latent (nearest)", "Latent (nearest-exact)")
-PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
-Upscaler = Literal[LATENT_UPSCALERS + PIXEL_UPSCALERS]  # type: ignore[valid-type]
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # built in; models in models/ESRGAN add to them (upscalers.py)
 
 
 class Hires(BaseModel):
@@ -48,8 +47,8 @@ class Hires(BaseModel):
     width: int | None = Field(None, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE,
                               description="Target width (A1111 hr_resize_x); 0/None: by scale.")
     height: int | None = Field(None, ge=bounds.MIN_SIZE, le=bounds.MAX_SIZE, description="Target height (hr_resize_y).")
-    upscaler: Upscaler = Field("Latent", description="Latent variants upscale the latent; None, Lanczos and "
-                               "Nearest the decoded pixels.")
+    upscaler: str = Field("Latent", min_length=1, max_length=200, description="Latent variants upscale the latent; "
+                          "None, Lanczos, Nearest and the upscaler models (models/ESRGAN) the decoded pixels.")
     steps: int = Field(0, ge=0, le=bounds.MAX_STEPS, description="Second-pass steps; 0: the first pass's.")
     strength: float = Field(0.7, ge=0.0, le=1.0, description="Second-pass denoising strength.")
     prompt: str = Field("", max_length=4000, description="Second-pass prompt; empty: the first pass's.")
@@ -75,6 +74,31 @@ class Hires(BaseModel):
     def settings(self) -> tuple:
         """Everything but the prompts: what a batch shares (the prompts are per image)."""
         return tuple(v for k, v in self.model_dump().items() if k not in ("prompt", "negative_prompt"))
+
+
+class Extras(BaseModel):
+    """A1111's extras upscale, a job of its own: the init image upscaled by `scale`, or to `width` x `height`
+    (by the larger ratio, then centred in that size when `crop`), with `upscaler`, and `upscaler_2` blended in
+    at `upscaler_2_visibility`. No model, no steps."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    scale: float = Field(2.0, gt=0.0, le=8.0, description="Upscale factor (A1111's upscaling_resize).")
+    width: int | None = Field(None, ge=1, le=bounds.MAX_SIZE, description="Target width (with height: resize to).")
+    height: int | None = Field(None, ge=1, le=bounds.MAX_SIZE, description="Target height.")
+    crop: bool = Field(True, description="Resize to: fill the size and centre the picture in it (A1111's crop).")
+    upscaler: str = Field("Lanczos", min_length=1, max_length=200, description="None, Lanczos, Nearest or an "
+                          "upscaler model (models/ESRGAN, models/RealESRGAN). None leaves the picture as it is.")
+    upscaler_2: str = Field("None", min_length=1, max_length=200, description="A second upscaler, blended in.")
+    upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0, description="How much of upscaler_2's picture.")
+
+    @property
+    def to_size(self) -> bool:
+        return bool(self.width and self.height)
+
+    def upscalers(self) -> list[str]:
+        """The upscalers it uses."""
+        return [self.upscaler] + ([self.upscaler_2] if self.upscaler_2_visibility > 0 else [])
 
 
 CONTROL_MODULES = ("none", "canny", "invert")
@@ -160,6 +184,8 @@ class GenerationRequest(BaseModel):
         "resize", description="Fit the init image to width x height by stretching, or by cropping to the aspect.")
     strength: float = Field(0.75, ge=0.0, le=1.0, description="img2img denoising strength.")
     hires: Hires | None = Field(None, description="A1111's hires fix: a second pass at a larger size (txt2img).")
+    extras: Extras | None = Field(None, description="Upscale the init image instead of generating (A1111's extras); "
+                                  "the prompt, steps and sampler do not apply.")
     tiling: bool = Field(False, description="A seamless texture: the picture wraps around, left edge into right and "
                          "top into bottom (circular padding in the UNet's and VAE's convolutions). A1111's tiling.")
     controlnet: list[ControlUnit] = Field(default_factory=list, max_length=3, description="ControlNet units.")
@@ -188,6 +214,9 @@ class GenerationRequest(BaseModel):
             raise ValueError("mask needs an init_image to paint into")
         if self.hires is not None and self.init_image is not None:
             raise ValueError("hires is for txt2img; for a larger img2img, ask for the larger size")
+        if self.extras is not None and (self.init_image is None or self.mask is not None or self.controlnet
+                                        or self.n != 1):
+            raise ValueError("extras upscales one init_image: no mask, controlnet or n")
         if self.webhook_events is not None and self.webhook_url is None:
             raise ValueError("webhook_events needs a webhook_url")
         return self
@@ -205,7 +234,9 @@ class GenerationRequest(BaseModel):
         return found
 
     @property
-    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint", "extras"]:
+        if self.extras is not None:
+            return "extras"
         if self.init_image is None:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"

@@ -49,6 +49,7 @@ from sdserve.ratelimit import Limiter, Rate
 from sdserve.schema import GenerationRequest, Job, JobStatus
 from sdserve.storage import ImageStore, StoreError, open_store
 from sdserve.styles import StyleBook, UnknownStyle
+from sdserve.upscalers import PickleRefusedError, UnknownUpscalerError, UpscalerCatalog
 
 if TYPE_CHECKING:
     from sdserve.jobs.runner import Runner
@@ -85,7 +86,10 @@ def native_size(info: ModelInfo | None) -> int:
 
 
 def request_work(request: GenerationRequest, info: ModelInfo | None) -> float:
-    """Images × width × height × steps, in megapixel-steps, the hires pass's denoised steps added."""
+    """Images × width × height × steps, in megapixel-steps, the hires pass's denoised steps added. An extras
+    upscale denoises nothing: 0 (its output is bounded by size instead: Upscalers.extras)."""
+    if request.extras is not None:
+        return 0.0
     native = native_size(info)
     width, height = request.width or native, request.height or native
     work = width * height * request.steps
@@ -149,6 +153,7 @@ class Service:
             self.vaes = addons.vaes(settings.models_dir)
             self.embeddings = addons.embeddings(settings.models_dir)
             self.controlnets = addons.controlnets(settings.models_dir)
+            self.upscalers = UpscalerCatalog(settings.models_dir, settings.allow_pickle)
         else:
             self._build_runner(settings)
         device = self.runner.engine.device if self.runner is not None else settings.device
@@ -182,6 +187,7 @@ class Service:
         self.vaes: addons.AddonCatalog = registry.vaes
         self.embeddings: addons.AddonCatalog = registry.embeddings
         self.controlnets: addons.AddonCatalog = registry.controlnets
+        self.upscalers: UpscalerCatalog = registry.upscalers
         engine = (NoopEngine(registry, settings.noop_step_ms / 1000) if settings.engine == "noop"
                   else Engine(registry))
         self.runner = Runner(
@@ -502,6 +508,19 @@ class Service:
         wanted += [(self.vaes, request.vae, "vae")] if request.vae else []
         wanted += [(self.controlnets, control.model_name(unit.model), f"controlnet.{i}.model")
                    for i, unit in enumerate(request.controlnet)]
+        upscalers = [(name, "extras") for name in request.extras.upscalers()] if request.extras else []
+        upscalers += [(request.hires.upscaler, "hires.upscaler")] if request.hires else []
+        for name, field in upscalers:
+            if not any(f.is_dir() for f in self.upscalers.folders) and self.role == "api":
+                continue  # as below: the workers check it
+            try:
+                self.upscalers.check(name, latent=field == "hires.upscaler")
+            except (UnknownUpscalerError, PickleRefusedError) as exc:
+                raise RequestRejected(str(exc.args[0]), field) from None
+        if request.extras is not None and request.extras.to_size and \
+                max(request.extras.width, request.extras.height) > limits.max_size:
+            raise RequestRejected(f"extras size {request.extras.width}x{request.extras.height} is over this server's "
+                                  f"limit of {limits.max_size}", "extras")
         for catalog_, name, field in wanted:
             if not catalog_.folder.is_dir() and self.role == "api":
                 continue  # an API replica without the models folder: the workers check it when they load it

@@ -34,7 +34,7 @@ from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound, SharedState
 from sdserve.keys import Caller
 from sdserve.protocols import a1111 as proto
-from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS, ImageRef, Job, JobStatus
+from sdserve.schema import LATENT_UPSCALERS, ImageRef, Job, JobStatus
 from sdserve.service import Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -315,10 +315,52 @@ async def scheduler_list() -> list[dict[str, Any]]:
              "default_rho": rho.get(s.name, -1), "need_inner_model": False} for s in samplers.SCHEDULES]
 
 
-@router.get("/upscalers", summary="Pixel upscalers for hires fix (plain resamplers: no upscaler models)")
-async def upscalers() -> list[dict[str, Any]]:
-    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for n in PIXEL_UPSCALERS]
+@router.get("/upscalers", summary="Upscalers for extras and hires fix: None, Lanczos, Nearest, then the models in "
+            "models/ESRGAN and models/RealESRGAN")
+async def upscalers(service: ServiceDep) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(service.upscalers.a1111)
+
+
+async def _extras(body: proto.ExtrasRequest, images: list[str], request: Request, service: Service,
+                  caller: Caller) -> tuple[list[str], str] | JSONResponse:
+    """One extras call: a job per picture on the workers, awaited together; the PNGs (base64) and html_info."""
+    try:
+        canonical = proto.extras_requests(body, images)
+    except proto.TranslationError as exc:
+        return errors.render(request.url.path, exc.status, str(exc))
+    prefs = get_preferences(request)
+    jobs = await service.submit_all([prefs.apply(c) for c in canonical], caller, source=SOURCE)
+    outcomes = await service.results([j.id for j in jobs], request.is_disconnected, blocked="black",
+                                     wait_s=prefs.wait_s)
+    failed = [j for j, _ in outcomes if j.status is not JobStatus.succeeded]
+    if failed:
+        return errors.render(request.url.path, failure_status(failed[0].error_kind),
+                             failed[0].error or f"the upscale ended {failed[0].status.value}",
+                             error_type="GenerationError")
+    pngs = [png for _, job_pngs in outcomes for png in job_pngs]
+    with Image.open(io.BytesIO(pngs[0])) as first:
+        text = read_infotext(first) or ""
+    return [base64.b64encode(p).decode() for p in pngs], proto.html_info(text)
+
+
+@router.post("/extra-single-image", summary="A1111 extras: upscale one picture (a job on the workers)")
+async def extra_single_image(body: proto.ExtrasSingleImageRequest, request: Request, service: ServiceDep,
+                             caller: CallerDep) -> Any:
+    done = await _extras(body, [body.image], request, service, caller)
+    if isinstance(done, JSONResponse):
+        return done
+    images, info = done
+    return {"html_info": info, "image": images[0] if body.show_extras_results else ""}
+
+
+@router.post("/extra-batch-images", summary="A1111 extras: upscale several pictures (a job each, on the workers)")
+async def extra_batch_images(body: proto.ExtrasBatchImagesRequest, request: Request, service: ServiceDep,
+                             caller: CallerDep) -> Any:
+    done = await _extras(body, [i.data for i in body.imageList], request, service, caller)
+    if isinstance(done, JSONResponse):
+        return done
+    images, info = done
+    return {"html_info": info, "images": images if body.show_extras_results else []}
 
 
 @router.get("/latent-upscale-modes", summary="Latent upscalers for hires fix")
@@ -428,9 +470,10 @@ async def face_restorers() -> list:
     return []
 
 
-@router.get("/realesrgan-models")
-async def realesrgan_models() -> list:
-    return []
+@router.get("/realesrgan-models", summary="The upscaler models (models/ESRGAN, models/RealESRGAN): name, path, scale")
+async def realesrgan_models(service: ServiceDep) -> list[dict[str, Any]]:
+    files = await asyncio.to_thread(service.upscalers.list)
+    return [{"name": f.name, "path": str(f.path), "scale": f.scale} for f in files]
 
 
 @router.get("/prompt-styles", summary="The styles of styles.csv (models or data folder): name, prompt, negative")

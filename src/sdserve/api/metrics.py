@@ -103,7 +103,8 @@ class Metrics:
 
 def _mode(request: dict) -> str:
     """GenerationRequest.mode (the one rule) on the event's plain request, without validating it again."""
-    return GenerationRequest.model_construct(init_image=request.get("init_image"), mask=request.get("mask")).mode
+    return GenerationRequest.model_construct(init_image=request.get("init_image"), mask=request.get("mask"),
+                                             extras=request.get("extras")).mode
 
 
 def _seconds(start: str, end: str) -> float:

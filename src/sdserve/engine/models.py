@@ -29,6 +29,7 @@ from sdserve import addons
 from sdserve.catalog import Arch, Kind, ModelError, ModelFailedError, ModelInfo, UnknownModelError, find
 from sdserve.engine import accel, demo, quiet_libraries, samplers
 from sdserve.engine.adapters import AdapterState
+from sdserve.upscalers import UpscalerCatalog
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class ModelRegistry:
         self.extra = list(extra or ["demo"])
         self.device = resolve_device(device)
         self.allow_pickle = allow_pickle
+        self.upscalers = UpscalerCatalog(self.models_dir, allow_pickle)  # models/ESRGAN (engine/upscale.py runs them)
         self.max_loaded = max(1, max_loaded)
         try:
             self.optimize = accel.resolve(optimize, self.device)  # None or [] = auto

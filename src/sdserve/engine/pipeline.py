@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 
 from sdserve import __version__, bounds, controlnet, loras
-from sdserve.engine import accel, adapters, infotext, previews, prompts, samplers
+from sdserve.engine import accel, adapters, infotext, previews, prompts, samplers, upscale
 from sdserve.engine.models import LoadedModel, ModelRegistry
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
@@ -76,6 +76,7 @@ class BatchKey:
     hires: tuple | None = None  # Hires.settings(): all but its prompts (those are per image)
     controlnet: tuple = ()  # each ControlNet unit's settings but its image (that is per job)
     tiling: bool = False  # circular padding is the whole pass's: tiled and untiled rows never mix
+    extras: tuple | None = None  # an extras upscale's settings (such jobs run one by one, without the model)
 
 
 def requested_size(request: JobRequest) -> tuple[int | None, int | None]:
@@ -98,6 +99,9 @@ def effective_strength(request: GenerationRequest) -> float:
 def batch_key(request: JobRequest) -> BatchKey:
     """The one rule for which requests may share a pass (the batcher groups by it, the engine checks it).
     Computed from the request alone: no model load, no image decode."""
+    if request.extras is not None:
+        return BatchKey(request.model, "extras", None, None, 1, "", "", False, 0.0, 1,
+                        extras=tuple(request.extras.model_dump().values()))
     try:
         resolved = samplers.resolve(request.sampler, request.scheduler)
         sampler, schedule = resolved.sampler.name, resolved.schedule.name
@@ -194,6 +198,7 @@ def _modules(part: Any) -> list[Any]:
 class Engine:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
+        self.upscalers = upscale.Upscalers(registry.upscalers, registry.device)
         self._on_decode: DecodeCallback | None = None  # the running batch's (run)
         self._on_preview: PreviewCallback | None = None
 
@@ -241,6 +246,8 @@ class Engine:
         keys = {batch_key(r) for r in requests}
         if len(keys) != 1:
             raise ValueError(f"requests in one batch must share model, mode, size, steps and sampler: {keys}")
+        if requests[0].extras is not None:
+            return [[self._extras(r, inputs or {}, on_step)] for r in requests]
         model = self.registry.load(requests[0].model)
         resolved = self._resolve_sampler(requests[0], model)
         width, height = self.resolve_size(requests[0], model)
@@ -395,14 +402,31 @@ class Engine:
                 image: Any = torch.nn.functional.interpolate(first, size=(height // scale, width // scale), mode=mode,
                                                              antialias=antialias)
         else:
-            resample = Image.NEAREST if hires.upscaler == "Nearest" else Image.LANCZOS
-            image = [_to_image(px).resize((width, height), resample) for px in first]
+            try:
+                image = [self.upscalers.resize(_to_image(px), hires.upscaler, (width, height)) for px in first]
+            except upscale.UpscaleError as exc:
+                raise InvalidRequestError(str(exc)) from None
         second = model.pipelines["img2img"]
         second.scheduler = samplers.make_scheduler(resolved, model.scheduler_config)
         adapters.choose_vae(second, model.adapters, key.vae, self.registry.vaes)
         return self._denoise(model, second, second_steps, key.clip_skip, rows, {"image": image, "strength": strength},
                              (width, height), on_step, "np", (key.steps, total), second_pass=True,
                              first_pass_steps=key.steps)
+
+    def _extras(self, request: JobRequest, inputs: Mapping[str, Image.Image],
+                on_step: StepCallback | None) -> GeneratedImage:
+        """An extras job: its init image upscaled (engine/upscale.py); the infotext is the "Postprocess ..."
+        items A1111 writes."""
+        if request.init_image not in inputs:
+            raise InvalidRequestError(f"init_image {request.init_image!r} was not given to the engine")
+        try:
+            image, items = self.upscalers.extras(inputs[request.init_image], request.extras, bounds.MAX_SIZE)
+        except upscale.UpscaleError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        if on_step is not None:
+            on_step(1, 1)
+        text = ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in items.items())
+        return GeneratedImage(image, request.seed, text, route=accel.Route(accel.TORCH))
 
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         pinned = request.with_seed()

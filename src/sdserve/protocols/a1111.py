@@ -13,8 +13,7 @@ from sdserve.schema import (
     CONTROL_MODES,
     CONTROL_MODULES,
     CONTROL_RESIZE,
-    LATENT_UPSCALERS,
-    PIXEL_UPSCALERS,
+    Extras,
     GenerationRequest,
     random_seed,
 )
@@ -232,10 +231,7 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
     preview_every = every if settings.get("live_previews_enable", True) and isinstance(every, int) and every > 0 else 0
     hires = None
     if body.enable_hr and not isinstance(body, Img2ImgRequest):
-        upscaler = body.hr_upscaler or "Latent"
-        if upscaler not in LATENT_UPSCALERS + PIXEL_UPSCALERS:
-            raise TranslationError(f"hr_upscaler {upscaler!r} is not available here; use one of "
-                                   f"{', '.join(LATENT_UPSCALERS + PIXEL_UPSCALERS)}", "hr_upscaler", 422)
+        upscaler = body.hr_upscaler or "Latent"  # a model's name is checked against models/ESRGAN at submission
         hires = dict(scale=body.hr_scale, width=body.hr_resize_x or None, height=body.hr_resize_y or None,
                      upscaler=upscaler, steps=body.hr_second_pass_steps,
                      strength=0.7 if body.denoising_strength is None else body.denoising_strength,
@@ -351,3 +347,62 @@ def progress_value(job_no: int, job_count: int, step: int, steps: int) -> float:
     if job_count == 0:
         return 0.0
     return min(1.0, 0.01 + job_no / job_count + (1 / job_count) * (step / steps if steps else 0))
+
+
+class ExtrasRequest(BaseModel):
+    """ExtrasBaseRequest (`/extra-single-image`, `/extra-batch-images`): upscale pictures. Face restoration
+    (GFPGAN, CodeFormer) is not here: a visibility over 0 is refused by name."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0: upscaling_resize is a factor; 1: to the w x h size.")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
+    upscaling_resize: float = Field(2.0, gt=0.0, le=8.0)
+    upscaling_resize_w: int = Field(512, ge=1, le=bounds.MAX_SIZE)
+    upscaling_resize_h: int = Field(512, ge=1, le=bounds.MAX_SIZE)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    image: str = Field("", description="The picture: base64 or a data URL.")
+
+
+class ExtrasImage(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    imageList: list[ExtrasImage] = Field(default_factory=list, max_length=MAX_IMAGES_PER_CALL)  # noqa: N815
+
+
+def extras_requests(body: ExtrasRequest, images: list[str]) -> list[GenerationRequest]:
+    """One extras job per picture."""
+    for field in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, field) > 0:
+            raise TranslationError(f"{field}: face restoration (GFPGAN, CodeFormer) is not available on this server; "
+                                   f"send 0", field, 422)
+    if not images or not all(images):
+        raise TranslationError("an image is required: base64 or a data URL", "image", 422)
+    if any(i.strip().startswith(("http://", "https://")) for i in images):
+        raise TranslationError("image URLs are not fetched by this server; send the image as base64 or a data URL",
+                               "image")
+    spec = Extras(scale=body.upscaling_resize, crop=body.upscaling_crop, upscaler=body.upscaler_1,
+                  upscaler_2=body.upscaler_2, upscaler_2_visibility=body.extras_upscaler_2_visibility,
+                  **({"width": body.upscaling_resize_w, "height": body.upscaling_resize_h} if body.resize_mode == 1
+                     else {}))
+    return [GenerationRequest(init_image=image, extras=spec, steps=1) for image in images]
+
+
+def html_info(infotext: str) -> str:
+    """A1111's plaintext_to_html of an extras infotext."""
+    import html
+
+    return "<p>" + "<br>\n".join(html.escape(line) for line in infotext.split("\n")) + "</p>"
