@@ -25,7 +25,8 @@ def test_generate_writes_png_with_infotext_deterministically(tmp_path, models_di
     assert x.tobytes() == y.tobytes()
     params = infotext.parse(x.info["parameters"])
     assert params["Prompt"] == "a red circle"
-    assert (params["Steps"], params["Seed"], params["Size"], params["Model"]) == ("4", "1", "64x64", "tiny")
+    assert (params["Steps"], params["Seed"], params["Size-1"], params["Size-2"], params["Model"]) == \
+        ("4", "1", "64", "64", "tiny")
 
 
 def test_generate_bad_sampler_exits_with_message(tmp_path, models_dir):

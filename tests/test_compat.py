@@ -194,7 +194,12 @@ def test_webuiapi_png_info(a1111):
     image = a1111.txt2img(prompt="read me back", width=64, height=64, seed=9).images[0]
     result = a1111.png_info(image)
     assert result.info.startswith("read me back\n") and "Seed: 9" in result.info
-    assert result.json["parameters"]["Seed"] == "9" and result.json["parameters"]["Prompt"] == "read me back"
+    params = result.json["parameters"]
+    assert params["Seed"] == "9" and params["Prompt"] == "read me back"
+    # as A1111 1.10 parses it: WxH split into -1/-2, and its defaults for the keys left out
+    assert (params["Size-1"], params["Size-2"]) == ("64", "64") and "Size" not in params
+    assert params["Clip skip"] == "1" and params["Hires resize-1"] == 0 and params["RNG"] == "GPU"
+    assert params["Sampler"] == "Euler a" and params["Schedule type"] == "Automatic"
 
 
 def test_a1111_bad_input_is_4xx(server):

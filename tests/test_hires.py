@@ -26,7 +26,8 @@ def test_hires_makes_the_larger_picture_in_two_passes(engine, upscaler):
     assert image.image.size == (128, 128)
     assert steps == [(i, 4 + 3) for i in range(1, 8)]  # 4 first-pass steps, then int(6 * 0.5) of the second
     params = infotext.parse(image.infotext)
-    assert params["Size"] == "64x64" and params["Hires upscale"] == "2" and params["Hires upscaler"] == upscaler
+    assert (params["Size-1"], params["Size-2"]) == ("64", "64")
+    assert params["Hires upscale"] == "2" and params["Hires upscaler"] == upscaler
     assert params["Hires steps"] == "6" and params["Denoising strength"] == "0.5"
 
 

@@ -34,12 +34,24 @@ def test_round_trip():
     assert parsed["Steps"] == "20"
     assert parsed["CFG scale"] == "7"
     assert parsed["Lora hashes"] == "name: abc123"
-    assert (parsed["Size-1"], parsed["Size-2"]) == ("64", "64")
+    assert (parsed["Size-1"], parsed["Size-2"]) == ("64", "64") and "Size" not in parsed  # A1111 splits WxH
     assert "Denoising strength" not in parsed
+    assert parsed["Schedule type"] == "Karras" and parsed["Clip skip"] == "1"  # given, and A1111's default
 
 
-def test_prompt_only_text_has_no_params():
-    assert infotext.parse("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": ""}
+def test_prompt_only_text_has_no_params_but_a1111s_defaults():
+    assert infotext.parse("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": "", **infotext.DEFAULTS}
+
+
+def test_every_size_splits_and_the_defaults_are_a1111s():
+    parsed = infotext.parse("p\nSteps: 4, Seed: 1, Size: 64x48, Hires resize: 128x96, Seed resize from: 32x32, "
+                            "Clip skip: 2, Hires sampler: Euler")
+    assert {k: parsed[k] for k in ("Size-1", "Size-2", "Hires resize-1", "Hires resize-2", "Seed resize from-1",
+                                   "Seed resize from-2")} == {"Size-1": "64", "Size-2": "48", "Hires resize-1": "128",
+                                                              "Hires resize-2": "96", "Seed resize from-1": "32",
+                                                              "Seed resize from-2": "32"}
+    assert parsed["Clip skip"] == "2" and parsed["Hires sampler"] == "Euler" and parsed["RNG"] == "GPU"
+    assert parsed["Hires checkpoint"] == "Use same checkpoint" and parsed["Masked area padding"] == 32
 
 
 def test_infotext_read_back_from_png():

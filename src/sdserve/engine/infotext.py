@@ -57,11 +57,23 @@ def build(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
     return f"{_text(prompt) if prompt else ''}{negative}\n{pairs}".strip()
 
 
-def parse(text: str) -> dict[str, Any]:
-    """Parse infotext the way A1111 does: `Prompt`, `Negative prompt`, then each key as a string.
+# What A1111 1.10's parser (infotext_utils.parse_generation_parameters) fills in for keys an infotext leaves out:
+# the values those settings had before they were written into infotexts.
+DEFAULTS: dict[str, Any] = {
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
+    "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
+    "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
+    "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+}
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
-    `Size: 64x64` also yields `Size-1` and `Size-2`, as A1111's parser does.
-    """
+
+def parse(text: str) -> dict[str, Any]:
+    """Parse infotext the way A1111 1.10 does (png-info's `parameters`): `Prompt`, `Negative prompt`, then each
+    key as a string; a `WxH` value becomes `Key-1` and `Key-2` (`Size-1`, `Hires resize-1`, ...) in place of the
+    key; then DEFAULTS for keys it leaves out. (A1111 also takes known styles back out of the prompts,
+    `infotext_styles`; sdserve leaves the prompts as written.)"""
     lines = text.strip().split("\n")
     result: dict[str, Any] = {}
     last = lines[-1] if lines else ""
@@ -82,8 +94,11 @@ def parse(text: str) -> dict[str, Any]:
     result["Negative prompt"] = _unquote("\n".join(negative_lines))
     for key, value in _PARAM_RE.findall(last):
         value = _unquote(value.strip())
-        result[key] = value
-        size = re.fullmatch(r"(\d+)x(\d+)", value) if key == "Size" else None
+        size = _SIZE.match(value)
         if size:
-            result["Size-1"], result["Size-2"] = size.group(1), size.group(2)
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            result[key] = value
+    for key, value in DEFAULTS.items():
+        result.setdefault(key, value)
     return result
