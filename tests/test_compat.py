@@ -101,6 +101,20 @@ def test_webuiapi_reports_ignored_fields(a1111):
     assert "enable_hr" not in result.info["ignored_fields"]  # honoured now (tests/test_hires.py)
 
 
+def test_what_this_server_lacks_says_so_by_name(server):
+    """Face restoration is ignored and reported (A1111 with the feature off); a script or an interrogation it
+    cannot run is a 422 naming the field, never a picture made some other way."""
+    auth = (USER, PASSWORD)
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2,
+                                                            "script_name": "x/y/z plot"}, auth=auth, timeout=60)
+    assert r.status_code == 422 and "script_name" in r.text and "x/y/z plot" in r.text
+    r = httpx.post(f"{server.url}/sdapi/v1/interrogate", json={"image": "", "model": "clip"}, auth=auth)
+    assert r.status_code == 422 and "model" in r.text and "interrogat" in r.text
+    r = httpx.post(f"{server.url}/sdapi/v1/extra-single-image", auth=auth,
+                   json={"image": "x", "upscaler_1": "Lanczos", "codeformer_visibility": 1})
+    assert r.status_code == 422 and "codeformer_visibility" in r.text
+
+
 def test_webuiapi_img2img(a1111):
     init = Image.new("RGB", (64, 64), (250, 10, 10))  # smooth: a random tiny VAE cannot round-trip noise
     light = a1111.img2img(images=[init], prompt="x", denoising_strength=0.2, width=64, height=64, seed=1, steps=10)
@@ -188,6 +202,24 @@ def test_webuiapi_options_switch_model(a1111):
     finally:
         a1111.set_options({"sd_model_checkpoint": "tiny"})
     assert a1111.get_options()["sd_model_checkpoint"].startswith("tiny [")
+
+
+def test_webuiapi_options_and_cmd_flags_have_every_a1111_key(a1111, server):
+    from sdserve.protocols.a1111 import A1111_CMD_FLAGS, A1111_OPTIONS
+
+    options = a1111.get_options()
+    assert set(A1111_OPTIONS) <= set(options) and len(A1111_OPTIONS) > 250
+    assert options["send_seed"] is True and options["ESRGAN_tile"] == 192 and options["emphasis"] == "Original"
+    try:  # not honoured, but stored and read back, as A1111 keeps it
+        a1111.set_options({"send_seed": False, "ESRGAN_tile": 256, "some_extension_option": [1, 2]})
+        options = a1111.get_options()
+        assert (options["send_seed"], options["ESRGAN_tile"], options["some_extension_option"]) == (False, 256, [1, 2])
+    finally:
+        a1111.set_options({"send_seed": True, "ESRGAN_tile": 192})
+    flags = a1111.get_cmd_flags()
+    assert set(A1111_CMD_FLAGS) <= set(flags) and len(A1111_CMD_FLAGS) > 100
+    assert flags["api"] is True and flags["port"] == server.port and flags["api_auth"] is None  # never the secrets
+    assert flags["esrgan_models_path"].endswith("ESRGAN") and flags["xformers"] is False
 
 
 def test_webuiapi_png_info(a1111):

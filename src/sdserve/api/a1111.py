@@ -44,9 +44,8 @@ SOURCE = "a1111"
 # The shared tables (every replica answers the same): A1111's options, and its calls in flight.
 OPTIONS = "a1111:options"
 CALLS = "a1111:calls"
-DEFAULT_OPTIONS: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-                                   "enable_pnginfo": True, "return_grid": False, "live_previews_enable": True,
-                                   "show_progress_every_n_steps": 10}
+# Every option A1111 1.10 has, at its default; `return_grid` says what this server does (it returns no grid).
+DEFAULT_OPTIONS: dict[str, Any] = {**proto.A1111_OPTIONS, "return_grid": False}
 
 
 @dataclass
@@ -276,9 +275,14 @@ async def set_options(body: dict[str, Any], request: Request, service: ServiceDe
 
 @router.get("/cmd-flags")
 async def cmd_flags(service: ServiceDep) -> dict[str, Any]:
+    """Every flag A1111 1.10 has, at its default, and the ones this server's own settings answer."""
     s = service.settings
-    return {"api": True, "nowebui": False, "listen": s.host != "127.0.0.1", "port": s.port,
-            "ckpt_dir": str(s.models_dir), "data_dir": str(s.data_dir), "device": s.device}
+    return {**proto.A1111_CMD_FLAGS, "api": True, "nowebui": False, "listen": s.host != "127.0.0.1", "port": s.port,
+            "ckpt_dir": str(s.models_dir), "models_dir": str(s.models_dir), "data_dir": str(s.data_dir),
+            "lora_dir": str(s.models_dir / "Lora"), "vae_dir": str(s.models_dir / "VAE"),
+            "embeddings_dir": str(s.models_dir / "embeddings"), "esrgan_models_path": str(s.models_dir / "ESRGAN"),
+            "realesrgan_models_path": str(s.models_dir / "RealESRGAN"), "styles_file": [str(p) for p in (
+                s.models_dir / "styles.csv", s.data_dir / "styles.csv")], "device": s.device}
 
 
 @router.get("/sd-models", summary="Checkpoints: title `file [hash]`, model_name, hash, sha256, filename")
@@ -463,6 +467,17 @@ async def refresh_embeddings(service: ServiceDep) -> None:
 @router.get("/hypernetworks")
 async def hypernetworks() -> list:
     return []
+
+
+class InterrogateRequest(BaseModel):
+    image: str = ""
+    model: str = "clip"
+
+
+@router.post("/interrogate", summary="CLIP/DeepDanbooru interrogation: not on this server (422 naming `model`)")
+async def interrogate(body: InterrogateRequest, request: Request) -> Any:
+    return errors.render(request.url.path, 422, f"model: interrogation ({body.model!r}) is not available on this "
+                         f"server: it has no CLIP or DeepDanbooru interrogator")
 
 
 @router.get("/face-restorers")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,11 @@ from sdserve.schema import (
     GenerationRequest,
     random_seed,
 )
+
+# A1111 1.10's settings and command-line flags, each with its default (a1111_defaults.json says where from).
+_DEFAULTS = json.loads((Path(__file__).parent / "a1111_defaults.json").read_text(encoding="utf-8"))
+A1111_OPTIONS: dict[str, Any] = _DEFAULTS["options"]
+A1111_CMD_FLAGS: dict[str, Any] = _DEFAULTS["cmd_flags"]
 
 DEFAULT_SAMPLER = "Euler"  # `sampler_name or sampler_index`, and sampler_index defaults to "Euler"
 MAX_IMAGES_PER_CALL = 64  # batch_size x n_iter
@@ -114,7 +120,8 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "noise", 3: "nothing"}
-# A1111 settings a request honours, from override_settings or else the saved /options.
+# A1111 settings a request honours, from override_settings or else the saved /options. Every other option is
+# stored and read back (GET/POST /options) and changes nothing here.
 HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "live_previews_enable",
                      "show_progress_every_n_steps")
 MODEL_OWN_VAE = ("Automatic", "None", "")  # A1111's sd_vae values meaning the checkpoint's own VAE
@@ -133,7 +140,6 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         note("hr_scheduler", body.hr_scheduler not in (None, "", body.scheduler))
         note("hr_checkpoint_name", body.hr_checkpoint_name not in (None, "", "Use same checkpoint"))
     note("restore_faces", bool(body.restore_faces))
-    note("script_name", bool(body.script_name))
     for name, script in body.alwayson_scripts.items():
         note(f"alwayson_scripts.{name}", name.lower() != "controlnet" and bool(script) and bool(
             script.get("args") if isinstance(script, dict) else script))
@@ -219,6 +225,9 @@ def to_requests(body: Txt2ImgRequest, options: dict[str, Any] | None = None) -> 
     if body.batch_size * body.n_iter > MAX_IMAGES_PER_CALL:
         raise TranslationError(f"batch_size x n_iter is {body.batch_size * body.n_iter}; at most "
                                f"{MAX_IMAGES_PER_CALL} images per call", "batch_size", 422)
+    if body.script_name:  # A1111 answers 422 for a script it does not have; this server has none
+        raise TranslationError(f"script_name: script {body.script_name!r} not found: this server runs no txt2img or "
+                               f"img2img scripts (the always-on ControlNet is honoured)", "script_name", 422)
     seed = body.seed if body.seed >= 0 else random_seed()
     settings = {**(options or {}), **{k: v for k, v in (body.override_settings or {}).items() if v is not None}}
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
