@@ -40,7 +40,13 @@ def test_round_trip():
 
 
 def test_prompt_only_text_has_no_params_but_a1111s_defaults():
-    assert infotext.parse("just a prompt") == {"Prompt": "just a prompt", "Negative prompt": "", **infotext.DEFAULTS}
+    parsed = infotext.parse("just a prompt")
+    assert (parsed["Prompt"], parsed["Negative prompt"], parsed["Clip skip"], parsed["Hires schedule type"]) == \
+        ("just a prompt", "", "1", "Use same scheduler")
+    assert parsed["Refiner switch by sampling steps"] is False and parsed["FP8 weight"] == "Disable"
+    assert "Emphasis" not in parsed and "Steps" not in parsed
+    assert infotext.parse("a (weighted:1.2) word")["Emphasis"] == "Original"  # A1111 adds it where weights are
+    assert "Emphasis" not in infotext.parse("a (plain:1.0) BREAK word")
 
 
 def test_every_size_splits_and_the_defaults_are_a1111s():

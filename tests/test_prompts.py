@@ -229,3 +229,17 @@ def test_negative_prompts_and_the_hires_pass_follow_their_schedules(engine):
     red, blue = "a red circle", "a blue circle"
     # the hires pass's step number 5 counts from the first pass's start: its own step 1
     assert named(calls[4:], [red, blue], engine, 1) == [(red,), (red,), (blue,), (blue,)]
+
+
+def test_a_second_order_sampler_counts_two_steps_a_step_as_a1111_does(engine):
+    # Heun, 4 steps: A1111 counts 8 (one per model call), so 0.5 is its step 4: diffusers' 7 calls read "red" up
+    # to call 4, then "blue"
+    calls, _ = unet_prompts(engine, [JobRequest(prompt="a [red:blue:0.5] circle", seed=1, steps=4, sampler="Heun")])
+    red, blue = "a red circle", "a blue circle"
+    assert named(calls, [red, blue], engine, 1) == [(red,)] * 5 + [(blue,)] * 2
+
+
+def test_a_prompt_nested_past_any_reason_is_plain_text():
+    deep = "[" * 3000 + "a" + "]" * 3000
+    assert schedule(deep, 10) == [(10, deep)]
+    assert schedule("(" * 2000 + "[a:b:0.5]", 10)[0][0] == 5  # the editing still reads; the brackets are text

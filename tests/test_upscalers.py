@@ -92,9 +92,24 @@ def test_a_model_upscales_until_the_target_then_lands_on_it(upscalers):
     image = noise(40, 32)
     assert upscalers.upscale(image, "tiny-2x", 4).size == (160, 128)  # the x2 model twice
     assert upscalers.upscale(image, "tiny-2x", 3).size == (120, 96)  # twice, then Lanczos down to the target
-    out, info = upscalers.extras(image, Extras(scale=2, upscaler="tiny-2x"), 2048)
+    out, info = upscalers.extras(image, Extras(scale=2, upscaler="tiny-2x"))
     assert out.size == (80, 64) and info == {"Postprocess upscale by": 2.0, "Postprocess upscaler": "tiny-2x"}
     assert upscalers.resize(image, "tiny-2x", (64, 48)).size == (64, 48)  # hires fix's: up, then to the size
+    checks = []
+    upscalers.upscale(noise(400, 200), "tiny-2x", 2, check=lambda: checks.append(1))
+    assert len(checks) == 6  # before each of its 192 px tiles (3 x 2): where a cancel stops it
+
+
+def test_a_model_file_that_is_not_an_upscaler_is_a_clear_error(tmp_path):
+    spandrel_or_skip()
+    (tmp_path / "ESRGAN").mkdir()
+    save_file({"weight": torch.zeros(3)}, tmp_path / "ESRGAN" / "junk.safetensors")
+    (tmp_path / "ESRGAN" / "broken.safetensors").write_bytes(b"not a file")
+    upscalers = Upscalers(UpscalerCatalog(tmp_path), "cpu")
+    for name in ("junk", "broken"):
+        with pytest.raises(UpscaleError, match=f"upscaler '{name}'"):
+            upscalers.prepare(name)
+    upscalers.prepare("Lanczos")  # built in: nothing to load
 
 
 def test_a_pickle_loads_only_when_allowed(tmp_path):
@@ -115,23 +130,23 @@ def test_resamplers_scale_in_one_pass_onto_the_grid_of_8(upscalers):
 
 def test_extras_by_a_factor_to_a_size_cropped_and_blended(upscalers):
     image = noise(40, 32)
-    out, info = upscalers.extras(image, Extras(scale=2, upscaler="Lanczos"), 2048)
+    out, info = upscalers.extras(image, Extras(scale=2, upscaler="Lanczos"))
     assert out.size == (80, 64) and info == {"Postprocess upscale by": 2.0, "Postprocess upscaler": "Lanczos"}
     # to 100x100: by the larger ratio (3.125 -> 120x96 on the grid of 8), centred in 100x100 as A1111 pastes it
-    out, info = upscalers.extras(image, Extras(width=100, height=100, upscaler="Lanczos"), 2048)
+    out, info = upscalers.extras(image, Extras(width=100, height=100, upscaler="Lanczos"))
     assert out.size == (100, 100) and info["Postprocess crop to"] == "100x100"
     assert info["Postprocess upscale to"] == "100x100"
     assert px(out)[:2].max() == 0  # 96 rows in 100: A1111's black bands above and below
-    first, _ = upscalers.extras(image, Extras(scale=2, upscaler="Lanczos"), 2048)
-    second, _ = upscalers.extras(image, Extras(scale=2, upscaler="Nearest"), 2048)
+    first, _ = upscalers.extras(image, Extras(scale=2, upscaler="Lanczos"))
+    second, _ = upscalers.extras(image, Extras(scale=2, upscaler="Nearest"))
     blended, info = upscalers.extras(image, Extras(scale=2, upscaler="Lanczos", upscaler_2="Nearest",
-                                                   upscaler_2_visibility=0.5), 2048)
+                                                   upscaler_2_visibility=0.5))
     assert info["Postprocess upscaler 2"] == "Nearest"
     assert np.abs(px(blended) - (px(first) + px(second)) / 2).max() <= LEVELS
-    same, info = upscalers.extras(image, Extras(upscaler="None"), 2048)
+    same, info = upscalers.extras(image, Extras(upscaler="None"))
     assert np.array_equal(px(same), px(image)) and info == {}
-    with pytest.raises(UpscaleError, match="over this server's limit"):
-        upscalers.extras(image, Extras(scale=8, upscaler="Lanczos"), 256)
+    assert Extras(width=100, height=100).output(40, 32) == (100, 100)  # cropped into the size asked for
+    assert Extras(width=100, height=100, crop=False).output(40, 32) == (120, 96)  # else all of the upscaled one
 
 
 def test_names_and_the_pickle_rule(tmp_path):
@@ -152,9 +167,11 @@ def test_names_and_the_pickle_rule(tmp_path):
     assert UpscalerCatalog(tmp_path, allow_pickle=True).get("tiny-pickle-2x").pickle
 
 
-def test_an_extras_job_needs_one_init_image():
+def test_an_extras_job_needs_one_init_image_and_both_sides():
     with pytest.raises(ValueError, match="extras upscales one init_image"):
         GenerationRequest(extras=Extras())
+    with pytest.raises(ValueError, match="width and height together"):
+        Extras(width=100)
     assert GenerationRequest(init_image="x", extras=Extras()).mode == "extras"
 
 
@@ -175,12 +192,12 @@ def test_webuiapi_extra_single_image_runs_the_model_on_the_worker(a1111, server,
     image = noise(64, 48)
     result = a1111.extra_single_image(image, upscaler_1="tiny-2x", upscaling_resize=2)
     assert result.image.size == (128, 96)
-    assert result.info == "<p>Postprocess upscale by: 2, Postprocess upscaler: tiny-2x</p>"
+    assert result.info == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: tiny-2x</p>"
     expected = Upscalers(UpscalerCatalog(models_dir), "cpu").upscale(image, "tiny-2x", 2)
     assert np.abs(px(result.image) - px(expected)).max() <= LEVELS
-    (job,) = httpx.get(f"{server.url}/api/v1/jobs", params={"limit": 1}).json()  # a queued job like any other
-    assert job["request"]["extras"]["upscaler"] == "tiny-2x" and job["status"] == "succeeded" and job["worker"]
-    assert job["images"][0]["width"] == 128
+    jobs = httpx.get(f"{server.url}/api/v1/jobs").json()  # a queued job like any other, run by a worker
+    job = next(j for j in jobs if (j["request"]["extras"] or {}).get("upscaler") == "tiny-2x")
+    assert job["status"] == "succeeded" and job["worker"] and job["images"][0]["width"] == 128
 
 
 def test_webuiapi_extra_batch_images_and_resize_to(a1111):
@@ -202,9 +219,22 @@ def test_upscaler_lists_and_hires_with_a_model(a1111, server):
 
 def test_hires_fix_with_an_upscaler_model(a1111):
     spandrel_or_skip()
-    result = a1111.txt2img(prompt="a red circle", width=64, height=64, seed=3, enable_hr=True, hr_scale=1.5,
-                           hr_upscaler="tiny-2x", denoising_strength=0.5)
+
+    def draw(upscaler):
+        return a1111.txt2img(prompt="a red circle", width=64, height=64, seed=3, steps=3, enable_hr=True,
+                             hr_scale=1.5, hr_upscaler=upscaler, denoising_strength=0.3)
+
+    result, resampled = draw("tiny-2x"), draw("Lanczos")
     assert result.image.size == (96, 96) and "Hires upscaler: tiny-2x" in result.info["infotexts"][0]
+    assert np.abs(px(result.image) - px(resampled.image)).max() > LEVELS  # the model's picture, not a resample
+
+
+def test_an_upscaled_png_keeps_its_infotext_and_adds_a1111s_postprocessing(a1111):
+    made = a1111.txt2img(prompt="keep me", width=64, height=64, seed=4, steps=2).image
+    upscaled = a1111.extra_single_image(made, upscaler_1="Lanczos", upscaling_resize=1.5).image
+    info = a1111.png_info(upscaled)
+    assert info.json["parameters"]["Prompt"] == "keep me" and info.json["parameters"]["Seed"] == "4"
+    assert info.json["items"]["postprocessing"] == "Postprocess upscale by: 1.5, Postprocess upscaler: Lanczos"
 
 
 def test_bad_extras_are_4xx_naming_the_field(server):
@@ -217,6 +247,11 @@ def test_bad_extras_are_4xx_naming_the_field(server):
     assert r.status_code == 422 and "gfpgan_visibility" in r.text
     r = httpx.post(url, json={"upscaler_1": "Lanczos"}, timeout=60)
     assert r.status_code == 422 and "image" in r.text
+    big = base64.b64encode(_png(noise(300, 300))).decode()
+    r = httpx.post(url, json={"image": big, "upscaler_1": "Lanczos", "upscaling_resize": 8}, timeout=60)
+    assert r.status_code == 422 and "2400x2400" in r.text and "limit of 2048" in r.text
+    r = httpx.post(f"{server.url}/api/v1/jobs", json={"init_image": image, "extras": {"width": 100}}, timeout=60)
+    assert r.status_code == 422 and "width and height together" in r.text
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "enable_hr": True, "width": 64, "height": 64, "steps": 3,
                                                             "hr_upscaler": "R-ESRGAN 4x+"}, timeout=60)
     assert r.status_code == 422 and "unknown upscaler" in r.text

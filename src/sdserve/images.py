@@ -52,12 +52,15 @@ def decode_image(data: str | bytes, max_pixels: int = bounds.MAX_PIXELS) -> Imag
         raise ImageDecodeError(f"cannot read image: {exc}") from None
 
 
-def encode_png(image: Image.Image, infotext: str | None = None) -> bytes:
-    """PNG bytes with the A1111 `parameters` tEXt chunk, so any A1111-aware tool reads the settings back."""
+def encode_png(image: Image.Image, infotext: str | None = None, postprocessing: str | None = None) -> bytes:
+    """PNG bytes with the A1111 `parameters` tEXt chunk, so any A1111-aware tool reads the settings back, and
+    A1111's `postprocessing` chunk for an extras upscale."""
     meta = None
-    if infotext:
+    if infotext or postprocessing:
         meta = PngImagePlugin.PngInfo()
-        meta.add_text("parameters", infotext)
+        for key, text in (("parameters", infotext), ("postprocessing", postprocessing)):
+            if text:
+                meta.add_text(key, text)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
     return buf.getvalue()

@@ -92,13 +92,36 @@ class Extras(BaseModel):
     upscaler_2: str = Field("None", min_length=1, max_length=200, description="A second upscaler, blended in.")
     upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0, description="How much of upscaler_2's picture.")
 
+    @model_validator(mode="after")
+    def _both_sides(self) -> Extras:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("extras: give width and height together (resize to), or neither (scale)")
+        return self
+
     @property
     def to_size(self) -> bool:
-        return bool(self.width and self.height)
+        return self.width is not None and self.height is not None
 
     def upscalers(self) -> list[str]:
-        """The upscalers it uses."""
-        return [self.upscaler] + ([self.upscaler_2] if self.upscaler_2_visibility > 0 else [])
+        """The upscalers it runs: none when `upscaler` is None (A1111 then leaves the picture as it is), and
+        `upscaler_2` only when it is one and shows (visibility over 0)."""
+        if self.upscaler == "None":
+            return []
+        return [self.upscaler] + ([self.upscaler_2] if self.upscaler_2 != "None" and self.upscaler_2_visibility > 0
+                                  else [])
+
+    def ratio(self, width: int, height: int) -> float:
+        """How much a width x height picture is upscaled: `scale`, or the larger ratio to the size asked for."""
+        return max(self.width / width, self.height / height) if self.to_size else self.scale
+
+    def upscaled(self, width: int, height: int) -> tuple[int, int]:
+        """The upscaled picture's size, as A1111's upscalers size it: ratio times the sides, floored to the grid."""
+        ratio = self.ratio(width, height)
+        return bounds.floor_to_grid(width * ratio), bounds.floor_to_grid(height * ratio)
+
+    def output(self, width: int, height: int) -> tuple[int, int]:
+        """The result's size: the size asked for when cropping into it, else the upscaled picture's."""
+        return (self.width, self.height) if self.to_size and self.crop else self.upscaled(width, height)
 
 
 CONTROL_MODULES = ("none", "canny", "invert")

@@ -517,10 +517,6 @@ class Service:
                 self.upscalers.check(name, latent=field == "hires.upscaler")
             except (UnknownUpscalerError, PickleRefusedError) as exc:
                 raise RequestRejected(str(exc.args[0]), field) from None
-        if request.extras is not None and request.extras.to_size and \
-                max(request.extras.width, request.extras.height) > limits.max_size:
-            raise RequestRejected(f"extras size {request.extras.width}x{request.extras.height} is over this server's "
-                                  f"limit of {limits.max_size}", "extras")
         for catalog_, name, field in wanted:
             if not catalog_.folder.is_dir() and self.role == "api":
                 continue  # an API replica without the models folder: the workers check it when they load it
@@ -565,6 +561,19 @@ class Service:
         if blocked:
             raise RequestRejected(blocked, "webhook_url")
 
+    def _bound_extras(self, request: GenerationRequest, inputs: dict[str, core.InputImage]) -> None:
+        """An extras upscale's result, and the upscaled picture it is cut from, within the size limits."""
+        if request.extras is None or "init_image" not in inputs:
+            return
+        size = inputs["init_image"].image.size
+        out, upscaled = request.extras.output(*size), request.extras.upscaled(*size)
+        if min(out) < 1:
+            raise RequestRejected(f"extras: upscaling {size[0]}x{size[1]} that way leaves no picture", "extras")
+        if max(out) > self.limits.max_size or upscaled[0] * upscaled[1] > self.limits.max_pixels:
+            raise RequestRejected(f"extras: the result ({out[0]}x{out[1]}, upscaled from {size[0]}x{size[1]} to "
+                                  f"{upscaled[0]}x{upscaled[1]}) is over this server's limit of {self.limits.max_size} "
+                                  f"a side", "extras")
+
     def _bound_work(self, work: float) -> None:
         if work > self.limits.max_work:
             raise RequestRejected(
@@ -593,10 +602,11 @@ class Service:
             existing = self.queue.idempotent(idempotency_key, fingerprint)
             if existing is not None:
                 return existing, False
-        if charge:
-            self.limiter.charge_images(caller, request.n)
         if inputs is None:
             inputs = core.read_inputs(request, self.limits.max_pixels)
+        self._bound_extras(request, inputs)
+        if charge:
+            self.limiter.charge_images(caller, request.n)
         try:
             keys = {field: self.images.put(item.raw) for field, item in inputs.items()}
         except OSError as exc:

@@ -20,7 +20,8 @@ from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS
 
 FOLDERS = ("ESRGAN", "RealESRGAN")
 SUFFIXES = (".safetensors", ".pth", ".pt")  # in order of preference
-_SCALE = re.compile(r"(?:^|[^a-z\d])(\d)x|x(\d)(?:$|[^a-z\d])", re.IGNORECASE)
+# `4x-UltraSharp`, `ESRGAN_4x`, `RealESRGAN_x2plus`: a digit and an x, standing apart from other letters and digits
+_SCALE = re.compile(r"(?:^|[^a-z\d])(\d)x(?![a-z\d])|(?:^|[^a-z\d])x(\d)(?!\d)", re.IGNORECASE)
 
 
 class UnknownUpscalerError(KeyError):

@@ -343,7 +343,7 @@ async def _extras(body: proto.ExtrasRequest, images: list[str], request: Request
                              error_type="GenerationError")
     pngs = [png for _, job_pngs in outcomes for png in job_pngs]
     with Image.open(io.BytesIO(pngs[0])) as first:
-        text = read_infotext(first) or ""
+        text = str(first.info.get("postprocessing") or "")
     return [base64.b64encode(p).decode() for p in pngs], proto.html_info(text)
 
 

@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any
 
+from sdserve.engine import prompts
+
 # A1111's parse_generation_parameters regex: `Key: value` pairs, values quoted when they hold , : or newlines.
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
@@ -61,10 +63,11 @@ def build(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
 # the values those settings had before they were written into infotexts.
 DEFAULTS: dict[str, Any] = {
     "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
-    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
     "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
     "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
     "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+    "Refiner switch by sampling steps": False,
 }
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -101,4 +104,9 @@ def parse(text: str) -> dict[str, Any]:
             result[key] = value
     for key, value in DEFAULTS.items():
         result.setdefault(key, value)
+    # and "Emphasis: Original" (its default) where either prompt weighs a word, as A1111 adds it
+    weighted = [w for p in (result["Prompt"], result["Negative prompt"]) for t, w in prompts.parse_attention(p)
+                if w != 1.0 and (t, w) != prompts.BREAK]
+    if weighted:
+        result.setdefault("Emphasis", "Original")
     return result

@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sdserve import __version__, bounds, controlnet, loras
 from sdserve.engine import accel, adapters, infotext, previews, prompts, samplers, upscale
 from sdserve.engine.models import LoadedModel, ModelRegistry
+from sdserve.images import read_infotext
 from sdserve.schema import GenerationRequest, Hires, JobRequest
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class GeneratedImage:
     infotext: str
     pixels: Any = None  # float32 HxWx3 in 0..1, before 8-bit rounding (and before the inpaint overlay)
     route: accel.Route = field(default_factory=lambda: accel.Route(accel.TORCH))  # what ran its UNet, and why
+    postprocessing: str | None = None  # an extras upscale's "Postprocess ..." items (A1111's own PNG chunk)
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class Engine:
         if len(keys) != 1:
             raise ValueError(f"requests in one batch must share model, mode, size, steps and sampler: {keys}")
         if requests[0].extras is not None:
-            return [[self._extras(r, inputs or {}, on_step)] for r in requests]
+            return [[self._extras(r, inputs or {})] for r in requests]
         model = self.registry.load(requests[0].model)
         resolved = self._resolve_sampler(requests[0], model)
         width, height = self.resolve_size(requests[0], model)
@@ -316,12 +318,19 @@ class Engine:
 
         gen_device = "cpu" if model.device == "mps" else model.device
         texts, negatives = zip(*(row.prompts(second_pass) for row in rows))
-        # A1111 counts a second-order sampler's steps twice (one per model call), and a hires pass's on from the
-        # first pass's.
-        order = getattr(pipe.scheduler, "order", 1)
+        # Prompt schedules count steps as A1111 does: a second-order sampler's twice (A1111 counts model calls), a
+        # hires pass's on from the first pass's. diffusers' loop calls back once per model call where its scheduler
+        # has order 2 (Heun, DPM2), once per step otherwise: `counted` maps its index to A1111's count.
+        request = rows[0].job.request
+        per_step = 2 if samplers.resolve(request.sampler, request.scheduler).sampler.second_order else 1
+        per_call = getattr(pipe.scheduler, "order", 1)
+
+        def counted(call: int) -> int:
+            return call * per_step // per_call
+
         with torch.inference_mode():
-            text = prompts.ScheduledConditioning(pipe, texts, negatives, clip_skip, steps * order,
-                                                 first_pass_steps and first_pass_steps * order)
+            text = prompts.ScheduledConditioning(pipe, texts, negatives, clip_skip, steps * per_step,
+                                                 first_pass_steps and first_pass_steps * per_step)
             text_inputs = text.at(0)
         generators = [torch.Generator(device=gen_device).manual_seed(row.seed) for row in rows]
         if "strength" not in extra and any(row.job.request.varied for row in rows):  # from noise: txt2img
@@ -345,9 +354,10 @@ class Engine:
                     show(done, previews.denoised(pipeline.scheduler, tensors["latents"]))
                 if on_step is not None:
                     on_step(done, steps)
-                if not text.constant and text.texts(step + 1) != text.texts(step):  # the next step's prompts
+                now, after = counted(step), counted(step + 1)
+                if not text.constant and text.texts(after) != text.texts(now):  # the next call's prompts
                     tensors.update({name: value.to(tensors[name]) for name, value in
-                                    text.step_inputs(pipeline, step + 1).items()})
+                                    text.step_inputs(pipeline, after).items()})
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
@@ -390,6 +400,11 @@ class Engine:
         width, height = hires.target(key.width, key.height)
         if max(width, height) > bounds.MAX_SIZE:
             raise InvalidRequestError(f"hires size {width}x{height} is over {bounds.MAX_SIZE}")
+        if not hires.latent:
+            try:  # before the first pass, not after it
+                self.upscalers.prepare(hires.upscaler)
+            except upscale.UpscaleError as exc:
+                raise InvalidRequestError(str(exc)) from None
         second_steps = hires.steps or key.steps
         strength = max(hires.strength, 1.0 / second_steps)
         total = key.steps + min(int(second_steps * strength), second_steps)
@@ -403,7 +418,8 @@ class Engine:
                                                              antialias=antialias)
         else:
             try:
-                image = [self.upscalers.resize(_to_image(px), hires.upscaler, (width, height)) for px in first]
+                image = [self.upscalers.resize(_to_image(px), hires.upscaler, (width, height), self._on_decode)
+                         for px in first]
             except upscale.UpscaleError as exc:
                 raise InvalidRequestError(str(exc)) from None
         second = model.pipelines["img2img"]
@@ -413,20 +429,19 @@ class Engine:
                              (width, height), on_step, "np", (key.steps, total), second_pass=True,
                              first_pass_steps=key.steps)
 
-    def _extras(self, request: JobRequest, inputs: Mapping[str, Image.Image],
-                on_step: StepCallback | None) -> GeneratedImage:
-        """An extras job: its init image upscaled (engine/upscale.py); the infotext is the "Postprocess ..."
-        items A1111 writes."""
+    def _extras(self, request: JobRequest, inputs: Mapping[str, Image.Image]) -> GeneratedImage:
+        """An extras job: its init image upscaled (engine/upscale.py). It has no steps to report: a cancel is
+        noticed before each tile a model runs on (`on_decode`)."""
         if request.init_image not in inputs:
             raise InvalidRequestError(f"init_image {request.init_image!r} was not given to the engine")
+        source = inputs[request.init_image]
         try:
-            image, items = self.upscalers.extras(inputs[request.init_image], request.extras, bounds.MAX_SIZE)
+            image, items = self.upscalers.extras(source, request.extras, self._on_decode)
         except upscale.UpscaleError as exc:
             raise InvalidRequestError(str(exc)) from None
-        if on_step is not None:
-            on_step(1, 1)
-        text = ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in items.items())
-        return GeneratedImage(image, request.seed, text, route=accel.Route(accel.TORCH))
+        # As A1111 writes it: the source's own infotext kept, the upscale's items in a chunk of their own.
+        return GeneratedImage(image, request.seed, read_infotext(source) or "", route=accel.Route(accel.TORCH),
+                              postprocessing=", ".join(f"{k}: {v}" for k, v in items.items()) or None)
 
     def _prepare(self, request: JobRequest, key: BatchKey, inputs: Mapping[str, Image.Image]) -> _Prepared:
         pinned = request.with_seed()

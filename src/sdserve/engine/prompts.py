@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CHUNK = 75  # prompt tokens per chunk; with start and end tokens, CLIP's 77
+ENCODE_ROWS = 64  # prompts through the text encoder at once (a batch's schedules may hold hundreds)
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 BREAK = ("BREAK", -1.0)
 
@@ -161,8 +162,11 @@ class _ScheduleParser:
     """A1111's prompt grammar (emphasis, editing, alternation) as nested lists of text and nodes. Emphasis is
     kept as text: it is read later (`parse_attention`), from whatever prompt a step uses."""
 
+    MAX_DEPTH = 64  # brackets nested deeper are outside the grammar here (and never a Python recursion error)
+
     def __init__(self, text: str) -> None:
         self.text = text
+        self.depth = 0
 
     def parse(self) -> list[Any]:
         items, pos = self._sequence(0, "", top=True)
@@ -179,6 +183,9 @@ class _ScheduleParser:
                 pos += 2
             elif c in "([":
                 try:
+                    self.depth += 1
+                    if self.depth > self.MAX_DEPTH:
+                        raise _Unreadable
                     node, pos = (self._round if c == "(" else self._square)(pos + 1)
                     items.extend(node) if isinstance(node, list) else items.append(node)
                 except _Unreadable:
@@ -186,6 +193,8 @@ class _ScheduleParser:
                         raise
                     items.append(c)  # a stray bracket: plain text, as A1111's top level allows
                     pos += 1
+                finally:
+                    self.depth -= 1
             elif c in ")]:":
                 if not top:
                     raise _Unreadable
@@ -326,23 +335,30 @@ class PromptEncoder:
         columns, pooled = [], None
         for i in range(count):
             rows = [per_prompt[p][i] if i < len(per_prompt[p]) else self.empty_chunk() for p in prompts]
-            ids = torch.tensor([r.tokens for r in rows], device=device)
-            out = self.text_encoder(ids, output_hidden_states=True)
-            if layer is not None:
-                z = out.hidden_states[layer]
-            elif clip_skip > 1:
-                z = out.hidden_states[-clip_skip]
-            else:
-                z = out[0]
-            if final_norm and (layer is not None or clip_skip > 1):
-                # transformers 5 keeps the layer norm on the model itself; 4.x under `text_model`
-                z = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(z)
-            weights = torch.tensor([r.weights for r in rows], device=device, dtype=z.dtype)
-            columns.append(_emphasise(z, weights))
+            zs, pools = [], []
+            # At most ENCODE_ROWS rows through the encoder at a time: its hidden states (every layer's, for clip
+            # skip) stay bounded however many prompts a batch's schedules hold.
+            for start in range(0, len(rows), ENCODE_ROWS):
+                part = rows[start:start + ENCODE_ROWS]
+                out = self.text_encoder(torch.tensor([r.tokens for r in part], device=device),
+                                        output_hidden_states=True)
+                if layer is not None:
+                    z = out.hidden_states[layer]
+                elif clip_skip > 1:
+                    z = out.hidden_states[-clip_skip]
+                else:
+                    z = out[0]
+                if final_norm and (layer is not None or clip_skip > 1):
+                    # transformers 5 keeps the layer norm on the model itself; 4.x under `text_model`
+                    z = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(z)
+                weights = torch.tensor([r.weights for r in part], device=device, dtype=z.dtype)
+                zs.append(_emphasise(z, weights))
+                if i == 0:
+                    pool = getattr(out, "text_embeds", None)
+                    pools.append(out[1] if pool is None else pool)
+            columns.append(torch.cat(zs))
             if i == 0:
-                pooled = getattr(out, "text_embeds", None)
-                if pooled is None:
-                    pooled = out[1]
+                pooled = torch.cat(pools)
         return torch.cat(columns, dim=1), pooled
 
 

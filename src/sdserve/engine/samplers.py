@@ -33,6 +33,7 @@ class Sampler:
     default_schedule: str = "automatic"
     options: dict[str, Any] = field(default_factory=dict)
     schedules: tuple[str, ...] = ALL
+    second_order: bool = False  # A1111's "second_order": two model calls a step, each counted as a step
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,15 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", ("k_dpmpp_2m",), "karras",
             {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     Sampler("DPM++ SDE", "DPMSolverSinglestepScheduler", ("k_dpmpp_sde",), "karras",
-            schedules=("automatic", "karras")),
+            schedules=("automatic", "karras"), second_order=True),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", ("k_dpmpp_2m_sde",), "exponential",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", ("k_euler_a", "k_euler_ancestral"), schedules=SPACING),
     Sampler("Euler", "EulerDiscreteScheduler", ("k_euler",)),
     Sampler("LMS", "LMSDiscreteScheduler", ("k_lms",)),
-    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",)),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",), "karras"),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), "karras"),
+    Sampler("Heun", "HeunDiscreteScheduler", ("k_heun",), second_order=True),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", ("k_dpm_2",), "karras", second_order=True),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("k_dpm_2_a",), "karras", second_order=True),
     Sampler("DDIM", "DDIMScheduler", ("ddim",), schedules=SPACING),
     Sampler("PLMS", "PNDMScheduler", ("plms",), options={"skip_prk_steps": True}, schedules=SPACING),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),

@@ -20,24 +20,34 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from PIL import Image
 
-from sdserve.schema import Extras
+from sdserve import bounds
+from sdserve.catalog import ModelError
+from sdserve.schema import PIXEL_UPSCALERS, Extras
 from sdserve.upscalers import UpscalerCatalog, UpscalerFile
 
 log = logging.getLogger(__name__)
 
 TILE, OVERLAP = 192, 8  # A1111's ESRGAN_tile and ESRGAN_tile_overlap defaults
+# The built-in upscalers (schema.PIXEL_UPSCALERS): None leaves the picture as it is, the others resample it.
 RESAMPLERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+assert {"None", *RESAMPLERS} == set(PIXEL_UPSCALERS)
 KEEP_LOADED = 2
+
+Check = Callable[[], None]  # called before each tile a model runs on: raises to stop (a cancel, a shutdown)
 
 
 class UpscaleError(ValueError):
     """The upscaler cannot run as asked (unknown, refused, unreadable, too large): the client's fault."""
+
+
+class UpscalersUnavailable(ModelError):
+    """This server cannot run upscaler models (spandrel is not installed): the operator's to fix."""
 
 
 def import_spandrel() -> Any:
@@ -58,8 +68,8 @@ def import_spandrel() -> Any:
             with _torchvision_stand_in():
                 import spandrel
     except ImportError as exc:
-        raise UpscaleError(f"upscaler models need spandrel, which is not installed here ({exc}): "
-                           f"pip install 'sdserve[upscalers]' (see the README)") from None
+        raise UpscalersUnavailable(f"upscaler models need spandrel, which is not installed here ({exc}): "
+                                   f"pip install 'sdserve[upscalers]' (see the README)") from None
     return spandrel
 
 
@@ -106,8 +116,9 @@ class Upscalers:
         spandrel = import_spandrel()
         try:
             descriptor = spandrel.ModelLoader(self.device).load_from_file(file.path)
-        except (spandrel.UnsupportedModelError, ValueError, OSError, RuntimeError) as exc:
-            raise UpscaleError(f"upscaler {name!r} ({file.path.name}) cannot be read: {exc}") from None
+        except Exception as exc:  # unsupported, corrupt, truncated: whatever the reader says, the file is at fault
+            raise UpscaleError(f"upscaler {name!r} ({file.path.name}) cannot be read: "
+                               f"{type(exc).__name__}: {exc}") from None
         if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in ("SR", "Restoration"):
             raise UpscaleError(f"upscaler {name!r} is a {descriptor.architecture.name} model "
                                f"({descriptor.purpose}), not an upscaler")
@@ -119,72 +130,76 @@ class Upscalers:
                 self._loaded.popitem(last=False)
         return descriptor
 
-    def _once(self, image: Image.Image, name: str, scale: float) -> Image.Image:
+    def prepare(self, name: str) -> None:
+        """Load upscaler `name` now if it is a model, so a bad one fails before any other work is done."""
+        if name not in PIXEL_UPSCALERS:
+            self.model(name)
+
+    def _once(self, image: Image.Image, name: str, scale: float, check: Check | None) -> Image.Image:
         """One pass of the upscaler: a resampler by `scale`, a model by its own factor."""
-        if name in RESAMPLERS:
-            return image.resize((int(image.width * scale), int(image.height * scale)), RESAMPLERS[name])
         if name == "None":
             return image
-        return run_tiled(self.model(name), image)
+        if name in RESAMPLERS:
+            return image.resize((int(image.width * scale), int(image.height * scale)), RESAMPLERS[name])
+        return run_tiled(self.model(name), image, check=check)
 
-    def upscale(self, image: Image.Image, name: str, scale: float) -> Image.Image:
+    def upscale(self, image: Image.Image, name: str, scale: float, check: Check | None = None) -> Image.Image:
         """A1111's Upscaler.upscale (see the module doc)."""
         image = image.convert("RGB")
-        target = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+        target = (bounds.floor_to_grid(image.width * scale), bounds.floor_to_grid(image.height * scale))
         if min(target) < 1:
-            raise UpscaleError(f"upscaling {image.width}x{image.height} by {scale:g} leaves nothing")
+            raise UpscaleError(f"upscaling {image.width}x{image.height} by {scale:g} leaves no picture")
         for attempt in range(3):
             if image.width >= target[0] and image.height >= target[1] and (attempt > 0 or scale != 1):
                 break
             before = image.size
-            image = self._once(image, name, scale)
+            image = self._once(image, name, scale, check)
             if image.size == before:
                 break
         return image if image.size == target else image.resize(target, Image.LANCZOS)
 
-    def resize(self, image: Image.Image, name: str, size: tuple[int, int]) -> Image.Image:
+    def resize(self, image: Image.Image, name: str, size: tuple[int, int], check: Check | None = None) -> Image.Image:
         """Hires fix's pixel upscale to `size` with upscaler `name` (A1111's resize_image, "just resize")."""
         scale = max(size[0] / image.width, size[1] / image.height)
         if scale > 1.0 and name != "None":
-            image = self.upscale(image, name, scale)
+            image = self.upscale(image, name, scale, check)
         return image if image.size == size else image.resize(size, Image.LANCZOS)
 
-    def extras(self, image: Image.Image, spec: Extras, max_size: int) -> tuple[Image.Image, dict[str, Any]]:
-        """A1111's extras upscale: the picture and the infotext's "Postprocess ..." items."""
+    def extras(self, image: Image.Image, spec: Extras, check: Check | None = None) -> tuple[Image.Image, dict[str, Any]]:
+        """A1111's extras upscale: the picture and its "Postprocess ..." infotext items (the sizes are bounded at
+        submission: service._bound_extras)."""
         info: dict[str, Any] = {}
-        if spec.upscaler == "None":
+        names = spec.upscalers()
+        if not names:
             return image.convert("RGB"), info  # A1111: no first upscaler, no upscale
         if spec.to_size:
-            scale = max(spec.width / image.width, spec.height / image.height)
             info["Postprocess upscale to"] = f"{spec.width}x{spec.height}"
         else:
-            scale = spec.scale
             info["Postprocess upscale by"] = spec.scale
-        size = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
-        if max(size) > max_size or (spec.to_size and max(spec.width, spec.height) > max_size):
-            raise UpscaleError(f"the upscaled picture ({size[0]}x{size[1]}) is over this server's limit of {max_size}")
+        scale = spec.ratio(image.width, image.height)
 
         def one(name: str) -> Image.Image:
-            out = self.upscale(image, name, scale)
+            out = self.upscale(image, name, scale, check)
             if spec.to_size and spec.crop:  # centred in the size asked for, as A1111 pastes it
-                framed = Image.new("RGB", (spec.width, spec.height))
-                framed.paste(out, (spec.width // 2 - out.width // 2, spec.height // 2 - out.height // 2))
+                framed = Image.new("RGB", spec.output(image.width, image.height))
+                framed.paste(out, (framed.width // 2 - out.width // 2, framed.height // 2 - out.height // 2))
                 out = framed
             return out
 
-        result = one(spec.upscaler)
+        result = one(names[0])
         if spec.to_size and spec.crop:
             info["Postprocess crop to"] = f"{result.width}x{result.height}"
-        info["Postprocess upscaler"] = spec.upscaler
-        if spec.upscaler_2 != "None" and spec.upscaler_2_visibility > 0:
-            result = Image.blend(result, one(spec.upscaler_2), spec.upscaler_2_visibility)
-            info["Postprocess upscaler 2"] = spec.upscaler_2
+        info["Postprocess upscaler"] = names[0]
+        if len(names) > 1:
+            result = Image.blend(result, one(names[1]), spec.upscaler_2_visibility)
+            info["Postprocess upscaler 2"] = names[1]
         return result, info
 
 
-def run_tiled(model: Any, image: Image.Image, tile: int = TILE, overlap: int = OVERLAP) -> Image.Image:
+def run_tiled(model: Any, image: Image.Image, tile: int = TILE, overlap: int = OVERLAP,
+              check: Check | None = None) -> Image.Image:
     """The model over the picture in overlapping tiles, each tile's output weighted by a ramp across the overlap
-    so the seams blend; the picture comes back `model.scale` times larger."""
+    so the seams blend; the picture comes back `model.scale` times larger. `check` runs before each tile."""
     import numpy as np
     import torch
 
@@ -199,6 +214,8 @@ def run_tiled(model: Any, image: Image.Image, tile: int = TILE, overlap: int = O
     with torch.inference_mode():
         for y in ys:
             for x in xs:
+                if check is not None:
+                    check()
                 part = pixels[:, :, y:y + tile, x:x + tile]
                 up = model(part.to(model.device)).float().cpu().clamp(0, 1)
                 h, w = up.shape[2], up.shape[3]

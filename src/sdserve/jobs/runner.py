@@ -589,7 +589,7 @@ class Runner:
                 if job.id not in dropped:
                     outage.record(self.queue.mark_canceled, job.id)
                 continue
-            pngs = [encode_png(g.image, g.infotext) for g in generated]
+            pngs = [encode_png(g.image, g.infotext, g.postprocessing) for g in generated]
             try:
                 verdicts = self.moderator.check([g.image for g in generated], pngs, job_id=job.id, label=job.label)
             except ModerationUnavailable as exc:
