@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 
 import httpx
 import numpy as np
@@ -261,3 +262,18 @@ def _png(image):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_without_spandrel_a_model_is_the_operators_problem(monkeypatch, tmp_path):
+    """Where spandrel is not installed, naming a model is a 503-class error (the catalog accepted the file; the
+    server cannot read it), not the client's fault; the resamplers still work."""
+    from sdserve.catalog import ModelError
+    from sdserve.engine.upscale import UpscalersUnavailable
+
+    save_upscalers(tmp_path)
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # what `import spandrel` meets when it is not installed
+    upscalers = Upscalers(UpscalerCatalog(tmp_path), "cpu")
+    with pytest.raises(UpscalersUnavailable, match="need spandrel") as err:
+        upscalers.prepare("tiny-2x")
+    assert isinstance(err.value, ModelError)  # the runner fails such jobs as "unavailable"
+    assert upscalers.upscale(noise(), "Lanczos", 2).size == (80, 64)

@@ -59,7 +59,7 @@ def import_spandrel() -> Any:
     it so). Then spandrel is imported with a stand-in for the three names those two modules import, which raise
     if called; the stand-in leaves `sys.modules` once spandrel is in, so nothing else takes it for torchvision.
     Only SR and restoration models are used (`Upscalers.model`), which need none of it."""
-    if "spandrel" in sys.modules:
+    if sys.modules.get("spandrel") is not None:
         return sys.modules["spandrel"]
     try:
         if importlib.util.find_spec("torchvision") is not None:
