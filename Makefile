@@ -6,12 +6,14 @@ BIN    := $(VENV)/bin
 # Which torch build to install (any recent torch works; pyproject.toml accepts them all).
 # Default: the newest CUDA build when an NVIDIA driver is present, else the 190 MB CPU build 2.13.0.
 # Override, e.g.:  make serve TORCH='torch==2.5.1'
-TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(CUDA),torch,torch==2.13.0)
 
 # spandrel reads ESRGAN-family upscalers (models/ESRGAN). It requires torchvision, and PyPI's torchvision wheels
 # are CUDA builds that cannot import beside the CPU torch: with CUDA, torchvision comes with it (a build matching
-# the newest torch); on CPU, spandrel goes in without it (src/sdserve/engine/upscale.py says how it imports).
-UPSCALERS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torchvision spandrel==0.4.2' || echo '--no-deps spandrel==0.4.2 einops')
+# the newest torch: the `upscalers` extra); on CPU, spandrel goes in without it (src/sdserve/engine/upscale.py says
+# how it imports).
+UPSCALERS ?= $(if $(CUDA),-e '.[upscalers]',--no-deps spandrel==0.4.2 einops)
 
 # Extra flags for `make serve`, e.g.:  make serve ARGS='--model models/my.safetensors --port 8000'
 ARGS ?=

@@ -29,6 +29,11 @@ def floor_to_grid(value: float) -> int:
     return value - value % SIZE_STEP
 
 
+def scaled(width: int, height: int, ratio: float) -> tuple[int, int]:
+    """A picture's sides times `ratio`, floored to the grid: the size A1111's upscalers aim for."""
+    return floor_to_grid(width * ratio), floor_to_grid(height * ratio)
+
+
 def snap(value: float, limit: int | None = MAX_SIZE) -> int:
     """A side floored to the latent grid and kept within MIN_SIZE..limit (None: no upper bound here; A1111
     floors rather than refuses)."""

@@ -116,8 +116,7 @@ class Extras(BaseModel):
 
     def upscaled(self, width: int, height: int) -> tuple[int, int]:
         """The upscaled picture's size, as A1111's upscalers size it: ratio times the sides, floored to the grid."""
-        ratio = self.ratio(width, height)
-        return bounds.floor_to_grid(width * ratio), bounds.floor_to_grid(height * ratio)
+        return bounds.scaled(width, height, self.ratio(width, height))
 
     def output(self, width: int, height: int) -> tuple[int, int]:
         """The result's size: the size asked for when cropping into it, else the upscaled picture's."""

@@ -87,7 +87,7 @@ def native_size(info: ModelInfo | None) -> int:
 
 def request_work(request: GenerationRequest, info: ModelInfo | None) -> float:
     """Images × width × height × steps, in megapixel-steps, the hires pass's denoised steps added. An extras
-    upscale denoises nothing: 0 (its output is bounded by size instead: Upscalers.extras)."""
+    upscale denoises nothing: 0 (its output is bounded by size instead: `_bound_extras`)."""
     if request.extras is not None:
         return 0.0
     native = native_size(info)
@@ -511,11 +511,11 @@ class Service:
         upscalers = [(name, "extras") for name in request.extras.upscalers()] if request.extras else []
         upscalers += [(request.hires.upscaler, "hires.upscaler")] if request.hires else []
         for name, field in upscalers:
-            if not any(f.is_dir() for f in self.upscalers.folders) and self.role == "api":
-                continue  # as below: the workers check it
             try:
                 self.upscalers.check(name, latent=field == "hires.upscaler")
             except (UnknownUpscalerError, PickleRefusedError) as exc:
+                if self.role == "api" and not any(f.is_dir() for f in self.upscalers.folders):
+                    continue  # as below: an API replica without the folders leaves it to the workers
                 raise RequestRejected(str(exc.args[0]), field) from None
         for catalog_, name, field in wanted:
             if not catalog_.folder.is_dir() and self.role == "api":
@@ -585,14 +585,17 @@ class Service:
     def submit(
         self, request: GenerationRequest, caller: Caller | None, *, source: str = "native",
         idempotency_key: str | None = None, inputs: dict[str, core.InputImage] | None = None, charge: bool = True,
+        styled: bool = False,
     ) -> tuple[Job, bool]:
         """Validate, charge the images to the caller's rate limit, move the input images to the image store,
         pin seed and model, and queue. `inputs`: the request's images if already read by `core.read_inputs`
-        (so they are decoded once); `charge` False: the caller paid already (`submit_all`)."""
+        (so they are decoded once, and bounded: `_bound_extras`); `charge` False: the caller paid already, `styled`
+        True: the styles are applied already (both `submit_all`)."""
         write_error = self.health.check()
         if write_error:
             raise StorageError(f"cannot accept jobs: {write_error}", full=self.health.full)
-        request = self.styled(request)
+        if not styled:
+            request = self.styled(request)
         info = self.validate(request)
         self._check_webhook(request, caller)
         if idempotency_key is not None and caller is not None and caller.account:
@@ -604,7 +607,7 @@ class Service:
                 return existing, False
         if inputs is None:
             inputs = core.read_inputs(request, self.limits.max_pixels)
-        self._bound_extras(request, inputs)
+            self._bound_extras(request, inputs)
         if charge:
             self.limiter.charge_images(caller, request.n)
         try:
@@ -735,20 +738,23 @@ class Service:
     async def submit_all(self, requests: list[GenerationRequest], caller: Caller | None, *, source: str) -> list[Job]:
         """Validate all first, so that none is queued if one is bad; then submit them in order."""
 
-        def read(request: GenerationRequest) -> tuple[dict[str, core.InputImage], float]:
-            info = self.validate(self.styled(request))  # cheap: bounds and names; submit checks again
-            self._check_webhook(request, caller)
-            return core.read_inputs(request, self.limits.max_pixels), request_work(request, info)
+        def read(request: GenerationRequest) -> tuple[GenerationRequest, dict[str, core.InputImage], float]:
+            styled = self.styled(request)
+            info = self.validate(styled)  # cheap: bounds and names; submit checks again
+            self._check_webhook(styled, caller)
+            inputs = core.read_inputs(styled, self.limits.max_pixels)
+            self._bound_extras(styled, inputs)
+            return styled, inputs, request_work(styled, info)
 
         read_all = [await asyncio.to_thread(read, r) for r in requests]
-        inputs = [i for i, _ in read_all]
         if len(requests) > 1:  # the bound is the call's (A1111's n_iter, a TF Serving body's instances), not each job's
-            self._bound_work(sum(work for _, work in read_all))
+            self._bound_work(sum(work for _, _, work in read_all))
         await asyncio.to_thread(self.limiter.charge_images, caller, sum(r.n for r in requests))
         jobs: list[Job] = []
         try:
-            for r, i in zip(requests, inputs):
-                jobs.append((await asyncio.to_thread(self.submit, r, caller, source=source, inputs=i, charge=False))[0])
+            for r, i, _ in read_all:
+                jobs.append((await asyncio.to_thread(self.submit, r, caller, source=source, inputs=i, charge=False,
+                                                     styled=True))[0])
         except BaseException:  # intake closed or the queue filled midway: the call fails whole, nothing left queued
             await asyncio.to_thread(self._cancel_all, [job.id for job in jobs])
             raise

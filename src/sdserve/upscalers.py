@@ -12,10 +12,9 @@ No torch here: the API role lists and checks names without loading anything.
 from __future__ import annotations
 
 import re
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
+from sdserve.addons import AddonCatalog, AddonFile
 from sdserve.schema import LATENT_UPSCALERS, PIXEL_UPSCALERS
 
 FOLDERS = ("ESRGAN", "RealESRGAN")
@@ -32,11 +31,7 @@ class PickleRefusedError(ValueError):
     """The upscaler is a pickle and the server does not load pickles."""
 
 
-@dataclass(frozen=True)
-class UpscalerFile:
-    name: str
-    path: Path
-
+class UpscalerFile(AddonFile):
     @property
     def pickle(self) -> bool:
         return self.path.suffix != ".safetensors"
@@ -49,56 +44,45 @@ class UpscalerFile:
         return int(next(g for g in match.groups() if g)) if match else 4
 
 
-class UpscalerCatalog:
-    """The upscaler model files under `models_dir`'s ESRGAN folders, rescanned when a folder changes or a name
-    is not known yet (a file copied in is found without a restart)."""
+class UpscalerCatalog(AddonCatalog):
+    """The upscaler model files under `models_dir`'s ESRGAN folders: the add-on catalog's rules (rescanned when a
+    folder changes or a name is not known yet), over two folders and pickles too, without reading headers."""
 
     def __init__(self, models_dir: Path, allow_pickle: bool = False) -> None:
+        super().__init__(Path(models_dir) / FOLDERS[0], "upscaler", folder_file="")
         self.folders = [Path(models_dir) / f for f in FOLDERS]
         self.allow_pickle = allow_pickle
-        self._lock = threading.Lock()
-        self._files: dict[str, UpscalerFile] | None = None
-        self._mtimes: tuple = ()
 
-    def _stamp(self) -> tuple:
+    def _mtime(self) -> tuple:  # type: ignore[override]
         return tuple(f.stat().st_mtime if f.is_dir() else None for f in self.folders)
 
-    def refresh(self) -> list[UpscalerFile]:
-        stamp = self._stamp()
-        found: dict[str, UpscalerFile] = {}
+    def refresh(self) -> list[AddonFile]:
+        stamp = self._mtime()
+        found: dict[str, AddonFile] = {}
         for folder in self.folders:
             if not folder.is_dir():
                 continue
             paths = [p for p in folder.rglob("*") if p.suffix in SUFFIXES and p.is_file()]
             for path in sorted(paths, key=lambda p: (SUFFIXES.index(p.suffix), str(p))):
                 found.setdefault(path.stem, UpscalerFile(path.stem, path))
+        found = dict(sorted(found.items()))
         with self._lock:
-            self._files, self._mtimes = dict(sorted(found.items())), stamp
+            self._files, self._scanned_mtime = found, stamp
         return list(found.values())
 
-    def list(self) -> list[UpscalerFile]:
-        with self._lock:
-            files, stamp = self._files, self._mtimes
-        if files is None or stamp != self._stamp():
-            return self.refresh()
-        return list(files.values())
-
     def get(self, name: str) -> UpscalerFile:
-        """The model named `name`; PickleRefusedError for a pickle without --allow-pickle."""
-        for attempt in range(2):
-            files = {f.name: f for f in self.list()}
-            if name in files:
-                found = files[name]
-                if found.pickle and not self.allow_pickle:
-                    raise PickleRefusedError(
-                        f"upscaler {name!r} is a pickle ({found.path.name}), which can run code when loaded: convert "
-                        f"it to .safetensors, or start the server with --allow-pickle")
-                return found
-            if attempt == 0:
-                self.refresh()
-        known = ", ".join([*PIXEL_UPSCALERS, *files]) or "none"
-        raise UnknownUpscalerError(f"unknown upscaler {name!r}: put {name}.safetensors in {self.folders[0]} "
-                                   f"(known: {known})")
+        """The model named `name`: UnknownUpscalerError if there is none, PickleRefusedError for a pickle without
+        --allow-pickle."""
+        try:
+            found = super().get(name)
+        except KeyError as exc:
+            raise UnknownUpscalerError(exc.args[0]) from None
+        assert isinstance(found, UpscalerFile)
+        if found.pickle and not self.allow_pickle:
+            raise PickleRefusedError(
+                f"upscaler {name!r} is a pickle ({found.path.name}), which can run code when loaded: convert "
+                f"it to .safetensors, or start the server with --allow-pickle")
+        return found
 
     def check(self, name: str, latent: bool = False) -> None:
         """That `name` can be used (`latent`: the hires fix's latent modes too): UnknownUpscalerError or

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from sdserve import styles
 from sdserve.api import errors
 from sdserve.api.deps import CallerDep, ServiceDep, get_preferences
 from sdserve.catalog import ModelInfo, UnknownModelError
@@ -34,7 +35,7 @@ from sdserve.images import ImageDecodeError, decode_image, read_infotext
 from sdserve.jobs.queue import JobFinished, JobNotFound, SharedState
 from sdserve.keys import Caller
 from sdserve.protocols import a1111 as proto
-from sdserve.schema import LATENT_UPSCALERS, ImageRef, Job, JobStatus
+from sdserve.schema import LATENT_UPSCALERS, GenerationRequest, ImageRef, Job, JobStatus
 from sdserve.service import Service
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -93,6 +94,34 @@ def title(service: Service, info: ModelInfo) -> str:
     return f"{info.filename} [{short}]" if short else info.filename
 
 
+async def _run_call(canonical: list[GenerationRequest], request: Request, service: Service, caller: Caller, *,
+                    task_id: str | None = None, ended: str = "failed") -> list[tuple[Job, list[bytes]]] | JSONResponse:
+    """One A1111 call's jobs: submitted (with the request's Webhook-Url, Cancel-After and Prefer: wait headers),
+    awaited together, each with its PNGs; or the first that did not succeed, in A1111's error shape. `task_id`:
+    the call is registered under it meanwhile, so /progress, /interrupt and /skip find its jobs. `ended`: which
+    jobs fail the call, "failed" ones (an interrupted job gives what it has, as in A1111) or "any" that did not
+    succeed."""
+    state = _state(request)
+    prefs = get_preferences(request)
+    jobs = await service.submit_all([prefs.apply(c) for c in canonical], caller, source=SOURCE)
+    call = Call(task_id, caller.id, [j.id for j in jobs]) if task_id else None
+    if call is not None:
+        await asyncio.to_thread(state.add, call)
+    try:
+        outcomes = await service.results([j.id for j in jobs], request.is_disconnected, blocked="black",
+                                         wait_s=prefs.wait_s)
+    finally:
+        if call is not None:
+            await asyncio.to_thread(state.remove, call)
+    failed = [j for j, _ in outcomes if j.status is JobStatus.failed
+              or (ended == "any" and j.status is not JobStatus.succeeded)]
+    if failed:
+        return errors.render(request.url.path, failure_status(failed[0].error_kind),
+                             failed[0].error or f"the job ended {failed[0].status.value}",
+                             error_type="GenerationError")
+    return outcomes
+
+
 async def generate(body: proto.Txt2ImgRequest, request: Request, service: Service, caller: Caller,
                    extra: Callable[[list[ImageRef]], dict[str, Any]] | None = None) -> JSONResponse:
     """One A1111 call: its jobs, awaited together. `extra`: more response fields from the images' records."""
@@ -102,21 +131,11 @@ async def generate(body: proto.Txt2ImgRequest, request: Request, service: Servic
     except proto.TranslationError as exc:
         return errors.render(request.url.path, exc.status, str(exc))
     ignored = proto.ignored_fields(body)
-    prefs = get_preferences(request)  # headers: Webhook-Url, Cancel-After, Prefer: wait
-    canonical = [prefs.apply(c) for c in canonical]
-    jobs = await service.submit_all(canonical, caller, source=SOURCE)
-    call = Call(body.force_task_id or f"task({uuid.uuid4().hex[:15]})", caller.id, [j.id for j in jobs])
-    await asyncio.to_thread(state.add, call)  # so /interrupt and /progress know which jobs make up this call
-    try:
-        outcomes = await service.results(call.job_ids, request.is_disconnected, blocked="black", wait_s=prefs.wait_s)
-    finally:
-        await asyncio.to_thread(state.remove, call)
+    outcomes = await _run_call(canonical, request, service, caller,
+                               task_id=body.force_task_id or f"task({uuid.uuid4().hex[:15]})")
+    if isinstance(outcomes, JSONResponse):
+        return outcomes
     done = [job for job, _ in outcomes]
-    failed = [j for j in done if j.status is JobStatus.failed]
-    if failed:
-        status = failure_status(failed[0].error_kind)
-        return errors.render(request.url.path, status, failed[0].error or "generation failed",
-                             error_type="GenerationError")
     images, seeds, texts, refs, nsfw = [], [], [], [], []
     width = height = 0
     for job, pngs in outcomes:  # interrupted or skipped jobs contribute no images, as A1111 returns what it has
@@ -279,10 +298,10 @@ async def cmd_flags(service: ServiceDep) -> dict[str, Any]:
     s = service.settings
     return {**proto.A1111_CMD_FLAGS, "api": True, "nowebui": False, "listen": s.host != "127.0.0.1", "port": s.port,
             "ckpt_dir": str(s.models_dir), "models_dir": str(s.models_dir), "data_dir": str(s.data_dir),
-            "lora_dir": str(s.models_dir / "Lora"), "vae_dir": str(s.models_dir / "VAE"),
-            "embeddings_dir": str(s.models_dir / "embeddings"), "esrgan_models_path": str(s.models_dir / "ESRGAN"),
-            "realesrgan_models_path": str(s.models_dir / "RealESRGAN"), "styles_file": [str(p) for p in (
-                s.models_dir / "styles.csv", s.data_dir / "styles.csv")], "device": s.device}
+            "lora_dir": str(service.loras.folder), "vae_dir": str(service.vaes.folder),
+            "embeddings_dir": str(service.embeddings.folder), "esrgan_models_path": str(service.upscalers.folders[0]),
+            "realesrgan_models_path": str(service.upscalers.folders[1]),
+            "styles_file": [str(f / styles.FILENAME) for f in service.styles.folders], "device": s.device}
 
 
 @router.get("/sd-models", summary="Checkpoints: title `file [hash]`, model_name, hash, sha256, filename")
@@ -332,15 +351,9 @@ async def _extras(body: proto.ExtrasRequest, images: list[str], request: Request
         canonical = proto.extras_requests(body, images)
     except proto.TranslationError as exc:
         return errors.render(request.url.path, exc.status, str(exc))
-    prefs = get_preferences(request)
-    jobs = await service.submit_all([prefs.apply(c) for c in canonical], caller, source=SOURCE)
-    outcomes = await service.results([j.id for j in jobs], request.is_disconnected, blocked="black",
-                                     wait_s=prefs.wait_s)
-    failed = [j for j, _ in outcomes if j.status is not JobStatus.succeeded]
-    if failed:
-        return errors.render(request.url.path, failure_status(failed[0].error_kind),
-                             failed[0].error or f"the upscale ended {failed[0].status.value}",
-                             error_type="GenerationError")
+    outcomes = await _run_call(canonical, request, service, caller, ended="any")
+    if isinstance(outcomes, JSONResponse):
+        return outcomes
     pngs = [png for _, job_pngs in outcomes for png in job_pngs]
     with Image.open(io.BytesIO(pngs[0])) as first:
         text = str(first.info.get("postprocessing") or "")

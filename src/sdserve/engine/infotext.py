@@ -105,8 +105,7 @@ def parse(text: str) -> dict[str, Any]:
     for key, value in DEFAULTS.items():
         result.setdefault(key, value)
     # and "Emphasis: Original" (its default) where either prompt weighs a word, as A1111 adds it
-    weighted = [w for p in (result["Prompt"], result["Negative prompt"]) for t, w in prompts.parse_attention(p)
-                if w != 1.0 and (t, w) != prompts.BREAK]
-    if weighted:
+    if any(w != 1.0 and (t, w) != prompts.BREAK
+           for p in (result["Prompt"], result["Negative prompt"]) for t, w in prompts.parse_attention(p)):
         result.setdefault("Emphasis", "Original")
     return result

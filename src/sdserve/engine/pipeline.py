@@ -102,8 +102,8 @@ def batch_key(request: JobRequest) -> BatchKey:
     """The one rule for which requests may share a pass (the batcher groups by it, the engine checks it).
     Computed from the request alone: no model load, no image decode."""
     if request.extras is not None:
-        return BatchKey(request.model, "extras", None, None, 1, "", "", False, 0.0, 1,
-                        extras=tuple(request.extras.model_dump().values()))
+        return BatchKey(model=request.model, mode="extras", width=None, height=None, steps=1, sampler="", schedule="",
+                        guided=False, strength=0.0, clip_skip=1, extras=tuple(request.extras.model_dump().values()))
     try:
         resolved = samplers.resolve(request.sampler, request.scheduler)
         sampler, schedule = resolved.sampler.name, resolved.schedule.name
@@ -182,7 +182,8 @@ def _circular(pipes: Sequence[Any]) -> Iterator[None]:
     import torch
 
     convs = {id(m): m for pipe in pipes for part in ("unet", "vae", "controlnet")
-             for m in _modules(getattr(pipe, part, None)) if isinstance(m, torch.nn.Conv2d)}
+             if getattr(pipe, part, None) is not None  # a MultiControlNetModel's modules include each of its nets
+             for m in getattr(pipe, part).modules() if isinstance(m, torch.nn.Conv2d)}
     for conv in convs.values():
         conv.padding_mode = "circular"
     try:
@@ -190,11 +191,6 @@ def _circular(pipes: Sequence[Any]) -> Iterator[None]:
     finally:
         for conv in convs.values():
             conv.padding_mode = "zeros"
-
-
-def _modules(part: Any) -> list[Any]:
-    """A pipeline part's modules (a MultiControlNetModel's include each of its nets)."""
-    return [] if part is None else list(part.modules())
 
 
 class Engine:
@@ -284,10 +280,10 @@ class Engine:
         if units:
             extra.update(_control_inputs(units, prepared, key.mode))
         with model.speedups.batch(key.loras, key.controlnet, key.tiling) as route, \
-                _circular([pipe, model.pipelines["img2img"]] if key.tiling else []):
+                _circular(([pipe] + ([model.pipelines["img2img"]] if hires else [])) if key.tiling else []):
             if hires is None:
                 output = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height),
-                                       on_step)
+                                       on_step, second_order=resolved.sampler.second_order)
             else:
                 output = self._hires_fix(model, pipe, key, resolved, hires, rows, extra, on_step)
 
@@ -310,10 +306,12 @@ class Engine:
         self, model: LoadedModel, pipe: Any, steps: int, clip_skip: int, rows: Sequence[_Row], extra: dict[str, Any],
         size: tuple[int, int], on_step: StepCallback | None, output_type: str = "np",
         progress: tuple[int, int | None] = (0, None), second_pass: bool = False, first_pass_steps: int | None = None,
+        *, second_order: bool,
     ) -> Any:
         """One pipeline call over the batch's rows. `progress`: steps done before this pass and the job's
         total (None: this pass's own count), so a two-pass job reports one progress across both. The prompts
-        follow their schedules (`prompts.schedule`; a hires pass's count on from `first_pass_steps`)."""
+        follow their schedules (`prompts.schedule`; a hires pass's count on from `first_pass_steps`; a
+        `second_order` sampler's count twice)."""
         import torch
 
         gen_device = "cpu" if model.device == "mps" else model.device
@@ -321,8 +319,7 @@ class Engine:
         # Prompt schedules count steps as A1111 does: a second-order sampler's twice (A1111 counts model calls), a
         # hires pass's on from the first pass's. diffusers' loop calls back once per model call where its scheduler
         # has order 2 (Heun, DPM2), once per step otherwise: `counted` maps its index to A1111's count.
-        request = rows[0].job.request
-        per_step = 2 if samplers.resolve(request.sampler, request.scheduler).sampler.second_order else 1
+        per_step = 2 if second_order else 1
         per_call = getattr(pipe.scheduler, "order", 1)
 
         def counted(call: int) -> int:
@@ -355,7 +352,7 @@ class Engine:
                 if on_step is not None:
                     on_step(done, steps)
                 now, after = counted(step), counted(step + 1)
-                if not text.constant and text.texts(after) != text.texts(now):  # the next call's prompts
+                if text.changes_between(now, after):  # the next call reads other prompts
                     tensors.update({name: value.to(tensors[name]) for name, value in
                                     text.step_inputs(pipeline, after).items()})
                 return tensors
@@ -409,7 +406,7 @@ class Engine:
         strength = max(hires.strength, 1.0 / second_steps)
         total = key.steps + min(int(second_steps * strength), second_steps)
         first = self._denoise(model, pipe, key.steps, key.clip_skip, rows, extra, (key.width, key.height), on_step,
-                              "latent" if hires.latent else "np", (0, total))
+                              "latent" if hires.latent else "np", (0, total), second_order=resolved.sampler.second_order)
         if hires.latent:
             mode, antialias = LATENT_MODES[hires.upscaler]
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -427,7 +424,7 @@ class Engine:
         adapters.choose_vae(second, model.adapters, key.vae, self.registry.vaes)
         return self._denoise(model, second, second_steps, key.clip_skip, rows, {"image": image, "strength": strength},
                              (width, height), on_step, "np", (key.steps, total), second_pass=True,
-                             first_pass_steps=key.steps)
+                             first_pass_steps=key.steps, second_order=resolved.sampler.second_order)
 
     def _extras(self, request: JobRequest, inputs: Mapping[str, Image.Image]) -> GeneratedImage:
         """An extras job: its init image upscaled (engine/upscale.py). It has no steps to report: a cancel is

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -420,7 +421,9 @@ class ScheduledConditioning:
                  first_pass_steps: int | None = None) -> None:
         self.positive = [schedule(p, steps, first_pass_steps) for p in prompts]
         self.negative = [schedule(n, steps, first_pass_steps) for n in negatives]
-        self.constant = all(len(s) == 1 for s in (*self.positive, *self.negative))
+        # The steps after which some row's prompt changes: the ends of every schedule entry but each last one.
+        self.changes = sorted({end for s in (*self.positive, *self.negative) for end, _ in s[:-1]})
+        self.constant = not self.changes
         texts = list(dict.fromkeys(t for s in self.positive for _, t in s))
         negative_texts = list(dict.fromkeys(t for s in self.negative for _, t in s))
         self._index = {t: i for i, t in enumerate(texts)}
@@ -429,6 +432,11 @@ class ScheduledConditioning:
         # The loop's tensors `step_inputs` replaces, for `callback_on_step_end_tensor_inputs`.
         self.swapped: tuple[str, ...] = () if self.constant else (
             ("prompt_embeds", "add_text_embeds") if "pooled_prompt_embeds" in self._encoded else ("prompt_embeds",))
+
+    def changes_between(self, step: int, later: int) -> bool:
+        """Whether any row reads another prompt at step `later` than at `step`."""
+        i = bisect.bisect_left(self.changes, step)
+        return i < len(self.changes) and self.changes[i] < later
 
     def texts(self, step: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Each row's (prompts, negative prompts) at 0-based step `step` of the pass."""

@@ -22,6 +22,7 @@ import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -29,7 +30,7 @@ from PIL import Image
 from sdserve import bounds
 from sdserve.catalog import ModelError
 from sdserve.schema import PIXEL_UPSCALERS, Extras
-from sdserve.upscalers import UpscalerCatalog, UpscalerFile
+from sdserve.upscalers import UpscalerCatalog
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Upscalers:
     def __init__(self, catalog: UpscalerCatalog, device: str) -> None:
         self.catalog = catalog
         self.device = device
-        self._loaded: OrderedDict[UpscalerFile, Any] = OrderedDict()
+        self._loaded: OrderedDict[Path, Any] = OrderedDict()  # by file
         self._lock = threading.Lock()
 
     def model(self, name: str) -> Any:
@@ -110,9 +111,9 @@ class Upscalers:
         except (KeyError, ValueError) as exc:
             raise UpscaleError(str(exc.args[0])) from None
         with self._lock:
-            if file in self._loaded:
-                self._loaded.move_to_end(file)
-                return self._loaded[file]
+            if file.path in self._loaded:
+                self._loaded.move_to_end(file.path)
+                return self._loaded[file.path]
         spandrel = import_spandrel()
         try:
             descriptor = spandrel.ModelLoader(self.device).load_from_file(file.path)
@@ -125,7 +126,7 @@ class Upscalers:
         descriptor.eval()
         log.info("loaded upscaler %s (%s, x%d)", name, descriptor.architecture.name, descriptor.scale)
         with self._lock:
-            self._loaded[file] = descriptor
+            self._loaded[file.path] = descriptor
             while len(self._loaded) > KEEP_LOADED:
                 self._loaded.popitem(last=False)
         return descriptor
@@ -135,25 +136,21 @@ class Upscalers:
         if name not in PIXEL_UPSCALERS:
             self.model(name)
 
-    def _once(self, image: Image.Image, name: str, scale: float, check: Check | None) -> Image.Image:
-        """One pass of the upscaler: a resampler by `scale`, a model by its own factor."""
-        if name == "None":
-            return image
-        if name in RESAMPLERS:
-            return image.resize((int(image.width * scale), int(image.height * scale)), RESAMPLERS[name])
-        return run_tiled(self.model(name), image, check=check)
-
     def upscale(self, image: Image.Image, name: str, scale: float, check: Check | None = None) -> Image.Image:
         """A1111's Upscaler.upscale (see the module doc)."""
         image = image.convert("RGB")
-        target = (bounds.floor_to_grid(image.width * scale), bounds.floor_to_grid(image.height * scale))
+        target = bounds.scaled(image.width, image.height, scale)
         if min(target) < 1:
             raise UpscaleError(f"upscaling {image.width}x{image.height} by {scale:g} leaves no picture")
+        model = None if name in PIXEL_UPSCALERS else self.model(name)
         for attempt in range(3):
             if image.width >= target[0] and image.height >= target[1] and (attempt > 0 or scale != 1):
                 break
             before = image.size
-            image = self._once(image, name, scale, check)
+            if model is not None:  # one pass: a model at its own factor, a resampler by `scale`
+                image = run_tiled(model, image, check=check)
+            elif name in RESAMPLERS:
+                image = image.resize((int(image.width * scale), int(image.height * scale)), RESAMPLERS[name])
             if image.size == before:
                 break
         return image if image.size == target else image.resize(target, Image.LANCZOS)
@@ -177,17 +174,18 @@ class Upscalers:
         else:
             info["Postprocess upscale by"] = spec.scale
         scale = spec.ratio(image.width, image.height)
+        crop = spec.output(image.width, image.height) if spec.to_size and spec.crop else None
 
         def one(name: str) -> Image.Image:
             out = self.upscale(image, name, scale, check)
-            if spec.to_size and spec.crop:  # centred in the size asked for, as A1111 pastes it
-                framed = Image.new("RGB", spec.output(image.width, image.height))
-                framed.paste(out, (framed.width // 2 - out.width // 2, framed.height // 2 - out.height // 2))
+            if crop is not None:  # centred in the size asked for, as A1111 pastes it
+                framed = Image.new("RGB", crop)
+                framed.paste(out, (crop[0] // 2 - out.width // 2, crop[1] // 2 - out.height // 2))
                 out = framed
             return out
 
         result = one(names[0])
-        if spec.to_size and spec.crop:
+        if crop is not None:
             info["Postprocess crop to"] = f"{result.width}x{result.height}"
         info["Postprocess upscaler"] = names[0]
         if len(names) > 1:
